@@ -1,0 +1,41 @@
+# Shoal: the two commands a newcomer needs are `make run` and `make test` (see README.md).
+# Every target installs what it needs (Debian packages through ci/ensure-packages.sh).
+
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+GUEST_DIR := target/guest
+PROBE_DIR := target/probes
+VMM := target/release/shoal-vmm
+
+.PHONY: run test build probes guest-kernel bench-boot deps clean-cache
+
+deps:
+	@ci/ensure-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace --locked
+
+# Probe guests: tiny freestanding ELF guests the KVM tests boot (vmm/probe-guest).
+probes: build
+	$(CARGO) run --release --locked -q -p shoal-probe-guest --bin shoal-probes -- $(PROBE_DIR) >/dev/null
+	@ls $(PROBE_DIR)/*.elf
+
+# Guest kernel (vmlinux, bzImage) and busybox initramfs, cached in ~/.cache/shoal.
+guest-kernel: deps
+	image-build/guest/build-kernel.sh $(GUEST_DIR)
+	image-build/guest/build-initramfs.sh $(GUEST_DIR)
+
+# The main job: boot microVMs on this machine's KVM.
+run: probes
+	@ci/run-local.sh $(VMM) $(PROBE_DIR)
+
+test: probes guest-kernel
+	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) \
+	  $(CARGO) test --workspace --locked --release
+
+bench-boot: probes
+	@ci/bench-boot.sh $(VMM) $(PROBE_DIR)/boot.elf
+
+clean-cache:
+	rm -rf $${SHOAL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/shoal}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# What every target needs: a Rust toolchain, a C toolchain for linking, and /dev/kvm.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+"$here/ensure-packages.sh" build-essential
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "ensure-deps: no cargo on PATH; install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+if [ ! -e /dev/kvm ]; then
+  echo "ensure-deps: /dev/kvm is missing: shoal-vmm needs KVM (load kvm_intel or kvm_amd)" >&2
+  exit 1
+fi

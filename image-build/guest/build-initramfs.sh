@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the microVM guest initramfs (static busybox + /init), cached outside the checkout and
+# keyed by the init scripts, this recipe's version and the busybox-static package version.
+# Usage: build-initramfs.sh OUT_DIR   (leaves OUT_DIR/initramfs.cpio.gz, a link into the cache)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: build-initramfs.sh OUT_DIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
+
+"$here/../../ci/ensure-packages.sh" busybox-static cpio gzip
+
+RECIPE=1
+bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
+key=$(cat "$here/init" "$here/poweroff" <(echo "recipe=$RECIPE busybox=$bb_version") | sha256sum | cut -c1-16)
+dest="$cache/guest-initramfs/$key"
+if [ ! -f "$dest/initramfs.cpio.gz" ]; then
+  work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-initramfs.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  root="$work/root"
+  mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,etc,root}
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in $(/bin/busybox --list-full); do
+    [ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+  done
+  for cmd in poweroff halt; do
+    rm -f "$root/sbin/$cmd"
+    install -m 0755 "$here/poweroff" "$root/sbin/$cmd"
+  done
+  install -m 0755 "$here/init" "$root/init"
+  echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
+  echo 'PS1="# "' > "$root/etc/profile"
+  mkdir -p "$dest.tmp"
+  (cd "$root" && find . | LC_ALL=C sort | cpio --quiet -o -H newc --owner 0:0 | gzip -9 -n) > "$dest.tmp/initramfs.cpio.gz"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
+fi
+ln -sfn "$dest/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
+echo "guest-initramfs: $out/initramfs.cpio.gz (cache $dest)" >&2

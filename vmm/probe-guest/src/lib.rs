@@ -1,0 +1,21 @@
+//! Paths of the probe guests built by this crate's build script: tiny freestanding x86_64 ELF
+//! programs that the VMM boots exactly as it boots a Linux vmlinux (64-bit entry, boot_params
+//! in RSI). Each prints its results on COM1 and ends with an i8042 reset (0xFE to port 0x64).
+//! They exist because the KVM on the development machines cannot run Linux to user space.
+
+use std::path::Path;
+
+/// Prints a marker line and the command line read from boot_params, then resets.
+pub const BOOT: &str = env!("SHOAL_PROBE_BOOT");
+/// Starts every AP with INIT-SIPI-SIPI; each AP prints its APIC id.
+pub const SMP: &str = env!("SHOAL_PROBE_SMP");
+/// Counts PIT (through the PIC) and LAPIC timer interrupts.
+pub const TIMER: &str = env!("SHOAL_PROBE_TIMER");
+
+/// Every probe by name.
+pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER)];
+
+/// The path of a probe by name.
+pub fn path(name: &str) -> Option<&'static Path> {
+    ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| Path::new(*p))
+}

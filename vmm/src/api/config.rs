@@ -1,0 +1,133 @@
+//! The microVM configuration, from CLI flags or `--config FILE.json` (same field names).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::x86_64::boot::{check_cmdline, BootError};
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+
+/// Command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Upper bound on guest memory (16 TiB), far above any host, to keep sizes from overflowing.
+pub const MAX_MEM_MIB: u64 = 16 << 20;
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_vcpus() -> u32 {
+    DEFAULT_VCPUS
+}
+fn default_mem_mib() -> u64 {
+    DEFAULT_MEM_MIB
+}
+
+/// What a microVM is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+}
+
+/// Errors in a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, #[source] source: serde_json::Error },
+    #[error("vcpus must be at least 1")]
+    NoVcpus,
+    #[error("vcpus {requested} is over this host's limit of {max}")]
+    TooManyVcpus { requested: u32, max: u32 },
+    #[error("mem_mib must be at least 1")]
+    NoMemory,
+    #[error("mem_mib {0} is over the limit of {max}", max = MAX_MEM_MIB)]
+    TooMuchMemory(u64),
+    #[error("invalid command line")]
+    Cmdline(#[source] BootError),
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB }
+    }
+
+    /// Reads a JSON configuration file; unknown fields are an error.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Checks everything that can be checked without KVM or the files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > u32::from(MAX_VCPUS) {
+            return Err(ConfigError::TooManyVcpus { requested: self.vcpus, max: u32::from(MAX_VCPUS) });
+        }
+        if self.mem_mib == 0 {
+            return Err(ConfigError::NoMemory);
+        }
+        if self.mem_mib > MAX_MEM_MIB {
+            return Err(ConfigError::TooMuchMemory(self.mem_mib));
+        }
+        check_cmdline(&self.cmdline).map_err(ConfigError::Cmdline)
+    }
+
+    /// Checks the vCPU count against what KVM on this host allows.
+    pub fn validate_for_host(&self, kvm_max_vcpus: usize) -> Result<(), ConfigError> {
+        let max = u32::try_from(kvm_max_vcpus).unwrap_or(u32::MAX).min(u32::from(MAX_VCPUS));
+        if self.vcpus > max {
+            return Err(ConfigError::TooManyVcpus { requested: self.vcpus, max });
+        }
+        Ok(())
+    }
+
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_fields_and_defaults() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel": "/k", "vcpus": 2}"#).unwrap();
+        assert_eq!(c, VmConfig { vcpus: 2, ..VmConfig::new("/k") });
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "vcpu_count": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `vcpu_count`"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let base = VmConfig::new("/k");
+        assert!(matches!(VmConfig { vcpus: 0, ..base.clone() }.validate(), Err(ConfigError::NoVcpus)));
+        assert!(matches!(VmConfig { vcpus: 255, ..base.clone() }.validate(), Err(ConfigError::TooManyVcpus { .. })));
+        assert!(matches!(VmConfig { mem_mib: 0, ..base.clone() }.validate(), Err(ConfigError::NoMemory)));
+        assert!(matches!(VmConfig { mem_mib: u64::MAX, ..base.clone() }.validate(), Err(ConfigError::TooMuchMemory(_))));
+        assert!(matches!(VmConfig { cmdline: "x".repeat(4096), ..base.clone() }.validate(), Err(ConfigError::Cmdline(_))));
+        let err = VmConfig { vcpus: 64, ..base }.validate_for_host(8).unwrap_err();
+        assert_eq!(err.to_string(), "vcpus 64 is over this host's limit of 8");
+    }
+}

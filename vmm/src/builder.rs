@@ -1,0 +1,258 @@
+//! Turns a `VmConfig` into a ready-to-run microVM: guest memory, the kernel and initrd loaded
+//! with their boot information, the VM with its devices, and configured vCPUs. Every input is
+//! checked before guest memory is allocated where that is possible, and every failure is an
+//! error naming the input, never a panic.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::{ConfigError, VmConfig};
+use crate::arch::x86_64::boot::{self, BootError, BootInfo};
+use crate::arch::x86_64::layout::{CMDLINE_START, HIMEM_START};
+use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::arch::x86_64::regs::EntryMode;
+use crate::arch::x86_64::e820_map;
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
+use crate::devices::legacy::{SerialConsole, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::EventFdTrigger;
+use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Errors building a microVM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open kernel {path}")]
+    KernelOpen { path: PathBuf, #[source] source: std::io::Error },
+    #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
+    KernelFormat(PathBuf),
+    #[error("cannot load kernel {path}: {source}")]
+    KernelLoad { path: PathBuf, #[source] source: linux_loader::loader::Error },
+    #[error("kernel {path}: {source}")]
+    KernelHeader { path: PathBuf, #[source] source: BootError },
+    #[error("cannot open initrd {path}")]
+    InitrdOpen { path: PathBuf, #[source] source: std::io::Error },
+    #[error("initrd {path}: {source}")]
+    InitrdPlace { path: PathBuf, #[source] source: BootError },
+    #[error("cannot read initrd {0} into guest memory")]
+    InitrdLoad(PathBuf),
+    #[error("cannot write the command line to guest memory")]
+    Cmdline,
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot read the CPUID KVM supports")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// A kernel in guest memory and how to enter it.
+#[derive(Debug)]
+pub struct LoadedKernel {
+    pub entry: BootEntry,
+    /// First guest byte after the kernel image.
+    pub end: u64,
+    /// The bzImage's setup header, if the kernel was a bzImage.
+    pub setup_header: Option<setup_header>,
+}
+
+/// The kernel formats we recognise by their magic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Recognises an ELF by `\x7fELF` and a bzImage by `HdrS` at 0x202.
+pub fn detect_kernel_format<R: Read + Seek>(image: &mut R) -> std::io::Result<Option<KernelFormat>> {
+    let mut magic = [0u8; 4];
+    image.seek(SeekFrom::Start(0))?;
+    if image.read_exact(&mut magic).is_ok() && &magic == b"\x7fELF" {
+        return Ok(Some(KernelFormat::Elf));
+    }
+    image.seek(SeekFrom::Start(0x202))?;
+    if image.read_exact(&mut magic).is_ok() && &magic == b"HdrS" {
+        return Ok(Some(KernelFormat::BzImage));
+    }
+    Ok(None)
+}
+
+/// Loads the kernel at `path` into `mem`. ELF kernels with a PVH note are entered through it
+/// (as Firecracker does); other ELF kernels and bzImages through the 64-bit Linux entry.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BuildError> {
+    let mut file = File::open(path).map_err(|source| BuildError::KernelOpen { path: path.to_owned(), source })?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(BuildError::KernelFormat(path.to_owned()));
+    }
+    let format = detect_kernel_format(&mut file).map_err(|source| BuildError::KernelOpen { path: path.to_owned(), source })?;
+    let load_err = |source| BuildError::KernelLoad { path: path.to_owned(), source };
+    match format {
+        Some(KernelFormat::Elf) => {
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let entry = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => BootEntry { mode: EntryMode::Pvh, address: addr.0 },
+                _ => BootEntry { mode: EntryMode::Linux64, address: r.kernel_load.0 },
+            };
+            Ok(LoadedKernel { entry, end: r.kernel_end, setup_header: None })
+        }
+        Some(KernelFormat::BzImage) => {
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let hdr = r.setup_header.ok_or(BuildError::KernelFormat(path.to_owned()))?;
+            boot::check_bzimage_header(&hdr).map_err(|source| BuildError::KernelHeader { path: path.to_owned(), source })?;
+            let address = r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET;
+            Ok(LoadedKernel { entry: BootEntry { mode: EntryMode::Linux64, address }, end: r.kernel_end, setup_header: Some(hdr) })
+        }
+        None => Err(BuildError::KernelFormat(path.to_owned())),
+    }
+}
+
+/// Places and reads the initrd; returns its (address, size).
+pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel: &LoadedKernel, mem_size: u64) -> Result<(u64, u64), BuildError> {
+    let mut file = File::open(path).map_err(|source| BuildError::InitrdOpen { path: path.to_owned(), source })?;
+    let size = file.metadata().map_err(|source| BuildError::InitrdOpen { path: path.to_owned(), source })?.len();
+    let addr_max = kernel.setup_header.map(|h| h.initrd_addr_max);
+    let addr = boot::place_initrd(size, kernel.end, mem_size, addr_max)
+        .map_err(|source| BuildError::InitrdPlace { path: path.to_owned(), source })?;
+    let len = usize::try_from(size).map_err(|_| BuildError::InitrdLoad(path.to_owned()))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|_| BuildError::InitrdLoad(path.to_owned()))?;
+    Ok((addr, size))
+}
+
+/// Writes the boot information for the loaded kernel.
+pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &LoadedKernel, initrd: Option<(u64, u64)>) -> Result<(), BuildError> {
+    let mut cmdline = config.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    mem.write_slice(&cmdline, GuestAddress(CMDLINE_START)).map_err(|_| BuildError::Cmdline)?;
+    let vcpus = u8::try_from(config.vcpus).map_err(|_| MpTableError::TooManyCpus(u8::MAX))?;
+    mptable::write(mem, vcpus)?;
+    let e820 = e820_map(config.mem_bytes());
+    match kernel.entry.mode {
+        EntryMode::Pvh => boot::write_pvh_start_info(mem, CMDLINE_START, initrd, &e820)?,
+        EntryMode::Linux64 => {
+            let params = boot::build_boot_params(&BootInfo {
+                setup_header: kernel.setup_header,
+                cmdline_addr: CMDLINE_START,
+                cmdline_len: config.cmdline.len(),
+                initrd,
+                e820: &e820,
+            })?;
+            boot::write_boot_params(mem, &params)?;
+        }
+    }
+    Ok(())
+}
+
+/// A microVM ready to run: nothing has executed guest code yet.
+#[derive(Debug)]
+pub struct MicroVm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<Vcpu>,
+    pub serial: Arc<Mutex<SerialConsole>>,
+    /// Signalled when the guest resets through the i8042.
+    pub reset_evt: EventFd,
+    pub pio: Arc<Bus>,
+    pub entry: BootEntry,
+}
+
+/// Builds the microVM described by `config`, with the guest console written to `console`.
+pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroVm, BuildError> {
+    config.validate()?;
+    // Fail on unreadable inputs before any memory is mapped or KVM is opened.
+    File::open(&config.kernel).map_err(|source| BuildError::KernelOpen { path: config.kernel.clone(), source })?;
+    if let Some(initrd) = &config.initrd {
+        File::open(initrd).map_err(|source| BuildError::InitrdOpen { path: initrd.clone(), source })?;
+    }
+
+    let vm = Vm::new()?;
+    config.validate_for_host(Vm::max_vcpus(&vm.kvm))?;
+    let mem = create_guest_memory(config.mem_bytes())?;
+    let kernel = load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(&mem, path, &kernel, config.mem_bytes())?),
+        None => None,
+    };
+    write_boot_info(&mem, config, &kernel, initrd)?;
+    vm.register_memory(&mem)?;
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irq(&serial_irq, COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(serial_irq), console)));
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?))));
+    let mut bus = Bus::new();
+    bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+    bus.insert(i8042, I8042_BASE, I8042_LEN)?;
+    let pio = Arc::new(bus);
+
+    let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
+    let count = config.vcpus as u8; // validated: 1..=254
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, pio.clone())?);
+    }
+    vcpus[0].setup_boot(&mem, kernel.entry)?;
+    tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
+    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, entry: kernel.entry })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn kernel_formats_are_told_apart_by_magic() {
+        let mut elf = Cursor::new(b"\x7fELF\x02\x01\x01".to_vec());
+        assert_eq!(detect_kernel_format(&mut elf).unwrap(), Some(KernelFormat::Elf));
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(detect_kernel_format(&mut Cursor::new(bz)).unwrap(), Some(KernelFormat::BzImage));
+        assert_eq!(detect_kernel_format(&mut Cursor::new(b"#!/bin/sh\necho hi\n".to_vec())).unwrap(), None);
+        assert_eq!(detect_kernel_format(&mut Cursor::new(Vec::new())).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_kernels_give_errors_naming_the_file() {
+        let mem = create_guest_memory(32 << 20).unwrap();
+        let dir = std::env::temp_dir().join(format!("shoal-kernel-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("notes.txt");
+        std::fs::write(&text, "just some text\n").unwrap();
+        let err = load_kernel(&mem, &text).unwrap_err();
+        assert_eq!(err.to_string(), format!("kernel {} is neither an ELF vmlinux nor a bzImage", text.display()));
+        let truncated = dir.join("truncated.elf");
+        std::fs::write(&truncated, b"\x7fELF\x02\x01\x01\x00").unwrap();
+        let err = load_kernel(&mem, &truncated).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("cannot load kernel {}", truncated.display())), "{err}");
+        let missing = dir.join("missing");
+        assert!(matches!(load_kernel(&mem, &missing), Err(BuildError::KernelOpen { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

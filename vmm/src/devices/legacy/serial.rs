@@ -1,0 +1,146 @@
+//! COM1 (8250 UART) wrapped around vm-superio's `Serial`: guest output goes to a writer
+//! (stdout for the CLI) flushed after every byte so a partial line such as a shell prompt
+//! appears at once; host input is queued into the receive FIFO.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+
+use crate::devices::bus::BusDevice;
+use crate::devices::EventFdTrigger;
+
+pub const COM1_BASE: u64 = 0x3f8;
+pub const COM1_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+
+/// A writer that flushes after every write.
+#[derive(Debug)]
+pub struct Flushing<W: Write>(pub W);
+
+impl<W: Write> Write for Flushing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The guest's serial console.
+pub struct SerialConsole {
+    serial: Serial<EventFdTrigger, NoEvents, Flushing<Box<dyn Write + Send>>>,
+    /// Writes the guest made that failed (host side gone) or input bytes dropped (FIFO full).
+    pub errors: AtomicU64,
+}
+
+impl std::fmt::Debug for SerialConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialConsole").field("errors", &self.errors).finish()
+    }
+}
+
+impl SerialConsole {
+    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        SerialConsole { serial: Serial::new(irq, Flushing(out)), errors: AtomicU64::new(0) }
+    }
+
+    /// Queues host input for the guest; bytes beyond the FIFO's room are dropped and counted.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.serial.fifo_capacity();
+        let n = bytes.len().min(room);
+        if n < bytes.len() {
+            self.errors.fetch_add((bytes.len() - n) as u64, Ordering::Relaxed);
+        }
+        if n == 0 {
+            return 0;
+        }
+        match self.serial.enqueue_raw_bytes(&bytes[..n]) {
+            Ok(q) => q,
+            Err(_) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() != 1 || offset >= COM1_LEN {
+            data.fill(0);
+            return;
+        }
+        data[0] = self.serial.read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() != 1 || offset >= COM1_LEN {
+            return;
+        }
+        if self.serial.write(offset as u8, data[0]).is_err() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn guest_bytes_reach_the_writer_and_input_raises_the_irq() {
+        let out = Shared::default();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut s = SerialConsole::new(EventFdTrigger(irq.try_clone().unwrap()), Box::new(out.clone()));
+        for b in b"hi\n" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        // Enable the received-data interrupt (IER bit 0), then send input.
+        s.write(1, &[1]);
+        assert_eq!(s.enqueue_input(b"ls\n"), 3);
+        assert!(irq.read().unwrap() >= 1);
+        let mut b = [0u8];
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'l');
+    }
+
+    #[test]
+    fn odd_sized_accesses_are_ignored() {
+        let out = Shared::default();
+        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(out.clone()));
+        s.write(0, &[b'a', b'b']);
+        let mut d = [0xffu8; 2];
+        s.read(0, &mut d);
+        assert_eq!(d, [0, 0]);
+        assert!(out.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn input_beyond_the_fifo_is_dropped_and_counted() {
+        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()));
+        let big = vec![b'x'; 1000];
+        let n = s.enqueue_input(&big);
+        assert!(n < 1000);
+        assert_eq!(s.errors.load(Ordering::Relaxed), (1000 - n) as u64);
+    }
+}

@@ -1,0 +1,125 @@
+//! The `shoal-vmm` binary: parse the command line, build the microVM, run it, and turn the
+//! result into an exit status. Errors are printed once, here, as one line with their causes.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm_sys_util::terminal::Terminal;
+
+use shoal_vmm::api::VmConfig;
+use shoal_vmm::{builder, runner, EXIT_GUEST_FAULT, EXIT_OK, EXIT_SETUP_ERROR};
+
+const AFTER_HELP: &str = "\
+Exit status: 0 when the guest resets (e.g. `reboot` in Linux, 0xFE to port 0x64) or powers off;
+1 when the VM cannot be started (bad kernel, initrd, config or KVM); 2 when the guest crashes
+(triple fault, KVM internal or emulation error). The guest's serial console (COM1) is this
+process's stdout; when stdin is a terminal it is put in raw mode and forwarded to the guest.";
+
+/// Boot one microVM on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-vmm", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// Guest kernel: ELF vmlinux (PVH entry used when the ELF has the note) or bzImage.
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// Initial RAM disk loaded high in guest memory.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (at most 2047 bytes).
+    #[arg(long, value_name = "STR", default_value = shoal_vmm::api::config::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs (1 to 254, and no more than KVM allows).
+    #[arg(long, value_name = "N", default_value_t = shoal_vmm::api::config::DEFAULT_VCPUS)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "M", default_value_t = shoal_vmm::api::config::DEFAULT_MEM_MIB)]
+    mem_mib: u64,
+    /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags).
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd"])]
+    config: Option<PathBuf>,
+    /// Log level on stderr: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: tracing::Level,
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
+}
+
+/// Prints one line on stderr; a closed stderr must not turn an error into a panic.
+fn report(msg: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "shoal-vmm: {msg}");
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    report(msg);
+    ExitCode::from(EXIT_SETUP_ERROR as u8)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            // One line: clap's own first line, without its "error: " prefix and usage block.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            return fail(format!("{first} (see --help)"));
+        }
+    };
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(cli.log_level).with_target(false).init();
+
+    let config = match &cli.config {
+        Some(path) => match VmConfig::from_file(path) {
+            Ok(c) => c,
+            Err(e) => return fail(error_chain(&e)),
+        },
+        None => VmConfig {
+            // clap guarantees --kernel when --config is absent.
+            kernel: cli.kernel.clone().unwrap_or_default(),
+            initrd: cli.initrd.clone(),
+            cmdline: cli.cmdline.clone(),
+            vcpus: cli.vcpus,
+            mem_mib: cli.mem_mib,
+        },
+    };
+
+    let stdout = Box::new(std::io::stdout());
+    let vm = match builder::build_microvm(&config, stdout) {
+        Ok(vm) => vm,
+        Err(e) => return fail(error_chain(&e)),
+    };
+
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        if let Err(e) = stdin.lock().set_raw_mode() {
+            tracing::warn!(error = %e, "cannot put the terminal in raw mode");
+        }
+    }
+    let result = runner::run(vm, interactive);
+    if interactive {
+        let _ = stdin.lock().set_canon_mode();
+    }
+    match result {
+        Ok(why) if why.is_clean() => ExitCode::from(EXIT_OK as u8),
+        Ok(why) => {
+            report(&why);
+            ExitCode::from(EXIT_GUEST_FAULT as u8)
+        }
+        Err(e) => fail(error_chain(&e)),
+    }
+}

@@ -1,0 +1,100 @@
+//! Guest memory: anonymous, lazily populated mappings, each with an inaccessible guard page on
+//! both sides so that a VMM bug that runs off a region faults instead of touching other data.
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::arch::x86_64::memory_regions;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory of {0} MiB is too large for this host's address space")]
+    TooLarge(u64),
+    #[error("cannot map {size} bytes of guest memory")]
+    Mmap { size: u64, #[source] source: std::io::Error },
+    #[error("cannot describe guest memory region")]
+    Region(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("guest memory regions are invalid")]
+    Collection(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(v).unwrap_or(4096)
+}
+
+/// Maps `size` bytes with one PROT_NONE guard page before and after. The mapping lives as long
+/// as the process (the microVM), so it is deliberately never unmapped.
+fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
+    let page = page_size();
+    let total = size.checked_add(2 * page).ok_or(MemoryError::TooLarge((size >> 20) as u64))?;
+    // SAFETY: a fresh anonymous reservation; no existing mapping is affected.
+    let base = unsafe {
+        libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+    };
+    if base == libc::MAP_FAILED {
+        return Err(MemoryError::Mmap { size: size as u64, source: std::io::Error::last_os_error() });
+    }
+    // SAFETY: `base + page` lies inside the reservation just made, and MAP_FIXED replaces only
+    // the middle of that reservation, which nobody else knows about.
+    let mem = unsafe {
+        libc::mmap(
+            base.cast::<u8>().add(page).cast(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        let err = std::io::Error::last_os_error();
+        // SAFETY: unmapping the reservation made above, which nothing references.
+        unsafe { libc::munmap(base, total) };
+        return Err(MemoryError::Mmap { size: size as u64, source: err });
+    }
+    Ok(mem.cast())
+}
+
+/// Creates guest RAM of `mem_size` bytes laid out for x86_64 (split around the MMIO gap).
+pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    for (addr, size) in memory_regions(mem_size) {
+        let size = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_size >> 20))?;
+        let ptr = map_guarded(size)?;
+        // SAFETY: `ptr` points to `size` bytes mapped read-write above that stay mapped for the
+        // life of the process.
+        let region = unsafe { MmapRegionBuilder::new(size).with_raw_mmap_pointer(ptr) }
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryError::Region)?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or(MemoryError::TooLarge(mem_size >> 20))?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+}
+
+/// Guest address of the first byte after the highest region.
+pub fn guest_end(mem: &GuestMemoryMmap) -> GuestAddress {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|r| r.last_addr().0 + 1).max().map(GuestAddress).unwrap_or(GuestAddress(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn memory_is_usable_and_split_at_the_gap() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert!(mem.write_obj(1u8, GuestAddress(64 << 20)).is_err(), "past the end is an error, not a fault");
+        let big = create_guest_memory(4 << 30).unwrap();
+        assert_eq!(big.num_regions(), 2);
+        assert_eq!(guest_end(&big), GuestAddress((4u64 << 30) + (1 << 30)));
+    }
+}

@@ -1,0 +1,215 @@
+//! vCPUs: configuration before the first run (CPUID, MSRs, LAPIC, and for the boot vCPU its
+//! registers) and the run loop, one thread each. A vCPU thread ends by reporting why it
+//! stopped (`VcpuStop`) over a channel and waking the VMM's event loop through an eventfd.
+//! Application processors are left in KVM's wait-for-SIPI state: the guest starts them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use kvm_bindings::{CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, EntryMode};
+use crate::arch::x86_64::{cpuid, msr};
+use crate::devices::bus::Bus;
+
+/// Errors configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot {what} of vCPU {index}")]
+    Ioctl { what: &'static str, index: u8, #[source] source: kvm_ioctls::Error },
+    #[error("vCPU {index} accepted {set} of {want} boot MSRs")]
+    Msrs { index: u8, set: usize, want: usize },
+    #[error("cannot build the boot MSR list")]
+    MsrList,
+    #[error("cannot write the boot vCPU's tables")]
+    Regs(#[source] crate::arch::x86_64::regs::RegsError),
+    #[error("cannot start the thread of vCPU {0}")]
+    Thread(u8, #[source] std::io::Error),
+}
+
+/// Why a vCPU stopped running the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked for a reset (KVM system event).
+    Reset,
+    /// The guest powered off (KVM system event) or halted with no irqchip wake-up possible.
+    Shutdown,
+    /// KVM_EXIT_SHUTDOWN: a triple fault.
+    TripleFault { rip: Option<u64> },
+    /// KVM could not emulate an instruction or hit an internal error.
+    InternalError { suberror: u32, rip: Option<u64> },
+    /// Entering the guest failed.
+    FailEntry { reason: u64 },
+    /// An exit this VMM does not handle.
+    Unhandled(String),
+    /// KVM_RUN itself failed.
+    RunFailed(String),
+}
+
+impl VcpuStop {
+    /// True when the guest ended on purpose (reset or power-off), not by a fault.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, VcpuStop::Reset | VcpuStop::Shutdown)
+    }
+}
+
+impl std::fmt::Display for VcpuStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rip = |r: &Option<u64>| r.map(|r| format!(" at rip={r:#x}")).unwrap_or_default();
+        match self {
+            VcpuStop::Reset => f.write_str("guest reset"),
+            VcpuStop::Shutdown => f.write_str("guest powered off"),
+            VcpuStop::TripleFault { rip: r } => write!(f, "guest triple fault{}", rip(r)),
+            VcpuStop::InternalError { suberror, rip: r } if *suberror == KVM_INTERNAL_ERROR_EMULATION => {
+                write!(f, "KVM emulation failure{}", rip(r))
+            }
+            VcpuStop::InternalError { suberror, rip: r } => write!(f, "KVM internal error (suberror {suberror}){}", rip(r)),
+            VcpuStop::FailEntry { reason } => write!(f, "KVM failed to enter the guest (hardware reason {reason:#x})"),
+            VcpuStop::Unhandled(what) => write!(f, "unhandled vCPU exit: {what}"),
+            VcpuStop::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
+        }
+    }
+}
+
+/// Per-vCPU exit counters.
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    pub exits: AtomicU64,
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio: AtomicU64,
+}
+
+/// One vCPU, configured and ready to run on its own thread.
+#[derive(Debug)]
+pub struct Vcpu {
+    pub index: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    pub counters: Arc<VcpuCounters>,
+}
+
+/// What the boot vCPU starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct BootEntry {
+    pub mode: EntryMode,
+    pub address: u64,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` and applies the state every vCPU needs.
+    pub fn new(vm: &VmFd, index: u8, count: u8, supported_cpuid: &CpuId, pio: Arc<Bus>) -> Result<Vcpu, VcpuError> {
+        let io = |what| move |source| VcpuError::Ioctl { what, index, source };
+        let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
+
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::normalize(cpuid.as_mut_slice(), index, count);
+        fd.set_cpuid2(&cpuid).map_err(io("set the CPUID"))?;
+
+        let entries = msr::boot_msr_entries();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrList)?;
+        let set = fd.set_msrs(&msrs).map_err(io("set the MSRs"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs { index, set, want: entries.len() });
+        }
+
+        let mut lapic = fd.get_lapic().map_err(io("read the LAPIC"))?;
+        let lvt0 = msr::lapic_reg(&lapic.regs, msr::APIC_LVT0);
+        msr::set_lapic_reg(&mut lapic.regs, msr::APIC_LVT0, msr::set_apic_delivery_mode(lvt0, msr::APIC_MODE_EXTINT));
+        let lvt1 = msr::lapic_reg(&lapic.regs, msr::APIC_LVT1);
+        msr::set_lapic_reg(&mut lapic.regs, msr::APIC_LVT1, msr::set_apic_delivery_mode(lvt1, msr::APIC_MODE_NMI));
+        fd.set_lapic(&lapic).map_err(io("set the LAPIC"))?;
+
+        Ok(Vcpu { index, fd, pio, counters: Arc::new(VcpuCounters::default()) })
+    }
+
+    /// Puts the boot vCPU at the kernel's entry point.
+    pub fn setup_boot(&self, mem: &GuestMemoryMmap, entry: BootEntry) -> Result<(), VcpuError> {
+        let index = self.index;
+        let io = |what| move |source| VcpuError::Ioctl { what, index, source };
+        let mut sregs = self.fd.get_sregs().map_err(io("read the special registers"))?;
+        setup_sregs(mem, entry.mode, &mut sregs).map_err(VcpuError::Regs)?;
+        self.fd.set_sregs(&sregs).map_err(io("set the special registers"))?;
+        self.fd.set_regs(&boot_regs(entry.mode, entry.address)).map_err(io("set the registers"))?;
+        self.fd.set_fpu(&boot_fpu()).map_err(io("set the FPU"))?;
+        Ok(())
+    }
+
+    fn rip(&self) -> Option<u64> {
+        self.fd.get_regs().ok().map(|r| r.rip)
+    }
+
+    /// Runs the guest until it stops, handling port I/O on the bus.
+    pub fn run(&mut self) -> VcpuStop {
+        loop {
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return VcpuStop::RunFailed(e.to_string()),
+            };
+            self.counters.exits.fetch_add(1, Ordering::Relaxed);
+            let stop = match exit {
+                VcpuExit::IoIn(port, data) => {
+                    self.counters.io_in.fetch_add(1, Ordering::Relaxed);
+                    self.pio.read(u64::from(port), data);
+                    None
+                }
+                VcpuExit::IoOut(port, data) => {
+                    self.counters.io_out.fetch_add(1, Ordering::Relaxed);
+                    self.pio.write(u64::from(port), data);
+                    None
+                }
+                VcpuExit::MmioRead(_, data) => {
+                    // No MMIO devices yet: reads of unclaimed MMIO return zero.
+                    self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                    data.fill(0);
+                    None
+                }
+                VcpuExit::MmioWrite(..) => {
+                    self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                VcpuExit::Intr => None,
+                VcpuExit::Hlt => Some(VcpuStop::Shutdown),
+                VcpuExit::Shutdown => Some(VcpuStop::TripleFault { rip: None }),
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Some(VcpuStop::Reset),
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => Some(VcpuStop::Shutdown),
+                VcpuExit::SystemEvent(kind, _) => Some(VcpuStop::Unhandled(format!("system event {kind}"))),
+                VcpuExit::InternalError => Some(VcpuStop::InternalError { suberror: 0, rip: None }),
+                VcpuExit::FailEntry(reason, _) => Some(VcpuStop::FailEntry { reason }),
+                other => Some(VcpuStop::Unhandled(format!("{other:?}"))),
+            };
+            match stop {
+                None => continue,
+                Some(VcpuStop::InternalError { .. }) => {
+                    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal`
+                    // member of the exit union, so reading it reads initialised data.
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    return VcpuStop::InternalError { suberror, rip: self.rip() };
+                }
+                Some(VcpuStop::TripleFault { .. }) => return VcpuStop::TripleFault { rip: self.rip() },
+                Some(stop) => return stop,
+            }
+        }
+    }
+
+    /// Starts the run loop on its own thread. When it ends, `(index, why)` goes to `stopped`
+    /// and `wake` is signalled.
+    pub fn start(mut self, stopped: Sender<(u8, VcpuStop)>, wake: EventFd) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let why = self.run();
+                tracing::debug!(vcpu = index, reason = %why, "vcpu stopped");
+                // The receiver may already be gone if another vCPU stopped the VM first.
+                let _ = stopped.send((index, why));
+                let _ = wake.write(1);
+            })
+            .map_err(|e| VcpuError::Thread(index, e))
+    }
+}
