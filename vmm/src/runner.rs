@@ -55,11 +55,8 @@ impl MutEventSubscriber for StopWatcher {
         } else if events.fd() == self.wake.as_raw_fd() {
             let _ = self.wake.read();
             while let Ok((index, why)) = self.stopped.try_recv() {
-                if why.is_clean() {
-                    tracing::info!(vcpu = index, reason = %why, "vcpu stopped");
-                } else {
-                    tracing::error!(vcpu = index, reason = %why, "vcpu stopped");
-                }
+                // The binary reports the outcome; this is the per-vCPU detail.
+                tracing::info!(vcpu = index, reason = %why, "vcpu stopped");
                 outcome.get_or_insert(why);
             }
         }

@@ -12,8 +12,11 @@ pub const SMP: &str = env!("SHOAL_PROBE_SMP");
 /// Counts PIT (through the PIC) and LAPIC timer interrupts.
 pub const TIMER: &str = env!("SHOAL_PROBE_TIMER");
 
+/// Triple-faults on purpose (empty IDT, then a divide error).
+pub const FAULT: &str = env!("SHOAL_PROBE_FAULT");
+
 /// Every probe by name.
-pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER)];
+pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT)];
 
 /// The path of a probe by name.
 pub fn path(name: &str) -> Option<&'static Path> {

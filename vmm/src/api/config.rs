@@ -49,7 +49,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, #[source] source: serde_json::Error },
     #[error("vcpus must be at least 1")]
     NoVcpus,
-    #[error("vcpus {requested} is over this host's limit of {max}")]
+    #[error("vcpus {requested} is over the limit of {max} on this host")]
     TooManyVcpus { requested: u32, max: u32 },
     #[error("mem_mib must be at least 1")]
     NoMemory,
@@ -128,6 +128,6 @@ mod tests {
         assert!(matches!(VmConfig { mem_mib: u64::MAX, ..base.clone() }.validate(), Err(ConfigError::TooMuchMemory(_))));
         assert!(matches!(VmConfig { cmdline: "x".repeat(4096), ..base.clone() }.validate(), Err(ConfigError::Cmdline(_))));
         let err = VmConfig { vcpus: 64, ..base }.validate_for_host(8).unwrap_err();
-        assert_eq!(err.to_string(), "vcpus 64 is over this host's limit of 8");
+        assert_eq!(err.to_string(), "vcpus 64 is over the limit of 8 on this host");
     }
 }

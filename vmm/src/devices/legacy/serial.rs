@@ -128,7 +128,7 @@ mod tests {
     fn odd_sized_accesses_are_ignored() {
         let out = Shared::default();
         let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(out.clone()));
-        s.write(0, &[b'a', b'b']);
+        s.write(0, b"ab");
         let mut d = [0xffu8; 2];
         s.read(0, &mut d);
         assert_eq!(d, [0, 0]);
