@@ -6,7 +6,8 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 GUEST_DIR := target/guest
 PROBE_DIR := target/probes
-VMM := target/release/shoal-vmm
+TARGET_DIR := target/x86_64-unknown-linux-gnu/release
+VMM := $(TARGET_DIR)/shoal-vmm
 
 .PHONY: run test build probes guest-kernel bench-boot deps clean-cache
 

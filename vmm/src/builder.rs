@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -193,19 +194,22 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     let vm = Vm::new()?;
     config.validate_for_host(Vm::max_vcpus(&vm.kvm))?;
     let mem = create_guest_memory(config.mem_bytes())?;
+    vm.register_memory(&mem)?;
+    vm.setup_irqchip()?;
     let kernel = load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(&mem, path, &kernel, config.mem_bytes())?),
         None => None,
     };
     write_boot_info(&mem, config, &kernel, initrd)?;
-    vm.register_memory(&mem)?;
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irq(&serial_irq, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(serial_irq), console)));
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?))));
+    let reset_requested = Arc::new(AtomicBool::new(false));
+    let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
+    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone())));
     let mut bus = Bus::new();
     bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     bus.insert(i8042, I8042_BASE, I8042_LEN)?;
@@ -215,7 +219,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     let count = config.vcpus as u8; // validated: 1..=254
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
-        vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, pio.clone())?);
+        vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, pio.clone(), reset_requested.clone())?);
     }
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");

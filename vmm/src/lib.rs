@@ -9,6 +9,7 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod runner;
+pub mod stats;
 pub mod vstate;
 
 /// Process exit status when the guest reset or powered off.

@@ -39,6 +39,10 @@ struct Cli {
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags).
     #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd"])]
     config: Option<PathBuf>,
+    /// When the VM ends, print run statistics (peak RSS, resident guest memory, vCPU exits) as
+    /// one JSON line on stderr.
+    #[arg(long)]
+    stats: bool,
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: tracing::Level,
@@ -110,9 +114,18 @@ fn main() -> ExitCode {
             tracing::warn!(error = %e, "cannot put the terminal in raw mode");
         }
     }
+    let mem = vm.mem.clone();
+    let counters: Vec<_> = vm.vcpus.iter().map(|v| v.counters.clone()).collect();
     let result = runner::run(vm, interactive);
     if interactive {
         let _ = stdin.lock().set_canon_mode();
+    }
+    if cli.stats {
+        let stats = shoal_vmm::stats::collect(&mem, &counters);
+        if let Ok(line) = serde_json::to_string(&stats) {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
     }
     match result {
         Ok(why) if why.is_clean() => ExitCode::from(EXIT_OK as u8),

@@ -3,7 +3,7 @@
 //! stopped (`VcpuStop`) over a channel and waking the VMM's event loop through an eventfd.
 //! Application processors are left in KVM's wait-for-SIPI state: the guest starts them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -90,6 +90,8 @@ pub struct Vcpu {
     pub index: u8,
     fd: VcpuFd,
     pio: Arc<Bus>,
+    /// Set by a device (the i8042) when the guest asks for a reset.
+    reset_requested: Arc<AtomicBool>,
     pub counters: Arc<VcpuCounters>,
 }
 
@@ -102,7 +104,14 @@ pub struct BootEntry {
 
 impl Vcpu {
     /// Creates vCPU `index` and applies the state every vCPU needs.
-    pub fn new(vm: &VmFd, index: u8, count: u8, supported_cpuid: &CpuId, pio: Arc<Bus>) -> Result<Vcpu, VcpuError> {
+    pub fn new(
+        vm: &VmFd,
+        index: u8,
+        count: u8,
+        supported_cpuid: &CpuId,
+        pio: Arc<Bus>,
+        reset_requested: Arc<AtomicBool>,
+    ) -> Result<Vcpu, VcpuError> {
         let io = |what| move |source| VcpuError::Ioctl { what, index, source };
         let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
 
@@ -124,7 +133,7 @@ impl Vcpu {
         msr::set_lapic_reg(&mut lapic.regs, msr::APIC_LVT1, msr::set_apic_delivery_mode(lvt1, msr::APIC_MODE_NMI));
         fd.set_lapic(&lapic).map_err(io("set the LAPIC"))?;
 
-        Ok(Vcpu { index, fd, pio, counters: Arc::new(VcpuCounters::default()) })
+        Ok(Vcpu { index, fd, pio, reset_requested, counters: Arc::new(VcpuCounters::default()) })
     }
 
     /// Puts the boot vCPU at the kernel's entry point.
@@ -161,7 +170,7 @@ impl Vcpu {
                 VcpuExit::IoOut(port, data) => {
                     self.counters.io_out.fetch_add(1, Ordering::Relaxed);
                     self.pio.write(u64::from(port), data);
-                    None
+                    self.reset_requested.load(Ordering::SeqCst).then_some(VcpuStop::Reset)
                 }
                 VcpuExit::MmioRead(_, data) => {
                     // No MMIO devices yet: reads of unclaimed MMIO return zero.
