@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run test build probes guest-kernel bench-boot deps clean-cache
+.PHONY: run run-probes test build probes guest-kernel bench-boot deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -27,16 +27,22 @@ guest-kernel: deps
 	image-build/guest/build-kernel.sh $(GUEST_DIR)
 	image-build/guest/build-initramfs.sh $(GUEST_DIR)
 
-# The main job: boot microVMs on this machine's KVM.
-run: probes
+# The main job: a Linux microVM to a shell (directly on VMX/SVM hosts, else in the emulated server).
+run: build guest-kernel
+	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio
+	@$(TARGET_DIR)/shoal-run-linux $(VMM) $(GUEST_DIR)
+
+# The probe guests on this machine's KVM (what works on the nested development machines).
+run-probes: probes
 	@ci/run-local.sh $(VMM) $(PROBE_DIR)
 
 test: probes guest-kernel
-	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) \
+	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux
+	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) SHOAL_VMM=$(CURDIR)/$(VMM) \
 	  $(CARGO) test --workspace --locked --release
 
-bench-boot: probes
-	@ci/bench-boot.sh $(VMM) $(PROBE_DIR)/boot.elf
+bench-boot: probes guest-kernel
+	@ci/bench-boot.sh $(VMM) $(PROBE_DIR)/boot.elf $(GUEST_DIR)
 
 clean-cache:
 	rm -rf $${SHOAL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/shoal}

@@ -69,7 +69,7 @@ def main():
         overhead.append((s["peak_rss_kib"] - s["guest_resident_kib"]) / 1024)
         exits.append(sum(s["vcpu_exits"]))
     q = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
-    print(f"runs={RUNS} (after {WARMUP} warm-up runs), boot probe, 1 vCPU, 128 MiB")
+    print(f"{RUNS} runs (after {WARMUP} warm-up runs), boot probe, 1 vCPU, 128 MiB")
     print(f"spawn to first serial byte: median {statistics.median(first):.2f} ms, p90 {q(first, 0.9):.2f} ms")
     print(f"spawn to exit:              median {statistics.median(total):.2f} ms, p90 {q(total, 0.9):.2f} ms")
     print(f"vcpu exits per run: median {statistics.median(exits):.0f}")

@@ -180,6 +180,8 @@ pub struct MicroVm {
     pub reset_evt: EventFd,
     pub pio: Arc<Bus>,
     pub entry: BootEntry,
+    /// Set when the guest's console shows a kernel panic.
+    pub guest_panicked: Arc<AtomicBool>,
 }
 
 /// Builds the microVM described by `config`, with the guest console written to `console`.
@@ -205,7 +207,8 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
 
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irq(&serial_irq, COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(serial_irq), console)));
+    let guest_panicked = Arc::new(AtomicBool::new(false));
+    let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(serial_irq), console, guest_panicked.clone())));
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let reset_requested = Arc::new(AtomicBool::new(false));
     let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
@@ -223,7 +226,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     }
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
-    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, entry: kernel.entry })
+    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, entry: kernel.entry, guest_panicked })
 }
 
 #[cfg(test)]

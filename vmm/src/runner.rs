@@ -93,7 +93,7 @@ impl MutEventSubscriber for StdinForwarder {
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
 /// the guest's serial port.
 pub fn run(vm: MicroVm, forward_stdin: bool) -> Result<VcpuStop, RunError> {
-    let MicroVm { vm: _vm, mem: _mem, vcpus, serial, reset_evt, .. } = vm;
+    let MicroVm { vm: _vm, mem: _mem, vcpus, serial, reset_evt, guest_panicked, .. } = vm;
     let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(RunError::EventLoop)?;
     let (tx, rx) = channel();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(RunError::EventFd)?;
@@ -110,6 +110,10 @@ pub fn run(vm: MicroVm, forward_stdin: bool) -> Result<VcpuStop, RunError> {
     loop {
         em.run().map_err(RunError::EventLoop)?;
         if let Some(why) = outcome.borrow_mut().take() {
+            // A reset that follows a kernel panic is the panic's doing, not a clean reboot.
+            if why.is_clean() && guest_panicked.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(VcpuStop::GuestPanic);
+            }
             return Ok(why);
         }
     }

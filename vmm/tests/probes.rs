@@ -119,3 +119,14 @@ fn guest_triple_fault_exits_2_with_a_message() {
     assert!(stderr.lines().any(|l| l.starts_with("shoal-vmm: guest triple fault")), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn guest_kernel_panic_then_reset_exits_2() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_vmm(&["--kernel", probe("panic").to_str().unwrap()], LIMIT);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}{stderr}", text(&out.stdout));
+    assert!(stderr.contains("shoal-vmm: guest kernel panicked"), "{stderr}");
+}

@@ -15,8 +15,11 @@ pub const TIMER: &str = env!("SHOAL_PROBE_TIMER");
 /// Triple-faults on purpose (empty IDT, then a divide error).
 pub const FAULT: &str = env!("SHOAL_PROBE_FAULT");
 
+/// Prints Linux's panic line, then resets (as a guest with `panic=1` does).
+pub const PANIC: &str = env!("SHOAL_PROBE_PANIC");
+
 /// Every probe by name.
-pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT)];
+pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC)];
 
 /// The path of a probe by name.
 pub fn path(name: &str) -> Option<&'static Path> {

@@ -48,6 +48,8 @@ pub enum VcpuStop {
     Unhandled(String),
     /// KVM_RUN itself failed.
     RunFailed(String),
+    /// The guest kernel panicked (seen on its console) and then reset.
+    GuestPanic,
 }
 
 impl VcpuStop {
@@ -71,6 +73,7 @@ impl std::fmt::Display for VcpuStop {
             VcpuStop::FailEntry { reason } => write!(f, "KVM failed to enter the guest (hardware reason {reason:#x})"),
             VcpuStop::Unhandled(what) => write!(f, "unhandled vCPU exit: {what}"),
             VcpuStop::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
+            VcpuStop::GuestPanic => f.write_str("guest kernel panicked (\"Kernel panic - not syncing\" on its console), then reset"),
         }
     }
 }

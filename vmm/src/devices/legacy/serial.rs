@@ -3,7 +3,8 @@
 //! appears at once; host input is queued into the receive FIFO.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
@@ -31,9 +32,55 @@ impl<W: Write> Write for Flushing<W> {
     }
 }
 
+/// What Linux prints when it panics (kernel/panic.c), whatever it does next.
+const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+/// Longest console line kept for matching; longer lines are matched on their first bytes.
+const MAX_LINE: usize = 256;
+
+/// Passes console bytes through and notices a Linux panic line. A panicking Linux with `panic=N`
+/// resets the machine, which alone would look like a clean reboot.
+#[derive(Debug)]
+pub struct PanicWatch<W: Write> {
+    inner: W,
+    line: Vec<u8>,
+    seen: Arc<AtomicBool>,
+}
+
+impl<W: Write> PanicWatch<W> {
+    pub fn new(inner: W, seen: Arc<AtomicBool>) -> Self {
+        PanicWatch { inner, line: Vec::with_capacity(MAX_LINE), seen }
+    }
+
+    fn scan(&mut self, buf: &[u8]) {
+        for &b in buf {
+            if b == b'\n' {
+                self.line.clear();
+                continue;
+            }
+            if self.line.len() < MAX_LINE {
+                self.line.push(b);
+                if self.line.ends_with(PANIC_MARKER) {
+                    self.seen.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+impl<W: Write> Write for PanicWatch<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.scan(buf);
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The guest's serial console.
 pub struct SerialConsole {
-    serial: Serial<EventFdTrigger, NoEvents, Flushing<Box<dyn Write + Send>>>,
+    serial: Serial<EventFdTrigger, NoEvents, Flushing<PanicWatch<Box<dyn Write + Send>>>>,
     /// Writes the guest made that failed (host side gone) or input bytes dropped (FIFO full).
     pub errors: AtomicU64,
 }
@@ -45,8 +92,9 @@ impl std::fmt::Debug for SerialConsole {
 }
 
 impl SerialConsole {
-    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        SerialConsole { serial: Serial::new(irq, Flushing(out)), errors: AtomicU64::new(0) }
+    /// A console writing to `out`; `panic_seen` is set when the guest prints a kernel panic.
+    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>, panic_seen: Arc<AtomicBool>) -> Self {
+        SerialConsole { serial: Serial::new(irq, Flushing(PanicWatch::new(out, panic_seen))), errors: AtomicU64::new(0) }
     }
 
     /// Queues host input for the guest; bytes beyond the FIFO's room are dropped and counted.
@@ -110,7 +158,7 @@ mod tests {
     fn guest_bytes_reach_the_writer_and_input_raises_the_irq() {
         let out = Shared::default();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut s = SerialConsole::new(EventFdTrigger(irq.try_clone().unwrap()), Box::new(out.clone()));
+        let mut s = SerialConsole::new(EventFdTrigger(irq.try_clone().unwrap()), Box::new(out.clone()), Arc::default());
         for b in b"hi\n" {
             s.write(0, &[*b]);
         }
@@ -127,7 +175,7 @@ mod tests {
     #[test]
     fn odd_sized_accesses_are_ignored() {
         let out = Shared::default();
-        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(out.clone()));
+        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(out.clone()), Arc::default());
         s.write(0, b"ab");
         let mut d = [0xffu8; 2];
         s.read(0, &mut d);
@@ -136,8 +184,19 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_panic_line_is_noticed_and_plain_output_is_not() {
+        let seen = Arc::new(AtomicBool::new(false));
+        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), seen.clone());
+        let mut say = |text: &[u8]| text.iter().for_each(|b| s.write(0, &[*b]));
+        say(b"[    1.0] Kernel command line: panic=1\nKernel panic - not\nsyncing\n");
+        assert!(!seen.load(Ordering::SeqCst), "split across lines is not a panic line");
+        say(b"[    2.1] Kernel panic - not syncing: No working init found.\n");
+        assert!(seen.load(Ordering::SeqCst));
+    }
+
+    #[test]
     fn input_beyond_the_fifo_is_dropped_and_counted() {
-        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()));
+        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default());
         let big = vec![b'x'; 1000];
         let n = s.enqueue_input(&big);
         assert!(n < 1000);

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Fetches Debian's cloud kernel for the emulated server (unpacked, not installed) and keeps the
+# kernel image and the modules the server needs, cached by the package version.
+# Usage: fetch-kernel.sh   (prints the cache directory holding vmlinuz and modules/)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
+"$here/../../ci/ensure-packages.sh" dpkg-dev >/dev/null
+pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+if [ -z "$pkg" ]; then
+  apt-get update -q >/dev/null 2>&1 || true
+  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+fi
+[ -n "$pkg" ] || { echo "fetch-kernel: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
+version=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+dest="$cache/emulated-server/$pkg-$version"
+if [ ! -f "$dest/vmlinuz" ]; then
+  work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-cloudk.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  (cd "$work" && apt-get download "$pkg=$version" >/dev/null 2>&1) || { echo "fetch-kernel: cannot download $pkg" >&2; exit 1; }
+  dpkg-deb -x "$work"/*.deb "$work/x"
+  mkdir -p "$dest.tmp/modules"
+  cp "$work"/x/boot/vmlinuz-* "$dest.tmp/vmlinuz"
+  # Load order matters: each module's dependencies come before it.
+  for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/x86/kvm/kvm-intel.ko \
+           drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_legacy_dev.ko \
+           drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko net/core/failover.ko \
+           drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/net/tun.ko net/bridge/bridge.ko net/802/stp.ko net/llc/llc.ko; do
+    f=$(find "$work"/x/lib/modules -path "*/kernel/$m" | head -n1)
+    [ -n "$f" ] && cp "$f" "$dest.tmp/modules/"
+  done
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
+fi
+echo "$dest"

@@ -1,0 +1,213 @@
+//! Harness for full-Linux tests of `shoal-vmm`. A test hands over a job script and the files it
+//! needs; the harness runs the job in the *emulated server* (QEMU under TCG with an AMD CPU
+//! model, so that the Debian cloud kernel inside has a working KVM; see
+//! ../shared/ENVIRONMENT.md) or, on a host whose CPU shows vmx/svm, directly on the host. Either
+//! way it returns the console lines with the time each arrived.
+//!
+//! Jobs report with lines `SHOAL-HWTEST <case> exit=<code>`; `run_case` in `job-lib.sh`
+//! prints them and prefixes each line of a case's output with `[<case>] `.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+/// Where a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Inside QEMU TCG with `-cpu EPYC` (nested SVM emulated), KVM modules loaded by /init.
+    Emulated,
+    /// On this host, which has hardware virtualization and /dev/kvm.
+    Direct,
+}
+
+impl Mode {
+    /// Direct where the CPU shows vmx or svm (unless SHOAL_HWTEST_MODE=emulated), else emulated.
+    pub fn detect() -> Mode {
+        if std::env::var("SHOAL_HWTEST_MODE").as_deref() == Ok("emulated") {
+            return Mode::Emulated;
+        }
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let hw = flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        if hw && Path::new("/dev/kvm").exists() {
+            Mode::Direct
+        } else {
+            Mode::Emulated
+        }
+    }
+}
+
+/// One console line and when it arrived, from the start of the run.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub at: Duration,
+    pub text: String,
+}
+
+/// The console of one run.
+#[derive(Debug)]
+pub struct Run {
+    pub mode: Mode,
+    pub lines: Vec<Line>,
+    pub finished: bool,
+}
+
+/// The outcome of one case of a job.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub exit: Option<i32>,
+    pub output: Vec<String>,
+}
+
+impl Run {
+    /// The case called `name`: its exit line and its prefixed output.
+    pub fn case(&self, name: &str) -> Case {
+        let prefix = format!("[{name}] ");
+        let exit_prefix = format!("SHOAL-HWTEST {name} exit=");
+        let output = self.lines.iter().filter_map(|l| l.text.strip_prefix(&prefix).map(|s| s.trim_end().to_string())).collect();
+        let exit = self.lines.iter().find_map(|l| l.text.strip_prefix(&exit_prefix).and_then(|v| v.trim().parse().ok()));
+        Case { name: name.to_string(), exit, output }
+    }
+
+    pub fn text(&self) -> String {
+        self.lines.iter().map(|l| format!("[{:8.3}] {}", l.at.as_secs_f64(), l.text)).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Case {
+    pub fn has_line(&self, want: &str) -> bool {
+        self.output.iter().any(|l| l == want)
+    }
+    pub fn has(&self, part: &str) -> bool {
+        self.output.iter().any(|l| l.contains(part))
+    }
+}
+
+/// Errors preparing or running a job.
+#[derive(Debug)]
+pub struct HarnessError(pub String);
+
+impl std::fmt::Display for HarnessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HarnessError {}
+
+fn err(msg: impl Into<String>) -> HarnessError {
+    HarnessError(msg.into())
+}
+
+/// The repository root (this crate lives in hardware-tests/).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run_script(script: &Path, args: &[&str]) -> Result<String, HarnessError> {
+    let out = Command::new("bash").arg(script).args(args).stderr(Stdio::inherit()).output().map_err(|e| err(format!("cannot run {}: {e}", script.display())))?;
+    if !out.status.success() {
+        return Err(err(format!("{} failed ({})", script.display(), out.status)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A job: a shell script run as `sh job.sh` in a directory holding `files`.
+#[derive(Debug)]
+pub struct Job {
+    pub script: String,
+    /// (source, name in the job directory)
+    pub files: Vec<(PathBuf, String)>,
+    /// Wall-clock limit for the whole run (QEMU boot included).
+    pub limit: Duration,
+    /// Give the job the caller's terminal (for `make run`); no output is captured.
+    pub interactive: bool,
+}
+
+/// Lines of `hardware-tests/emulated-server/job-lib.sh`, prepended to every job.
+fn job_lib() -> Result<String, HarnessError> {
+    let p = repo_root().join("hardware-tests/emulated-server/job-lib.sh");
+    std::fs::read_to_string(&p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))
+}
+
+fn stage(job: &Job) -> Result<PathBuf, HarnessError> {
+    let dir = std::env::temp_dir().join(format!("shoal-hwtest-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+    let payload = dir.join("payload");
+    std::fs::create_dir_all(&payload).map_err(|e| err(format!("cannot create {}: {e}", payload.display())))?;
+    for (src, name) in &job.files {
+        std::fs::copy(src, payload.join(name)).map_err(|e| err(format!("cannot stage {}: {e}", src.display())))?;
+    }
+    std::fs::write(payload.join("job.sh"), format!("{}\n{}\n", job_lib()?, job.script)).map_err(|e| err(format!("cannot write job.sh: {e}")))?;
+    Ok(dir)
+}
+
+/// Runs `job` where `mode` says and collects its console.
+pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
+    let dir = stage(job)?;
+    let payload = dir.join("payload");
+    let mut cmd = match mode {
+        Mode::Direct => {
+            let mut c = Command::new("sh");
+            c.arg("job.sh").current_dir(&payload);
+            c
+        }
+        Mode::Emulated => {
+            let server = repo_root().join("hardware-tests/emulated-server");
+            let kernel_dir = run_script(&server.join("fetch-kernel.sh"), &[])?;
+            let initrd = dir.join("server.cpio.gz");
+            run_script(&server.join("mkinitramfs.sh"), &[&kernel_dir, payload.to_str().unwrap_or_default(), initrd.to_str().unwrap_or_default()])?;
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "2", "-m", "1536"])
+                .arg("-kernel")
+                .arg(Path::new(&kernel_dir).join("vmlinuz"))
+                .arg("-initrd")
+                .arg(&initrd)
+                .args(["-append", "console=ttyS0 quiet panic=-1", "-nographic", "-no-reboot", "-monitor", "none", "-nodefaults", "-serial", "stdio"]);
+            c
+        }
+    };
+    if job.interactive {
+        let status = cmd.status().map_err(|e| err(format!("cannot start the job: {e}")))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(Run { mode, lines: vec![], finished: status.success() });
+    }
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| err(format!("cannot start the job: {e}")))?;
+    let start = Instant::now();
+    let (tx, rx) = channel();
+    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).split(b'\n') {
+                let Ok(line) = line else { break };
+                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                if tx.send(Line { at: start.elapsed(), text }).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut lines = Vec::new();
+    let deadline = start + job.limit;
+    let mut finished = false;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(line) => lines.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                finished = true;
+                break;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Run { mode, lines, finished })
+}

@@ -1,0 +1,85 @@
+//! Full Linux under shoal-vmm: the project's guest kernel, as vmlinux (PVH entry) and as bzImage
+//! (64-bit entry), on 1 and 2 vCPUs, boots the busybox initramfs to /init, which prints a
+//! marker, `nproc` and /proc/cmdline, then reboots: shoal-vmm exits 0 each time. A guest that
+//! triple-faults or panics makes shoal-vmm exit 2. All cases run in one emulated-server boot
+//! (or directly on a VMX/SVM host).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use shoal_hardware_tests::{repo_root, run, Job, Mode, Run};
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 shoal.test=1";
+
+fn vmm_binary() -> PathBuf {
+    let p = std::env::var_os("SHOAL_VMM").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/x86_64-unknown-linux-gnu/release/shoal-vmm"));
+    assert!(p.exists(), "{} is missing: run `make test` (it builds shoal-vmm first)", p.display());
+    p
+}
+
+fn guest(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SHOAL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"));
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `make guest-kernel`", p.display());
+    p
+}
+
+fn boot_job() -> Job {
+    let mut script = String::new();
+    for (kernel, vcpus) in [("vmlinux", 1), ("vmlinux", 2), ("bzImage", 1), ("bzImage", 2)] {
+        script.push_str(&format!(
+            "run_case {kernel}-{vcpus} ./shoal-boot-timer SHOAL-GUEST-INIT -- ./shoal-vmm --kernel {kernel} --initrd initramfs.cpio --cmdline '{CMDLINE}' --vcpus {vcpus}\n"
+        ));
+    }
+    script.push_str("run_case triple-fault ./shoal-vmm --kernel fault.elf\n");
+    script.push_str("run_case panic ./shoal-boot-timer SHOAL-GUEST-INIT -- ./shoal-vmm --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0 reboot=k panic=1 rdinit=/no-such-init'\n");
+    Job {
+        script,
+        files: vec![
+            (vmm_binary(), "shoal-vmm".into()),
+            (PathBuf::from(env!("CARGO_BIN_EXE_shoal-boot-timer")), "shoal-boot-timer".into()),
+            (guest("vmlinux"), "vmlinux".into()),
+            (guest("bzImage"), "bzImage".into()),
+            (guest("initramfs.cpio"), "initramfs.cpio".into()),
+            (Path::new(shoal_probe_guest::FAULT).to_path_buf(), "fault.elf".into()),
+        ],
+        limit: Duration::from_secs(20 * 60),
+        interactive: false,
+    }
+}
+
+fn check(run: &Run) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (kernel, vcpus) in [("vmlinux", 1), ("vmlinux", 2), ("bzImage", 1), ("bzImage", 2)] {
+        let name = format!("{kernel}-{vcpus}");
+        let c = run.case(&name);
+        let mut want = vec!["SHOAL-GUEST-INIT ok".to_string(), format!("nproc: {vcpus}"), format!("cmdline: {CMDLINE}"), "boot_timer exit=0".to_string()];
+        want.retain(|w| !(c.has_line(w) || (w.starts_with("boot_timer") && c.has(w))));
+        if c.exit.is_none() || !want.is_empty() {
+            failures.push(format!("{name}: missing {want:?} (case exit {:?})", c.exit));
+        }
+    }
+    let fault = run.case("triple-fault");
+    if fault.exit != Some(2) || !fault.has("shoal-vmm: guest triple fault") {
+        failures.push(format!("triple-fault: exit {:?}, output {:?}", fault.exit, fault.output));
+    }
+    let panic = run.case("panic");
+    if !panic.has("boot_timer exit=2") || !panic.has("shoal-vmm: guest kernel panicked") {
+        failures.push(format!("panic: output {:?}", panic.output.iter().rev().take(5).collect::<Vec<_>>()));
+    }
+    failures
+}
+
+#[test]
+fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
+    let mode = Mode::detect();
+    let run = run(&boot_job(), mode).expect("run the job");
+    let failures = check(&run);
+    for name in ["vmlinux-1", "vmlinux-2", "bzImage-1", "bzImage-2", "panic"] {
+        if let Some(ms) = run.case(name).output.iter().find_map(|l| l.strip_prefix("boot_timer marker_ms=").map(str::to_string)) {
+            println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
+        }
+    }
+    assert!(run.finished, "the job did not finish in time; console:\n{}", run.text());
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}\n\nconsole ({mode:?}):\n{}", failures.len(), failures.join("\n"), run.text());
+}
