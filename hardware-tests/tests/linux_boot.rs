@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use shoal_hardware_tests::{repo_root, run, Job, Mode, Run};
 
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 shoal.test=1";
+const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 shoal.test=1";
 
 fn vmm_binary() -> PathBuf {
     let p = std::env::var_os("SHOAL_VMM").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/x86_64-unknown-linux-gnu/release/shoal-vmm"));

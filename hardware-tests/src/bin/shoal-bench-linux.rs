@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         eprintln!("shoal-bench-linux: shoal-boot-timer not found beside this binary");
         return ExitCode::from(1);
     };
-    let cmdline = "console=ttyS0 reboot=k panic=1 shoal.test=1";
+    let cmdline = "console=ttyS0 quiet reboot=k panic=1 shoal.test=1";
     let script = format!(
         "i=0; while [ $i -lt {runs} ]; do i=$((i+1)); run_case boot-$i ./shoal-boot-timer SHOAL-GUEST-INIT -- ./shoal-vmm --kernel vmlinux --initrd initramfs.cpio --cmdline '{cmdline}'; done"
     );

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let interactive = std::io::stdin().is_terminal();
-    let mut cmdline = String::from("console=ttyS0 reboot=k panic=1");
+    let mut cmdline = String::from("console=ttyS0 quiet reboot=k panic=1");
     if !interactive {
         cmdline.push_str(" shoal.test=1");
     }

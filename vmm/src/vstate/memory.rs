@@ -1,5 +1,8 @@
 //! Guest memory: anonymous, lazily populated mappings, each with an inaccessible guard page on
 //! both sides so that a VMM bug that runs off a region faults instead of touching other data.
+//! Regions start 2 MiB-aligned and ask for transparent huge pages: KVM can then map the guest
+//! with 2 MiB pages, and a guest touching its memory takes one nested page fault per 2 MiB
+//! instead of one per 4 KiB (that difference is large when KVM itself runs nested).
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -25,11 +28,15 @@ fn page_size() -> usize {
     usize::try_from(v).unwrap_or(4096)
 }
 
-/// Maps `size` bytes with one PROT_NONE guard page before and after. The mapping lives as long
-/// as the process (the microVM), so it is deliberately never unmapped.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps `size` bytes at a 2 MiB-aligned address with at least one PROT_NONE guard page before
+/// and after. The mapping lives as long as the process (the microVM), so it is deliberately
+/// never unmapped.
 fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
     let page = page_size();
-    let total = size.checked_add(2 * page).ok_or(MemoryError::TooLarge((size >> 20) as u64))?;
+    // Room to slide the region up to the next 2 MiB boundary while keeping a guard page below.
+    let total = size.checked_add(HUGE_PAGE + 2 * page).ok_or(MemoryError::TooLarge((size >> 20) as u64))?;
     // SAFETY: a fresh anonymous reservation; no existing mapping is affected.
     let base = unsafe {
         libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
@@ -37,11 +44,14 @@ fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
     if base == libc::MAP_FAILED {
         return Err(MemoryError::Mmap { size: size as u64, source: std::io::Error::last_os_error() });
     }
-    // SAFETY: `base + page` lies inside the reservation just made, and MAP_FIXED replaces only
-    // the middle of that reservation, which nobody else knows about.
+    let start = (base as usize + page).next_multiple_of(HUGE_PAGE);
+    let offset = start - base as usize;
+    // SAFETY: `base + offset` lies inside the reservation just made (offset <= 2 MiB + page and
+    // offset + size + page <= total), and MAP_FIXED replaces only part of that reservation,
+    // which nobody else knows about; a guard page stays on each side.
     let mem = unsafe {
         libc::mmap(
-            base.cast::<u8>().add(page).cast(),
+            base.cast::<u8>().add(offset).cast(),
             size,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
@@ -55,6 +65,8 @@ fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
         unsafe { libc::munmap(base, total) };
         return Err(MemoryError::Mmap { size: size as u64, source: err });
     }
+    // SAFETY: advice on the mapping just made; failure (THP disabled) only loses the speed-up.
+    unsafe { libc::madvise(mem, size, libc::MADV_HUGEPAGE) };
     Ok(mem.cast())
 }
 
@@ -85,7 +97,16 @@ pub fn guest_end(mem: &GuestMemoryMmap) -> GuestAddress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn regions_start_on_2_mib_boundaries() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        for region in mem.iter() {
+            let host = mem.get_host_address(region.start_addr()).unwrap() as usize;
+            assert_eq!(host % HUGE_PAGE, 0);
+        }
+    }
 
     #[test]
     fn memory_is_usable_and_split_at_the_gap() {
