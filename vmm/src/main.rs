@@ -37,7 +37,7 @@ struct Cli {
     #[arg(long, value_name = "M", default_value_t = shoal_vmm::api::config::DEFAULT_MEM_MIB)]
     mem_mib: u64,
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags).
-    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd"])]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib"])]
     config: Option<PathBuf>,
     /// When the VM ends, print run statistics (peak RSS, resident guest memory, vCPU exits) as
     /// one JSON line on stderr.

@@ -155,3 +155,11 @@ fn unknown_flag_and_bad_number() {
     refused(&["--kernel", "k", "--vcpu", "2"], "unexpected argument '--vcpu'");
     refused(&["--kernel", "k", "--vcpus", "two"], "invalid value 'two' for '--vcpus <N>'");
 }
+
+#[test]
+fn config_file_with_flags_is_refused_rather_than_half_applied() {
+    let s = Scratch::new("cfg3");
+    let kernel = probe("boot").to_str().unwrap().to_string();
+    let cfg = s.file("vm.json", serde_json::json!({"kernel": kernel}).to_string().as_bytes());
+    refused(&["--config", &cfg, "--vcpus", "4"], "the argument '--config <FILE.json>' cannot be used with '--vcpus <N>'");
+}
