@@ -39,7 +39,7 @@ run-probes: probes
 test: probes guest-kernel
 	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux
 	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) SHOAL_VMM=$(CURDIR)/$(VMM) \
-	  $(CARGO) test --workspace --locked --release
+	  ci/test-summary.sh $(CARGO) test --workspace --locked --release --no-fail-fast
 
 bench-boot: probes guest-kernel
 	@ci/bench-boot.sh $(VMM) $(PROBE_DIR)/boot.elf $(GUEST_DIR)
