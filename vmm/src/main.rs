@@ -22,7 +22,7 @@ process's stdout; when stdin is a terminal it is put in raw mode and forwarded t
 #[command(name = "shoal-vmm", version, about, after_help = AFTER_HELP)]
 struct Cli {
     /// Guest kernel: ELF vmlinux (PVH entry used when the ELF has the note) or bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "api_sock"])]
     kernel: Option<PathBuf>,
     /// Initial RAM disk loaded high in guest memory.
     #[arg(long, value_name = "PATH")]
@@ -39,6 +39,11 @@ struct Cli {
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags).
     #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib"])]
     config: Option<PathBuf>,
+    /// Serve the Firecracker-compatible control API on this Unix socket and wait for
+    /// PUT /machine-config, PUT /boot-source and PUT /actions {"action_type": "InstanceStart"}
+    /// (instead of the VM flags). The socket must not exist; it is removed at exit.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config"])]
+    api_sock: Option<PathBuf>,
     /// When the VM ends, print run statistics (peak RSS, resident guest memory, vCPU exits) as
     /// one JSON line on stderr.
     #[arg(long)]
@@ -48,18 +53,30 @@ struct Cli {
     log_level: tracing::Level,
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
+use shoal_vmm::api::error_chain;
+
+/// Serves the API until an InstanceStart builds a microVM; a failed start is answered with its
+/// error and the API keeps waiting. The API thread keeps serving after the start.
+fn start_from_api(sock: &std::path::Path) -> Result<shoal_vmm::builder::MicroVm, String> {
+    use shoal_vmm::api::server;
+    let listener = server::bind(sock).map_err(|e| error_chain(&e))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    server::spawn(listener, tx).map_err(|e| error_chain(&e))?;
+    loop {
+        let Ok(req) = rx.recv() else { return Err("the API thread stopped".into()) };
+        match builder::build_microvm(&req.config, Box::new(std::io::stdout())) {
+            Ok(vm) => {
+                let (written_tx, written_rx) = std::sync::mpsc::channel();
+                if req.reply.send(Ok(written_tx)).is_ok() {
+                    let _ = written_rx.recv_timeout(std::time::Duration::from_secs(2));
+                }
+                return Ok(vm);
+            }
+            Err(e) => {
+                let _ = req.reply.send(Err(error_chain(&e)));
+            }
         }
-        cause = c.source();
     }
-    s
 }
 
 /// Prints one line on stderr; a closed stderr must not turn an error into a panic.
@@ -86,25 +103,31 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(cli.log_level).with_target(false).init();
 
-    let config = match &cli.config {
-        Some(path) => match VmConfig::from_file(path) {
-            Ok(c) => c,
-            Err(e) => return fail(error_chain(&e)),
+    let vm = match &cli.api_sock {
+        Some(sock) => match start_from_api(sock) {
+            Ok(vm) => vm,
+            Err(e) => return fail(e),
         },
-        None => VmConfig {
-            // clap guarantees --kernel when --config is absent.
-            kernel: cli.kernel.clone().unwrap_or_default(),
-            initrd: cli.initrd.clone(),
-            cmdline: cli.cmdline.clone(),
-            vcpus: cli.vcpus,
-            mem_mib: cli.mem_mib,
-        },
-    };
-
-    let stdout = Box::new(std::io::stdout());
-    let vm = match builder::build_microvm(&config, stdout) {
-        Ok(vm) => vm,
-        Err(e) => return fail(error_chain(&e)),
+        None => {
+            let config = match &cli.config {
+                Some(path) => match VmConfig::from_file(path) {
+                    Ok(c) => c,
+                    Err(e) => return fail(error_chain(&e)),
+                },
+                None => VmConfig {
+                    // clap guarantees --kernel when neither --config nor --api-sock is given.
+                    kernel: cli.kernel.clone().unwrap_or_default(),
+                    initrd: cli.initrd.clone(),
+                    cmdline: cli.cmdline.clone(),
+                    vcpus: cli.vcpus,
+                    mem_mib: cli.mem_mib,
+                },
+            };
+            match builder::build_microvm(&config, Box::new(std::io::stdout())) {
+                Ok(vm) => vm,
+                Err(e) => return fail(error_chain(&e)),
+            }
+        }
     };
 
     let stdin = std::io::stdin();
@@ -126,6 +149,9 @@ fn main() -> ExitCode {
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "{line}");
         }
+    }
+    if let Some(sock) = &cli.api_sock {
+        let _ = std::fs::remove_file(sock);
     }
     match result {
         Ok(why) if why.is_clean() => ExitCode::from(EXIT_OK as u8),

@@ -1,0 +1,137 @@
+//! The API server: one thread that accepts connections on the Unix socket, parses requests with
+//! `http`, answers them from `routes::ApiState`, and hands an InstanceStart to the VMM thread
+//! (which owns the microVM) over a channel. Each connection gets a thread (at most
+//! MAX_CONNECTIONS at once), so an idle or stalled client holds up nobody; a client that stalls
+//! mid-request is dropped after a read timeout.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::http::{self, Response};
+use super::routes::{ApiState, InstanceState, Outcome};
+use super::VmConfig;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("API socket {0} already exists (remove it, or pick another path)")]
+    SocketExists(String),
+    #[error("cannot listen on API socket {path}")]
+    Bind { path: String, #[source] source: std::io::Error },
+    #[error("cannot start the API thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// The VMM thread's answer to a start: Ok carries a sender the API thread signals once the
+/// 204 is on the wire, so that a guest which ends at once cannot end the process first.
+pub type StartReply = Result<Sender<()>, String>;
+
+/// A request to build and start a microVM.
+#[derive(Debug)]
+pub struct StartRequest {
+    pub config: VmConfig,
+    pub reply: Sender<StartReply>,
+}
+
+/// Listens on `path`, which must not exist yet.
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    if path.exists() {
+        return Err(ApiError::SocketExists(path.display().to_string()));
+    }
+    UnixListener::bind(path).map_err(|source| ApiError::Bind { path: path.display().to_string(), source })
+}
+
+/// Serves the API on its own thread.
+pub fn spawn(listener: UnixListener, starts: Sender<StartRequest>) -> Result<std::thread::JoinHandle<()>, ApiError> {
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let state = Arc::new(Mutex::new(ApiState::default()));
+            let open = Arc::new(AtomicUsize::new(0));
+            for conn in listener.incoming() {
+                let mut stream = match conn {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "api accept failed");
+                        continue;
+                    }
+                };
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    let _ = stream.write_all(&Response::fault(503, "Too many API connections.").to_bytes());
+                    continue;
+                }
+                let (state, starts, open2) = (state.clone(), starts.clone(), open.clone());
+                let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                    serve_connection(stream, &state, &starts);
+                    open2.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .map_err(ApiError::Thread)
+}
+
+fn start(state: &mut ApiState, config: VmConfig, starts: &Sender<StartRequest>) -> (Response, Option<Sender<()>>) {
+    let (tx, rx) = channel();
+    if starts.send(StartRequest { config, reply: tx }).is_err() {
+        return (Response::fault(500, "The VMM is not accepting a start."), None);
+    }
+    match rx.recv() {
+        Ok(Ok(written)) => {
+            state.state = InstanceState::Running;
+            (Response::no_content(), Some(written))
+        }
+        Ok(Err(message)) => (Response::fault(400, message), None),
+        Err(_) => (Response::fault(500, "The VMM stopped before answering."), None),
+    }
+}
+
+fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Sender<StartRequest>) {
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match http::parse(&buf) {
+            Ok(Some((req, used))) => {
+                buf.drain(..used);
+                // The lock is held through a start, so no request sees a half-started VM.
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                let (response, written) = match st.handle(&req) {
+                    Outcome::Reply(r) => (r, None),
+                    Outcome::Start(config) => start(&mut st, config, starts),
+                };
+                drop(st);
+                tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");
+                let ok = stream.write_all(&response.to_bytes()).is_ok();
+                if let Some(written) = written {
+                    let _ = written.send(());
+                }
+                if !ok || req.close {
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = stream.write_all(&Response::fault(e.status(), &e).to_bytes());
+                return;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return, // closed, or stalled past the timeout: drop the client
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
