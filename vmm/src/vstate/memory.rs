@@ -46,9 +46,8 @@ fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
     }
     let start = (base as usize + page).next_multiple_of(HUGE_PAGE);
     let offset = start - base as usize;
-    // SAFETY: `base + offset` lies inside the reservation just made (offset <= 2 MiB + page and
-    // offset + size + page <= total), and MAP_FIXED replaces only part of that reservation,
-    // which nobody else knows about; a guard page stays on each side.
+    // Offset <= 2 MiB + page and offset + size + page <= total: a guard page stays on each side.
+    // SAFETY: MAP_FIXED replaces only part of the reservation just made, known to nobody else.
     let mem = unsafe {
         libc::mmap(
             base.cast::<u8>().add(offset).cast(),
