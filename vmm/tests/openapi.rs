@@ -1,0 +1,111 @@
+//! The OpenAPI document (vmm/api/openapi.json) and the server agree: every documented operation
+//! is answered with a documented status and a body matching its schema, every example request
+//! body is accepted as documented, and Firecracker operations the document leaves out are
+//! refused as unknown, so the document cannot claim more or less than the server does.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use serde_json::Value;
+use shoal_vmm::api::http::Request;
+use shoal_vmm::api::routes::{ApiState, BootSource, Outcome};
+
+const DOC: &str = include_str!("../api/openapi.json");
+
+fn doc() -> Value {
+    serde_json::from_str(DOC).unwrap()
+}
+
+fn schema<'a>(doc: &'a Value, reference: &str) -> &'a Value {
+    let name = reference.strip_prefix("#/components/schemas/").unwrap();
+    &doc["components"]["schemas"][name]
+}
+
+/// Checks `value` against an object schema: required fields present, no others, enums kept.
+fn conforms(schema: &Value, value: &Value) -> Result<(), String> {
+    let obj = value.as_object().ok_or("not an object")?;
+    for r in schema["required"].as_array().unwrap() {
+        if !obj.contains_key(r.as_str().unwrap()) {
+            return Err(format!("missing required {r}"));
+        }
+    }
+    let props = schema["properties"].as_object().unwrap();
+    for (k, v) in obj {
+        let p = props.get(k).ok_or(format!("undocumented field {k}"))?;
+        if let Some(allowed) = p["enum"].as_array() {
+            if !allowed.contains(v) {
+                return Err(format!("{k}={v} not in {allowed:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ready_state() -> ApiState {
+    ApiState { boot: Some(BootSource { kernel_image_path: "/k".into(), boot_args: None, initrd_path: None }), ..ApiState::default() }
+}
+
+#[test]
+fn every_documented_operation_is_served_as_documented() {
+    let doc = doc();
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            operations += 1;
+            let body = op["requestBody"]["content"]["application/json"]["example"].to_string();
+            let body = if op.get("requestBody").is_some() { body } else { String::new() };
+            let req = Request { method: method.to_uppercase(), path: path.clone(), body: body.into_bytes(), close: false };
+            let response = match ready_state().handle(&req) {
+                Outcome::Reply(r) => r,
+                Outcome::Start(_) => panic!("the examples do not start the VM"),
+            };
+            let documented = &op["responses"][response.status.to_string()];
+            assert!(documented.is_object(), "{method} {path}: status {} is not documented ({:?})", response.status, response.body);
+            assert!(response.status < 400, "{method} {path}: its example is refused: {:?}", response.body);
+            if let Some(reference) = documented["content"]["application/json"]["schema"]["$ref"].as_str() {
+                let value: Value = serde_json::from_str(response.body.as_deref().unwrap()).unwrap();
+                conforms(schema(&doc, reference), &value).unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            }
+            if let Some(reference) = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].as_str() {
+                let example = &op["requestBody"]["content"]["application/json"]["example"];
+                conforms(schema(&doc, reference), example).unwrap_or_else(|e| panic!("{method} {path} example: {e}"));
+            }
+        }
+    }
+    assert_eq!(operations, 5, "GET /, GET+PUT /machine-config, PUT /boot-source, PUT /actions");
+}
+
+#[test]
+fn errors_have_the_documented_shape() {
+    let doc = doc();
+    let req = Request { method: "PUT".into(), path: "/machine-config".into(), body: b"{}".to_vec(), close: false };
+    let Outcome::Reply(r) = ApiState::default().handle(&req) else { panic!() };
+    assert_eq!(r.status, 400);
+    let value: Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+    conforms(schema(&doc, "#/components/schemas/Error"), &value).unwrap();
+}
+
+#[test]
+fn undocumented_firecracker_operations_are_refused_as_unknown() {
+    let doc = doc();
+    let candidates = [
+        ("PATCH", "/vm"),
+        ("PUT", "/snapshot/create"),
+        ("PUT", "/snapshot/load"),
+        ("PUT", "/drives/rootfs"),
+        ("PUT", "/network-interfaces/eth0"),
+        ("PUT", "/vsock"),
+        ("PUT", "/logger"),
+        ("PUT", "/metrics"),
+        ("PATCH", "/machine-config"),
+        ("GET", "/boot-source"),
+        ("GET", "/vm/config"),
+        ("PUT", "/mmds"),
+    ];
+    for (method, path) in candidates {
+        let documented = doc["paths"][path][method.to_lowercase()].is_object();
+        let req = Request { method: method.into(), path: path.into(), body: b"{}".to_vec(), close: false };
+        let Outcome::Reply(r) = ready_state().handle(&req) else { panic!() };
+        let unknown = r.status == 400 && r.body.as_deref().unwrap_or("").contains("Invalid request method and/or path");
+        assert_eq!(documented, !unknown, "{method} {path}: documented={documented}, server says {:?}", r.body);
+    }
+}
