@@ -57,23 +57,33 @@ use shoal_vmm::api::error_chain;
 
 /// Serves the API until an InstanceStart builds a microVM; a failed start is answered with its
 /// error and the API keeps waiting. The API thread keeps serving after the start.
-fn start_from_api(sock: &std::path::Path) -> Result<shoal_vmm::builder::MicroVm, String> {
-    use shoal_vmm::api::server;
+fn start_from_api(sock: &std::path::Path) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
+    use shoal_vmm::api::server::{self, ApiRequest, VmmLink};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let listener = server::bind(sock).map_err(|e| error_chain(&e))?;
     let (tx, rx) = std::sync::mpsc::channel();
-    server::spawn(listener, tx).map_err(|e| error_chain(&e))?;
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("cannot create an eventfd: {e}"))?;
+    let link_wake = wake.try_clone().map_err(|e| format!("cannot create an eventfd: {e}"))?;
+    server::spawn(listener, VmmLink { tx, wake: link_wake }).map_err(|e| error_chain(&e))?;
     loop {
-        let Ok(req) = rx.recv() else { return Err("the API thread stopped".into()) };
-        match builder::build_microvm(&req.config, Box::new(std::io::stdout())) {
+        let Ok(request) = rx.recv() else { return Err("the API thread stopped".into()) };
+        let (config, reply) = match request {
+            ApiRequest::Start { config, reply } => (config, reply),
+            ApiRequest::SetPaused { reply, .. } => {
+                let _ = reply.send(Err("The microVM is not running.".into()));
+                continue;
+            }
+        };
+        match builder::build_microvm(&config, Box::new(std::io::stdout())) {
             Ok(vm) => {
                 let (written_tx, written_rx) = std::sync::mpsc::channel();
-                if req.reply.send(Ok(written_tx)).is_ok() {
+                if reply.send(Ok(written_tx)).is_ok() {
                     let _ = written_rx.recv_timeout(std::time::Duration::from_secs(2));
                 }
-                return Ok(vm);
+                return Ok((vm, runner::Control { requests: rx, wake }));
             }
             Err(e) => {
-                let _ = req.reply.send(Err(error_chain(&e)));
+                let _ = reply.send(Err(error_chain(&e)));
             }
         }
     }
@@ -103,9 +113,13 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(cli.log_level).with_target(false).init();
 
+    let mut control = None;
     let vm = match &cli.api_sock {
         Some(sock) => match start_from_api(sock) {
-            Ok(vm) => vm,
+            Ok((vm, c)) => {
+                control = Some(c);
+                vm
+            }
             Err(e) => return fail(e),
         },
         None => {
@@ -139,7 +153,7 @@ fn main() -> ExitCode {
     }
     let mem = vm.mem.clone();
     let counters: Vec<_> = vm.vcpus.iter().map(|v| v.counters.clone()).collect();
-    let result = runner::run(vm, interactive);
+    let result = runner::run(vm, interactive, control);
     if interactive {
         let _ = stdin.lock().set_canon_mode();
     }

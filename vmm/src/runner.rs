@@ -1,20 +1,90 @@
 //! Runs a built microVM: starts the vCPU threads and drives the VMM's event loop on the calling
-//! thread until the guest stops. The loop owns two event sources: the stop signals (i8042
-//! reset, a vCPU that stopped) and, when it is a terminal, stdin forwarded to the serial port.
+//! thread until the guest stops. The loop owns its event sources: the stop signals (i8042
+//! reset, a vCPU that stopped), stdin forwarded to the serial port when it is a terminal, and
+//! the control API's requests (pause, resume) when an API serves this VM.
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use vmm_sys_util::signal::Killable;
+
+use crate::api::server::ApiRequest;
 use crate::builder::MicroVm;
 use crate::devices::legacy::SerialConsole;
-use crate::vstate::vcpu::{VcpuError, VcpuStop};
+use crate::vstate::vcpu::{register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuStop};
+
+/// How long a vCPU may take to acknowledge a pause or resume.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The control API's side of a running VM: its requests and the eventfd that announces them.
+#[derive(Debug)]
+pub struct Control {
+    pub requests: Receiver<ApiRequest>,
+    pub wake: EventFd,
+}
+
+/// A running vCPU thread and its command channel.
+struct VcpuHandle {
+    thread: std::thread::JoinHandle<()>,
+    commands: Sender<VcpuCommand>,
+}
+
+/// Sends a command to every vCPU, kicks each out of KVM_RUN, and waits for every ack.
+fn command_all(vcpus: &[VcpuHandle], make: fn(Sender<u8>) -> VcpuCommand) -> Result<(), String> {
+    let (ack, acks) = channel();
+    for (index, v) in vcpus.iter().enumerate() {
+        if v.commands.send(make(ack.clone())).is_err() {
+            return Err(format!("vCPU {index} is not running"));
+        }
+        if let Err(e) = v.thread.kill(vcpu_kick_signal()) {
+            return Err(format!("cannot signal vCPU {index}: {e}"));
+        }
+    }
+    for _ in vcpus {
+        acks.recv_timeout(VCPU_ACK_TIMEOUT).map_err(|_| "a vCPU did not answer in time".to_string())?;
+    }
+    Ok(())
+}
+
+/// Serves the control API's requests on the VMM thread.
+struct ControlHandler {
+    control: Control,
+    vcpus: Vec<VcpuHandle>,
+}
+
+impl MutEventSubscriber for ControlHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.control.wake, EventSet::IN)) {
+            tracing::error!(error = ?e, "cannot watch the control API");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.control.wake.read();
+        while let Ok(request) = self.control.requests.try_recv() {
+            match request {
+                ApiRequest::SetPaused { paused, reply } => {
+                    let make: fn(Sender<u8>) -> VcpuCommand =
+                        if paused { |ack| VcpuCommand::Pause { ack } } else { |ack| VcpuCommand::Resume { ack } };
+                    let result = command_all(&self.vcpus, make);
+                    tracing::info!(paused, ok = result.is_ok(), "vm state change");
+                    let _ = reply.send(result);
+                }
+                ApiRequest::Start { reply, .. } => {
+                    let _ = reply.send(Err("The microVM is already running.".into()));
+                }
+            }
+        }
+    }
+}
 
 /// Errors while running.
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +161,8 @@ impl MutEventSubscriber for StdinForwarder {
 }
 
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
-/// the guest's serial port.
-pub fn run(vm: MicroVm, forward_stdin: bool) -> Result<VcpuStop, RunError> {
+/// the guest's serial port; `control` connects the control API.
+pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>) -> Result<VcpuStop, RunError> {
     let MicroVm { vm: _vm, mem: _mem, vcpus, serial, reset_evt, guest_panicked, .. } = vm;
     let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(RunError::EventLoop)?;
     let (tx, rx) = channel();
@@ -102,11 +172,21 @@ pub fn run(vm: MicroVm, forward_stdin: bool) -> Result<VcpuStop, RunError> {
     if forward_stdin {
         em.add_subscriber(Box::new(StdinForwarder { serial, stdin: std::io::stdin() }));
     }
+    register_kick_handler()?;
+    let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
-        // The threads are detached: the process ends when the VM stops, vCPUs included.
-        vcpu.start(tx.clone(), wake.try_clone().map_err(RunError::EventFd)?)?;
+        let (commands, command_rx) = channel();
+        // The threads are not joined: the process ends when the VM stops, vCPUs included.
+        let thread = vcpu.start(tx.clone(), wake.try_clone().map_err(RunError::EventFd)?, command_rx)?;
+        handles.push(VcpuHandle { thread, commands });
     }
     drop(tx);
+    match control {
+        Some(control) => {
+            em.add_subscriber(Box::new(ControlHandler { control, vcpus: handles }));
+        }
+        None => drop(handles),
+    }
     loop {
         em.run().map_err(RunError::EventLoop)?;
         if let Some(why) = outcome.borrow_mut().take() {

@@ -171,3 +171,75 @@ fn an_existing_socket_path_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
 }
+
+/// Lines of the VM's stdout, as they arrive.
+fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn count_of(line: &str) -> Option<u64> {
+    line.strip_prefix("count=").and_then(|v| v.parse().ok())
+}
+
+/// Waits for a `count=N` line with N >= `at_least`; returns N.
+fn wait_count(lines: &std::sync::mpsc::Receiver<String>, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
+            if let Some(n) = count_of(&line).filter(|n| *n >= at_least) {
+                return n;
+            }
+        }
+    }
+    panic!("no count >= {at_least} within 30 s");
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = Vmm::start("pause");
+    let lines = stdout_lines(&mut vm.child);
+    let mut s = vm.connect();
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display());
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+    // Two vCPUs: the second never gets a SIPI from this probe and must still acknowledge.
+    assert_eq!(call(&mut s, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64}"#).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    assert!(call(&mut s, "GET", "/", "").1.contains("\"state\":\"Running\""));
+    wait_count(&lines, 2);
+
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Paused"}"#), (204, String::new()));
+    assert!(call(&mut s, "GET", "/", "").1.contains("\"state\":\"Paused\""));
+    // Whatever was printed before the pause took effect drains; then nothing may arrive.
+    let mut last = 0;
+    while let Ok(line) = lines.recv_timeout(Duration::from_millis(300)) {
+        last = count_of(&line).unwrap_or(last);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let during: Vec<String> = lines.try_iter().collect();
+    assert!(during.is_empty(), "the paused guest printed {during:?}");
+
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Resumed"}"#), (204, String::new()));
+    assert!(call(&mut s, "GET", "/", "").1.contains("\"state\":\"Running\""));
+    let next = wait_count(&lines, last + 1);
+    assert!(next > last);
+    // Pausing twice or resuming a running VM is harmless.
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0, 204);
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0, 204);
+    wait_count(&lines, next + 1);
+}

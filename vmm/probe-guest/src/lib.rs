@@ -18,8 +18,11 @@ pub const FAULT: &str = env!("SHOAL_PROBE_FAULT");
 /// Prints Linux's panic line, then resets (as a guest with `panic=1` does).
 pub const PANIC: &str = env!("SHOAL_PROBE_PANIC");
 
+/// Prints `count=N` every 10 PIT ticks (100 Hz), forever.
+pub const COUNTER: &str = env!("SHOAL_PROBE_COUNTER");
+
 /// Every probe by name.
-pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC)];
+pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC), ("counter", COUNTER)];
 
 /// The path of a probe by name.
 pub fn path(name: &str) -> Option<&'static Path> {

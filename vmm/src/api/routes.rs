@@ -46,6 +46,19 @@ pub struct InstanceAction {
     pub action_type: ActionType,
 }
 
+/// `PATCH /vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateRequest {
+    pub state: VmStateName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum VmStateName {
+    Paused,
+    Resumed,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum ActionType {
     InstanceStart,
@@ -58,6 +71,7 @@ pub enum ActionType {
 pub enum InstanceState {
     NotStarted,
     Running,
+    Paused,
 }
 
 impl InstanceState {
@@ -65,6 +79,7 @@ impl InstanceState {
         match self {
             InstanceState::NotStarted => "Not started",
             InstanceState::Running => "Running",
+            InstanceState::Paused => "Paused",
         }
     }
 }
@@ -92,6 +107,8 @@ pub enum Outcome {
     /// Ask the VMM thread to build and start this configuration; reply 204 if it does, else
     /// 400 with its error.
     Start(VmConfig),
+    /// Ask the VMM thread to pause (true) or resume (false) the running microVM.
+    SetPaused(bool),
 }
 
 fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response> {
@@ -163,6 +180,12 @@ impl ApiState {
                 }
                 Err(r) => r,
             },
+            ("PATCH", "/vm") => match parse_body::<VmStateRequest>(req) {
+                Ok(_) if !started => Response::fault(400, "The microVM is not running."),
+                Ok(VmStateRequest { state: VmStateName::Paused }) => return Outcome::SetPaused(true),
+                Ok(VmStateRequest { state: VmStateName::Resumed }) => return Outcome::SetPaused(false),
+                Err(r) => r,
+            },
             (_, "/" | "/machine-config" | "/boot-source" | "/actions") => {
                 Response::fault(400, format!("Invalid request method and/or path: {} {}.", req.method, req.path))
             }
@@ -183,7 +206,7 @@ mod tests {
     fn reply(state: &mut ApiState, method: &str, path: &str, body: &str) -> Response {
         match state.handle(&req(method, path, body)) {
             Outcome::Reply(r) => r,
-            Outcome::Start(c) => panic!("unexpected start with {c:?}"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
@@ -247,5 +270,15 @@ mod tests {
         let r = reply(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
         assert_eq!(r.status, 400);
         assert!(reply(&mut s, "GET", "/", "").body.unwrap().contains("\"state\":\"Running\""));
+        assert_eq!(s.handle(&req("PATCH", "/vm", r#"{"state": "Paused"}"#)), Outcome::SetPaused(true));
+        assert_eq!(s.handle(&req("PATCH", "/vm", r#"{"state": "Resumed"}"#)), Outcome::SetPaused(false));
+        assert_eq!(reply(&mut s, "PATCH", "/vm", r#"{"state": "Frozen"}"#).status, 400);
+    }
+
+    #[test]
+    fn pause_before_start_is_refused() {
+        let mut s = ApiState::default();
+        let r = reply(&mut s, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+        assert_eq!((r.status, fault(&r).as_str()), (400, "The microVM is not running."));
     }
 }

@@ -35,11 +35,29 @@ pub enum ApiError {
 /// 204 is on the wire, so that a guest which ends at once cannot end the process first.
 pub type StartReply = Result<Sender<()>, String>;
 
-/// A request to build and start a microVM.
+/// What the API asks of the VMM thread.
 #[derive(Debug)]
-pub struct StartRequest {
-    pub config: VmConfig,
-    pub reply: Sender<StartReply>,
+pub enum ApiRequest {
+    /// Build and start a microVM.
+    Start { config: VmConfig, reply: Sender<StartReply> },
+    /// Pause (true) or resume (false) the running microVM.
+    SetPaused { paused: bool, reply: Sender<Result<(), String>> },
+}
+
+/// The API thread's line to the VMM thread: requests, and an eventfd that wakes the VMM's
+/// event loop when one is queued.
+#[derive(Debug)]
+pub struct VmmLink {
+    pub tx: Sender<ApiRequest>,
+    pub wake: vmm_sys_util::eventfd::EventFd,
+}
+
+impl VmmLink {
+    fn send(&self, request: ApiRequest) -> bool {
+        let ok = self.tx.send(request).is_ok();
+        let _ = self.wake.write(1);
+        ok
+    }
 }
 
 /// Listens on `path`, which must not exist yet.
@@ -51,7 +69,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 }
 
 /// Serves the API on its own thread.
-pub fn spawn(listener: UnixListener, starts: Sender<StartRequest>) -> Result<std::thread::JoinHandle<()>, ApiError> {
+pub fn spawn(listener: UnixListener, link: VmmLink) -> Result<std::thread::JoinHandle<()>, ApiError> {
+    let starts = Arc::new(link);
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -83,9 +102,9 @@ pub fn spawn(listener: UnixListener, starts: Sender<StartRequest>) -> Result<std
         .map_err(ApiError::Thread)
 }
 
-fn start(state: &mut ApiState, config: VmConfig, starts: &Sender<StartRequest>) -> (Response, Option<Sender<()>>) {
+fn start(state: &mut ApiState, config: VmConfig, starts: &VmmLink) -> (Response, Option<Sender<()>>) {
     let (tx, rx) = channel();
-    if starts.send(StartRequest { config, reply: tx }).is_err() {
+    if !starts.send(ApiRequest::Start { config, reply: tx }) {
         return (Response::fault(500, "The VMM is not accepting a start."), None);
     }
     match rx.recv() {
@@ -98,7 +117,22 @@ fn start(state: &mut ApiState, config: VmConfig, starts: &Sender<StartRequest>) 
     }
 }
 
-fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Sender<StartRequest>) {
+fn set_paused(state: &mut ApiState, paused: bool, link: &VmmLink) -> Response {
+    let (tx, rx) = channel();
+    if !link.send(ApiRequest::SetPaused { paused, reply: tx }) {
+        return Response::fault(500, "The VMM is not accepting requests.");
+    }
+    match rx.recv() {
+        Ok(Ok(())) => {
+            state.state = if paused { InstanceState::Paused } else { InstanceState::Running };
+            Response::no_content()
+        }
+        Ok(Err(message)) => Response::fault(400, message),
+        Err(_) => Response::fault(500, "The VMM stopped before answering."),
+    }
+}
+
+fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &VmmLink) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -111,6 +145,7 @@ fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Se
                 let (response, written) = match st.handle(&req) {
                     Outcome::Reply(r) => (r, None),
                     Outcome::Start(config) => start(&mut st, config, starts),
+                    Outcome::SetPaused(paused) => (set_paused(&mut st, paused, starts), None),
                 };
                 drop(st);
                 tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");

@@ -2,12 +2,18 @@
 //! registers) and the run loop, one thread each. A vCPU thread ends by reporting why it
 //! stopped (`VcpuStop`) over a channel and waking the VMM's event loop through an eventfd.
 //! Application processors are left in KVM's wait-for-SIPI state: the guest starts them.
+//!
+//! While running, a vCPU takes commands (pause, resume) from its own channel. The commander
+//! kicks the thread with `VCPU_KICK_SIGNAL`, whose handler sets `immediate_exit` in the
+//! thread's kvm_run: KVM_RUN then returns at once even if the signal landed just before the
+//! thread entered it, so no kick is lost.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use kvm_bindings::{CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{kvm_run, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -15,6 +21,41 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, EntryMode};
 use crate::arch::x86_64::{cpuid, msr};
 use crate::devices::bus::Bus;
+
+thread_local! {
+    /// This thread's kvm_run, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN_PTR.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU thread
+            // before its loop and valid until the thread ends; a volatile byte store is
+            // async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn vcpu_kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler (process-wide, once before vCPU threads start).
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), kick_handler)
+        .map_err(|e| VcpuError::Signal(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+/// A command for a running vCPU; `ack` gets one message once it is done.
+#[derive(Debug)]
+pub enum VcpuCommand {
+    Pause { ack: Sender<u8> },
+    Resume { ack: Sender<u8> },
+}
 
 /// Errors configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +70,8 @@ pub enum VcpuError {
     Regs(#[source] crate::arch::x86_64::regs::RegsError),
     #[error("cannot start the thread of vCPU {0}")]
     Thread(u8, #[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] std::io::Error),
 }
 
 /// Why a vCPU stopped running the guest.
@@ -155,13 +198,16 @@ impl Vcpu {
         self.fd.get_regs().ok().map(|r| r.rip)
     }
 
-    /// Runs the guest until it stops, handling port I/O on the bus.
-    pub fn run(&mut self) -> VcpuStop {
+    /// Runs the guest until it stops (Some) or the thread is kicked (None), handling port I/O.
+    fn run_until_kicked(&mut self) -> Option<VcpuStop> {
         loop {
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return VcpuStop::RunFailed(e.to_string()),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return None;
+                }
+                Err(e) => return Some(VcpuStop::RunFailed(e.to_string())),
             };
             self.counters.exits.fetch_add(1, Ordering::Relaxed);
             let stop = match exit {
@@ -185,7 +231,10 @@ impl Vcpu {
                     self.counters.mmio.fetch_add(1, Ordering::Relaxed);
                     None
                 }
-                VcpuExit::Intr => None,
+                VcpuExit::Intr => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return None;
+                }
                 VcpuExit::Hlt => Some(VcpuStop::Shutdown),
                 VcpuExit::Shutdown => Some(VcpuStop::TripleFault { rip: None }),
                 VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Some(VcpuStop::Reset),
@@ -201,22 +250,56 @@ impl Vcpu {
                     // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal`
                     // member of the exit union, so reading it reads initialised data.
                     let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    return VcpuStop::InternalError { suberror, rip: self.rip() };
+                    return Some(VcpuStop::InternalError { suberror, rip: self.rip() });
                 }
-                Some(VcpuStop::TripleFault { .. }) => return VcpuStop::TripleFault { rip: self.rip() },
-                Some(stop) => return stop,
+                Some(VcpuStop::TripleFault { .. }) => return Some(VcpuStop::TripleFault { rip: self.rip() }),
+                Some(stop) => return Some(stop),
             }
         }
     }
 
-    /// Starts the run loop on its own thread. When it ends, `(index, why)` goes to `stopped`
-    /// and `wake` is signalled.
-    pub fn start(mut self, stopped: Sender<(u8, VcpuStop)>, wake: EventFd) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+    /// Runs the guest until it stops, obeying pause/resume commands in between. Returns None
+    /// when the commander went away (the VMM is ending).
+    pub fn run(&mut self, commands: &Receiver<VcpuCommand>) -> Option<VcpuStop> {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        let mut paused = false;
+        loop {
+            if !paused {
+                if let Some(stop) = self.run_until_kicked() {
+                    return Some(stop);
+                }
+            }
+            // Kicked, or paused: take commands; while paused, wait for them.
+            let next = if paused { commands.recv().ok() } else { commands.try_recv().ok() };
+            match next {
+                Some(VcpuCommand::Pause { ack }) => {
+                    paused = true;
+                    let _ = ack.send(self.index);
+                }
+                Some(VcpuCommand::Resume { ack }) => {
+                    paused = false;
+                    let _ = ack.send(self.index);
+                }
+                None if paused => return None,
+                None => {}
+            }
+        }
+    }
+
+    /// Starts the run loop on its own thread, taking commands from `commands`. When it ends,
+    /// `(index, why)` goes to `stopped` and `wake` is signalled.
+    pub fn start(
+        mut self,
+        stopped: Sender<(u8, VcpuStop)>,
+        wake: EventFd,
+        commands: Receiver<VcpuCommand>,
+    ) -> Result<std::thread::JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let why = self.run();
+                let Some(why) = self.run(&commands) else { return };
                 tracing::debug!(vcpu = index, reason = %why, "vcpu stopped");
                 // The receiver may already be gone if another vCPU stopped the VM first.
                 let _ = stopped.send((index, why));
