@@ -36,7 +36,8 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, value_name = "M", default_value_t = shoal_vmm::api::config::DEFAULT_MEM_MIB)]
     mem_mib: u64,
-    /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags).
+    /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags),
+    /// or a Firecracker --config-file (boot-source, machine-config).
     #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib"])]
     config: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket and wait for

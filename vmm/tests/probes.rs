@@ -130,3 +130,26 @@ fn guest_kernel_panic_then_reset_exits_2() {
     assert_eq!(out.status.code(), Some(2), "{}{stderr}", text(&out.stdout));
     assert!(stderr.contains("shoal-vmm: guest kernel panicked"), "{stderr}");
 }
+
+#[test]
+fn firecracker_config_file_boots_unchanged() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("shoal-fc-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vm_config.json");
+    let json = serde_json::json!({
+        "boot-source": {"kernel_image_path": probe("boot"), "boot_args": "console=ttyS0 reboot=k panic=1 pci=off", "initrd_path": null},
+        "drives": [],
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+        "network-interfaces": []
+    });
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    let out = run_vmm(&["--config", cfg.to_str().unwrap()], LIMIT);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.lines().any(|l| l == "cmdline: console=ttyS0 reboot=k panic=1 pci=off"), "{stdout}");
+    assert_eq!(field(&stdout, "e820:", "ram_kib="), Some(639 + 255 * 1024));
+}

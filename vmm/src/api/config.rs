@@ -1,4 +1,6 @@
-//! The microVM configuration, from CLI flags or `--config FILE.json` (same field names).
+//! The microVM configuration, from CLI flags or `--config FILE.json`: either our own layout
+//! (the flags' names) or Firecracker's `--config-file` layout (`boot-source`,
+//! `machine-config`, ...), so existing Firecracker configurations work unchanged.
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +49,8 @@ pub enum ConfigError {
     Read { path: PathBuf, #[source] source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
     Parse { path: PathBuf, #[source] source: serde_json::Error },
+    #[error("config file {path}: {message}")]
+    Firecracker { path: PathBuf, message: String },
     #[error("vcpus must be at least 1")]
     NoVcpus,
     #[error("vcpus {requested} is over the limit of {max} on this host")]
@@ -65,10 +69,58 @@ impl VmConfig {
         VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB }
     }
 
-    /// Reads a JSON configuration file; unknown fields are an error.
+    /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        serde_json::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        let parse_err = |source| ConfigError::Parse { path: path.to_owned(), source };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(parse_err)?;
+        if value.get("boot-source").is_some() {
+            return Self::from_firecracker(value).map_err(|message| ConfigError::Firecracker { path: path.to_owned(), message });
+        }
+        serde_json::from_value(value).map_err(parse_err)
+    }
+
+    /// Firecracker's `--config-file` layout. Sections for devices and services shoal-vmm does
+    /// not have yet are refused by name rather than ignored.
+    pub fn from_firecracker(value: serde_json::Value) -> Result<Self, String> {
+        use super::routes::{BootSource, MachineConfig};
+        let serde_json::Value::Object(sections) = value else { return Err("expected a JSON object".into()) };
+        let mut config = None;
+        let mut machine = MachineConfig::default();
+        for (name, section) in sections {
+            match name.as_str() {
+                "boot-source" => {
+                    let b: BootSource = serde_json::from_value(section).map_err(|e| format!("boot-source: {e}"))?;
+                    let mut c = VmConfig::new(b.kernel_image_path);
+                    c.initrd = b.initrd_path.map(PathBuf::from);
+                    if let Some(args) = b.boot_args {
+                        c.cmdline = args;
+                    }
+                    config = Some(c);
+                }
+                "machine-config" => {
+                    machine = serde_json::from_value(section).map_err(|e| format!("machine-config: {e}"))?;
+                    if machine.smt {
+                        return Err("machine-config: smt is not supported by shoal-vmm".into());
+                    }
+                }
+                "drives" | "network-interfaces" => match &section {
+                    serde_json::Value::Array(items) if items.is_empty() => {}
+                    serde_json::Value::Null => {}
+                    _ => return Err(format!("{name} are not supported by shoal-vmm yet")),
+                },
+                "logger" | "metrics" | "vsock" | "balloon" | "mmds-config" | "entropy" | "cpu-config" => {
+                    if !section.is_null() {
+                        return Err(format!("{name} is not supported by shoal-vmm yet"));
+                    }
+                }
+                other => return Err(format!("unknown section `{other}`")),
+            }
+        }
+        let mut config = config.ok_or("boot-source is required")?;
+        config.vcpus = machine.vcpu_count;
+        config.mem_mib = machine.mem_size_mib;
+        Ok(config)
     }
 
     /// Checks everything that can be checked without KVM or the files.
@@ -117,6 +169,35 @@ mod tests {
     fn unknown_fields_are_refused_by_name() {
         let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "vcpu_count": 2}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `vcpu_count`"), "{err}");
+    }
+
+    #[test]
+    fn firecracker_config_file_layout_is_understood() {
+        // The layout of Firecracker's docs/getting-started.md example, our paths.
+        let fc = serde_json::json!({
+            "boot-source": {"kernel_image_path": "vmlinux.bin", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off", "initrd_path": null},
+            "drives": [],
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 1024, "smt": false, "track_dirty_pages": false},
+            "network-interfaces": []
+        });
+        let c = VmConfig::from_firecracker(fc).unwrap();
+        assert_eq!(c, VmConfig { vcpus: 2, mem_mib: 1024, cmdline: "console=ttyS0 reboot=k panic=1 pci=off".into(), ..VmConfig::new("vmlinux.bin") });
+        let only_boot = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
+        assert_eq!(VmConfig::from_firecracker(only_boot).unwrap(), VmConfig::new("k"));
+    }
+
+    #[test]
+    fn firecracker_sections_we_lack_are_refused_by_name() {
+        let with = |k: &str, v: serde_json::Value| {
+            let mut j = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
+            j[k] = v;
+            VmConfig::from_firecracker(j).unwrap_err()
+        };
+        assert_eq!(with("drives", serde_json::json!([{"drive_id": "rootfs"}])), "drives are not supported by shoal-vmm yet");
+        assert_eq!(with("vsock", serde_json::json!({"guest_cid": 3})), "vsock is not supported by shoal-vmm yet");
+        assert_eq!(with("frobnicator", serde_json::json!({})), "unknown section `frobnicator`");
+        assert!(with("machine-config", serde_json::json!({"vcpu_count": 1})).contains("missing field `mem_size_mib`"));
+        assert!(VmConfig::from_firecracker(serde_json::json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}})).unwrap_err().contains("boot-source is required"));
     }
 
     #[test]
