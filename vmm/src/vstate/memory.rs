@@ -60,7 +60,8 @@ fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
     };
     if mem == libc::MAP_FAILED {
         let err = std::io::Error::last_os_error();
-        // SAFETY: unmapping the reservation made above, which nothing references.
+        // The reservation made above is referenced by nothing.
+        // SAFETY: unmapping exactly that reservation.
         unsafe { libc::munmap(base, total) };
         return Err(MemoryError::Mmap { size: size as u64, source: err });
     }

@@ -31,9 +31,9 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     KVM_RUN_PTR.with(|p| {
         let run = p.get();
         if !run.is_null() {
-            // SAFETY: the pointer is this thread's own kvm_run mapping, set by the vCPU thread
-            // before its loop and valid until the thread ends; a volatile byte store is
-            // async-signal-safe.
+            // The pointer is this thread's own kvm_run mapping, set before its loop and valid
+            // until the thread ends; a volatile byte store is async-signal-safe.
+            // SAFETY: writing one byte of that live mapping.
             unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
         }
     });

@@ -4,125 +4,20 @@
 #![no_main]
 
 mod common;
+mod irq;
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
+
+use irq::{LAPIC_TICKS, LAPIC_VECTOR, PIT_TICKS};
 
 const TICKS_WANTED: u64 = 5;
-const PIT_VECTOR: usize = 0x20;
-const LAPIC_VECTOR: usize = 0x30;
-
-#[no_mangle]
-static PIT_TICKS: AtomicU64 = AtomicU64::new(0);
-#[no_mangle]
-static LAPIC_TICKS: AtomicU64 = AtomicU64::new(0);
-static mut IDT: [[u64; 2]; 256] = [[0; 2]; 256];
-
-core::arch::global_asm!(
-    ".global isr_pit",
-    "isr_pit:",
-    "push rax",
-    "lock inc qword ptr [rip + PIT_TICKS]",
-    "mov al, 0x20",
-    "out 0x20, al",
-    "pop rax",
-    "iretq",
-    ".global isr_pic_other",
-    "isr_pic_other:",
-    "push rax",
-    "mov al, 0x20",
-    "out 0xa0, al",
-    "out 0x20, al",
-    "pop rax",
-    "iretq",
-    ".global isr_lapic",
-    "isr_lapic:",
-    "push rax",
-    "push rcx",
-    "push rdx",
-    "lock inc qword ptr [rip + LAPIC_TICKS]",
-    "mov ecx, 0x80b",
-    "xor eax, eax",
-    "xor edx, edx",
-    "wrmsr",
-    "pop rdx",
-    "pop rcx",
-    "pop rax",
-    "iretq",
-    ".global isr_spurious",
-    "isr_spurious:",
-    "iretq",
-    ".global isr_unexpected",
-    "isr_unexpected:",
-    "and rsp, -16",
-    "call unexpected_interrupt",
-);
-
-extern "C" {
-    fn isr_pit();
-    fn isr_pic_other();
-    fn isr_lapic();
-    fn isr_spurious();
-    fn isr_unexpected();
-}
-
-#[no_mangle]
-pub extern "C" fn unexpected_interrupt() -> ! {
-    say!("timer: unexpected exception or interrupt");
-    loop {
-        // SAFETY: halting only stops this CPU.
-        unsafe { core::arch::asm!("cli; hlt", options(nomem, nostack)) };
-    }
-}
-
-fn gate(handler: u64, cs: u16) -> [u64; 2] {
-    let lo = (handler & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | (((handler >> 16) & 0xffff) << 48);
-    [lo, handler >> 32]
-}
-
-fn setup_idt() {
-    let cs: u16;
-    // SAFETY: reading CS has no side effects.
-    unsafe { core::arch::asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack)) };
-    // SAFETY: the IDT is written once here, on the only CPU running, before interrupts are on.
-    unsafe {
-        let idt = &mut *core::ptr::addr_of_mut!(IDT);
-        for (v, slot) in idt.iter_mut().enumerate() {
-            let handler = match v {
-                PIT_VECTOR => isr_pit as *const () as usize,
-                0x21..=0x2f => isr_pic_other as *const () as usize,
-                LAPIC_VECTOR => isr_lapic as *const () as usize,
-                0xff => isr_spurious as *const () as usize,
-                _ => isr_unexpected as *const () as usize,
-            };
-            *slot = gate(handler as u64, cs);
-        }
-        let base = idt.as_ptr() as u64;
-        let desc: [u16; 5] = [(256 * 16 - 1) as u16, base as u16, (base >> 16) as u16, (base >> 32) as u16, (base >> 48) as u16];
-        core::arch::asm!("lidt [{}]", in(reg) desc.as_ptr(), options(readonly, nostack));
-    }
-}
-
-fn wait_for(counter: &AtomicU64) {
-    while counter.load(Ordering::SeqCst) < TICKS_WANTED {
-        // SAFETY: sti; hlt sleeps until the next interrupt, which the IDT handles.
-        unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
-    }
-}
 
 #[no_mangle]
 pub extern "C" fn probe_main(_boot_params: u64) -> ! {
     say!("SHOAL-PROBE timer: start");
-    setup_idt();
-
-    // 8259 PIC: vectors 0x20/0x28, only IRQ 0 unmasked.
-    for (port, v) in [(0x20, 0x11), (0xa0, 0x11), (0x21, 0x20), (0xa1, 0x28), (0x21, 0x04), (0xa1, 0x02), (0x21, 0x01), (0xa1, 0x01), (0x21, 0xfe), (0xa1, 0xff)] {
-        common::outb(port, v);
-    }
-    // PIT channel 0, rate generator, 100 Hz (divisor 11932).
-    common::outb(0x43, 0x34);
-    common::outb(0x40, 0x9c);
-    common::outb(0x40, 0x2e);
-    wait_for(&PIT_TICKS);
+    irq::setup_idt();
+    irq::start_pit_100hz();
+    irq::wait_until(&PIT_TICKS, TICKS_WANTED);
     common::outb(0x21, 0xff);
     say!("timer: pit_ticks=", PIT_TICKS.load(Ordering::SeqCst));
 
@@ -133,7 +28,7 @@ pub extern "C" fn probe_main(_boot_params: u64) -> ! {
     common::wrmsr(0x83e, 0xb); // divide by 1
     common::wrmsr(0x832, (1 << 17) | LAPIC_VECTOR as u64); // periodic
     common::wrmsr(0x838, 10_000_000);
-    wait_for(&LAPIC_TICKS);
+    irq::wait_until(&LAPIC_TICKS, TICKS_WANTED);
     common::wrmsr(0x832, 1 << 16); // mask
     say!("timer: lapic_ticks=", LAPIC_TICKS.load(Ordering::SeqCst));
     say!("SHOAL-PROBE timer: ok");
