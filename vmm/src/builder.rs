@@ -26,7 +26,8 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
 use crate::devices::legacy::{SerialConsole, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::EventFdTrigger;
-use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::snapshot::MachineState;
+use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -179,9 +180,14 @@ pub struct MicroVm {
     /// Signalled when the guest resets through the i8042.
     pub reset_evt: EventFd,
     pub pio: Arc<Bus>,
-    pub entry: BootEntry,
     /// Set when the guest's console shows a kernel panic.
     pub guest_panicked: Arc<AtomicBool>,
+    /// The machine's shape, as a snapshot records it.
+    pub machine: MachineState,
+    /// Where guest memory comes from (a snapshot of a restored guest needs to know).
+    pub backing: MemoryBacking,
+    /// Restores since the last cold boot (see `SnapshotState::generation`).
+    pub generation: u64,
 }
 
 /// Builds the microVM described by `config`, with the guest console written to `console`.
@@ -196,7 +202,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     let vm = Vm::new()?;
     config.validate_for_host(Vm::max_vcpus(&vm.kvm))?;
     let mem = create_guest_memory(config.mem_bytes())?;
-    vm.register_memory(&mem)?;
+    vm.register_memory(&mem, config.track_dirty_pages)?;
     vm.setup_irqchip()?;
     let kernel = load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
@@ -219,14 +225,16 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     let pio = Arc::new(bus);
 
     let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
+    let msr_list = Arc::new(vm.msrs_to_save()?);
     let count = config.vcpus as u8; // validated: 1..=254
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
-        vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, pio.clone(), reset_requested.clone())?);
+        vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, pio.clone(), reset_requested.clone(), msr_list.clone())?);
     }
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
-    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, entry: kernel.entry, guest_panicked })
+    let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages };
+    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, guest_panicked, machine, backing: MemoryBacking::Anonymous, generation: 0 })
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! shoal-vmm: one KVM microVM per process.
 //!
 //! `api` holds the configuration types, `builder` turns a configuration into a `MicroVm`
-//! (memory, kernel, devices, vCPUs), and `runner` runs it to its end. `arch` and `devices`
+//! (memory, kernel, devices, vCPUs), `snapshot` saves one and builds one back from a
+//! snapshot, and `runner` runs it to its end. `arch` and `devices`
 //! hold the pieces, testable without KVM; `vstate` wraps the KVM file descriptors.
 
 pub mod api;
@@ -9,6 +10,7 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod runner;
+pub mod snapshot;
 pub mod stats;
 pub mod vstate;
 

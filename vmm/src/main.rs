@@ -9,7 +9,7 @@ use clap::Parser;
 use vmm_sys_util::terminal::Terminal;
 
 use shoal_vmm::api::VmConfig;
-use shoal_vmm::{builder, runner, EXIT_GUEST_FAULT, EXIT_OK, EXIT_SETUP_ERROR};
+use shoal_vmm::{builder, runner, snapshot, EXIT_GUEST_FAULT, EXIT_OK, EXIT_SETUP_ERROR};
 
 const AFTER_HELP: &str = "\
 Exit status: 0 when the guest resets (e.g. `reboot` in Linux, 0xFE to port 0x64) or powers off;
@@ -22,7 +22,7 @@ process's stdout; when stdin is a terminal it is put in raw mode and forwarded t
 #[command(name = "shoal-vmm", version, about, after_help = AFTER_HELP)]
 struct Cli {
     /// Guest kernel: ELF vmlinux (PVH entry used when the ELF has the note) or bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "api_sock"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "api_sock", "restore", "merge"])]
     kernel: Option<PathBuf>,
     /// Initial RAM disk loaded high in guest memory.
     #[arg(long, value_name = "PATH")]
@@ -45,6 +45,17 @@ struct Cli {
     /// (instead of the VM flags). The socket must not exist; it is removed at exit.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config"])]
     api_sock: Option<PathBuf>,
+    /// Start from the snapshot in DIR (files `state` and `memory`, as PUT /snapshot/create
+    /// writes them when given those names) instead of booting a kernel.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config", "api_sock"])]
+    restore: Option<PathBuf>,
+    /// Merge the diff snapshot in this DIR into the snapshot in --into DIR (its memory file is
+    /// updated in place and its state replaced by the diff's), then exit.
+    #[arg(long, value_name = "DIFF_DIR", requires = "into", conflicts_with_all = ["kernel", "config", "api_sock", "restore"])]
+    merge: Option<PathBuf>,
+    /// The base snapshot DIR for --merge.
+    #[arg(long, value_name = "BASE_DIR", requires = "merge")]
+    into: Option<PathBuf>,
     /// When the VM ends, print run statistics (peak RSS, resident guest memory, vCPU exits) as
     /// one JSON line on stderr.
     #[arg(long)]
@@ -68,14 +79,19 @@ fn start_from_api(sock: &std::path::Path) -> Result<(shoal_vmm::builder::MicroVm
     server::spawn(listener, VmmLink { tx, wake: link_wake }).map_err(|e| error_chain(&e))?;
     loop {
         let Ok(request) = rx.recv() else { return Err("the API thread stopped".into()) };
-        let (config, reply) = match request {
-            ApiRequest::Start { config, reply } => (config, reply),
-            ApiRequest::SetPaused { reply, .. } => {
+        let (built, reply) = match request {
+            ApiRequest::Start { config, reply } => (builder::build_microvm(&config, Box::new(std::io::stdout())).map_err(|e| error_chain(&e)), reply),
+            ApiRequest::LoadSnapshot { load, reply } => {
+                let options = snapshot::RestoreOptions { resume: load.resume, track_dirty_pages: load.track_dirty_pages };
+                let vm = snapshot::restore(&load.state_path, &load.mem_path, Box::new(std::io::stdout()), options);
+                (vm.map_err(|e| format!("Cannot load the snapshot: {}", error_chain(&e))), reply)
+            }
+            ApiRequest::SetPaused { reply, .. } | ApiRequest::CreateSnapshot { reply, .. } => {
                 let _ = reply.send(Err("The microVM is not running.".into()));
                 continue;
             }
         };
-        match builder::build_microvm(&config, Box::new(std::io::stdout())) {
+        match built {
             Ok(vm) => {
                 let (written_tx, written_rx) = std::sync::mpsc::channel();
                 if reply.send(Ok(written_tx)).is_ok() {
@@ -84,7 +100,7 @@ fn start_from_api(sock: &std::path::Path) -> Result<(shoal_vmm::builder::MicroVm
                 return Ok((vm, runner::Control { requests: rx, wake }));
             }
             Err(e) => {
-                let _ = reply.send(Err(error_chain(&e)));
+                let _ = reply.send(Err(e));
             }
         }
     }
@@ -114,8 +130,23 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(cli.log_level).with_target(false).init();
 
+    if let (Some(diff), Some(base)) = (&cli.merge, &cli.into) {
+        return match snapshot::merge_dirs(diff, base) {
+            Ok(()) => ExitCode::from(EXIT_OK as u8),
+            Err(e) => fail(error_chain(&e)),
+        };
+    }
+
     let mut control = None;
-    let vm = match &cli.api_sock {
+    let vm = match (&cli.api_sock, &cli.restore) {
+        (None, Some(dir)) => {
+            let options = snapshot::RestoreOptions { resume: true, track_dirty_pages: false };
+            match snapshot::restore(&dir.join(snapshot::STATE_FILE), &dir.join(snapshot::MEMORY_FILE), Box::new(std::io::stdout()), options) {
+                Ok(vm) => vm,
+                Err(e) => return fail(error_chain(&e)),
+            }
+        }
+        (sock, _) => match sock {
         Some(sock) => match start_from_api(sock) {
             Ok((vm, c)) => {
                 control = Some(c);
@@ -136,6 +167,7 @@ fn main() -> ExitCode {
                     cmdline: cli.cmdline.clone(),
                     vcpus: cli.vcpus,
                     mem_mib: cli.mem_mib,
+                    track_dirty_pages: false,
                 },
             };
             match builder::build_microvm(&config, Box::new(std::io::stdout())) {
@@ -143,6 +175,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(error_chain(&e)),
             }
         }
+        },
     };
 
     let stdin = std::io::stdin();

@@ -1,7 +1,7 @@
 //! Runs a built microVM: starts the vCPU threads and drives the VMM's event loop on the calling
 //! thread until the guest stops. The loop owns its event sources: the stop signals (i8042
 //! reset, a vCPU that stopped), stdin forwarded to the serial port when it is a terminal, and
-//! the control API's requests (pause, resume) when an API serves this VM.
+//! the control API's requests (pause, resume, snapshot) when an API serves this VM.
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
@@ -19,7 +19,11 @@ use vmm_sys_util::signal::Killable;
 use crate::api::server::ApiRequest;
 use crate::builder::MicroVm;
 use crate::devices::legacy::SerialConsole;
-use crate::vstate::vcpu::{register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuStop};
+use crate::snapshot::{self, MachineState, SnapshotKind, SnapshotSource};
+use crate::vstate::memory::MemoryBacking;
+use crate::vstate::vcpu::{register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuState, VcpuStop};
+use crate::vstate::vm::Vm;
+use vm_memory::GuestMemoryMmap;
 
 /// How long a vCPU may take to acknowledge a pause or resume.
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,10 +58,49 @@ fn command_all(vcpus: &[VcpuHandle], make: fn(Sender<u8>) -> VcpuCommand) -> Res
     Ok(())
 }
 
-/// Serves the control API's requests on the VMM thread.
+/// Reads every vCPU's state (they must be paused).
+fn save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, String> {
+    let mut states = Vec::with_capacity(vcpus.len());
+    for (index, v) in vcpus.iter().enumerate() {
+        let (reply, answer) = channel();
+        v.commands.send(VcpuCommand::Save { reply }).map_err(|_| format!("vCPU {index} is not running"))?;
+        states.push(answer.recv_timeout(VCPU_ACK_TIMEOUT).map_err(|_| format!("vCPU {index} did not answer in time"))??);
+    }
+    Ok(states)
+}
+
+/// What the VMM thread keeps of a running microVM to answer the control API.
 struct ControlHandler {
     control: Control,
     vcpus: Vec<VcpuHandle>,
+    paused: bool,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    backing: MemoryBacking,
+    serial: Arc<Mutex<SerialConsole>>,
+    machine: MachineState,
+    generation: u64,
+}
+
+impl ControlHandler {
+    fn create_snapshot(&self, kind: SnapshotKind, state_path: &std::path::Path, mem_path: &std::path::Path) -> Result<(), String> {
+        if !self.paused {
+            return Err("Cannot create a snapshot: the microVM is not paused.".into());
+        }
+        let started = std::time::Instant::now();
+        let vcpus = save_all(&self.vcpus)?;
+        let source = SnapshotSource {
+            vm: &self.vm,
+            mem: &self.mem,
+            backing: &self.backing,
+            serial: &self.serial,
+            machine: &self.machine,
+            generation: self.generation,
+        };
+        snapshot::create(&source, vcpus, kind, state_path, mem_path).map_err(|e| format!("Cannot create a snapshot: {}", crate::api::error_chain(&e)))?;
+        tracing::info!(?kind, elapsed_us = started.elapsed().as_micros() as u64, state = %state_path.display(), "snapshot created");
+        Ok(())
+    }
 }
 
 impl MutEventSubscriber for ControlHandler {
@@ -75,10 +118,16 @@ impl MutEventSubscriber for ControlHandler {
                     let make: fn(Sender<u8>) -> VcpuCommand =
                         if paused { |ack| VcpuCommand::Pause { ack } } else { |ack| VcpuCommand::Resume { ack } };
                     let result = command_all(&self.vcpus, make);
+                    if result.is_ok() {
+                        self.paused = paused;
+                    }
                     tracing::info!(paused, ok = result.is_ok(), "vm state change");
                     let _ = reply.send(result);
                 }
-                ApiRequest::Start { reply, .. } => {
+                ApiRequest::CreateSnapshot { kind, state_path, mem_path, reply } => {
+                    let _ = reply.send(self.create_snapshot(kind, &state_path, &mem_path));
+                }
+                ApiRequest::Start { reply, .. } | ApiRequest::LoadSnapshot { reply, .. } => {
                     let _ = reply.send(Err("The microVM is already running.".into()));
                 }
             }
@@ -163,14 +212,15 @@ impl MutEventSubscriber for StdinForwarder {
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
 /// the guest's serial port; `control` connects the control API.
 pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>) -> Result<VcpuStop, RunError> {
-    let MicroVm { vm: _vm, mem: _mem, vcpus, serial, reset_evt, guest_panicked, .. } = vm;
+    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, machine, backing, generation, .. } = vm;
+    let start_paused = vcpus.iter().any(|v| v.start_paused);
     let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(RunError::EventLoop)?;
     let (tx, rx) = channel();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(RunError::EventFd)?;
     let outcome: Outcome = Rc::new(RefCell::new(None));
     em.add_subscriber(Box::new(StopWatcher { reset_evt, wake: wake.try_clone().map_err(RunError::EventFd)?, stopped: rx, outcome: outcome.clone() }));
     if forward_stdin {
-        em.add_subscriber(Box::new(StdinForwarder { serial, stdin: std::io::stdin() }));
+        em.add_subscriber(Box::new(StdinForwarder { serial: serial.clone(), stdin: std::io::stdin() }));
     }
     register_kick_handler()?;
     let mut handles = Vec::with_capacity(vcpus.len());
@@ -181,11 +231,26 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>) -> Result
         handles.push(VcpuHandle { thread, commands });
     }
     drop(tx);
+    // Guest memory and the VM stay alive until the process ends, with or without an API.
+    let _kept;
     match control {
         Some(control) => {
-            em.add_subscriber(Box::new(ControlHandler { control, vcpus: handles }));
+            em.add_subscriber(Box::new(ControlHandler {
+                control,
+                vcpus: handles,
+                paused: start_paused,
+                vm,
+                mem,
+                backing,
+                serial,
+                machine,
+                generation,
+            }));
         }
-        None => drop(handles),
+        None => {
+            drop(handles);
+            _kept = (vm, mem, backing);
+        }
     }
     loop {
         em.run().map_err(RunError::EventLoop)?;

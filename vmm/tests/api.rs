@@ -6,91 +6,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
 
+use common::api::{call, consecutive_counts, count_of, fault, read_response, stdout_lines, wait_count, Console, Vmm};
 use common::{kvm_available, probe, text, vmm};
-
-struct Vmm {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Vmm {
-    fn start(tag: &str) -> Vmm {
-        let sock = std::env::temp_dir().join(format!("shoal-api-{tag}-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new(vmm()).arg("--api-sock").arg(&sock).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let start = Instant::now();
-        while !sock.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "API socket never appeared");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Vmm { child, sock }
-    }
-
-    fn connect(&self) -> UnixStream {
-        let s = UnixStream::connect(&self.sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s
-    }
-
-    fn wait(mut self) -> (Option<i32>, String, String) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut out = String::new();
-                let mut err = String::new();
-                self.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-                self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-                return (status.code(), out, err);
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "shoal-vmm did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
-
-/// Sends one request on `s` and reads one response: (status, body).
-fn call(s: &mut UnixStream, method: &str, path: &str, body: &str) -> (u16, String) {
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    s.write_all(req.as_bytes()).unwrap();
-    read_response(s)
-}
-
-fn read_response(s: &mut UnixStream) -> (u16, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-            let len: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return (status, String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string());
-            }
-        }
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed before a full response: {}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn fault(body: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap();
-    v["fault_message"].as_str().unwrap().to_string()
-}
 
 #[test]
 fn firecracker_style_client_configures_and_starts_the_boot_probe() {
@@ -172,39 +93,6 @@ fn an_existing_socket_path_is_refused() {
     assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
 }
 
-/// Lines of the VM's stdout, as they arrive.
-fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::BufRead;
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn count_of(line: &str) -> Option<u64> {
-    line.strip_prefix("count=").and_then(|v| v.parse().ok())
-}
-
-/// Waits for a `count=N` line with N >= `at_least`; returns N.
-fn wait_count(lines: &std::sync::mpsc::Receiver<String>, at_least: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
-            if let Some(n) = count_of(&line).filter(|n| *n >= at_least) {
-                return n;
-            }
-        }
-    }
-    panic!("no count >= {at_least} within 30 s");
-}
-
 #[test]
 fn pause_stops_the_guest_and_resume_continues_it() {
     if !kvm_available() {
@@ -242,4 +130,79 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
     assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0, 204);
     wait_count(&lines, next + 1);
+}
+
+/// Firecracker's snapshot guide, request for request (its relative paths, resolved in the
+/// VMM's working directory): pause, create a full snapshot, resume, stop; a second VMM loads
+/// the snapshot paused, resumes, and the guest's counter carries on from the snapshot.
+#[test]
+fn firecracker_snapshot_guide_sequence_continues_the_guest_in_a_second_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("shoal-api-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut vm = Vmm::start_in("snap-a", &dir);
+    let console = Console::capture(&mut vm.child);
+    let mut s = vm.connect();
+    assert_eq!(call(&mut s, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#).0, 204);
+    let boot = format!(r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}}"#, probe("counter").display());
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    console.wait_count(3);
+    // Creating a snapshot of a running VM is refused.
+    let create = r#"{
+            "snapshot_type": "Full",
+            "snapshot_path": "./snapshot_file",
+            "mem_file_path": "./mem_file"
+    }"#;
+    let (st, body) = call(&mut s, "PUT", "/snapshot/create", create);
+    assert_eq!(st, 400);
+    assert!(fault(&body).contains("not paused"), "{body}");
+
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{
+            "state": "Paused"
+    }"#), (204, String::new()));
+    let at_snapshot = console.settle(Duration::from_millis(400));
+    assert_eq!(call(&mut s, "PUT", "/snapshot/create", create), (204, String::new()));
+    assert!(dir.join("snapshot_file").exists() && dir.join("mem_file").exists());
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Resumed"}"#), (204, String::new()));
+    let last = consecutive_counts(&at_snapshot).unwrap().last().copied().unwrap();
+    console.wait_count(last + 2);
+    drop(s);
+    drop(vm); // stop: Firecracker's guide ends the process too
+
+    let mut vm = Vmm::start_in("snap-b", &dir);
+    let restored = Console::capture(&mut vm.child);
+    let mut s = vm.connect();
+    let load = r#"{
+            "snapshot_path": "./snapshot_file",
+            "mem_backend": {
+                "backend_path": "./mem_file",
+                "backend_type": "File"
+            },
+            "enable_diff_snapshots": true,
+            "resume_vm": false
+    }"#;
+    assert_eq!(call(&mut s, "PUT", "/snapshot/load", load), (204, String::new()));
+    assert!(call(&mut s, "GET", "/", "").1.contains("\"state\":\"Paused\""));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(restored.text(), "", "a snapshot loaded without resume_vm stays paused");
+    // Wrong-state requests: a second load, or a start, after the load.
+    assert_eq!(call(&mut s, "PUT", "/snapshot/load", load).0, 400);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 400);
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Resumed"}"#), (204, String::new()));
+    restored.wait_count(last + 3);
+    // The first VM's console up to the snapshot, then the second's: one unbroken count.
+    let joined = format!("{at_snapshot}{}", restored.text());
+    let counts = consecutive_counts(&joined[..joined.rfind('\n').unwrap() + 1]).unwrap();
+    assert!(*counts.last().unwrap() >= last + 3, "{joined}");
+    // The restored VM snapshots again (a diff needs dirty tracking, which the load enabled).
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
+    let diff = r#"{"snapshot_type": "Diff", "snapshot_path": "./diff_state", "mem_file_path": "./diff_mem"}"#;
+    assert_eq!(call(&mut s, "PUT", "/snapshot/create", diff), (204, String::new()));
+    drop(s);
+    drop(vm);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

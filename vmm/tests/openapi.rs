@@ -59,10 +59,15 @@ fn every_documented_operation_is_served_as_documented() {
             if path == "/vm" {
                 state.state = InstanceState::Running;
             }
+            if path == "/snapshot/create" {
+                state.state = InstanceState::Paused;
+            }
             let response = match state.handle(&req) {
                 Outcome::Reply(r) => r,
                 // Handed to the VMM thread, which answers 204 when it succeeds.
-                Outcome::SetPaused(_) => shoal_vmm::api::http::Response::no_content(),
+                Outcome::SetPaused(_) | Outcome::CreateSnapshot { .. } | Outcome::LoadSnapshot(_) => {
+                    shoal_vmm::api::http::Response::no_content()
+                }
                 Outcome::Start(_) => panic!("the examples do not start the VM"),
             };
             let documented = &op["responses"][response.status.to_string()];
@@ -78,7 +83,7 @@ fn every_documented_operation_is_served_as_documented() {
             }
         }
     }
-    assert_eq!(operations, 6, "GET /, GET+PUT /machine-config, PUT /boot-source, PUT /actions, PATCH /vm");
+    assert_eq!(operations, 8, "GET /, GET+PUT /machine-config, PUT /boot-source, PUT /actions, PATCH /vm, PUT /snapshot/create, PUT /snapshot/load");
 }
 
 #[test]

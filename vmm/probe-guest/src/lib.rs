@@ -21,8 +21,12 @@ pub const PANIC: &str = env!("SHOAL_PROBE_PANIC");
 /// Prints `count=N` every 10 PIT ticks (100 Hz), forever.
 pub const COUNTER: &str = env!("SHOAL_PROBE_COUNTER");
 
+/// Prints `spin=N` in a tight loop, forever.
+pub const SPIN: &str = env!("SHOAL_PROBE_SPIN");
+
 /// Every probe by name.
-pub const ALL: &[(&str, &str)] = &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC), ("counter", COUNTER)];
+pub const ALL: &[(&str, &str)] =
+    &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC), ("counter", COUNTER), ("spin", SPIN)];
 
 /// The path of a probe by name.
 pub fn path(name: &str) -> Option<&'static Path> {

@@ -40,6 +40,9 @@ pub struct VmConfig {
     pub vcpus: u32,
     #[serde(default = "default_mem_mib")]
     pub mem_mib: u64,
+    /// Log the pages the guest writes, so that diff snapshots can be taken.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// Errors in a configuration.
@@ -66,7 +69,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
-        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB }
+        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false }
     }
 
     /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
@@ -120,6 +123,7 @@ impl VmConfig {
         let mut config = config.ok_or("boot-source is required")?;
         config.vcpus = machine.vcpu_count;
         config.mem_mib = machine.mem_size_mib;
+        config.track_dirty_pages = machine.track_dirty_pages;
         Ok(config)
     }
 

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::http::{Request, Response};
+use crate::snapshot::SnapshotKind;
 use super::VmConfig;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
@@ -59,6 +60,93 @@ pub enum VmStateName {
     Resumed,
 }
 
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotTypeName,
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    /// Sent by clients of Firecracker before 1.7; the format version is ours, so it is ignored.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SnapshotTypeName {
+    #[default]
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: String,
+    /// Firecracker's older spelling of `mem_backend` with a File backend.
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default)]
+    pub network_overrides: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+/// A checked snapshot load, for the VMM thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotLoad {
+    pub state_path: std::path::PathBuf,
+    pub mem_path: std::path::PathBuf,
+    pub resume: bool,
+    pub track_dirty_pages: bool,
+}
+
+impl SnapshotLoadParams {
+    fn check(self) -> Result<SnapshotLoad, String> {
+        let mem_path = match (self.mem_file_path, self.mem_backend) {
+            (Some(_), Some(_)) => return Err("Only one of mem_file_path and mem_backend may be given.".into()),
+            (None, None) => return Err("Missing mem_backend (or mem_file_path).".into()),
+            (Some(path), None) | (None, Some(MemBackend { backend_type: MemBackendType::File, backend_path: path })) => path,
+            (None, Some(MemBackend { backend_type: MemBackendType::Uffd, .. })) => {
+                return Err("The Uffd memory backend is not supported by shoal-vmm; use File.".into())
+            }
+        };
+        if !self.network_overrides.is_empty() {
+            return Err("network_overrides: this snapshot has no network interfaces.".into());
+        }
+        if self.snapshot_path.is_empty() || mem_path.is_empty() {
+            return Err("snapshot_path and the memory file path must not be empty.".into());
+        }
+        Ok(SnapshotLoad {
+            state_path: self.snapshot_path.into(),
+            mem_path: mem_path.into(),
+            resume: self.resume_vm,
+            track_dirty_pages: self.track_dirty_pages || self.enable_diff_snapshots,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum ActionType {
     InstanceStart,
@@ -91,11 +179,13 @@ pub struct ApiState {
     pub machine: MachineConfig,
     pub boot: Option<BootSource>,
     pub state: InstanceState,
+    /// A boot resource was configured, which rules out loading a snapshot (as in Firecracker).
+    pub configured: bool,
 }
 
 impl Default for ApiState {
     fn default() -> Self {
-        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted }
+        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false }
     }
 }
 
@@ -109,6 +199,10 @@ pub enum Outcome {
     Start(VmConfig),
     /// Ask the VMM thread to pause (true) or resume (false) the running microVM.
     SetPaused(bool),
+    /// Ask the VMM thread to snapshot the paused microVM.
+    CreateSnapshot { kind: SnapshotKind, state_path: std::path::PathBuf, mem_path: std::path::PathBuf },
+    /// Ask the VMM thread to build the microVM from a snapshot; reply 204 if it does.
+    LoadSnapshot(SnapshotLoad),
 }
 
 fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response> {
@@ -126,6 +220,7 @@ impl ApiState {
         }
         config.vcpus = self.machine.vcpu_count;
         config.mem_mib = self.machine.mem_size_mib;
+        config.track_dirty_pages = self.machine.track_dirty_pages;
         config.validate().map_err(|e| Response::fault(400, super::error_chain(&e)))?;
         Ok(config)
     }
@@ -151,6 +246,7 @@ impl ApiState {
                 Ok(m) if m.smt => Response::fault(400, "Simultaneous multithreading is not supported by shoal-vmm."),
                 Ok(m) => {
                     self.machine = m;
+                    self.configured = true;
                     Response::no_content()
                 }
                 Err(r) => r,
@@ -161,6 +257,7 @@ impl ApiState {
                     Some(Err(e)) => Response::fault(400, format!("Invalid boot arguments: {e}")),
                     _ => {
                         self.boot = Some(b);
+                        self.configured = true;
                         Response::no_content()
                     }
                 },
@@ -184,6 +281,35 @@ impl ApiState {
                 Ok(_) if !started => Response::fault(400, "The microVM is not running."),
                 Ok(VmStateRequest { state: VmStateName::Paused }) => return Outcome::SetPaused(true),
                 Ok(VmStateRequest { state: VmStateName::Resumed }) => return Outcome::SetPaused(false),
+                Err(r) => r,
+            },
+            ("PUT", "/snapshot/create") => match parse_body::<SnapshotCreateParams>(req) {
+                Ok(_) if self.state != InstanceState::Paused => {
+                    Response::fault(400, "Cannot create a snapshot: the microVM is not paused.")
+                }
+                Ok(p) if p.snapshot_path.is_empty() || p.mem_file_path.is_empty() => {
+                    Response::fault(400, "snapshot_path and mem_file_path must not be empty.")
+                }
+                Ok(p) => {
+                    let kind = match p.snapshot_type {
+                        SnapshotTypeName::Full => SnapshotKind::Full,
+                        SnapshotTypeName::Diff => SnapshotKind::Diff,
+                    };
+                    return Outcome::CreateSnapshot { kind, state_path: p.snapshot_path.into(), mem_path: p.mem_file_path.into() };
+                }
+                Err(r) => r,
+            },
+            ("PUT", "/snapshot/load") if started => {
+                Response::fault(400, "Loading a microVM snapshot not allowed after starting the microVM.")
+            }
+            ("PUT", "/snapshot/load") if self.configured => {
+                Response::fault(400, "Loading a microVM snapshot not allowed after configuring boot-specific resources.")
+            }
+            ("PUT", "/snapshot/load") => match parse_body::<SnapshotLoadParams>(req) {
+                Ok(p) => match p.check() {
+                    Ok(load) => return Outcome::LoadSnapshot(load),
+                    Err(message) => Response::fault(400, message),
+                },
                 Err(r) => r,
             },
             (_, "/" | "/machine-config" | "/boot-source" | "/actions") => {
@@ -273,6 +399,56 @@ mod tests {
         assert_eq!(s.handle(&req("PATCH", "/vm", r#"{"state": "Paused"}"#)), Outcome::SetPaused(true));
         assert_eq!(s.handle(&req("PATCH", "/vm", r#"{"state": "Resumed"}"#)), Outcome::SetPaused(false));
         assert_eq!(reply(&mut s, "PATCH", "/vm", r#"{"state": "Frozen"}"#).status, 400);
+    }
+
+    #[test]
+    fn snapshot_create_needs_a_paused_vm_and_valid_paths() {
+        let body = r#"{"snapshot_type": "Full", "snapshot_path": "./snapshot_file", "mem_file_path": "./mem_file"}"#;
+        let mut s = ApiState::default();
+        assert_eq!(reply(&mut s, "PUT", "/snapshot/create", body).status, 400, "not started");
+        s.state = InstanceState::Running;
+        assert!(fault(&reply(&mut s, "PUT", "/snapshot/create", body)).contains("not paused"));
+        s.state = InstanceState::Paused;
+        assert_eq!(
+            s.handle(&req("PUT", "/snapshot/create", body)),
+            Outcome::CreateSnapshot { kind: SnapshotKind::Full, state_path: "./snapshot_file".into(), mem_path: "./mem_file".into() }
+        );
+        let diff = r#"{"snapshot_type": "Diff", "snapshot_path": "s", "mem_file_path": "m", "version": "1.0.0"}"#;
+        assert!(matches!(s.handle(&req("PUT", "/snapshot/create", diff)), Outcome::CreateSnapshot { kind: SnapshotKind::Diff, .. }));
+        for bad in [
+            r#"{"snapshot_type": "Partial", "snapshot_path": "s", "mem_file_path": "m"}"#,
+            r#"{"snapshot_path": "s"}"#,
+            r#"{"snapshot_path": "", "mem_file_path": "m"}"#,
+            r#"{"snapshot_path": "s", "mem_file_path": "m", "extra": true}"#,
+        ] {
+            assert_eq!(reply(&mut s, "PUT", "/snapshot/create", bad).status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn snapshot_load_only_on_a_fresh_vmm_with_one_file_backend() {
+        let mut s = ApiState::default();
+        let body = r#"{"snapshot_path": "./snapshot_file", "mem_backend": {"backend_path": "./mem_file", "backend_type": "File"}, "enable_diff_snapshots": true, "resume_vm": false}"#;
+        assert_eq!(
+            s.handle(&req("PUT", "/snapshot/load", body)),
+            Outcome::LoadSnapshot(SnapshotLoad { state_path: "./snapshot_file".into(), mem_path: "./mem_file".into(), resume: false, track_dirty_pages: true })
+        );
+        let old = r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#;
+        assert!(matches!(s.handle(&req("PUT", "/snapshot/load", old)), Outcome::LoadSnapshot(SnapshotLoad { resume: true, .. })));
+        for bad in [
+            r#"{"snapshot_path": "s"}"#,
+            r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_path": "m", "backend_type": "File"}}"#,
+            r#"{"snapshot_path": "s", "mem_backend": {"backend_path": "/uffd.sock", "backend_type": "Uffd"}}"#,
+            r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#,
+        ] {
+            assert_eq!(reply(&mut s, "PUT", "/snapshot/load", bad).status, 400, "{bad}");
+        }
+        // After configuring boot resources, or after a start, loading is refused.
+        let mut configured = ApiState::default();
+        assert_eq!(reply(&mut configured, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64}"#).status, 204);
+        assert!(fault(&reply(&mut configured, "PUT", "/snapshot/load", old)).contains("after configuring"));
+        let mut running = ApiState { state: InstanceState::Running, ..ApiState::default() };
+        assert!(fault(&reply(&mut running, "PUT", "/snapshot/load", old)).contains("after starting"));
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::http::{self, Response};
-use super::routes::{ApiState, InstanceState, Outcome};
+use super::routes::{ApiState, InstanceState, Outcome, SnapshotLoad};
+use crate::snapshot::SnapshotKind;
+use std::path::PathBuf;
 use super::VmConfig;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +44,10 @@ pub enum ApiRequest {
     Start { config: VmConfig, reply: Sender<StartReply> },
     /// Pause (true) or resume (false) the running microVM.
     SetPaused { paused: bool, reply: Sender<Result<(), String>> },
+    /// Write a snapshot of the paused microVM.
+    CreateSnapshot { kind: SnapshotKind, state_path: PathBuf, mem_path: PathBuf, reply: Sender<Result<(), String>> },
+    /// Build a microVM from a snapshot and start it (paused unless `load.resume`).
+    LoadSnapshot { load: SnapshotLoad, reply: Sender<StartReply> },
 }
 
 /// The API thread's line to the VMM thread: requests, and an eventfd that wakes the VMM's
@@ -117,6 +123,34 @@ fn start(state: &mut ApiState, config: VmConfig, starts: &VmmLink) -> (Response,
     }
 }
 
+fn load_snapshot(state: &mut ApiState, load: SnapshotLoad, link: &VmmLink) -> (Response, Option<Sender<()>>) {
+    let (tx, rx) = channel();
+    let resume = load.resume;
+    if !link.send(ApiRequest::LoadSnapshot { load, reply: tx }) {
+        return (Response::fault(500, "The VMM is not accepting requests."), None);
+    }
+    match rx.recv() {
+        Ok(Ok(written)) => {
+            state.state = if resume { InstanceState::Running } else { InstanceState::Paused };
+            (Response::no_content(), Some(written))
+        }
+        Ok(Err(message)) => (Response::fault(400, message), None),
+        Err(_) => (Response::fault(500, "The VMM stopped before answering."), None),
+    }
+}
+
+fn create_snapshot(kind: SnapshotKind, state_path: PathBuf, mem_path: PathBuf, link: &VmmLink) -> Response {
+    let (tx, rx) = channel();
+    if !link.send(ApiRequest::CreateSnapshot { kind, state_path, mem_path, reply: tx }) {
+        return Response::fault(500, "The VMM is not accepting requests.");
+    }
+    match rx.recv() {
+        Ok(Ok(())) => Response::no_content(),
+        Ok(Err(message)) => Response::fault(400, message),
+        Err(_) => Response::fault(500, "The VMM stopped before answering."),
+    }
+}
+
 fn set_paused(state: &mut ApiState, paused: bool, link: &VmmLink) -> Response {
     let (tx, rx) = channel();
     if !link.send(ApiRequest::SetPaused { paused, reply: tx }) {
@@ -146,6 +180,8 @@ fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Vm
                     Outcome::Reply(r) => (r, None),
                     Outcome::Start(config) => start(&mut st, config, starts),
                     Outcome::SetPaused(paused) => (set_paused(&mut st, paused, starts), None),
+                    Outcome::CreateSnapshot { kind, state_path, mem_path } => (create_snapshot(kind, state_path, mem_path, starts), None),
+                    Outcome::LoadSnapshot(load) => load_snapshot(&mut st, load, starts),
                 };
                 drop(st);
                 tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");

@@ -30,10 +30,21 @@ fn page_size() -> usize {
 
 const HUGE_PAGE: usize = 2 << 20;
 
+/// Where guest memory comes from.
+#[derive(Debug)]
+pub enum MemoryBacking {
+    /// Anonymous memory: pages never touched are zero.
+    Anonymous,
+    /// A snapshot's memory file mapped private (copy-on-write): pages the guest has not written
+    /// are the file's.
+    File { path: std::path::PathBuf, file: std::fs::File },
+}
+
 /// Maps `size` bytes at a 2 MiB-aligned address with at least one PROT_NONE guard page before
-/// and after. The mapping lives as long as the process (the microVM), so it is deliberately
-/// never unmapped.
-fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
+/// and after: anonymous memory, or `file` from `offset` mapped private (reads come from the
+/// file lazily, writes stay in this process). The mapping lives as long as the process (the
+/// microVM), so it is deliberately never unmapped.
+fn map_guarded(size: usize, file: Option<(std::os::fd::RawFd, u64)>) -> Result<*mut u8, MemoryError> {
     let page = page_size();
     // Room to slide the region up to the next 2 MiB boundary while keeping a guard page below.
     let total = size.checked_add(HUGE_PAGE + 2 * page).ok_or(MemoryError::TooLarge((size >> 20) as u64))?;
@@ -47,17 +58,15 @@ fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
     let start = (base as usize + page).next_multiple_of(HUGE_PAGE);
     let offset = start - base as usize;
     // Offset <= 2 MiB + page and offset + size + page <= total: a guard page stays on each side.
-    // SAFETY: MAP_FIXED replaces only part of the reservation just made, known to nobody else.
-    let mem = unsafe {
-        libc::mmap(
-            base.cast::<u8>().add(offset).cast(),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
+    let (flags, fd, file_offset) = match file {
+        None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED, -1, 0),
+        Some((fd, off)) => {
+            let off = libc::off_t::try_from(off).map_err(|_| MemoryError::TooLarge((size >> 20) as u64))?;
+            (libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED, fd, off)
+        }
     };
+    // SAFETY: MAP_FIXED replaces only part of the reservation just made, known to nobody else.
+    let mem = unsafe { libc::mmap(base.cast::<u8>().add(offset).cast(), size, libc::PROT_READ | libc::PROT_WRITE, flags, fd, file_offset) };
     if mem == libc::MAP_FAILED {
         let err = std::io::Error::last_os_error();
         // The reservation made above is referenced by nothing.
@@ -65,17 +74,40 @@ fn map_guarded(size: usize) -> Result<*mut u8, MemoryError> {
         unsafe { libc::munmap(base, total) };
         return Err(MemoryError::Mmap { size: size as u64, source: err });
     }
-    // SAFETY: advice on the mapping just made; failure (THP disabled) only loses the speed-up.
-    unsafe { libc::madvise(mem, size, libc::MADV_HUGEPAGE) };
+    if file.is_none() {
+        // SAFETY: advice on the mapping just made; failure (THP disabled) only loses the speed-up.
+        unsafe { libc::madvise(mem, size, libc::MADV_HUGEPAGE) };
+    }
     Ok(mem.cast())
 }
 
 /// Creates guest RAM of `mem_size` bytes laid out for x86_64 (split around the MMIO gap).
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    map_layout(mem_size, None)
+}
+
+/// Guest RAM of `mem_size` bytes mapped private from `file`, whose bytes are the regions of
+/// `memory_regions(mem_size)` one after the other (the snapshot memory file layout). Nothing
+/// is read now: the guest faults pages in from the file as it touches them.
+pub fn map_guest_memory_file(mem_size: u64, file: &std::fs::File) -> Result<GuestMemoryMmap, MemoryError> {
+    use std::os::fd::AsRawFd;
+    map_layout(mem_size, Some(file.as_raw_fd()))
+}
+
+/// Total bytes of guest RAM in `mem`.
+pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|r| r.len()).sum()
+}
+
+fn map_layout(mem_size: u64, file: Option<std::os::fd::RawFd>) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
+    let mut file_offset = 0u64;
     for (addr, size) in memory_regions(mem_size) {
+        let len = size;
         let size = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_size >> 20))?;
-        let ptr = map_guarded(size)?;
+        let ptr = map_guarded(size, file.map(|fd| (fd, file_offset)))?;
+        file_offset += len;
         // SAFETY: `ptr` points to `size` bytes mapped read-write above that stay mapped for the
         // life of the process.
         let region = unsafe { MmapRegionBuilder::new(size).with_raw_mmap_pointer(ptr) }

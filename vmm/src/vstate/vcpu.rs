@@ -13,7 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_run, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use serde::{Deserialize, Serialize};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -55,6 +60,25 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
 pub enum VcpuCommand {
     Pause { ack: Sender<u8> },
     Resume { ack: Sender<u8> },
+    /// Read the vCPU's whole state; only while paused.
+    Save { reply: Sender<Result<VcpuState, String>> },
+}
+
+/// Everything KVM holds for one vCPU, as a snapshot keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    /// The guest TSC frequency, when KVM reports it.
+    pub tsc_khz: Option<u32>,
 }
 
 /// Errors configuring a vCPU.
@@ -72,6 +96,8 @@ pub enum VcpuError {
     Thread(u8, #[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] std::io::Error),
+    #[error("vCPU {index} refused MSR {msr:#x} from the snapshot")]
+    RestoreMsr { index: u8, msr: u32 },
 }
 
 /// Why a vCPU stopped running the guest.
@@ -139,6 +165,10 @@ pub struct Vcpu {
     /// Set by a device (the i8042) when the guest asks for a reset.
     reset_requested: Arc<AtomicBool>,
     pub counters: Arc<VcpuCounters>,
+    /// The MSRs a snapshot saves (KVM's list of MSRs to save and restore).
+    msr_list: Arc<Vec<u32>>,
+    /// Start the run loop paused (a snapshot loaded without resume_vm).
+    pub start_paused: bool,
 }
 
 /// What the boot vCPU starts with.
@@ -157,6 +187,7 @@ impl Vcpu {
         supported_cpuid: &CpuId,
         pio: Arc<Bus>,
         reset_requested: Arc<AtomicBool>,
+        msr_list: Arc<Vec<u32>>,
     ) -> Result<Vcpu, VcpuError> {
         let io = |what| move |source| VcpuError::Ioctl { what, index, source };
         let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
@@ -179,7 +210,88 @@ impl Vcpu {
         msr::set_lapic_reg(&mut lapic.regs, msr::APIC_LVT1, msr::set_apic_delivery_mode(lvt1, msr::APIC_MODE_NMI));
         fd.set_lapic(&lapic).map_err(io("set the LAPIC"))?;
 
-        Ok(Vcpu { index, fd, pio, reset_requested, counters: Arc::new(VcpuCounters::default()) })
+        Ok(Vcpu { index, fd, pio, reset_requested, counters: Arc::new(VcpuCounters::default()), msr_list, start_paused: false })
+    }
+
+    /// Creates vCPU `index` with the state a snapshot saved.
+    pub fn restore(
+        vm: &VmFd,
+        index: u8,
+        state: &VcpuState,
+        pio: Arc<Bus>,
+        reset_requested: Arc<AtomicBool>,
+        msr_list: Arc<Vec<u32>>,
+    ) -> Result<Vcpu, VcpuError> {
+        let io = |what| move |source| VcpuError::Ioctl { what, index, source };
+        let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::MsrList)?;
+        fd.set_cpuid2(&cpuid).map_err(io("restore the CPUID"))?;
+        if let Some(khz) = state.tsc_khz {
+            // Same frequency on the same host model; a different one is set if KVM can scale.
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(io("set the TSC frequency"))?;
+            }
+        }
+        fd.set_mp_state(state.mp_state).map_err(io("restore the MP state"))?;
+        fd.set_regs(&state.regs).map_err(io("restore the registers"))?;
+        fd.set_sregs(&state.sregs).map_err(io("restore the special registers"))?;
+        // SAFETY: a kvm_xsave read by KVM_GET_XSAVE is the 4 KiB legacy layout this ioctl
+        // takes; no larger XSAVE area (AMX) is enabled for our guests.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(io("restore the XSAVE area"))?;
+        fd.set_xcrs(&state.xcrs).map_err(io("restore the XCRs"))?;
+        fd.set_debug_regs(&state.debugregs).map_err(io("restore the debug registers"))?;
+        fd.set_lapic(&state.lapic).map_err(io("restore the LAPIC"))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::MsrList)?;
+        let set = fd.set_msrs(&msrs).map_err(io("restore the MSRs"))?;
+        if set != state.msrs.len() {
+            return Err(VcpuError::RestoreMsr { index, msr: state.msrs[set].index });
+        }
+        fd.set_vcpu_events(&state.events).map_err(io("restore the vCPU events"))?;
+        Ok(Vcpu { index, fd, pio, reset_requested, counters: Arc::new(VcpuCounters::default()), msr_list, start_paused: false })
+    }
+
+    /// Reads the whole vCPU state. Call on the vCPU's own thread while it is out of KVM_RUN.
+    fn save_state(&mut self) -> Result<VcpuState, String> {
+        // An exit handled just before the pause may still owe KVM its completion (the data of
+        // a port read): a KVM_RUN with immediate_exit completes it without entering the guest,
+        // so the registers saved are those after the instruction.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let index = self.index;
+        let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("cannot read the {what} of vCPU {index}: {err}");
+        let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(e("CPUID"))?.as_slice().to_vec();
+        let msrs = self.save_msrs().map_err(e("MSRs"))?;
+        Ok(VcpuState {
+            cpuid,
+            msrs,
+            regs: self.fd.get_regs().map_err(e("registers"))?,
+            sregs: self.fd.get_sregs().map_err(e("special registers"))?,
+            xsave: self.fd.get_xsave().map_err(e("XSAVE area"))?,
+            xcrs: self.fd.get_xcrs().map_err(e("XCRs"))?,
+            debugregs: self.fd.get_debug_regs().map_err(e("debug registers"))?,
+            lapic: self.fd.get_lapic().map_err(e("LAPIC"))?,
+            mp_state: self.fd.get_mp_state().map_err(e("MP state"))?,
+            events: self.fd.get_vcpu_events().map_err(e("events"))?,
+            tsc_khz: self.fd.get_tsc_khz().ok(),
+        })
+    }
+
+    /// Reads every MSR on KVM's save list that this vCPU has; KVM stops a batch at the first
+    /// MSR it cannot read, which is then skipped.
+    fn save_msrs(&self) -> Result<Vec<kvm_msr_entry>, kvm_ioctls::Error> {
+        let mut saved = Vec::with_capacity(self.msr_list.len());
+        let mut rest: &[u32] = &self.msr_list;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+            let entries: Vec<kvm_msr_entry> = batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+            let n = self.fd.get_msrs(&mut msrs)?;
+            saved.extend_from_slice(&msrs.as_slice()[..n.min(batch.len())]);
+            // Entry n could not be read: skip it.
+            rest = &rest[(n + 1).min(rest.len())..];
+        }
+        Ok(saved)
     }
 
     /// Puts the boot vCPU at the kernel's entry point.
@@ -263,7 +375,7 @@ impl Vcpu {
     pub fn run(&mut self, commands: &Receiver<VcpuCommand>) -> Option<VcpuStop> {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
-        let mut paused = false;
+        let mut paused = self.start_paused;
         loop {
             if !paused {
                 if let Some(stop) = self.run_until_kicked() {
@@ -280,6 +392,12 @@ impl Vcpu {
                 Some(VcpuCommand::Resume { ack }) => {
                     paused = false;
                     let _ = ack.send(self.index);
+                }
+                Some(VcpuCommand::Save { reply }) if paused => {
+                    let _ = reply.send(self.save_state());
+                }
+                Some(VcpuCommand::Save { reply }) => {
+                    let _ = reply.send(Err("the vCPU is not paused".into()));
                 }
                 None if paused => return None,
                 None => {}

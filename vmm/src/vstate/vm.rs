@@ -1,7 +1,11 @@
 //! The KVM VM: creation with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, guest memory
 //! slots, and irqfds for device interrupt lines.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,6 +23,17 @@ pub enum VmError {
     Capability(&'static str),
     #[error("cannot {0}")]
     Ioctl(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// The VM-wide state a snapshot keeps: the in-kernel irqchip (both PICs and the IOAPIC), the
+/// PIT, and the KVM clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 /// A VM and the KVM handle it came from.
@@ -66,13 +81,60 @@ impl Vm {
         Ok(())
     }
 
+    /// The MSRs KVM says a VMM must save and restore to move a vCPU.
+    pub fn msrs_to_save(&self) -> Result<Vec<u32>, VmError> {
+        let list = self.kvm.get_msr_index_list().map_err(|e| VmError::Ioctl("read the MSR list", e))?;
+        Ok(list.as_slice().to_vec())
+    }
+
     /// The most vCPUs KVM will create for one VM.
     pub fn max_vcpus(kvm: &Kvm) -> usize {
         kvm.get_max_vcpus()
     }
 
-    /// Registers every guest memory region as a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// Reads the VM-wide state (the vCPUs must be paused).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| {
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.fd.get_irqchip(&mut c).map(|_| c).map_err(|e| VmError::Ioctl("read the irqchip", e))
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(|e| VmError::Ioctl("read the PIT", e))?,
+            clock: self.fd.get_clock().map_err(|e| VmError::Ioctl("read the KVM clock", e))?,
+        })
+    }
+
+    /// Puts back the state `save_state` read, after `setup_irqchip`.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd.set_pit2(&state.pit).map_err(|e| VmError::Ioctl("restore the PIT", e))?;
+        // KVM refuses flags it reports but does not take (e.g. KVM_CLOCK_TSC_STABLE).
+        let clock = kvm_clock_data { flags: 0, ..state.clock };
+        self.fd.set_clock(&clock).map_err(|e| VmError::Ioctl("restore the KVM clock", e))?;
+        for (chip, id) in [(&state.pic_master, KVM_IRQCHIP_PIC_MASTER), (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE), (&state.ioapic, KVM_IRQCHIP_IOAPIC)] {
+            let chip = kvm_irqchip { chip_id: id, ..*chip };
+            self.fd.set_irqchip(&chip).map_err(|e| VmError::Ioctl("restore the irqchip", e))?;
+        }
+        Ok(())
+    }
+
+    /// The pages of each memory slot the guest wrote since the last call (or since the slot
+    /// was registered with dirty logging), one bit per 4 KiB page; reading clears the log.
+    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let len = usize::try_from(region.len()).map_err(|_| VmError::Capability("dirty log of a huge slot"))?;
+                self.fd.get_dirty_log(slot as u32, len).map_err(|e| VmError::Ioctl("read the dirty page log", e))
+            })
+            .collect()
+    }
+
+    /// Registers every guest memory region as a KVM memory slot, with dirty page logging when
+    /// `track_dirty` (needed for diff snapshots; it costs a fault per first write to a page).
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = mem.get_host_address(region.start_addr()).map_err(|_| VmError::Capability("host address of guest memory"))?;
             let r = kvm_userspace_memory_region {
@@ -80,7 +142,7 @@ impl Vm {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: if track_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             };
             // SAFETY: the region's host mapping stays valid for the life of the process (guest
             // memory is never unmapped) and no two slots overlap (regions are disjoint).

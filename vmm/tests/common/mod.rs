@@ -1,6 +1,8 @@
 //! Helpers for tests that run the `shoal-vmm` binary.
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

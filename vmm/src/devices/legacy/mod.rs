@@ -4,4 +4,4 @@ pub mod i8042;
 pub mod serial;
 
 pub use i8042::I8042;
-pub use serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
+pub use serial::{SerialConsole, SerialSaved, COM1_BASE, COM1_IRQ, COM1_LEN};

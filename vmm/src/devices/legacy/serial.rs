@@ -6,7 +6,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::devices::bus::BusDevice;
@@ -78,6 +79,21 @@ impl<W: Write> Write for PanicWatch<W> {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSaved {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 /// The guest's serial console.
 pub struct SerialConsole {
     serial: Serial<EventFdTrigger, NoEvents, Flushing<PanicWatch<Box<dyn Write + Send>>>>,
@@ -95,6 +111,42 @@ impl SerialConsole {
     /// A console writing to `out`; `panic_seen` is set when the guest prints a kernel panic.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>, panic_seen: Arc<AtomicBool>) -> Self {
         SerialConsole { serial: Serial::new(irq, Flushing(PanicWatch::new(out, panic_seen))), errors: AtomicU64::new(0) }
+    }
+
+    /// A console continuing from `saved`; an invalid state (FIFO over its size) is an error.
+    pub fn restore(irq: EventFdTrigger, out: Box<dyn Write + Send>, panic_seen: Arc<AtomicBool>, saved: &SerialSaved) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, irq, NoEvents, Flushing(PanicWatch::new(out, panic_seen)))
+            .map_err(|e| format!("invalid serial port state: {e:?}"))?;
+        Ok(SerialConsole { serial, errors: AtomicU64::new(0) })
+    }
+
+    /// The UART state to put in a snapshot.
+    pub fn save(&self) -> SerialSaved {
+        let s = self.serial.state();
+        SerialSaved {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// Queues host input for the guest; bytes beyond the FIFO's room are dropped and counted.
@@ -192,6 +244,20 @@ mod tests {
         assert!(!seen.load(Ordering::SeqCst), "split across lines is not a panic line");
         say(b"[    2.1] Kernel panic - not syncing: No working init found.\n");
         assert!(seen.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn state_round_trips_and_a_bad_fifo_is_refused() {
+        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default());
+        s.write(3, &[0x83]); // LCR with DLAB
+        s.write(7, &[0x5a]); // scratch
+        s.enqueue_input(b"ab");
+        let saved = s.save();
+        assert_eq!((saved.line_control, saved.scratch, saved.in_buffer.as_slice()), (0x83, 0x5a, &b"ab"[..]));
+        let back = SerialConsole::restore(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default(), &saved).unwrap();
+        assert_eq!(back.save(), saved);
+        let bad = SerialSaved { in_buffer: vec![0; 100_000], ..saved };
+        assert!(SerialConsole::restore(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default(), &bad).is_err());
     }
 
     #[test]

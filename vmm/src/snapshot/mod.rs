@@ -1,0 +1,339 @@
+//! Snapshots of a paused microVM and restoring them in a new process.
+//!
+//! A snapshot is two files: the state file (`format`: versioned, checksummed; vCPUs, VM-wide
+//! KVM state, devices, machine shape, the host CPU it was taken on) and the memory file
+//! (`memfile`: the guest's RAM, sparse). Restoring maps the memory file private, so it costs
+//! the same at any memory size and many clones can share one file; the guest's writes stay in
+//! its own process.
+//!
+//! This module owns the state types' layout; the live objects (`Vm`, `Vcpu`, `SerialConsole`)
+//! read and write their own parts.
+
+pub mod format;
+pub mod memfile;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::builder::MicroVm;
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
+use crate::devices::legacy::{SerialConsole, SerialSaved, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::EventFdTrigger;
+use crate::vstate::memory::{map_guest_memory_file, MemoryBacking, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState};
+use crate::vstate::vm::{Vm, VmError, VmState};
+use format::FormatError;
+use memfile::{MemFileError, Range};
+
+/// Full: the whole guest memory. Diff: the pages written since the previous snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotKind {
+    Full,
+    Diff,
+}
+
+/// The machine's shape, which a restore must reproduce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineState {
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub track_dirty_pages: bool,
+}
+
+/// Which CPU a snapshot was taken on: vendor and family/model/stepping (CPUID leaves 0 and 1).
+/// Guest state holds CPU features and MSRs of that model; another model is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuSignature {
+    pub vendor: String,
+    pub family_model_stepping: u32,
+}
+
+impl CpuSignature {
+    /// The signature in a CPUID table.
+    pub fn of(cpuid: &CpuId) -> CpuSignature {
+        let mut sig = CpuSignature { vendor: String::new(), family_model_stepping: 0 };
+        for e in cpuid.as_slice() {
+            match e.function {
+                0 => {
+                    let bytes: Vec<u8> = [e.ebx, e.edx, e.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+                    sig.vendor = String::from_utf8_lossy(&bytes).into_owned();
+                }
+                1 => sig.family_model_stepping = e.eax & 0x0fff_3fff,
+                _ => {}
+            }
+        }
+        sig
+    }
+}
+
+impl std::fmt::Display for CpuSignature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let eax = self.family_model_stepping;
+        let family = ((eax >> 8) & 0xf) + ((eax >> 20) & 0xff);
+        let model = ((eax >> 4) & 0xf) | ((eax >> 12) & 0xf0);
+        write!(f, "{} family {family:#x} model {model:#x} stepping {}", self.vendor, eax & 0xf)
+    }
+}
+
+/// Everything in a state file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub kind: SnapshotKind,
+    pub machine: MachineState,
+    pub cpu: CpuSignature,
+    /// Size of the memory file this state goes with.
+    pub memory_bytes: u64,
+    /// For a diff: the memory file ranges it holds (what `merge` copies into the base).
+    pub dirty: Vec<Range>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialSaved,
+    /// How many restores lie between this state and a cold boot (0: taken from a cold-booted
+    /// VM). A restore increments it; every clone of one snapshot gets the same value, so it
+    /// tells a guest-visible "was restored" apart, not the clones from each other.
+    pub generation: u64,
+}
+
+/// Errors creating or restoring snapshots.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read snapshot state file {path}")]
+    ReadState { path: PathBuf, #[source] source: std::io::Error },
+    #[error("snapshot state file {path}: {source}")]
+    Format { path: PathBuf, #[source] source: FormatError },
+    #[error("cannot write snapshot state file {path}")]
+    WriteState { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot open snapshot memory file {path}")]
+    MemoryOpen { path: PathBuf, #[source] source: std::io::Error },
+    #[error("snapshot memory file {path} is {have} bytes but the snapshot's guest has {want} bytes of memory")]
+    MemorySize { path: PathBuf, have: u64, want: u64 },
+    #[error("snapshot was taken on a {snapshot}; this host is a {host}")]
+    Cpu { snapshot: CpuSignature, host: CpuSignature },
+    #[error("snapshot state is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("diff snapshots need dirty page tracking (machine-config track_dirty_pages)")]
+    DiffWithoutTracking,
+    #[error("snapshot {path} is a full snapshot; only a diff is merged into a base")]
+    NotADiff { path: PathBuf },
+    #[error("{path} is a diff snapshot: merge it into its base first (shoal-vmm --merge DIFF_DIR --into BASE_DIR)")]
+    UnmergedDiff { path: PathBuf },
+    #[error("cannot read the vCPU state: {0}")]
+    SaveVcpu(String),
+    #[error("cannot restore the serial port: {0}")]
+    Serial(String),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    MemFile(#[from] MemFileError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot read the CPUID KVM supports")]
+    Cpuid(#[source] kvm_ioctls::Error),
+}
+
+/// What a snapshot reads from a paused microVM besides its vCPUs.
+#[derive(Debug)]
+pub struct SnapshotSource<'a> {
+    pub vm: &'a Vm,
+    pub mem: &'a GuestMemoryMmap,
+    pub backing: &'a MemoryBacking,
+    pub serial: &'a Mutex<SerialConsole>,
+    pub machine: &'a MachineState,
+    pub generation: u64,
+}
+
+/// Writes a snapshot of a paused microVM: memory file first, then the state file (each under a
+/// temporary name, renamed into place), so a state file never names a memory file that is not
+/// complete.
+pub fn create(src: &SnapshotSource, vcpus: Vec<VcpuState>, kind: SnapshotKind, state_path: &Path, mem_path: &Path) -> Result<(), SnapshotError> {
+    if kind == SnapshotKind::Diff && !src.machine.track_dirty_pages {
+        return Err(SnapshotError::DiffWithoutTracking);
+    }
+    let vm_state = src.vm.save_state()?;
+    let supported = src.vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(SnapshotError::Cpuid)?;
+    let serial = src.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
+    let dirty = match kind {
+        SnapshotKind::Full => {
+            memfile::write_full(src.mem, src.backing, mem_path)?;
+            if src.machine.track_dirty_pages {
+                // The next diff starts from here.
+                src.vm.take_dirty_log(src.mem)?;
+            }
+            Vec::new()
+        }
+        SnapshotKind::Diff => {
+            let log = src.vm.take_dirty_log(src.mem)?;
+            memfile::write_diff(src.mem, &log, mem_path)?
+        }
+    };
+    let state = SnapshotState {
+        kind,
+        machine: src.machine.clone(),
+        cpu: CpuSignature::of(&supported),
+        memory_bytes: crate::vstate::memory::total_size(src.mem),
+        dirty,
+        vm: vm_state,
+        vcpus,
+        serial,
+        generation: src.generation,
+    };
+    let bytes = format::encode(&state).map_err(|source| SnapshotError::Format { path: state_path.to_owned(), source })?;
+    write_atomically(state_path, &bytes)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let err = |source| SnapshotError::WriteState { path: path.to_owned(), source };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = File::create(&tmp).and_then(|mut f| f.write_all(bytes)).and_then(|_| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// Reads and checks a state file.
+pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
+    let err = |source| SnapshotError::ReadState { path: path.to_owned(), source };
+    let file = File::open(path).map_err(err)?;
+    let len = file.metadata().map_err(err)?.len();
+    if len > format::MAX_PAYLOAD + 64 {
+        return Err(SnapshotError::Format { path: path.to_owned(), source: FormatError::TooLarge(len) });
+    }
+    let bytes = std::fs::read(path).map_err(err)?;
+    let state: SnapshotState = format::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.to_owned(), source })?;
+    check_consistent(&state)?;
+    Ok(state)
+}
+
+/// Checks what a decoded state promises about itself, before KVM sees any of it.
+fn check_consistent(state: &SnapshotState) -> Result<(), SnapshotError> {
+    let m = &state.machine;
+    if m.vcpus == 0 || m.vcpus > 254 || state.vcpus.len() != m.vcpus as usize {
+        return Err(SnapshotError::Inconsistent(format!("{} vCPU states for {} vCPUs", state.vcpus.len(), m.vcpus)));
+    }
+    let want = m.mem_mib.checked_mul(1 << 20).filter(|&b| b <= crate::api::config::MAX_MEM_MIB << 20);
+    if want != Some(state.memory_bytes) {
+        return Err(SnapshotError::Inconsistent(format!("{} bytes of memory for {} MiB", state.memory_bytes, m.mem_mib)));
+    }
+    if state.serial.in_buffer.len() > 64 {
+        return Err(SnapshotError::Inconsistent("serial receive FIFO over its size".into()));
+    }
+    Ok(())
+}
+
+/// File names of a snapshot directory (`shoal-vmm --restore DIR`, `--merge`).
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+
+/// Merges a diff snapshot into its base, in place: the diff's pages go into the base memory
+/// file, then the base state file is replaced by the diff's state (as a full snapshot). The
+/// base directory then holds a full snapshot of the moment the diff was taken.
+pub fn merge(diff_state: &Path, diff_mem: &Path, base_state: &Path, base_mem: &Path) -> Result<(), SnapshotError> {
+    let mut state = read_state(diff_state)?;
+    if state.kind != SnapshotKind::Diff {
+        return Err(SnapshotError::NotADiff { path: diff_state.to_owned() });
+    }
+    let base = read_state(base_state)?;
+    if base.memory_bytes != state.memory_bytes || base.machine.vcpus != state.machine.vcpus {
+        return Err(SnapshotError::Inconsistent(format!("{} and {} are snapshots of different machines", diff_state.display(), base_state.display())));
+    }
+    memfile::merge_diff(base_mem, diff_mem, &state.dirty)?;
+    state.kind = SnapshotKind::Full;
+    state.dirty.clear();
+    let bytes = format::encode(&state).map_err(|source| SnapshotError::Format { path: base_state.to_owned(), source })?;
+    write_atomically(base_state, &bytes)
+}
+
+/// `merge` for snapshot directories.
+pub fn merge_dirs(diff: &Path, base: &Path) -> Result<(), SnapshotError> {
+    merge(&diff.join(STATE_FILE), &diff.join(MEMORY_FILE), &base.join(STATE_FILE), &base.join(MEMORY_FILE))
+}
+
+/// How to restore.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// Run the vCPUs at once; otherwise they wait for a resume.
+    pub resume: bool,
+    /// Log dirty pages from now on (diff snapshots of the restored VM), even if the snapshot's
+    /// VM did not.
+    pub track_dirty_pages: bool,
+}
+
+/// Builds a microVM from a snapshot, ready to run. The guest console goes to `console`.
+pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send>, options: RestoreOptions) -> Result<MicroVm, SnapshotError> {
+    let mut state = read_state(state_path)?;
+    if state.kind == SnapshotKind::Diff {
+        return Err(SnapshotError::UnmergedDiff { path: state_path.to_owned() });
+    }
+    state.machine.track_dirty_pages |= options.track_dirty_pages;
+    let file = File::open(mem_path).map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?;
+    let have = file.metadata().map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?.len();
+    if have != state.memory_bytes {
+        return Err(SnapshotError::MemorySize { path: mem_path.to_owned(), have, want: state.memory_bytes });
+    }
+
+    let vm = Vm::new()?;
+    let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(SnapshotError::Cpuid)?;
+    let host = CpuSignature::of(&supported);
+    if host != state.cpu {
+        return Err(SnapshotError::Cpu { snapshot: state.cpu, host });
+    }
+    if state.vcpus.len() > Vm::max_vcpus(&vm.kvm) {
+        return Err(SnapshotError::Inconsistent(format!("{} vCPUs, more than KVM allows here", state.vcpus.len())));
+    }
+    let mem = map_guest_memory_file(state.memory_bytes, &file)?;
+    vm.register_memory(&mem, state.machine.track_dirty_pages)?;
+    vm.setup_irqchip()?;
+    vm.restore_state(&state.vm)?;
+
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(SnapshotError::EventFd)?;
+    vm.register_irq(&serial_irq, COM1_IRQ)?;
+    let guest_panicked = Arc::new(AtomicBool::new(false));
+    let serial = SerialConsole::restore(EventFdTrigger(serial_irq), console, guest_panicked.clone(), &state.serial).map_err(SnapshotError::Serial)?;
+    let serial = Arc::new(Mutex::new(serial));
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(SnapshotError::EventFd)?;
+    let reset_requested = Arc::new(AtomicBool::new(false));
+    let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(SnapshotError::EventFd)?);
+    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone())));
+    let mut bus = Bus::new();
+    bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+    bus.insert(i8042, I8042_BASE, I8042_LEN)?;
+    let pio = Arc::new(bus);
+
+    let msr_list = Arc::new(vm.msrs_to_save()?);
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, vs) in state.vcpus.iter().enumerate() {
+        let mut vcpu = Vcpu::restore(&vm.fd, index as u8, vs, pio.clone(), reset_requested.clone(), msr_list.clone())?;
+        vcpu.start_paused = !options.resume;
+        vcpus.push(vcpu);
+    }
+    tracing::info!(vcpus = vcpus.len(), mem_mib = state.machine.mem_mib, generation = state.generation + 1, "microvm restored");
+    Ok(MicroVm {
+        vm,
+        mem,
+        vcpus,
+        serial,
+        reset_evt,
+        pio,
+        guest_panicked,
+        machine: state.machine,
+        backing: MemoryBacking::File { path: mem_path.to_owned(), file },
+        generation: state.generation + 1,
+    })
+}
