@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test build probes guest-kernel bench-boot deps clean-cache
+.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -43,6 +43,11 @@ test: probes guest-kernel
 
 bench-boot: probes guest-kernel
 	@ci/bench-boot.sh $(VMM) $(PROBE_DIR)/boot.elf $(GUEST_DIR)
+
+# Snapshot create and restore figures on this machine's KVM (128 MiB and 2 GiB guests).
+bench-snapshot: probes
+	@ci/ensure-packages.sh python3
+	@python3 ci/bench-snapshot.py $(VMM) $(PROBE_DIR)/spin.elf
 
 clean-cache:
 	rm -rf $${SHOAL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/shoal}

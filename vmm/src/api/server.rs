@@ -66,12 +66,23 @@ impl VmmLink {
     }
 }
 
-/// Listens on `path`, which must not exist yet.
+/// Listens on `path`, which must not exist yet. The socket is bound under a temporary name and
+/// renamed into place once it listens, so a client that waits for the path to appear never
+/// finds a socket that refuses connections.
 pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     if path.exists() {
         return Err(ApiError::SocketExists(path.display().to_string()));
     }
-    UnixListener::bind(path).map_err(|source| ApiError::Bind { path: path.display().to_string(), source })
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let bind_err = |source| ApiError::Bind { path: path.display().to_string(), source };
+    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(bind_err(e));
+    }
+    Ok(listener)
 }
 
 /// Serves the API on its own thread.

@@ -1,0 +1,219 @@
+//! Snapshots on KVM with the counter probe (its count lives in guest memory): a restored guest
+//! carries on counting from the snapshot in a new process; a diff snapshot merged into its
+//! base carries the later writes; ten clones of one snapshot run side by side; damaged or
+//! foreign snapshots are refused with an error that says what is wrong.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::api::{call, consecutive_counts, Console, Vmm};
+use common::{kvm_available, probe, text, vmm};
+use shoal_vmm::snapshot::{format, SnapshotState};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-snapshot-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A counter guest under API control.
+struct Counter {
+    vm: Vmm,
+    console: Console,
+}
+
+impl Counter {
+    fn boot(tag: &str, track_dirty: bool) -> Counter {
+        let mut vm = Vmm::start(tag);
+        let console = Console::capture(&mut vm.child);
+        let mut s = vm.connect();
+        let machine = format!(r#"{{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": {track_dirty}}}"#);
+        assert_eq!(call(&mut s, "PUT", "/machine-config", &machine).0, 204);
+        let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display());
+        assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+        assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+        Counter { vm, console }
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        call(&mut self.vm.connect(), method, path, body)
+    }
+
+    /// Pauses, snapshots into `dir` (files `state` and `memory`), and returns the console text
+    /// up to the snapshot. The guest stays paused.
+    fn snapshot(&self, kind: &str, dir: &Path) -> String {
+        assert_eq!(self.request("PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
+        let text = self.console.settle(Duration::from_millis(400));
+        let body = format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            dir.join("state").display(),
+            dir.join("memory").display()
+        );
+        assert_eq!(self.request("PUT", "/snapshot/create", &body), (204, String::new()));
+        text
+    }
+}
+
+fn restore(dir: &Path) -> (std::process::Child, Console) {
+    let mut child = Command::new(vmm()).arg("--restore").arg(dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let console = Console::capture(&mut child);
+    (child, console)
+}
+
+fn complete_lines(text: &str) -> &str {
+    &text[..text.rfind('\n').map_or(0, |i| i + 1)]
+}
+
+#[test]
+fn a_restored_guest_counts_on_from_the_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("full");
+    let guest = Counter::boot("snap-full", false);
+    guest.console.wait_count(3);
+    let before = guest.snapshot("Full", &dir);
+    let last = *consecutive_counts(complete_lines(&before)).unwrap().last().unwrap();
+    drop(guest); // kill the original
+
+    let (mut child, console) = restore(&dir);
+    console.wait_count(last + 3);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // No reset, no skip: the original's output up to the snapshot and the clone's continue
+    // each other (a line cut by the pause is completed by the restored guest).
+    let joined = format!("{before}{}", console.text());
+    let counts = consecutive_counts(complete_lines(&joined)).unwrap();
+    assert!(counts.contains(&(last + 1)) && counts.contains(&(last + 3)), "{joined}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_diff_merged_into_its_base_restores_the_later_state() {
+    if !kvm_available() {
+        return;
+    }
+    let (base, diff) = (scratch("base"), scratch("diff"));
+    let guest = Counter::boot("snap-diff", true);
+    guest.console.wait_count(2);
+    guest.snapshot("Full", &base);
+    assert_eq!(guest.request("PATCH", "/vm", r#"{"state": "Resumed"}"#).0, 204);
+    let resumed_at = guest.console.last_count().unwrap();
+    guest.console.wait_count(resumed_at + 5);
+    let before = guest.snapshot("Diff", &diff);
+    let last = *consecutive_counts(complete_lines(&before)).unwrap().last().unwrap();
+    drop(guest);
+
+    // The diff memory file holds only the pages written since the base: far less than 64 MiB.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(diff.join("memory")).unwrap().blocks() * 512;
+    assert!(allocated < 8 << 20, "diff allocates {allocated} bytes");
+
+    // An unmerged diff is refused rather than restored with missing pages.
+    let out = Command::new(vmm()).arg("--restore").arg(&diff).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is a diff snapshot: merge it into its base first"), "{}", text(&out.stderr));
+
+    let out = Command::new(vmm()).arg("--merge").arg(&diff).arg("--into").arg(&base).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (mut child, console) = restore(&base);
+    console.wait_count(last + 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let joined = format!("{before}{}", console.text());
+    let counts = consecutive_counts(complete_lines(&joined)).unwrap();
+    assert!(counts.contains(&(last + 2)), "{joined}");
+    std::fs::remove_dir_all(&base).unwrap();
+    std::fs::remove_dir_all(&diff).unwrap();
+}
+
+#[test]
+fn ten_clones_of_one_snapshot_run_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("clones");
+    let guest = Counter::boot("snap-clones", false);
+    guest.console.wait_count(2);
+    let before = guest.snapshot("Full", &dir);
+    let last = *consecutive_counts(complete_lines(&before)).unwrap().last().unwrap();
+    drop(guest);
+
+    let clones: Vec<_> = (0..10).map(|_| restore(&dir)).collect();
+    for (i, (_, console)) in clones.iter().enumerate() {
+        let n = console.wait_count(last + 2);
+        assert!(n >= last + 2, "clone {i}");
+    }
+    // Every clone still runs, each with its own copy of guest memory.
+    for (i, (child, console)) in clones.into_iter().map(|(mut c, k)| (c.try_wait().unwrap(), k)).enumerate() {
+        assert!(child.is_none(), "clone {i} exited: {}", console.text());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn damaged_and_foreign_snapshots_are_refused_with_clear_errors() {
+    if !kvm_available() {
+        return;
+    }
+    let good = scratch("good");
+    let guest = Counter::boot("snap-bad", false);
+    guest.console.wait_count(1);
+    guest.snapshot("Full", &good);
+    drop(guest);
+    let state = std::fs::read(good.join("state")).unwrap();
+    let bad = scratch("bad");
+    let try_restore = |state_bytes: &[u8], memory: Option<u64>| -> String {
+        std::fs::write(bad.join("state"), state_bytes).unwrap();
+        let _ = std::fs::remove_file(bad.join("memory"));
+        match memory {
+            Some(len) => {
+                let f = std::fs::File::create(bad.join("memory")).unwrap();
+                f.set_len(len).unwrap();
+            }
+            None => {
+                std::fs::copy(good.join("memory"), bad.join("memory")).unwrap();
+            }
+        }
+        let out = Command::new(vmm()).arg("--restore").arg(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+
+    let mut flipped = state.clone();
+    flipped[state.len() / 2] ^= 0x01;
+    assert!(try_restore(&flipped, None).contains("checksum mismatch"));
+    assert!(try_restore(&state[..state.len() - 100], None).contains("truncated"));
+    let mut version = state.clone();
+    version[8] = 99;
+    assert!(try_restore(&version, None).contains("format version 99 is not supported"));
+    assert!(try_restore(b"#!/bin/sh\n", None).contains("not a shoal snapshot state file"));
+    assert!(try_restore(&state, Some(32 << 20)).contains("bytes but the snapshot's guest has 67108864 bytes"));
+
+    // A snapshot taken on another CPU model, re-sealed with a valid checksum.
+    let mut decoded: SnapshotState = format::decode(&state).unwrap();
+    decoded.cpu.vendor = "OtherVendor!".into();
+    let foreign = format::encode(&decoded).unwrap();
+    let err = try_restore(&foreign, None);
+    assert!(err.contains("snapshot was taken on a OtherVendor!"), "{err}");
+
+    // The same through the API: a 400 with the reason, and the VMM keeps serving.
+    let api = Vmm::start("snap-load-bad");
+    let body = format!(r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#, bad.join("state").display(), bad.join("memory").display());
+    let (st, reply) = call(&mut api.connect(), "PUT", "/snapshot/load", &body);
+    assert_eq!(st, 400);
+    assert!(reply.contains("snapshot was taken on a OtherVendor!"), "{reply}");
+    assert!(call(&mut api.connect(), "GET", "/", "").1.contains("Not started"));
+    let missing = r#"{"snapshot_path": "/nonexistent/state", "mem_file_path": "/nonexistent/mem"}"#;
+    let (st, reply) = call(&mut api.connect(), "PUT", "/snapshot/load", missing);
+    assert_eq!(st, 400);
+    assert!(reply.contains("cannot read snapshot state file /nonexistent/state"), "{reply}");
+    std::fs::remove_dir_all(&good).unwrap();
+    std::fs::remove_dir_all(&bad).unwrap();
+}
