@@ -60,10 +60,23 @@ impl Counter {
     }
 }
 
-fn restore(dir: &Path) -> (std::process::Child, Console) {
+/// A `shoal-vmm --restore` process, killed when dropped (a failing test leaves none behind).
+struct Restored {
+    child: std::process::Child,
+    console: Console,
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn restore(dir: &Path) -> Restored {
     let mut child = Command::new(vmm()).arg("--restore").arg(dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let console = Console::capture(&mut child);
-    (child, console)
+    Restored { child, console }
 }
 
 fn complete_lines(text: &str) -> &str {
@@ -82,10 +95,10 @@ fn a_restored_guest_counts_on_from_the_snapshot() {
     let last = *consecutive_counts(complete_lines(&before)).unwrap().last().unwrap();
     drop(guest); // kill the original
 
-    let (mut child, console) = restore(&dir);
+    let restored = restore(&dir);
+    let console = restored.console.clone();
     console.wait_count(last + 3);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(restored);
     // No reset, no skip: the original's output up to the snapshot and the clone's continue
     // each other (a line cut by the pause is completed by the restored guest).
     let joined = format!("{before}{}", console.text());
@@ -122,10 +135,10 @@ fn a_diff_merged_into_its_base_restores_the_later_state() {
 
     let out = Command::new(vmm()).arg("--merge").arg(&diff).arg("--into").arg(&base).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let (mut child, console) = restore(&base);
+    let restored = restore(&base);
+    let console = restored.console.clone();
     console.wait_count(last + 2);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(restored);
     let joined = format!("{before}{}", console.text());
     let counts = consecutive_counts(complete_lines(&joined)).unwrap();
     assert!(counts.contains(&(last + 2)), "{joined}");
@@ -146,13 +159,13 @@ fn ten_clones_of_one_snapshot_run_at_once() {
     drop(guest);
 
     let clones: Vec<_> = (0..10).map(|_| restore(&dir)).collect();
-    for (i, (_, console)) in clones.iter().enumerate() {
-        let n = console.wait_count(last + 2);
+    for (i, clone) in clones.iter().enumerate() {
+        let n = clone.console.wait_count(last + 2);
         assert!(n >= last + 2, "clone {i}");
     }
     // Every clone still runs, each with its own copy of guest memory.
-    for (i, (child, console)) in clones.into_iter().map(|(mut c, k)| (c.try_wait().unwrap(), k)).enumerate() {
-        assert!(child.is_none(), "clone {i} exited: {}", console.text());
+    for (i, mut clone) in clones.into_iter().enumerate() {
+        assert!(clone.child.try_wait().unwrap().is_none(), "clone {i} exited: {}", clone.console.text());
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
