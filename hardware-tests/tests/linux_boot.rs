@@ -1,8 +1,9 @@
 //! Full Linux under shoal-vmm: the project's guest kernel, as vmlinux (PVH entry) and as bzImage
 //! (64-bit entry), on 1 and 2 vCPUs, boots the busybox initramfs to /init, which prints a
 //! marker, `nproc` and /proc/cmdline, then reboots: shoal-vmm exits 0 each time. A guest that
-//! triple-faults or panics makes shoal-vmm exit 2. All cases run in one emulated-server boot
-//! (or directly on a VMX/SVM host).
+//! triple-faults or panics makes shoal-vmm exit 2. A guest counting in a shell loop is
+//! snapshotted and restored in new processes, and counts on. All cases run in one
+//! emulated-server boot (or directly on a VMX/SVM host).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +33,8 @@ fn boot_job() -> Job {
         ));
     }
     script.push_str("run_case triple-fault ./shoal-vmm --kernel fault.elf\n");
+    // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
+    script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.
     script.push_str("run_case panic ./shoal-boot-timer SHOAL-GUEST-INIT -- ./shoal-vmm --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0 reboot=k panic=-1 rdinit=/no-such-init'\n");
@@ -40,6 +43,7 @@ fn boot_job() -> Job {
         files: vec![
             (vmm_binary(), "shoal-vmm".into()),
             (PathBuf::from(env!("CARGO_BIN_EXE_shoal-boot-timer")), "shoal-boot-timer".into()),
+            (PathBuf::from(env!("CARGO_BIN_EXE_shoal-snapshot-job")), "shoal-snapshot-job".into()),
             (guest("vmlinux"), "vmlinux".into()),
             (guest("bzImage"), "bzImage".into()),
             (guest("initramfs.cpio"), "initramfs.cpio".into()),
@@ -65,6 +69,10 @@ fn check(run: &Run) -> Vec<String> {
     if fault.exit != Some(2) || !fault.has("shoal-vmm: guest triple fault") {
         failures.push(format!("triple-fault: exit {:?}, output {:?}", fault.exit, fault.output));
     }
+    let snapshot = run.case("snapshot");
+    if snapshot.exit != Some(0) || !snapshot.has_line("snapshot_job result=ok") {
+        failures.push(format!("snapshot: exit {:?}, output {:?}", snapshot.exit, snapshot.output));
+    }
     let panic = run.case("panic");
     if !panic.has("boot_timer exit=2") || !panic.has("shoal-vmm: guest kernel panicked") {
         failures.push(format!("panic: output {:?}", panic.output.iter().rev().take(5).collect::<Vec<_>>()));
@@ -81,6 +89,9 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
         if let Some(ms) = run.case(name).output.iter().find_map(|l| l.strip_prefix("boot_timer marker_ms=").map(str::to_string)) {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
+    }
+    for line in run.case("snapshot").output.iter().filter(|l| l.starts_with("snapshot_job")) {
+        println!("{line} ({mode:?})");
     }
     assert!(run.finished, "the job did not finish in time; console:\n{}", run.text());
     assert!(failures.is_empty(), "{} case(s) failed:\n{}\n\nconsole ({mode:?}):\n{}", failures.len(), failures.join("\n"), run.text());

@@ -1,0 +1,170 @@
+//! `shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES]`: runs inside the emulated server
+//! (or on a VMX/SVM host). Boots the Linux guest with the counter loop (`shoal.test=counter`)
+//! under `VMM --api-sock`, pauses it, takes a full snapshot through the API, kills it, then
+//! restores the snapshot RESTORES times (default 5) in new `VMM --restore` processes. Checks
+//! that the first restored guest's console carries on the count (no reset, no skip), and
+//! prints `snapshot_job ...` figures: create time, spawn -> the restored guest's next output.
+//! Last line: `snapshot_job result=ok` or `snapshot_job result=FAIL: why`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 shoal.test=counter";
+
+/// Console bytes with the time the first one arrived.
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<(Vec<u8>, Option<Instant>)>>);
+
+impl Console {
+    fn capture(child: &mut Child) -> Console {
+        let console = Console::default();
+        if let Some(mut out) = child.stdout.take() {
+            let c = console.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = out.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut g = c.0.lock().unwrap_or_else(|p| p.into_inner());
+                    g.1.get_or_insert_with(Instant::now);
+                    g.0.extend_from_slice(&chunk[..n]);
+                }
+            });
+        }
+        console
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner()).0).into_owned()
+    }
+
+    fn first_byte(&self) -> Option<Instant> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        let text = self.text();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("count=")?.parse().ok()).collect()
+    }
+
+    fn wait(&self, limit: Duration, done: impl Fn(&Console) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if done(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done(self)
+    }
+}
+
+fn call(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), String> {
+    let mut s = UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    match resp.split(' ').nth(1) {
+        Some(code) if code.starts_with('2') => Ok(()),
+        _ => Err(format!("{method} {path}: {resp}")),
+    }
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize) -> Result<(), String> {
+    std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
+    let sock = work.join("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(vmm).arg("--api-sock").arg(&sock).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
+    let console = Console::capture(&mut child);
+    let result = (|| {
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err("API socket never appeared".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
+        let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display());
+        call(&sock, "PUT", "/boot-source", &boot)?;
+        call(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
+        if !console.wait(Duration::from_secs(120), |c| c.counts().last().is_some_and(|n| *n >= 5)) {
+            return Err(format!("the guest never counted to 5: {}", console.text()));
+        }
+        call(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let create = format!(r#"{{"snapshot_type": "Full", "snapshot_path": "{0}/state", "mem_file_path": "{0}/memory"}}"#, work.display());
+        call(&sock, "PUT", "/snapshot/create", &create)?;
+        println!("snapshot_job snapshot_create_ms={:.1}", t.elapsed().as_secs_f64() * 1000.0);
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result?;
+    let before = console.text();
+    let last = console.counts().last().copied().ok_or("no count before the snapshot")?;
+    println!("snapshot_job last_count_before_snapshot={last}");
+
+    let mut to_output = Vec::new();
+    for run in 0..restores {
+        let t = Instant::now();
+        let mut child = Command::new(vmm).arg("--restore").arg(work).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
+        let restored = Console::capture(&mut child);
+        let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3);
+        let _ = child.kill();
+        let _ = child.wait();
+        if !ok {
+            return Err(format!("restore {run}: the guest did not count on: {:?}", restored.text()));
+        }
+        if let Some(first) = restored.first_byte() {
+            to_output.push(first.duration_since(t).as_secs_f64() * 1000.0);
+        }
+        if run == 0 {
+            // The console up to the snapshot, then the restored guest's: one unbroken count.
+            let joined = format!("{before}{}", restored.text());
+            let complete = &joined[..joined.rfind('\n').map_or(0, |i| i + 1)];
+            let counts: Vec<u64> = complete.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("count=")?.parse().ok()).collect();
+            let after: Vec<u64> = counts.iter().copied().skip_while(|n| *n <= last).collect();
+            let continues = after.first() == Some(&(last + 1)) && after.windows(2).all(|w| w[1] == w[0] + 1);
+            if !continues {
+                return Err(format!("count does not continue from {last}: {after:?}"));
+            }
+            println!("snapshot_job restored_counts={after:?}");
+        }
+    }
+    println!("snapshot_job restores={} restore_spawn_to_output_ms_median={:.1}", to_output.len(), median(&mut to_output));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 4 {
+        eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES]");
+        return ExitCode::from(2);
+    }
+    let restores = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(5);
+    let p = |i: usize| PathBuf::from(&args[i]);
+    match job(&p(0), &p(1), &p(2), &p(3), restores) {
+        Ok(()) => {
+            println!("snapshot_job result=ok");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            println!("snapshot_job result=FAIL: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
