@@ -44,10 +44,12 @@ test: probes guest-kernel
 bench-boot: probes guest-kernel
 	@ci/bench-boot.sh $(VMM) $(PROBE_DIR)/boot.elf $(GUEST_DIR)
 
-# Snapshot create and restore figures on this machine's KVM (128 MiB and 2 GiB guests).
-bench-snapshot: probes
-	@ci/ensure-packages.sh python3
+# Snapshot create and restore figures: the spin probe on this machine's KVM (128 MiB and
+# 2 GiB guests), then a Linux guest in the emulated server (or directly on VMX/SVM hosts).
+bench-snapshot: probes guest-kernel
+	@ci/ensure-packages.sh python3 qemu-system-x86 busybox-static cpio
 	@python3 ci/bench-snapshot.py $(VMM) $(PROBE_DIR)/spin.elf
+	@$(TARGET_DIR)/shoal-bench-linux-restore $(VMM) $(GUEST_DIR) $${LINUX_RESTORES:-20}
 
 clean-cache:
 	rm -rf $${SHOAL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/shoal}
