@@ -10,6 +10,7 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod runner;
+pub mod seccomp;
 pub mod snapshot;
 pub mod stats;
 pub mod vstate;

@@ -9,6 +9,7 @@ use clap::Parser;
 use vmm_sys_util::terminal::Terminal;
 
 use shoal_vmm::api::VmConfig;
+use shoal_vmm::seccomp::Seccomp;
 use shoal_vmm::{builder, runner, snapshot, EXIT_GUEST_FAULT, EXIT_OK, EXIT_SETUP_ERROR};
 
 const AFTER_HELP: &str = "\
@@ -56,6 +57,9 @@ struct Cli {
     /// The base snapshot DIR for --merge.
     #[arg(long, value_name = "BASE_DIR", requires = "merge")]
     into: Option<PathBuf>,
+    /// Run without the per-thread seccomp filters (for debugging; see vmm/seccomp/README.md).
+    #[arg(long)]
+    no_seccomp: bool,
     /// When the VM ends, print run statistics (peak RSS, resident guest memory, vCPU exits) as
     /// one JSON line on stderr.
     #[arg(long)]
@@ -69,14 +73,14 @@ use shoal_vmm::api::error_chain;
 
 /// Serves the API until an InstanceStart builds a microVM; a failed start is answered with its
 /// error and the API keeps waiting. The API thread keeps serving after the start.
-fn start_from_api(sock: &std::path::Path) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
+fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
     use shoal_vmm::api::server::{self, ApiRequest, VmmLink};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let listener = server::bind(sock).map_err(|e| error_chain(&e))?;
     let (tx, rx) = std::sync::mpsc::channel();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("cannot create an eventfd: {e}"))?;
     let link_wake = wake.try_clone().map_err(|e| format!("cannot create an eventfd: {e}"))?;
-    server::spawn(listener, VmmLink { tx, wake: link_wake }).map_err(|e| error_chain(&e))?;
+    server::spawn(listener, VmmLink { tx, wake: link_wake }, seccomp).map_err(|e| error_chain(&e))?;
     loop {
         let Ok(request) = rx.recv() else { return Err("the API thread stopped".into()) };
         let (built, reply) = match request {
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
         };
     }
 
+    let seccomp = if cli.no_seccomp { Seccomp::Off } else { Seccomp::On };
     let mut control = None;
     let vm = match (&cli.api_sock, &cli.restore) {
         (None, Some(dir)) => {
@@ -147,7 +152,7 @@ fn main() -> ExitCode {
             }
         }
         (sock, _) => match sock {
-        Some(sock) => match start_from_api(sock) {
+        Some(sock) => match start_from_api(sock, seccomp) {
             Ok((vm, c)) => {
                 control = Some(c);
                 vm
@@ -187,7 +192,7 @@ fn main() -> ExitCode {
     }
     let mem = vm.mem.clone();
     let counters: Vec<_> = vm.vcpus.iter().map(|v| v.counters.clone()).collect();
-    let result = runner::run(vm, interactive, control);
+    let result = runner::run(vm, interactive, control, seccomp);
     if interactive {
         let _ = stdin.lock().set_canon_mode();
     }

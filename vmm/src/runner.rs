@@ -19,6 +19,7 @@ use vmm_sys_util::signal::Killable;
 use crate::api::server::ApiRequest;
 use crate::builder::MicroVm;
 use crate::devices::legacy::SerialConsole;
+use crate::seccomp::{Seccomp, SeccompError, ThreadKind};
 use crate::snapshot::{self, MachineState, SnapshotKind, SnapshotSource};
 use crate::vstate::memory::MemoryBacking;
 use crate::vstate::vcpu::{register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuState, VcpuStop};
@@ -144,6 +145,8 @@ pub enum RunError {
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 type Outcome = Rc<RefCell<Option<VcpuStop>>>;
@@ -211,7 +214,7 @@ impl MutEventSubscriber for StdinForwarder {
 
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
 /// the guest's serial port; `control` connects the control API.
-pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>) -> Result<VcpuStop, RunError> {
+pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: Seccomp) -> Result<VcpuStop, RunError> {
     let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, machine, backing, generation, .. } = vm;
     let start_paused = vcpus.iter().any(|v| v.start_paused);
     let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(RunError::EventLoop)?;
@@ -227,7 +230,7 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>) -> Result
     for vcpu in vcpus {
         let (commands, command_rx) = channel();
         // The threads are not joined: the process ends when the VM stops, vCPUs included.
-        let thread = vcpu.start(tx.clone(), wake.try_clone().map_err(RunError::EventFd)?, command_rx)?;
+        let thread = vcpu.start(tx.clone(), wake.try_clone().map_err(RunError::EventFd)?, command_rx, seccomp)?;
         handles.push(VcpuHandle { thread, commands });
     }
     drop(tx);
@@ -252,6 +255,8 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>) -> Result
             _kept = (vm, mem, backing);
         }
     }
+    // The vCPU threads are started (each installed its own filter); this thread's loop next.
+    crate::seccomp::install(ThreadKind::Vmm, seccomp)?;
     loop {
         em.run().map_err(RunError::EventLoop)?;
         if let Some(why) = outcome.borrow_mut().take() {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::http::{self, Response};
 use super::routes::{ApiState, InstanceState, Outcome, SnapshotLoad};
+use crate::seccomp::{Seccomp, ThreadKind};
 use crate::snapshot::SnapshotKind;
 use std::path::PathBuf;
 use super::VmConfig;
@@ -86,11 +87,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 }
 
 /// Serves the API on its own thread.
-pub fn spawn(listener: UnixListener, link: VmmLink) -> Result<std::thread::JoinHandle<()>, ApiError> {
+pub fn spawn(listener: UnixListener, link: VmmLink, seccomp: Seccomp) -> Result<std::thread::JoinHandle<()>, ApiError> {
     let starts = Arc::new(link);
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // Connection threads started from here inherit the filter.
+            if let Err(e) = crate::seccomp::install(ThreadKind::Api, seccomp) {
+                tracing::error!(error = %crate::api::error_chain(&e), "api thread stops");
+                return;
+            }
             let state = Arc::new(Mutex::new(ApiState::default()));
             let open = Arc::new(AtomicUsize::new(0));
             for conn in listener.incoming() {

@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, EntryMode};
 use crate::arch::x86_64::{cpuid, msr};
 use crate::devices::bus::Bus;
+use crate::seccomp::{Seccomp, ThreadKind};
 
 thread_local! {
     /// This thread's kvm_run, for the kick signal handler.
@@ -412,12 +413,17 @@ impl Vcpu {
         stopped: Sender<(u8, VcpuStop)>,
         wake: EventFd,
         commands: Receiver<VcpuCommand>,
+        seccomp: Seccomp,
     ) -> Result<std::thread::JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let Some(why) = self.run(&commands) else { return };
+                let why = match crate::seccomp::install(ThreadKind::Vcpu, seccomp) {
+                    Ok(()) => self.run(&commands),
+                    Err(e) => Some(VcpuStop::RunFailed(crate::api::error_chain(&e))),
+                };
+                let Some(why) = why else { return };
                 tracing::debug!(vcpu = index, reason = %why, "vcpu stopped");
                 // The receiver may already be gone if another vCPU stopped the VM first.
                 let _ = stopped.send((index, why));
