@@ -4,6 +4,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod rate_limiter;
+pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;
 

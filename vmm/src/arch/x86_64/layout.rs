@@ -33,3 +33,10 @@ pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
 /// Addresses KVM needs for its own use on Intel (TSS and identity map), inside the gap.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// virtio-mmio devices: one 4 KiB window each from here, in the MMIO gap.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// First IOAPIC line for virtio-mmio devices (COM1 has 4); one line per device.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// Lines 5..=23 of the IOAPIC: at most this many virtio devices.
+pub const VIRTIO_MAX_DEVICES: usize = 19;

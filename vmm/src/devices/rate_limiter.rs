@@ -1,0 +1,179 @@
+//! Token-bucket rate limiting for devices (bytes and operations, each with an optional
+//! one-time burst), in the shape Firecracker's users know: a bucket of `size` tokens refilled
+//! completely every `refill_time_ms`, plus `one_time_burst` extra tokens used first.
+//!
+//! A device asks `has_room` before taking a request and `consume`s what the request moved.
+//! A request is never split: one that costs more than is left drives the bucket negative, and
+//! the device then waits (`blocked_for`) until it has refilled back above zero. Over time the
+//! rate converges on the configured one.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// One bucket's configuration (Firecracker's `TokenBucket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketConfig {
+    pub size: u64,
+    #[serde(default)]
+    pub one_time_burst: u64,
+    pub refill_time: u64,
+}
+
+/// A device's limits (Firecracker's `RateLimiter`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    #[serde(default)]
+    pub bandwidth: Option<BucketConfig>,
+    #[serde(default)]
+    pub ops: Option<BucketConfig>,
+}
+
+impl RateLimitConfig {
+    /// Parses the CLI form `bw=BYTES/MS[+BURST],ops=N/MS[+BURST]` (either part optional),
+    /// e.g. `bw=10485760/1000` for 10 MiB/s.
+    pub fn parse(text: &str) -> Result<RateLimitConfig, String> {
+        let mut c = RateLimitConfig::default();
+        for part in text.split(['/', ',']).collect::<Vec<_>>().chunks(2).map(|p| p.join("/")) {
+            let (key, value) = part.split_once('=').ok_or(format!("rate `{part}`: expected bw=... or ops=..."))?;
+            let (rate, burst) = value.split_once('+').map_or((value, None), |(r, b)| (r, Some(b)));
+            let (size, ms) = rate.split_once('/').ok_or(format!("rate `{part}`: expected TOKENS/MILLISECONDS"))?;
+            let num = |s: &str| s.parse::<u64>().map_err(|_| format!("rate `{part}`: `{s}` is not a number"));
+            let bucket = BucketConfig { size: num(size)?, one_time_burst: burst.map(num).transpose()?.unwrap_or(0), refill_time: num(ms)? };
+            bucket.validate()?;
+            match key {
+                "bw" => c.bandwidth = Some(bucket),
+                "ops" => c.ops = Some(bucket),
+                other => return Err(format!("rate: unknown limit `{other}` (bw or ops)")),
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl BucketConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.size == 0 || self.refill_time == 0 {
+            return Err("rate limit size and refill_time must be above zero".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    size: u64,
+    refill: Duration,
+    /// Tokens available; negative after a request larger than what was left.
+    tokens: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(c: &BucketConfig, now: Instant) -> Bucket {
+        Bucket { size: c.size, refill: Duration::from_millis(c.refill_time), tokens: c.size as f64, burst: c.one_time_burst as f64, last: now }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let add = self.size as f64 * elapsed / self.refill.as_secs_f64();
+        self.tokens = (self.tokens + add).min(self.size as f64);
+    }
+
+    fn consume(&mut self, n: u64) {
+        let mut n = n as f64;
+        let from_burst = n.min(self.burst);
+        self.burst -= from_burst;
+        n -= from_burst;
+        self.tokens -= n;
+    }
+
+    /// Time until tokens are back above zero.
+    fn blocked_for(&self) -> Option<Duration> {
+        (self.tokens <= 0.0 && self.burst <= 0.0)
+            .then(|| Duration::from_secs_f64((-self.tokens + 1.0) * self.refill.as_secs_f64() / self.size as f64))
+    }
+}
+
+/// Limits for one device.
+#[derive(Debug)]
+pub struct RateLimiter {
+    bandwidth: Option<Bucket>,
+    ops: Option<Bucket>,
+}
+
+impl RateLimiter {
+    pub fn new(c: &RateLimitConfig) -> RateLimiter {
+        let now = Instant::now();
+        RateLimiter { bandwidth: c.bandwidth.as_ref().map(|b| Bucket::new(b, now)), ops: c.ops.as_ref().map(|b| Bucket::new(b, now)) }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        self.bandwidth.iter_mut().chain(self.ops.iter_mut()).for_each(|b| b.refill(now));
+    }
+
+    /// True when another request may start now.
+    pub fn has_room(&mut self) -> bool {
+        self.refill(Instant::now());
+        self.blocked_for_now().is_none()
+    }
+
+    fn blocked_for_now(&self) -> Option<Duration> {
+        self.bandwidth.iter().chain(self.ops.iter()).filter_map(Bucket::blocked_for).max()
+    }
+
+    /// Records a request of `ops` operations and `bytes` bytes.
+    pub fn consume(&mut self, ops: u64, bytes: u64) {
+        if let Some(b) = self.bandwidth.as_mut() {
+            b.consume(bytes);
+        }
+        if let Some(b) = self.ops.as_mut() {
+            b.consume(ops);
+        }
+    }
+
+    /// How long until `has_room` can be true, if it is not now.
+    pub fn blocked_for(&self) -> Option<Duration> {
+        let mut copy = RateLimiter { bandwidth: self.bandwidth.as_ref().map(clone_bucket), ops: self.ops.as_ref().map(clone_bucket) };
+        copy.refill(Instant::now());
+        copy.blocked_for_now()
+    }
+}
+
+fn clone_bucket(b: &Bucket) -> Bucket {
+    Bucket { size: b.size, refill: b.refill, tokens: b.tokens, burst: b.burst, last: b.last }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_form_parses_and_bad_forms_are_refused() {
+        let c = RateLimitConfig::parse("bw=1048576/1000+4096,ops=100/1000").unwrap();
+        assert_eq!(c.bandwidth, Some(BucketConfig { size: 1 << 20, one_time_burst: 4096, refill_time: 1000 }));
+        assert_eq!(c.ops, Some(BucketConfig { size: 100, one_time_burst: 0, refill_time: 1000 }));
+        for bad in ["bw=10", "bw=0/1000", "iops=1/1", "bw=x/1000", "bw=10/0"] {
+            assert!(RateLimitConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_drained_bucket_blocks_until_it_refills() {
+        let c = RateLimitConfig { bandwidth: Some(BucketConfig { size: 1000, one_time_burst: 500, refill_time: 100 }), ops: None };
+        let mut l = RateLimiter::new(&c);
+        assert!(l.has_room());
+        l.consume(1, 1500); // burst, then the whole bucket
+        assert!(l.has_room() || l.blocked_for().is_some());
+        l.consume(1, 1000);
+        assert!(!l.has_room());
+        let wait = l.blocked_for().unwrap();
+        assert!(wait > Duration::from_millis(50) && wait <= Duration::from_millis(101), "{wait:?}");
+        std::thread::sleep(wait + Duration::from_millis(5));
+        assert!(l.has_room());
+    }
+}

@@ -1,0 +1,348 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2, 4.2.2): a 4 KiB register window per
+//! device. The driver reads the device's identity and features, acknowledges features, sets up
+//! each queue's size and ring addresses, and sets DRIVER_OK; the transport then hands the
+//! queues to the device. Queue notifications normally bypass this window (KVM turns a write to
+//! QueueNotify into an eventfd signal); a write that does reach it is passed on the same way.
+//!
+//! Register accesses must be 32-bit and aligned, except in the config space; anything else
+//! reads as zero and is ignored, as are writes to read-only registers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::bus::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x5348_4f4c; // "SHOL"
+
+pub const REG_QUEUE_NOTIFY: u64 = 0x50;
+const CONFIG_START: u64 = 0x100;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 64;
+pub const STATUS_FAILED: u32 = 128;
+
+/// One device behind its register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    irq: Arc<IrqLine>,
+    queues: Vec<Queue>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    acked_features: u64,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport").field("type", &self.device.device_type()).field("status", &self.status).finish()
+    }
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Arc<IrqLine>) -> MmioTransport {
+        let queues = Self::fresh_queues(device.as_ref());
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        }
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+        // Queue::new only fails for a zero or non-power-of-two size, which devices never offer.
+        device.queue_max_sizes().iter().filter_map(|&max| Queue::new(max).ok()).collect()
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Called when queue `index` is notified (ioeventfd or a QueueNotify write).
+    pub fn notify(&mut self, index: usize) {
+        if self.activated && index < self.device.queue_max_sizes().len() {
+            self.device.process_queue(index);
+        } else {
+            self.device.counters().spurious.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.activated || self.status & STATUS_FEATURES_OK == 0 {
+            // Queues are set up between FEATURES_OK and DRIVER_OK only.
+            return None;
+        }
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.activated && !self.device.reset() {
+            // A device that cannot stop keeps running; the driver sees NEEDS_RESET.
+            self.status |= STATUS_NEEDS_RESET;
+            return;
+        }
+        self.activated = false;
+        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.acked_features = 0;
+        self.status = 0;
+        self.irq.reset();
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // Status bits only accumulate, in order (virtio 1.2, 3.1.1).
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            return;
+        }
+        if added & STATUS_FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // Refuse FEATURES_OK: the driver reads it back and gives up.
+            self.status = value & !STATUS_FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if added & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.ready() || !q.is_valid(&self.mem) {
+                tracing::warn!(queue = i, device = self.device.device_type(), "virtio queue not valid at DRIVER_OK");
+                self.status |= STATUS_NEEDS_RESET;
+                return;
+            }
+        }
+        let queues = std::mem::take(&mut self.queues);
+        match self.device.activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features) {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                tracing::warn!(error = %e, device = self.device.device_type(), "virtio device activation failed");
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn read_reg(&mut self, offset: u64) -> u32 {
+        let features = self.device.features();
+        match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => match self.device_features_select {
+                0 => features as u32,
+                1 => (features >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => self.queues.get(self.queue_select as usize).map_or(0, |q| u32::from(q.max_size())),
+            0x44 => self.queues.get(self.queue_select as usize).map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.irq.status(),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            0x14 => self.device_features_select = v,
+            0x20 if self.status & STATUS_FEATURES_OK == 0 && self.status & STATUS_DRIVER != 0 => {
+                let offered = self.device.features();
+                match self.driver_features_select {
+                    // Features the device does not offer are dropped.
+                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | (u64::from(v) & offered & 0xffff_ffff),
+                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | ((u64::from(v) << 32) & offered),
+                    _ => {}
+                }
+            }
+            0x24 => self.driver_features_select = v,
+            0x30 => self.queue_select = v,
+            0x38 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(v.min(u32::from(u16::MAX)) as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            REG_QUEUE_NOTIFY => self.notify(v as usize),
+            0x64 => self.irq.ack(v),
+            0x70 => self.set_status(v),
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
+                let (low, high) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                if let Some(q) = self.selected_queue() {
+                    match offset & !4 {
+                        0x80 => q.set_desc_table_address(low, high),
+                        0x90 => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_START {
+            self.device.read_config(offset - CONFIG_START, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_START {
+            self.device.write_config(offset - CONFIG_START, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            return;
+        }
+        self.write_reg(offset, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::rng::VirtioRng;
+    use crate::devices::virtio::testing::{memory, TestQueue};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn transport() -> (MmioTransport, EventFd) {
+        let mem = memory();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(IrqLine::new(evt.try_clone().unwrap()));
+        (MmioTransport::new(Box::new(VirtioRng::new()), mem, irq), evt)
+    }
+
+    /// The Linux driver's sequence up to DRIVER_OK, with one queue at `q`.
+    fn bring_up(t: &mut MmioTransport, q: &TestQueue, features_hi: u32) {
+        wr(t, 0x70, 0);
+        wr(t, 0x70, STATUS_ACKNOWLEDGE);
+        wr(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, features_hi);
+        wr(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        wr(t, 0x30, 0);
+        wr(t, 0x38, u32::from(q.size));
+        for (reg, addr) in [(0x80, q.desc), (0x90, q.avail), (0xa0, q.used)] {
+            wr(t, reg, addr as u32);
+            wr(t, reg + 4, (addr >> 32) as u32);
+        }
+        wr(t, 0x44, 1);
+        wr(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    }
+
+    #[test]
+    fn identity_registers_read_as_the_spec_says() {
+        let (mut t, _) = transport();
+        assert_eq!(rd(&mut t, 0), MAGIC);
+        assert_eq!(rd(&mut t, 4), 2);
+        assert_eq!(rd(&mut t, 8), super::super::TYPE_RNG);
+        wr(&mut t, 0x14, 1);
+        assert_eq!(rd(&mut t, 0x10), 1, "VERSION_1 is bit 32");
+        // Unaligned or narrow register accesses read zero and change nothing.
+        let mut b = [0xffu8; 2];
+        t.read(0, &mut b);
+        assert_eq!(b, [0, 0]);
+        t.write(0x70, &[1]);
+        assert_eq!(rd(&mut t, 0x70), 0);
+    }
+
+    #[test]
+    fn a_driver_brings_the_device_up_and_a_notify_is_served() {
+        let (mut t, evt) = transport();
+        let mem = t.mem.clone();
+        let q = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, &q, 1);
+        assert_eq!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        q.add_chain(&mem, &[(0x20000, 16, true)]);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(q.used_idx(&mem), 1);
+        assert_eq!(q.used_elem(&mem, 0), (0, 16));
+        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(rd(&mut t, 0x60), 1);
+        wr(&mut t, 0x64, 1);
+        assert_eq!(rd(&mut t, 0x60), 0);
+    }
+
+    #[test]
+    fn a_driver_without_version_1_cannot_set_features_ok() {
+        let (mut t, _) = transport();
+        let mem = t.mem.clone();
+        let q = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, &q, 0);
+        assert_eq!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        q.add_chain(&mem, &[(0x20000, 16, true)]);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(q.used_idx(&mem), 0, "not activated");
+        assert_eq!(t.device().counters().spurious.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn queues_outside_memory_are_refused_at_driver_ok() {
+        let (mut t, _) = transport();
+        let mem = t.mem.clone();
+        let mut q = TestQueue::new(&mem, 0x10000, 8);
+        q.desc = 1 << 40;
+        bring_up(&mut t, &q, 1);
+        assert_ne!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        // Reset makes it usable again.
+        let good = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, &good, 1);
+        assert_eq!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+    }
+}
