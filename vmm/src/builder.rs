@@ -182,6 +182,8 @@ pub struct MicroVm {
     pub pio: Arc<Bus>,
     /// Set when the guest's console shows a kernel panic.
     pub guest_panicked: Arc<AtomicBool>,
+    /// Set when the guest asked for a reset through the i8042.
+    pub reset_requested: Arc<AtomicBool>,
     /// The machine's shape, as a snapshot records it.
     pub machine: MachineState,
     /// Where guest memory comes from (a snapshot of a restored guest needs to know).
@@ -234,7 +236,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
     let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages };
-    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, guest_panicked, machine, backing: MemoryBacking::Anonymous, generation: 0 })
+    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, guest_panicked, reset_requested, machine, backing: MemoryBacking::Anonymous, generation: 0 })
 }
 
 #[cfg(test)]

@@ -215,7 +215,7 @@ impl MutEventSubscriber for StdinForwarder {
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
 /// the guest's serial port; `control` connects the control API.
 pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: Seccomp) -> Result<VcpuStop, RunError> {
-    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, machine, backing, generation, .. } = vm;
+    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, reset_requested, machine, backing, generation, .. } = vm;
     let start_paused = vcpus.iter().any(|v| v.start_paused);
     let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(RunError::EventLoop)?;
     let (tx, rx) = channel();
@@ -263,6 +263,12 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
             // A reset that follows a kernel panic is the panic's doing, not a clean reboot.
             if why.is_clean() && guest_panicked.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(VcpuStop::GuestPanic);
+            }
+            // Once the guest has asked for a reset, what its other vCPUs do next is not a
+            // crash: one of them may fault before the resetting vCPU's report is read.
+            if !why.is_clean() && reset_requested.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::info!(reason = %why, "vcpu stopped after the guest asked for a reset");
+                return Ok(VcpuStop::Reset);
             }
             return Ok(why);
         }

@@ -332,6 +332,7 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
         reset_evt,
         pio,
         guest_panicked,
+        reset_requested,
         machine: state.machine,
         backing: MemoryBacking::File { path: mem_path.to_owned(), file },
         generation: state.generation + 1,
