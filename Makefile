@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot deps clean-cache
+.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot bench-devices deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -50,6 +50,11 @@ bench-snapshot: probes guest-kernel
 	@ci/ensure-packages.sh python3 qemu-system-x86 busybox-static cpio
 	@python3 ci/bench-snapshot.py $(VMM) $(PROBE_DIR)/spin.elf
 	@$(TARGET_DIR)/shoal-bench-linux-restore $(VMM) $(GUEST_DIR) $${LINUX_RESTORES:-20}
+
+# Device figures on this machine's KVM: a rate-limited disk's throughput against its limit.
+bench-devices: probes
+	@ci/ensure-packages.sh python3
+	@python3 ci/bench-devices.py $(VMM) $(PROBE_DIR)/virtio.elf
 
 clean-cache:
 	rm -rf $${SHOAL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/shoal}

@@ -26,9 +26,17 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
 use crate::devices::legacy::{SerialConsole, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::EventFdTrigger;
+use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::devices::rate_limiter::RateLimiter;
+use crate::devices::virtio::block::handler::FileDisk;
+use crate::devices::virtio::block::VirtioBlock;
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::rng::VirtioRng;
+use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::snapshot::MachineState;
+use kvm_ioctls::IoEventAddress;
 use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
-use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError};
+use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError, VcpuWiring};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
@@ -53,6 +61,8 @@ pub enum BuildError {
     InitrdPlace { path: PathBuf, #[source] source: BootError },
     #[error("cannot read initrd {0} into guest memory")]
     InitrdLoad(PathBuf),
+    #[error("cannot open disk {path}")]
+    DiskOpen { path: PathBuf, #[source] source: std::io::Error },
     #[error("cannot write the command line to guest memory")]
     Cmdline,
     #[error(transparent)]
@@ -148,7 +158,8 @@ pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel: &LoadedKernel, me
 
 /// Writes the boot information for the loaded kernel.
 pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &LoadedKernel, initrd: Option<(u64, u64)>) -> Result<(), BuildError> {
-    let mut cmdline = config.cmdline.as_bytes().to_vec();
+    let full = config.full_cmdline();
+    let mut cmdline = full.as_bytes().to_vec();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(CMDLINE_START)).map_err(|_| BuildError::Cmdline)?;
     let vcpus = u8::try_from(config.vcpus).map_err(|_| MpTableError::TooManyCpus(u8::MAX))?;
@@ -160,7 +171,7 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &Loaded
             let params = boot::build_boot_params(&BootInfo {
                 setup_header: kernel.setup_header,
                 cmdline_addr: CMDLINE_START,
-                cmdline_len: config.cmdline.len(),
+                cmdline_len: full.len(),
                 initrd,
                 e820: &e820,
             })?;
@@ -168,6 +179,55 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &Loaded
         }
     }
     Ok(())
+}
+
+/// A virtio device as the event loop sees it: its transport and the eventfds KVM signals when
+/// the guest notifies one of its queues.
+pub struct VirtioSlot {
+    pub name: String,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub queue_evts: Vec<EventFd>,
+}
+
+impl std::fmt::Debug for VirtioSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioSlot").field("name", &self.name).finish()
+    }
+}
+
+/// Creates the configured virtio devices (disks in order, then the rng), each in its own MMIO
+/// window with its own interrupt line, and wires the queue notifications through ioeventfds.
+fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, config: &VmConfig, mmio: &mut Bus) -> Result<Vec<VirtioSlot>, BuildError> {
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, d) in config.disks.iter().enumerate() {
+        let open_err = |source| BuildError::DiskOpen { path: d.path.clone(), source };
+        let file = std::fs::OpenOptions::new().read(true).write(!d.read_only).open(&d.path).map_err(open_err)?;
+        let disk = FileDisk::new(file).map_err(open_err)?;
+        let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        let limiter = d.rate_limiter.as_ref().map(RateLimiter::new);
+        devices.push((format!("block {id}"), Box::new(VirtioBlock::new(Box::new(disk), d.read_only, &id, limiter))));
+    }
+    if config.rng {
+        devices.push(("rng".into(), Box::new(VirtioRng::new())));
+    }
+    let mut slots = Vec::with_capacity(devices.len());
+    for (i, (name, device)) in devices.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irq(&irq_evt, VIRTIO_FIRST_IRQ + i as u32)?;
+        let mut queue_evts = Vec::new();
+        for q in 0..device.queue_max_sizes().len() {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+            vm.fd
+                .register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
+                .map_err(|e| VmError::Ioctl("register a queue notification eventfd", e))?;
+            queue_evts.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Arc::new(IrqLine::new(irq_evt)))));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        slots.push(VirtioSlot { name, transport, queue_evts });
+    }
+    Ok(slots)
 }
 
 /// A microVM ready to run: nothing has executed guest code yet.
@@ -180,6 +240,8 @@ pub struct MicroVm {
     /// Signalled when the guest resets through the i8042.
     pub reset_evt: EventFd,
     pub pio: Arc<Bus>,
+    /// The virtio devices, for the event loop.
+    pub virtio: Vec<VirtioSlot>,
     /// Set when the guest's console shows a kernel panic.
     pub guest_panicked: Arc<AtomicBool>,
     /// Set when the guest asked for a reset through the i8042.
@@ -225,18 +287,20 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     bus.insert(i8042, I8042_BASE, I8042_LEN)?;
     let pio = Arc::new(bus);
+    let mut mmio = Bus::new();
+    let virtio = attach_virtio(&vm, &mem, config, &mut mmio)?;
 
     let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
-    let msr_list = Arc::new(vm.msrs_to_save()?);
+    let wiring = VcpuWiring { pio: pio.clone(), mmio: Arc::new(mmio), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
     let count = config.vcpus as u8; // validated: 1..=254
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
-        vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, pio.clone(), reset_requested.clone(), msr_list.clone())?);
+        vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, wiring.clone())?);
     }
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
     let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages };
-    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, guest_panicked, reset_requested, machine, backing: MemoryBacking::Anonymous, generation: 0 })
+    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, virtio, guest_panicked, reset_requested, machine, backing: MemoryBacking::Anonymous, generation: 0 })
 }
 
 #[cfg(test)]

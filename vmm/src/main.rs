@@ -37,9 +37,16 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, value_name = "M", default_value_t = shoal_vmm::api::config::DEFAULT_MEM_MIB)]
     mem_mib: u64,
+    /// A virtio-blk disk: `path=FILE[,ro][,id=ID][,rate=bw=BYTES/MS[+BURST][;ops=N/MS[+BURST]]]`.
+    /// Repeatable; the first is /dev/vda in a Linux guest.
+    #[arg(long, value_name = "SPEC", value_parser = shoal_vmm::api::config::DiskConfig::parse)]
+    disk: Vec<shoal_vmm::api::config::DiskConfig>,
+    /// A virtio-rng entropy device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags),
     /// or a Firecracker --config-file (boot-source, machine-config).
-    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib"])]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "rng"])]
     config: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket and wait for
     /// PUT /machine-config, PUT /boot-source and PUT /actions {"action_type": "InstanceStart"}
@@ -173,6 +180,8 @@ fn main() -> ExitCode {
                     vcpus: cli.vcpus,
                     mem_mib: cli.mem_mib,
                     track_dirty_pages: false,
+                    disks: cli.disk.clone(),
+                    rng: cli.rng,
                 },
             };
             match builder::build_microvm(&config, Box::new(std::io::stdout())) {

@@ -24,9 +24,12 @@ pub const COUNTER: &str = env!("SHOAL_PROBE_COUNTER");
 /// Prints `spin=N` in a tight loop, forever.
 pub const SPIN: &str = env!("SHOAL_PROBE_SPIN");
 
+/// A minimal virtio-mmio driver: block write/read-back and rng through every device found.
+pub const VIRTIO: &str = env!("SHOAL_PROBE_VIRTIO");
+
 /// Every probe by name.
 pub const ALL: &[(&str, &str)] =
-    &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC), ("counter", COUNTER), ("spin", SPIN)];
+    &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC), ("counter", COUNTER), ("spin", SPIN), ("virtio", VIRTIO)];
 
 /// The path of a probe by name.
 pub fn path(name: &str) -> Option<&'static Path> {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::rate_limiter::RateLimitConfig;
+
 use crate::arch::x86_64::boot::{check_cmdline, BootError};
 use crate::arch::x86_64::mptable::MAX_VCPUS;
 
@@ -43,6 +45,73 @@ pub struct VmConfig {
     /// Log the pages the guest writes, so that diff snapshots can be taken.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// virtio-blk disks, in order: the first is /dev/vda in a Linux guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng entropy device.
+    #[serde(default)]
+    pub rng: bool,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw disk image file.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial id the guest reads (at most 20 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimitConfig>,
+}
+
+impl DiskConfig {
+    /// Parses the CLI form `path=FILE[,ro][,id=ID][,rate=bw=BYTES/MS[+BURST][;ops=N/MS[+BURST]]]`.
+    pub fn parse(spec: &str) -> Result<DiskConfig, String> {
+        let mut path = None;
+        let mut disk = DiskConfig { path: PathBuf::new(), read_only: false, id: None, rate_limiter: None };
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("id", id)) => disk.id = Some(id.to_string()),
+                Some(("rate", r)) => disk.rate_limiter = Some(RateLimitConfig::parse(r)?),
+                None if part == "ro" => disk.read_only = true,
+                _ => return Err(format!("--disk: unknown part `{part}` (path=FILE, ro, id=ID, rate=...)")),
+            }
+        }
+        disk.path = path.ok_or("--disk: path=FILE is required")?;
+        Ok(disk)
+    }
+}
+
+/// A drive in Firecracker's API and config file (`PUT /drives/{id}`, `drives`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirecrackerDrive {
+    pub drive_id: String,
+    pub path_on_host: String,
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimitConfig>,
+    /// Accepted and ignored: shoal-vmm always does what Firecracker's "Unsafe" cache type does
+    /// (flush on request) with synchronous I/O.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+}
+
+impl FirecrackerDrive {
+    pub fn into_disk(self) -> DiskConfig {
+        DiskConfig { path: self.path_on_host.into(), read_only: self.is_read_only, id: Some(self.drive_id), rate_limiter: self.rate_limiter }
+    }
 }
 
 /// Errors in a configuration.
@@ -64,12 +133,14 @@ pub enum ConfigError {
     TooMuchMemory(u64),
     #[error("invalid command line")]
     Cmdline(#[source] BootError),
+    #[error("{0}")]
+    Device(String),
 }
 
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
-        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false }
+        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), rng: false }
     }
 
     /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
@@ -90,6 +161,7 @@ impl VmConfig {
         let serde_json::Value::Object(sections) = value else { return Err("expected a JSON object".into()) };
         let mut config = None;
         let mut machine = MachineConfig::default();
+        let (mut disks, mut rng, mut root_ro) = (Vec::new(), false, None);
         for (name, section) in sections {
             match name.as_str() {
                 "boot-source" => {
@@ -107,12 +179,20 @@ impl VmConfig {
                         return Err("machine-config: smt is not supported by shoal-vmm".into());
                     }
                 }
-                "drives" | "network-interfaces" => match &section {
+                "drives" => {
+                    let drives: Vec<FirecrackerDrive> = serde_json::from_value(section).map_err(|e| format!("drives: {e}"))?;
+                    // Firecracker puts the root device first and names it on the command line.
+                    let (root, rest): (Vec<_>, Vec<_>) = drives.into_iter().partition(|d| d.is_root_device);
+                    root_ro = root.first().map(|d| d.is_read_only);
+                    disks = root.into_iter().chain(rest).map(FirecrackerDrive::into_disk).collect();
+                }
+                "entropy" => rng = !section.is_null(),
+                "network-interfaces" => match &section {
                     serde_json::Value::Array(items) if items.is_empty() => {}
                     serde_json::Value::Null => {}
                     _ => return Err(format!("{name} are not supported by shoal-vmm yet")),
                 },
-                "logger" | "metrics" | "vsock" | "balloon" | "mmds-config" | "entropy" | "cpu-config" => {
+                "logger" | "metrics" | "vsock" | "balloon" | "mmds-config" | "cpu-config" => {
                     if !section.is_null() {
                         return Err(format!("{name} is not supported by shoal-vmm yet"));
                     }
@@ -124,6 +204,11 @@ impl VmConfig {
         config.vcpus = machine.vcpu_count;
         config.mem_mib = machine.mem_size_mib;
         config.track_dirty_pages = machine.track_dirty_pages;
+        config.disks = disks;
+        config.rng = rng;
+        if let Some(ro) = root_ro {
+            config.cmdline.push_str(if ro { " root=/dev/vda ro" } else { " root=/dev/vda rw" });
+        }
         Ok(config)
     }
 
@@ -141,7 +226,32 @@ impl VmConfig {
         if self.mem_mib > MAX_MEM_MIB {
             return Err(ConfigError::TooMuchMemory(self.mem_mib));
         }
-        check_cmdline(&self.cmdline).map_err(ConfigError::Cmdline)
+        let devices = self.disks.len() + usize::from(self.rng);
+        if devices > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
+            return Err(ConfigError::Device(format!("{devices} virtio devices, more than the {} interrupt lines allow", crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES)));
+        }
+        for d in &self.disks {
+            if d.id.as_ref().is_some_and(|id| id.len() > 20) {
+                return Err(ConfigError::Device(format!("disk {}: id is longer than 20 bytes", d.path.display())));
+            }
+            if let Some(r) = &d.rate_limiter {
+                for b in r.bandwidth.iter().chain(r.ops.iter()) {
+                    b.validate().map_err(|e| ConfigError::Device(format!("disk {}: {e}", d.path.display())))?;
+                }
+            }
+        }
+        check_cmdline(&self.full_cmdline()).map_err(ConfigError::Cmdline)
+    }
+
+    /// The command line the guest gets: the configured one plus a `virtio_mmio.device=` entry
+    /// per virtio device (disks first, then the rng), so a Linux guest finds them.
+    pub fn full_cmdline(&self) -> String {
+        use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+        let mut c = self.cmdline.clone();
+        for i in 0..self.disks.len() + usize::from(self.rng) {
+            c.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + i as u32));
+        }
+        c
     }
 
     /// Checks the vCPU count against what KVM on this host allows.

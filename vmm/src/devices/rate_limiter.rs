@@ -32,11 +32,11 @@ pub struct RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    /// Parses the CLI form `bw=BYTES/MS[+BURST],ops=N/MS[+BURST]` (either part optional),
+    /// Parses the CLI form `bw=BYTES/MS[+BURST];ops=N/MS[+BURST]` (either part optional),
     /// e.g. `bw=10485760/1000` for 10 MiB/s.
     pub fn parse(text: &str) -> Result<RateLimitConfig, String> {
         let mut c = RateLimitConfig::default();
-        for part in text.split(['/', ',']).collect::<Vec<_>>().chunks(2).map(|p| p.join("/")) {
+        for part in text.split([';', ',']).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').ok_or(format!("rate `{part}`: expected bw=... or ops=..."))?;
             let (rate, burst) = value.split_once('+').map_or((value, None), |(r, b)| (r, Some(b)));
             let (size, ms) = rate.split_once('/').ok_or(format!("rate `{part}`: expected TOKENS/MILLISECONDS"))?;
@@ -154,7 +154,7 @@ mod tests {
 
     #[test]
     fn cli_form_parses_and_bad_forms_are_refused() {
-        let c = RateLimitConfig::parse("bw=1048576/1000+4096,ops=100/1000").unwrap();
+        let c = RateLimitConfig::parse("bw=1048576/1000+4096;ops=100/1000").unwrap();
         assert_eq!(c.bandwidth, Some(BucketConfig { size: 1 << 20, one_time_burst: 4096, refill_time: 1000 }));
         assert_eq!(c.ops, Some(BucketConfig { size: 100, one_time_burst: 0, refill_time: 1000 }));
         for bad in ["bw=10", "bw=0/1000", "iops=1/1", "bw=x/1000", "bw=10/0"] {

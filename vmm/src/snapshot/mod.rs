@@ -29,7 +29,7 @@ use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
 use crate::devices::legacy::{SerialConsole, SerialSaved, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::EventFdTrigger;
 use crate::vstate::memory::{map_guest_memory_file, MemoryBacking, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState, VcpuWiring};
 use crate::vstate::vm::{Vm, VmError, VmState};
 use format::FormatError;
 use memfile::{MemFileError, Range};
@@ -316,10 +316,10 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     bus.insert(i8042, I8042_BASE, I8042_LEN)?;
     let pio = Arc::new(bus);
 
-    let msr_list = Arc::new(vm.msrs_to_save()?);
+    let wiring = VcpuWiring { pio: pio.clone(), mmio: Arc::new(Bus::new()), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, vs) in state.vcpus.iter().enumerate() {
-        let mut vcpu = Vcpu::restore(&vm.fd, index as u8, vs, pio.clone(), reset_requested.clone(), msr_list.clone())?;
+        let mut vcpu = Vcpu::restore(&vm.fd, index as u8, vs, wiring.clone())?;
         vcpu.start_paused = !options.resume;
         vcpus.push(vcpu);
     }
@@ -331,6 +331,7 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
         serial,
         reset_evt,
         pio,
+        virtio: Vec::new(),
         guest_panicked,
         reset_requested,
         machine: state.machine,

@@ -157,17 +157,24 @@ pub struct VcpuCounters {
     pub mmio: AtomicU64,
 }
 
+/// What every vCPU of a VM shares: the device buses, the reset flag, the MSR save list.
+#[derive(Debug, Clone)]
+pub struct VcpuWiring {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    /// Set by a device (the i8042) when the guest asks for a reset.
+    pub reset_requested: Arc<AtomicBool>,
+    /// The MSRs a snapshot saves (KVM's list of MSRs to save and restore).
+    pub msr_list: Arc<Vec<u32>>,
+}
+
 /// One vCPU, configured and ready to run on its own thread.
 #[derive(Debug)]
 pub struct Vcpu {
     pub index: u8,
     fd: VcpuFd,
-    pio: Arc<Bus>,
-    /// Set by a device (the i8042) when the guest asks for a reset.
-    reset_requested: Arc<AtomicBool>,
+    wiring: VcpuWiring,
     pub counters: Arc<VcpuCounters>,
-    /// The MSRs a snapshot saves (KVM's list of MSRs to save and restore).
-    msr_list: Arc<Vec<u32>>,
     /// Start the run loop paused (a snapshot loaded without resume_vm).
     pub start_paused: bool,
 }
@@ -186,9 +193,7 @@ impl Vcpu {
         index: u8,
         count: u8,
         supported_cpuid: &CpuId,
-        pio: Arc<Bus>,
-        reset_requested: Arc<AtomicBool>,
-        msr_list: Arc<Vec<u32>>,
+        wiring: VcpuWiring,
     ) -> Result<Vcpu, VcpuError> {
         let io = |what| move |source| VcpuError::Ioctl { what, index, source };
         let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
@@ -211,7 +216,7 @@ impl Vcpu {
         msr::set_lapic_reg(&mut lapic.regs, msr::APIC_LVT1, msr::set_apic_delivery_mode(lvt1, msr::APIC_MODE_NMI));
         fd.set_lapic(&lapic).map_err(io("set the LAPIC"))?;
 
-        Ok(Vcpu { index, fd, pio, reset_requested, counters: Arc::new(VcpuCounters::default()), msr_list, start_paused: false })
+        Ok(Vcpu { index, fd, wiring, counters: Arc::new(VcpuCounters::default()), start_paused: false })
     }
 
     /// Creates vCPU `index` with the state a snapshot saved.
@@ -219,9 +224,7 @@ impl Vcpu {
         vm: &VmFd,
         index: u8,
         state: &VcpuState,
-        pio: Arc<Bus>,
-        reset_requested: Arc<AtomicBool>,
-        msr_list: Arc<Vec<u32>>,
+        wiring: VcpuWiring,
     ) -> Result<Vcpu, VcpuError> {
         let io = |what| move |source| VcpuError::Ioctl { what, index, source };
         let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
@@ -248,7 +251,7 @@ impl Vcpu {
             return Err(VcpuError::RestoreMsr { index, msr: state.msrs[set].index });
         }
         fd.set_vcpu_events(&state.events).map_err(io("restore the vCPU events"))?;
-        Ok(Vcpu { index, fd, pio, reset_requested, counters: Arc::new(VcpuCounters::default()), msr_list, start_paused: false })
+        Ok(Vcpu { index, fd, wiring, counters: Arc::new(VcpuCounters::default()), start_paused: false })
     }
 
     /// Reads the whole vCPU state. Call on the vCPU's own thread while it is out of KVM_RUN.
@@ -281,8 +284,8 @@ impl Vcpu {
     /// Reads every MSR on KVM's save list that this vCPU has; KVM stops a batch at the first
     /// MSR it cannot read, which is then skipped.
     fn save_msrs(&self) -> Result<Vec<kvm_msr_entry>, kvm_ioctls::Error> {
-        let mut saved = Vec::with_capacity(self.msr_list.len());
-        let mut rest: &[u32] = &self.msr_list;
+        let mut saved = Vec::with_capacity(self.wiring.msr_list.len());
+        let mut rest: &[u32] = &self.wiring.msr_list;
         while !rest.is_empty() {
             let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
             let entries: Vec<kvm_msr_entry> = batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
@@ -326,22 +329,23 @@ impl Vcpu {
             let stop = match exit {
                 VcpuExit::IoIn(port, data) => {
                     self.counters.io_in.fetch_add(1, Ordering::Relaxed);
-                    self.pio.read(u64::from(port), data);
+                    self.wiring.pio.read(u64::from(port), data);
                     None
                 }
                 VcpuExit::IoOut(port, data) => {
                     self.counters.io_out.fetch_add(1, Ordering::Relaxed);
-                    self.pio.write(u64::from(port), data);
-                    self.reset_requested.load(Ordering::SeqCst).then_some(VcpuStop::Reset)
+                    self.wiring.pio.write(u64::from(port), data);
+                    self.wiring.reset_requested.load(Ordering::SeqCst).then_some(VcpuStop::Reset)
                 }
-                VcpuExit::MmioRead(_, data) => {
-                    // No MMIO devices yet: reads of unclaimed MMIO return zero.
+                VcpuExit::MmioRead(addr, data) => {
+                    // Unclaimed MMIO reads as zero (the bus fills it).
                     self.counters.mmio.fetch_add(1, Ordering::Relaxed);
-                    data.fill(0);
+                    self.wiring.mmio.read(addr, data);
                     None
                 }
-                VcpuExit::MmioWrite(..) => {
+                VcpuExit::MmioWrite(addr, data) => {
                     self.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                    self.wiring.mmio.write(addr, data);
                     None
                 }
                 VcpuExit::Intr => {

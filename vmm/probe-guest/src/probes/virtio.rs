@@ -1,0 +1,290 @@
+//! virtio probe: a minimal virtio-mmio (version 2) driver. Maps the virtio window (0xd0000000,
+//! in the MMIO gap, above the 1 GiB the boot page tables cover), then drives every device it
+//! finds with one 8-entry queue, polling the used ring (no interrupts):
+//! - block: reads the serial (GET_ID), writes a pattern to sector 1, reads it back, flushes;
+//!   prints `blk id=<id> sectors=<n> write=<status> read=<status> match=<0|1> flush=<status>`;
+//! - rng: asks for 64 bytes; prints `rng got=<bytes> nonzero=<count of non-zero bytes>`.
+//! With `virtio.bench=N` on the command line, the first writable disk then takes N writes of
+//! 64 KiB (rate-limit measurements). Then prints `virtio: done devices=<n>` and resets.
+#![no_std]
+#![no_main]
+
+mod common;
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{compiler_fence, Ordering};
+
+const BASE: u64 = 0xd000_0000;
+const WINDOW: u64 = 0x1000;
+const QSIZE: u16 = 8;
+
+#[repr(C, align(4096))]
+struct Page([u64; 512]);
+
+#[repr(C, align(4096))]
+struct Bytes([u8; 4096]);
+
+static mut MMIO_PD: Page = Page([0; 512]);
+static mut RING: Bytes = Bytes([0; 4096]);
+static mut BUF: Bytes = Bytes([0; 4096]);
+/// Payload of the `virtio.bench=N` writes.
+static mut BIG: [Bytes; 16] = [const { Bytes([0; 4096]) }; 16];
+
+fn reg(dev: u64, off: u64) -> *mut u32 {
+    (dev + off) as *mut u32
+}
+
+fn rd(dev: u64, off: u64) -> u32 {
+    // SAFETY: dev is a mapped virtio-mmio window; registers are 32-bit and aligned.
+    unsafe { read_volatile(reg(dev, off)) }
+}
+
+fn wr(dev: u64, off: u64, v: u32) {
+    // SAFETY: as in rd.
+    unsafe { write_volatile(reg(dev, off), v) }
+}
+
+/// Maps 0xd0000000..+2 MiB uncached through a new page directory for the 3-4 GiB range.
+fn map_mmio_window() {
+    let cr3: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
+    let pml4 = (cr3 & !0xfff) as *mut u64;
+    // SAFETY: the VMM's identity page tables: PML4[0] points at the PDPT, both in low RAM that
+    // is identity-mapped; MMIO_PD is ours, page-aligned, and identity-mapped too.
+    unsafe {
+        let pdpt = (read_volatile(pml4) & 0x000f_ffff_ffff_f000) as *mut u64;
+        let pd = addr_of_mut!(MMIO_PD.0) as *mut u64;
+        // 2 MiB page, present, writable, cache-disabled, write-through.
+        write_volatile(pd.add(((BASE >> 21) & 511) as usize), BASE | 0x9b);
+        write_volatile(pdpt.add(3), pd as u64 | 3);
+        core::arch::asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack));
+    }
+}
+
+fn ring() -> u64 {
+    // SAFETY: only the address is taken.
+    unsafe { addr_of!(RING) as u64 }
+}
+
+fn buf() -> u64 {
+    // SAFETY: only the address is taken.
+    unsafe { addr_of!(BUF) as u64 }
+}
+
+fn poke<T>(addr: u64, v: T) {
+    // SAFETY: addr lies in RING or BUF, identity-mapped statics the device shares with us.
+    unsafe { write_volatile(addr as *mut T, v) }
+}
+
+fn peek<T: Copy>(addr: u64) -> T {
+    // SAFETY: as in poke.
+    unsafe { read_volatile(addr as *const T) }
+}
+
+// Queue layout inside RING: descriptors at 0, avail ring at 0x100, used ring at 0x200.
+const DESC: u64 = 0;
+const AVAIL: u64 = 0x100;
+const USED: u64 = 0x200;
+
+/// Resets the device, negotiates VERSION_1 only, and sets up queue 0. Returns false on failure.
+fn init(dev: u64) -> bool {
+    wr(dev, 0x70, 0);
+    wr(dev, 0x70, 1);
+    wr(dev, 0x70, 3);
+    wr(dev, 0x14, 1);
+    if rd(dev, 0x10) & 1 == 0 {
+        return false;
+    }
+    wr(dev, 0x24, 0);
+    wr(dev, 0x20, 0);
+    wr(dev, 0x24, 1);
+    wr(dev, 0x20, 1);
+    wr(dev, 0x70, 0xb);
+    if rd(dev, 0x70) & 8 == 0 {
+        return false;
+    }
+    for i in 0..4096u64 {
+        poke(ring() + i, 0u8);
+    }
+    wr(dev, 0x30, 0);
+    if rd(dev, 0x34) < u32::from(QSIZE) {
+        return false;
+    }
+    wr(dev, 0x38, u32::from(QSIZE));
+    for (off, addr) in [(0x80, ring() + DESC), (0x90, ring() + AVAIL), (0xa0, ring() + USED)] {
+        wr(dev, off, addr as u32);
+        wr(dev, off + 4, (addr >> 32) as u32);
+    }
+    wr(dev, 0x44, 1);
+    wr(dev, 0x70, 0xf);
+    rd(dev, 0x70) & 0x40 == 0
+}
+
+/// Submits a chain of (address, length, device-writable) buffers and waits for it to be used;
+/// returns the length the device reports, or None on timeout.
+fn submit(dev: u64, bufs: &[(u64, u32, bool)], avail_idx: &mut u16) -> Option<u32> {
+    for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+        let d = ring() + DESC + 16 * i as u64;
+        let last = i + 1 == bufs.len();
+        poke(d, addr);
+        poke(d + 8, len);
+        poke(d + 12, (if writable { 2u16 } else { 0 }) | if last { 0 } else { 1 });
+        poke(d + 14, (i + 1) as u16);
+    }
+    poke(ring() + AVAIL + 4 + 2 * u64::from(*avail_idx % QSIZE), 0u16);
+    compiler_fence(Ordering::SeqCst);
+    *avail_idx = avail_idx.wrapping_add(1);
+    poke(ring() + AVAIL + 2, *avail_idx);
+    compiler_fence(Ordering::SeqCst);
+    wr(dev, 0x50, 0);
+    for _ in 0..50_000_000u64 {
+        let used: u16 = peek(ring() + USED + 2);
+        if used == *avail_idx {
+            compiler_fence(Ordering::SeqCst);
+            let slot = ring() + USED + 4 + 8 * u64::from((used.wrapping_sub(1)) % QSIZE);
+            return Some(peek::<u32>(slot + 4));
+        }
+        core::hint::spin_loop();
+    }
+    None
+}
+
+fn block_request(dev: u64, kind: u32, sector: u64, data: Option<(u32, bool)>, idx: &mut u16) -> u8 {
+    let hdr = buf();
+    let status = buf() + 0x20;
+    let payload = buf() + 0x200;
+    poke(hdr, kind);
+    poke(hdr + 4, 0u32);
+    poke(hdr + 8, sector);
+    poke(status, 0xffu8);
+    let ok = match data {
+        Some((len, writable)) => submit(dev, &[(hdr, 16, false), (payload, len, writable), (status, 1, true)], idx),
+        None => submit(dev, &[(hdr, 16, false), (status, 1, true)], idx),
+    };
+    if ok.is_none() {
+        return 0xee;
+    }
+    peek(status)
+}
+
+fn test_block(dev: u64) {
+    let mut idx = 0u16;
+    let payload = buf() + 0x200;
+    // SAFETY: config space reads of the mapped window (capacity, a 64-bit little-endian field).
+    let sectors = u64::from(rd(dev, 0x100)) | (u64::from(rd(dev, 0x104)) << 32);
+    for i in 0..20u64 {
+        poke(payload + i, 0u8);
+    }
+    let id_status = block_request(dev, 8, 0, Some((20, true)), &mut idx);
+    let mut id = [0u8; 20];
+    let mut n = 0;
+    while n < 20 {
+        let b: u8 = peek(payload + n as u64);
+        if b == 0 {
+            break;
+        }
+        id[n] = b;
+        n += 1;
+    }
+    for i in 0..512u64 {
+        poke(payload + i, (i as u8).wrapping_mul(7).wrapping_add(0x5a));
+    }
+    let write = block_request(dev, 1, 1, Some((512, false)), &mut idx);
+    for i in 0..512u64 {
+        poke(payload + i, 0u8);
+    }
+    let read = block_request(dev, 0, 1, Some((512, true)), &mut idx);
+    let mut matches = 1u8;
+    for i in 0..512u64 {
+        if peek::<u8>(payload + i) != (i as u8).wrapping_mul(7).wrapping_add(0x5a) {
+            matches = 0;
+        }
+    }
+    let flush = block_request(dev, 4, 0, None, &mut idx);
+    say!("blk id=", &id[..n], " id_status=", id_status, " sectors=", sectors, " write=", write, " read=", read, " match=", matches, " flush=", flush);
+    if BENCH_WRITES.load(Ordering::SeqCst) > 0 && write == 0 {
+        bench(dev, sectors, &mut idx);
+    }
+}
+
+static BENCH_WRITES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// `virtio.bench=N`: N writes of 64 KiB, cycling over the disk; prints the count at the end.
+fn bench(dev: u64, sectors: u64, idx: &mut u16) {
+    let n = BENCH_WRITES.load(Ordering::SeqCst);
+    // SAFETY: only the address is taken.
+    let big = unsafe { addr_of!(BIG) as u64 };
+    let hdr = buf();
+    let status = buf() + 0x20;
+    let span = (sectors / 128).max(1);
+    say!("bench start writes=", n, " bytes_each=65536");
+    let mut failed = 0u64;
+    for i in 0..n {
+        poke(hdr, 1u32);
+        poke(hdr + 4, 0u32);
+        poke(hdr + 8, (i % span) * 128);
+        poke(status, 0xffu8);
+        if submit(dev, &[(hdr, 16, false), (big, 65536, false), (status, 1, true)], idx).is_none() || peek::<u8>(status) != 0 {
+            failed += 1;
+        }
+    }
+    say!("bench done writes=", n, " failed=", failed);
+}
+
+/// Reads `virtio.bench=N` from the command line.
+fn parse_bench(cmdline: &[u8]) -> u64 {
+    let key = b"virtio.bench=";
+    let Some(at) = cmdline.windows(key.len()).position(|w| w == key) else { return 0 };
+    let mut n = 0u64;
+    for &b in &cmdline[at + key.len()..] {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        n = n.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+    }
+    n
+}
+
+fn test_rng(dev: u64) {
+    let mut idx = 0u16;
+    let out = buf() + 0x400;
+    for i in 0..64u64 {
+        poke(out + i, 0u8);
+    }
+    let got = submit(dev, &[(out, 64, true)], &mut idx).unwrap_or(0);
+    let mut nonzero = 0u32;
+    for i in 0..64u64 {
+        if peek::<u8>(out + i) != 0 {
+            nonzero += 1;
+        }
+    }
+    say!("rng got=", got, " nonzero=", nonzero);
+}
+
+#[no_mangle]
+pub extern "C" fn probe_main(boot_params: u64) -> ! {
+    say!("SHOAL-PROBE virtio: start");
+    BENCH_WRITES.store(parse_bench(common::cmdline(boot_params)), Ordering::SeqCst);
+    map_mmio_window();
+    let mut devices = 0u32;
+    for i in 0..19u64 {
+        let dev = BASE + i * WINDOW;
+        if rd(dev, 0) != 0x7472_6976 {
+            break;
+        }
+        devices += 1;
+        let kind = rd(dev, 8);
+        if !init(dev) {
+            say!("virtio device ", i, " type ", kind, ": init failed");
+            continue;
+        }
+        match kind {
+            2 => test_block(dev),
+            4 => test_rng(dev),
+            other => say!("virtio device ", i, " type ", other, ": no test"),
+        }
+    }
+    say!("virtio: done devices=", devices);
+    common::reset()
+}
