@@ -2,7 +2,9 @@
 //! (64-bit entry), on 1 and 2 vCPUs, boots the busybox initramfs to /init, which prints a
 //! marker, `nproc` and /proc/cmdline, then reboots: shoal-vmm exits 0 each time. A guest that
 //! triple-faults or panics makes shoal-vmm exit 2. A guest counting in a shell loop is
-//! snapshotted and restored in new processes, and counts on. All cases run in one
+//! snapshotted and restored in new processes, and counts on. A guest with an ext4 root on
+//! virtio-blk writes a file found in the image afterwards, cannot write its read-only disk,
+//! and reads the virtio rng. All cases run in one
 //! emulated-server boot (or directly on a VMX/SVM host).
 
 use std::path::{Path, PathBuf};
@@ -33,6 +35,11 @@ fn boot_job() -> Job {
         ));
     }
     script.push_str("run_case triple-fault ./shoal-vmm --kernel fault.elf\n");
+    // virtio: an ext4 root disk the guest writes to, a read-only disk it cannot, the rng.
+    script.push_str("dd if=/dev/zero of=ro.img bs=1024 count=1024 2>/dev/null; cp ro.img ro-before.img\n");
+    script.push_str("run_case disk ./shoal-vmm --kernel vmlinux --cmdline 'console=ttyS0 quiet reboot=k panic=-1 root=/dev/vda rw init=/init shoal.test=disk' --disk path=root.img,id=root --disk path=ro.img,ro --rng\n");
+    script.push_str("if grep -q SHOAL-WRITTEN-BY-GUEST root.img; then echo 'SHOAL-DISK-CHECK root-file=found'; else echo 'SHOAL-DISK-CHECK root-file=missing'; fi\n");
+    script.push_str("if cmp -s ro.img ro-before.img; then echo 'SHOAL-DISK-CHECK ro-image=unchanged'; else echo 'SHOAL-DISK-CHECK ro-image=changed'; fi\n");
     // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
     script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
@@ -47,6 +54,7 @@ fn boot_job() -> Job {
             (guest("vmlinux"), "vmlinux".into()),
             (guest("bzImage"), "bzImage".into()),
             (guest("initramfs.cpio"), "initramfs.cpio".into()),
+            (guest("rootfs.ext4"), "root.img".into()),
             (Path::new(shoal_probe_guest::FAULT).to_path_buf(), "fault.elf".into()),
         ],
         limit: Duration::from_secs(20 * 60),
@@ -68,6 +76,17 @@ fn check(run: &Run) -> Vec<String> {
     let fault = run.case("triple-fault");
     if fault.exit != Some(2) || !fault.has("shoal-vmm: guest triple fault") {
         failures.push(format!("triple-fault: exit {:?}, output {:?}", fault.exit, fault.output));
+    }
+    let disk = run.case("disk");
+    let want = ["disk: root ext4 rw vda=yes", "disk: wrote /from-guest.txt", "disk: ro-write=failed", "disk: rng=virtio_rng.0 bytes=64"];
+    let missing: Vec<_> = want.iter().filter(|w| !disk.has_line(w)).collect();
+    if disk.exit != Some(0) || !missing.is_empty() {
+        failures.push(format!("disk: exit {:?}, missing {missing:?}, output {:?}", disk.exit, disk.output));
+    }
+    for check in ["SHOAL-DISK-CHECK root-file=found", "SHOAL-DISK-CHECK ro-image=unchanged"] {
+        if !run.lines.iter().any(|l| l.text == check) {
+            failures.push(format!("disk: {check} not seen"));
+        }
     }
     let snapshot = run.case("snapshot");
     if snapshot.exit != Some(0) || !snapshot.has_line("snapshot_job result=ok") {

@@ -10,13 +10,13 @@ out=${1:?usage: build-initramfs.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
 
-"$here/../../ci/ensure-packages.sh" busybox-static cpio gzip
+"$here/../../ci/ensure-packages.sh" busybox-static cpio gzip e2fsprogs
 
-RECIPE=2
+RECIPE=3
 bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
 key=$(cat "$here/init" "$here/poweroff" <(echo "recipe=$RECIPE busybox=$bb_version") | sha256sum | cut -c1-16)
 dest="$cache/guest-initramfs/$key"
-if [ ! -f "$dest/initramfs.cpio.gz" ] || [ ! -f "$dest/initramfs.cpio" ]; then
+if [ ! -f "$dest/initramfs.cpio.gz" ] || [ ! -f "$dest/initramfs.cpio" ] || [ ! -f "$dest/rootfs.ext4" ]; then
   work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-initramfs.XXXXXX")
   trap 'rm -rf "$work"' EXIT
   root="$work/root"
@@ -35,8 +35,11 @@ if [ ! -f "$dest/initramfs.cpio.gz" ] || [ ! -f "$dest/initramfs.cpio" ]; then
   mkdir -p "$dest.tmp"
   (cd "$root" && find . | LC_ALL=C sort | cpio --quiet -o -H newc --owner 0:0) > "$dest.tmp/initramfs.cpio"
   gzip -9 -n -c "$dest.tmp/initramfs.cpio" > "$dest.tmp/initramfs.cpio.gz"
+  # The same tree as an ext4 root disk image for virtio-blk (root=/dev/vda init=/init).
+  mkfs.ext4 -q -F -L shoal-root -E root_owner=0:0 -d "$root" "$dest.tmp/rootfs.ext4" 32M
   rm -rf "$dest" && mv "$dest.tmp" "$dest"
 fi
 ln -sfn "$dest/initramfs.cpio.gz" "$out/initramfs.cpio.gz"
 ln -sfn "$dest/initramfs.cpio" "$out/initramfs.cpio"
-echo "guest-initramfs: $out/initramfs.cpio.gz $out/initramfs.cpio (cache $dest)" >&2
+ln -sfn "$dest/rootfs.ext4" "$out/rootfs.ext4"
+echo "guest-initramfs: $out/initramfs.cpio.gz $out/initramfs.cpio $out/rootfs.ext4 (cache $dest)" >&2
