@@ -161,7 +161,7 @@ impl VmConfig {
         let serde_json::Value::Object(sections) = value else { return Err("expected a JSON object".into()) };
         let mut config = None;
         let mut machine = MachineConfig::default();
-        let (mut disks, mut rng, mut root_ro) = (Vec::new(), false, None);
+        let (mut drives, mut rng): (Vec<FirecrackerDrive>, bool) = (Vec::new(), false);
         for (name, section) in sections {
             match name.as_str() {
                 "boot-source" => {
@@ -179,13 +179,7 @@ impl VmConfig {
                         return Err("machine-config: smt is not supported by shoal-vmm".into());
                     }
                 }
-                "drives" => {
-                    let drives: Vec<FirecrackerDrive> = serde_json::from_value(section).map_err(|e| format!("drives: {e}"))?;
-                    // Firecracker puts the root device first and names it on the command line.
-                    let (root, rest): (Vec<_>, Vec<_>) = drives.into_iter().partition(|d| d.is_root_device);
-                    root_ro = root.first().map(|d| d.is_read_only);
-                    disks = root.into_iter().chain(rest).map(FirecrackerDrive::into_disk).collect();
-                }
+                "drives" => drives = serde_json::from_value(section).map_err(|e| format!("drives: {e}"))?,
                 "entropy" => rng = !section.is_null(),
                 "network-interfaces" => match &section {
                     serde_json::Value::Array(items) if items.is_empty() => {}
@@ -204,12 +198,23 @@ impl VmConfig {
         config.vcpus = machine.vcpu_count;
         config.mem_mib = machine.mem_size_mib;
         config.track_dirty_pages = machine.track_dirty_pages;
-        config.disks = disks;
         config.rng = rng;
-        if let Some(ro) = root_ro {
-            config.cmdline.push_str(if ro { " root=/dev/vda ro" } else { " root=/dev/vda rw" });
-        }
+        config.set_firecracker_drives(drives)?;
         Ok(config)
+    }
+
+    /// Takes Firecracker drives as disks: the root device first (/dev/vda), named on the
+    /// command line as Firecracker does (`root=/dev/vda rw|ro`).
+    pub fn set_firecracker_drives(&mut self, drives: Vec<FirecrackerDrive>) -> Result<(), String> {
+        let (root, rest): (Vec<_>, Vec<_>) = drives.into_iter().partition(|d| d.is_root_device);
+        if root.len() > 1 {
+            return Err("only one drive can be the root device".into());
+        }
+        if let Some(r) = root.first() {
+            self.cmdline.push_str(if r.is_read_only { " root=/dev/vda ro" } else { " root=/dev/vda rw" });
+        }
+        self.disks = root.into_iter().chain(rest).map(FirecrackerDrive::into_disk).collect();
+        Ok(())
     }
 
     /// Checks everything that can be checked without KVM or the files.
@@ -296,6 +301,19 @@ mod tests {
         });
         let c = VmConfig::from_firecracker(fc).unwrap();
         assert_eq!(c, VmConfig { vcpus: 2, mem_mib: 1024, cmdline: "console=ttyS0 reboot=k panic=1 pci=off".into(), ..VmConfig::new("vmlinux.bin") });
+        // Firecracker's rootfs drive: /dev/vda, named on the command line; entropy: an rng.
+        let with_disks = serde_json::json!({
+            "boot-source": {"kernel_image_path": "k", "boot_args": "console=ttyS0"},
+            "drives": [
+                {"drive_id": "scratch", "path_on_host": "scratch.img", "is_root_device": false, "is_read_only": false},
+                {"drive_id": "rootfs", "path_on_host": "rootfs.ext4", "is_root_device": true, "is_read_only": true}
+            ],
+            "entropy": {}
+        });
+        let c = VmConfig::from_firecracker(with_disks).unwrap();
+        assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro");
+        assert_eq!(c.disks.iter().map(|d| d.path.to_str().unwrap()).collect::<Vec<_>>(), ["rootfs.ext4", "scratch.img"]);
+        assert!(c.disks[0].read_only && c.rng);
         let only_boot = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
         assert_eq!(VmConfig::from_firecracker(only_boot).unwrap(), VmConfig::new("k"));
     }
@@ -307,7 +325,12 @@ mod tests {
             j[k] = v;
             VmConfig::from_firecracker(j).unwrap_err()
         };
-        assert_eq!(with("drives", serde_json::json!([{"drive_id": "rootfs"}])), "drives are not supported by shoal-vmm yet");
+        assert_eq!(with("drives", serde_json::json!([{"drive_id": "rootfs"}])), "drives: missing field `path_on_host`");
+        let two_roots = serde_json::json!([
+            {"drive_id": "a", "path_on_host": "a.img", "is_root_device": true},
+            {"drive_id": "b", "path_on_host": "b.img", "is_root_device": true}
+        ]);
+        assert_eq!(with("drives", two_roots), "only one drive can be the root device");
         assert_eq!(with("vsock", serde_json::json!({"guest_cid": 3})), "vsock is not supported by shoal-vmm yet");
         assert_eq!(with("frobnicator", serde_json::json!({})), "unknown section `frobnicator`");
         assert!(with("machine-config", serde_json::json!({"vcpu_count": 1})).contains("missing field `mem_size_mib`"));

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{Request, Response};
 use crate::snapshot::SnapshotKind;
+use super::config::FirecrackerDrive;
 use super::VmConfig;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
@@ -58,6 +59,15 @@ pub struct VmStateRequest {
 pub enum VmStateName {
     Paused,
     Resumed,
+}
+
+/// `PUT /entropy`: the virtio-rng device (its rate limiter is accepted; the device is not
+/// limited yet).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    #[serde(default)]
+    pub rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
 }
 
 /// `PUT /snapshot/create`.
@@ -181,11 +191,15 @@ pub struct ApiState {
     pub state: InstanceState,
     /// A boot resource was configured, which rules out loading a snapshot (as in Firecracker).
     pub configured: bool,
+    /// `PUT /drives/{id}`, in the order first put.
+    pub drives: Vec<FirecrackerDrive>,
+    /// `PUT /entropy` was called.
+    pub entropy: bool,
 }
 
 impl Default for ApiState {
     fn default() -> Self {
-        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false }
+        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), entropy: false }
     }
 }
 
@@ -221,6 +235,8 @@ impl ApiState {
         config.vcpus = self.machine.vcpu_count;
         config.mem_mib = self.machine.mem_size_mib;
         config.track_dirty_pages = self.machine.track_dirty_pages;
+        config.rng = self.entropy;
+        config.set_firecracker_drives(self.drives.clone()).map_err(|e| Response::fault(400, e))?;
         config.validate().map_err(|e| Response::fault(400, super::error_chain(&e)))?;
         Ok(config)
     }
@@ -281,6 +297,37 @@ impl ApiState {
                 Ok(_) if !started => Response::fault(400, "The microVM is not running."),
                 Ok(VmStateRequest { state: VmStateName::Paused }) => return Outcome::SetPaused(true),
                 Ok(VmStateRequest { state: VmStateName::Resumed }) => return Outcome::SetPaused(false),
+                Err(r) => r,
+            },
+            ("PUT", p) if p.starts_with("/drives/") && started => Response::fault(400, NOT_AFTER_START),
+            ("PUT", p) if p.starts_with("/drives/") => match parse_body::<FirecrackerDrive>(req) {
+                Ok(d) if d.drive_id != p["/drives/".len()..] => {
+                    Response::fault(400, "The id from the path does not match the id from the body!")
+                }
+                Ok(d) if d.drive_id.is_empty() || d.path_on_host.is_empty() => Response::fault(400, "drive_id and path_on_host must not be empty."),
+                Ok(d) if d.rate_limiter.iter().flat_map(|r| r.bandwidth.iter().chain(r.ops.iter())).any(|b| b.validate().is_err()) => {
+                    Response::fault(400, "Invalid rate limiter: size and refill_time must be above zero.")
+                }
+                Ok(d) if d.is_root_device && self.drives.iter().any(|o| o.is_root_device && o.drive_id != d.drive_id) => {
+                    Response::fault(400, "A root block device already exists!")
+                }
+                Ok(d) => {
+                    match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+                        Some(o) => *o = d,
+                        None => self.drives.push(d),
+                    }
+                    self.configured = true;
+                    Response::no_content()
+                }
+                Err(r) => r,
+            },
+            ("PUT", "/entropy") if started => Response::fault(400, NOT_AFTER_START),
+            ("PUT", "/entropy") => match parse_body::<EntropyConfig>(req) {
+                Ok(_) => {
+                    self.entropy = true;
+                    self.configured = true;
+                    Response::no_content()
+                }
                 Err(r) => r,
             },
             ("PUT", "/snapshot/create") => match parse_body::<SnapshotCreateParams>(req) {
@@ -449,6 +496,31 @@ mod tests {
         assert!(fault(&reply(&mut configured, "PUT", "/snapshot/load", old)).contains("after configuring"));
         let mut running = ApiState { state: InstanceState::Running, ..ApiState::default() };
         assert!(fault(&reply(&mut running, "PUT", "/snapshot/load", old)).contains("after starting"));
+    }
+
+    #[test]
+    fn drives_and_entropy_from_firecracker_requests_become_disks_and_an_rng() {
+        let mut s = ApiState::default();
+        let rootfs = r#"{"drive_id": "rootfs", "path_on_host": "/img/rootfs.ext4", "is_root_device": true, "is_read_only": false}"#;
+        let data = r#"{"drive_id": "data", "path_on_host": "/img/data.raw", "is_root_device": false, "is_read_only": true,
+            "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}}}"#;
+        assert_eq!(reply(&mut s, "PUT", "/drives/data", data).status, 204);
+        assert_eq!(reply(&mut s, "PUT", "/drives/rootfs", rootfs).status, 204);
+        assert_eq!(reply(&mut s, "PUT", "/entropy", "{}").status, 204);
+        assert_eq!(reply(&mut s, "PUT", "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#).status, 204);
+        let Outcome::Start(c) = s.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else { panic!() };
+        assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda rw");
+        assert_eq!(c.disks.iter().map(|d| d.id.as_deref().unwrap()).collect::<Vec<_>>(), ["rootfs", "data"]);
+        assert!(c.disks[1].read_only && c.disks[1].rate_limiter.is_some() && c.rng);
+        for (path, body) in [
+            ("/drives/other", rootfs),
+            ("/drives/second-root", r#"{"drive_id": "second-root", "path_on_host": "/x", "is_root_device": true}"#),
+            ("/drives/x", r#"{"drive_id": "x", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"ops": {"size": 0, "refill_time": 100}}}"#),
+            ("/drives/x", r#"{"drive_id": "x", "path_on_host": "/x"}"#),
+            ("/entropy", r#"{"bogus": 1}"#),
+        ] {
+            assert_eq!(reply(&mut s, "PUT", path, body).status, 400, "{path} {body}");
+        }
     }
 
     #[test]
