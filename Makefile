@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot bench-devices deps clean-cache
+.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot bench-devices fuzz deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -55,6 +55,10 @@ bench-snapshot: probes guest-kernel
 bench-devices: probes
 	@ci/ensure-packages.sh python3
 	@python3 ci/bench-devices.py $(VMM) $(PROBE_DIR)/virtio.elf
+
+# Fuzz the API parser, the virtio queue paths and snapshot decoding (RUNS executions each).
+fuzz: deps
+	@ci/fuzz.sh $${RUNS:-1000000}
 
 clean-cache:
 	rm -rf $${SHOAL_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/shoal}
