@@ -42,6 +42,8 @@ fn boot_job() -> Job {
     script.push_str("if cmp -s ro.img ro-before.img; then echo 'SHOAL-DISK-CHECK ro-image=unchanged'; else echo 'SHOAL-DISK-CHECK ro-image=changed'; fi\n");
     // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
     script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5\n");
+    // The same with an ext4 root on virtio-blk and the rng: the disk works after the restore.
+    script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.
     script.push_str("run_case panic ./shoal-boot-timer SHOAL-GUEST-INIT -- ./shoal-vmm --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0 reboot=k panic=-1 rdinit=/no-such-init'\n");
@@ -92,6 +94,11 @@ fn check(run: &Run) -> Vec<String> {
     if snapshot.exit != Some(0) || !snapshot.has_line("snapshot_job result=ok") {
         failures.push(format!("snapshot: exit {:?}, output {:?}", snapshot.exit, snapshot.output));
     }
+    let snapshot_disk = run.case("snapshot-disk");
+    let synced = snapshot_disk.output.iter().any(|l| l.strip_prefix("snapshot_job disk_sync_after_restore=").is_some_and(|v| !v.is_empty()));
+    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced {
+        failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
+    }
     let panic = run.case("panic");
     if !panic.has("boot_timer exit=2") || !panic.has("shoal-vmm: guest kernel panicked") {
         failures.push(format!("panic: output {:?}", panic.output.iter().rev().take(5).collect::<Vec<_>>()));
@@ -109,7 +116,7 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
     }
-    for line in run.case("snapshot").output.iter().filter(|l| l.starts_with("snapshot_job")) {
+    for line in run.case("snapshot").output.iter().chain(run.case("snapshot-disk").output.iter()).filter(|l| l.starts_with("snapshot_job")) {
         println!("{line} ({mode:?})");
     }
     assert!(run.finished, "the job did not finish in time; console:\n{}", run.text());

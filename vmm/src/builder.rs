@@ -181,10 +181,43 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &Loaded
     Ok(())
 }
 
+/// What a virtio device is, as configured (and as a snapshot records it to rebuild it). Plain
+/// fields only: snapshots encode it with postcard, which has no room for skipped fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceSpec {
+    Block(DiskSpec),
+    Rng,
+}
+
+/// A disk's configuration in a `DeviceSpec`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub id: Option<String>,
+    pub rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
+}
+
+impl DeviceSpec {
+    /// The devices `config` asks for, in their MMIO order: disks, then the rng.
+    pub fn from_config(config: &VmConfig) -> Vec<DeviceSpec> {
+        let mut specs: Vec<DeviceSpec> = config
+            .disks
+            .iter()
+            .map(|d| DeviceSpec::Block(DiskSpec { path: d.path.clone(), read_only: d.read_only, id: d.id.clone(), rate_limiter: d.rate_limiter }))
+            .collect();
+        if config.rng {
+            specs.push(DeviceSpec::Rng);
+        }
+        specs
+    }
+}
+
 /// A virtio device as the event loop sees it: its transport and the eventfds KVM signals when
 /// the guest notifies one of its queues.
 pub struct VirtioSlot {
     pub name: String,
+    pub spec: DeviceSpec,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub queue_evts: Vec<EventFd>,
 }
@@ -195,23 +228,22 @@ impl std::fmt::Debug for VirtioSlot {
     }
 }
 
-/// Creates the configured virtio devices (disks in order, then the rng), each in its own MMIO
-/// window with its own interrupt line, and wires the queue notifications through ioeventfds.
-fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, config: &VmConfig, mmio: &mut Bus) -> Result<Vec<VirtioSlot>, BuildError> {
-    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for (i, d) in config.disks.iter().enumerate() {
-        let open_err = |source| BuildError::DiskOpen { path: d.path.clone(), source };
-        let file = std::fs::OpenOptions::new().read(true).write(!d.read_only).open(&d.path).map_err(open_err)?;
-        let disk = FileDisk::new(file).map_err(open_err)?;
-        let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let limiter = d.rate_limiter.as_ref().map(RateLimiter::new);
-        devices.push((format!("block {id}"), Box::new(VirtioBlock::new(Box::new(disk), d.read_only, &id, limiter))));
-    }
-    if config.rng {
-        devices.push(("rng".into(), Box::new(VirtioRng::new())));
-    }
-    let mut slots = Vec::with_capacity(devices.len());
-    for (i, (name, device)) in devices.into_iter().enumerate() {
+/// Creates the virtio devices `specs` describes, each in its own MMIO window (in order) with
+/// its own interrupt line, and wires the queue notifications through ioeventfds.
+pub fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, specs: &[DeviceSpec], mmio: &mut Bus) -> Result<Vec<VirtioSlot>, BuildError> {
+    let mut slots = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let (name, device): (String, Box<dyn VirtioDevice>) = match spec {
+            DeviceSpec::Block(d) => {
+                let open_err = |source| BuildError::DiskOpen { path: d.path.clone(), source };
+                let file = std::fs::OpenOptions::new().read(true).write(!d.read_only).open(&d.path).map_err(open_err)?;
+                let disk = FileDisk::new(file).map_err(open_err)?;
+                let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+                let limiter = d.rate_limiter.as_ref().map(RateLimiter::new);
+                (format!("block {id}"), Box::new(VirtioBlock::new(Box::new(disk), d.read_only, &id, limiter)))
+            }
+            DeviceSpec::Rng => ("rng".into(), Box::new(VirtioRng::new())),
+        };
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
         vm.register_irq(&irq_evt, VIRTIO_FIRST_IRQ + i as u32)?;
@@ -225,7 +257,7 @@ fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, config: &VmConfig, mmio: &mut B
         }
         let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Arc::new(IrqLine::new(irq_evt)))));
         mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-        slots.push(VirtioSlot { name, transport, queue_evts });
+        slots.push(VirtioSlot { name, spec: spec.clone(), transport, queue_evts });
     }
     Ok(slots)
 }
@@ -288,7 +320,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     bus.insert(i8042, I8042_BASE, I8042_LEN)?;
     let pio = Arc::new(bus);
     let mut mmio = Bus::new();
-    let virtio = attach_virtio(&vm, &mem, config, &mut mmio)?;
+    let virtio = attach_virtio(&vm, &mem, &DeviceSpec::from_config(config), &mut mmio)?;
 
     let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     let wiring = VcpuWiring { pio: pio.clone(), mmio: Arc::new(mmio), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
@@ -307,6 +339,23 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    #[test]
+    fn device_specs_survive_the_snapshot_encoding() {
+        use crate::devices::rate_limiter::{BucketConfig, RateLimitConfig};
+        let specs = vec![
+            DeviceSpec::Block(DiskSpec { path: "/img/root.ext4".into(), read_only: false, id: None, rate_limiter: None }),
+            DeviceSpec::Block(DiskSpec {
+                path: "d.raw".into(),
+                read_only: true,
+                id: Some("data".into()),
+                rate_limiter: Some(RateLimitConfig { bandwidth: None, ops: Some(BucketConfig { size: 10, one_time_burst: 0, refill_time: 100 }) }),
+            }),
+            DeviceSpec::Rng,
+        ];
+        let bytes = crate::snapshot::format::encode(&specs).unwrap();
+        assert_eq!(crate::snapshot::format::decode::<Vec<DeviceSpec>>(&bytes).unwrap(), specs);
+    }
 
     #[test]
     fn kernel_formats_are_told_apart_by_magic() {

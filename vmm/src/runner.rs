@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
 use crate::api::server::ApiRequest;
-use crate::builder::{MicroVm, VirtioSlot};
+use crate::builder::{DeviceSpec, MicroVm, VirtioSlot};
+use crate::devices::virtio::mmio::MmioTransport;
 use vmm_sys_util::timerfd::TimerFd;
 use crate::devices::legacy::SerialConsole;
 use crate::seccomp::{Seccomp, SeccompError, ThreadKind};
@@ -76,7 +77,8 @@ struct ControlHandler {
     control: Control,
     vcpus: Vec<VcpuHandle>,
     paused: bool,
-    has_virtio: bool,
+    /// Each virtio device's spec and transport, in MMIO order.
+    devices: Vec<(DeviceSpec, Arc<Mutex<MmioTransport>>)>,
     vm: Vm,
     mem: GuestMemoryMmap,
     backing: MemoryBacking,
@@ -90,13 +92,12 @@ impl ControlHandler {
         if !self.paused {
             return Err("Cannot create a snapshot: the microVM is not paused.".into());
         }
-        if self.has_virtio {
-            return Err("Cannot create a snapshot: snapshots of microVMs with virtio devices are not supported yet.".into());
-        }
         let started = std::time::Instant::now();
         let vcpus = save_all(&self.vcpus)?;
+        let devices = self.devices.iter().map(|(spec, t)| (spec.clone(), t.lock().unwrap_or_else(|p| p.into_inner()).save())).collect();
         let source = SnapshotSource {
             vm: &self.vm,
+            devices,
             mem: &self.mem,
             backing: &self.backing,
             serial: &self.serial,
@@ -271,7 +272,7 @@ impl MutEventSubscriber for StdinForwarder {
 /// the guest's serial port; `control` connects the control API.
 pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: Seccomp) -> Result<VcpuStop, RunError> {
     let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, reset_requested, machine, backing, generation, virtio, .. } = vm;
-    let has_virtio = !virtio.is_empty();
+    let devices: Vec<_> = virtio.iter().map(|s| (s.spec.clone(), s.transport.clone())).collect();
     let start_paused = vcpus.iter().any(|v| v.start_paused);
     let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(RunError::EventLoop)?;
     let (tx, rx) = channel();
@@ -304,7 +305,7 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
                 control,
                 vcpus: handles,
                 paused: start_paused,
-                has_virtio,
+                devices,
                 vm,
                 mem,
                 backing,

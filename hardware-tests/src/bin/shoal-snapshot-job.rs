@@ -1,6 +1,7 @@
-//! `shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES]`: runs inside the emulated server
-//! (or on a VMX/SVM host). Boots the Linux guest with the counter loop (`shoal.test=counter`)
-//! under `VMM --api-sock`, pauses it, takes a full snapshot through the API, kills it, then
+//! `shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE]`: runs inside the
+//! emulated server (or on a VMX/SVM host). Boots the Linux guest with the counter loop
+//! (`shoal.test=counter`) under `VMM --api-sock` (with ROOT_IMAGE: from that ext4 image on
+//! virtio-blk, plus the rng, and the loop syncs a file to the disk every 10 counts), pauses it, takes a full snapshot through the API, kills it, then
 //! restores the snapshot RESTORES times (default 5) in new `VMM --restore` processes. Checks
 //! that the first restored guest's console carries on the count (no reset, no skip), and
 //! prints `snapshot_job ...` figures: create time, spawn -> the restored guest's next output.
@@ -53,6 +54,13 @@ impl Console {
         complete.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("count=")?.parse().ok()).collect()
     }
 
+    /// The value of the first complete `disk-sync=N` line.
+    fn disk_sync(&self) -> Option<u64> {
+        let text = self.text();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix("disk-sync=")?.parse().ok())
+    }
+
     fn wait(&self, limit: Duration, done: impl Fn(&Console) -> bool) -> bool {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
@@ -82,7 +90,7 @@ fn median(xs: &mut [f64]) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize) -> Result<(), String> {
+fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>) -> Result<(), String> {
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
     let sock = work.join("api.sock");
     let _ = std::fs::remove_file(&sock);
@@ -97,7 +105,15 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize) -
             std::thread::sleep(Duration::from_millis(5));
         }
         call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
-        let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display());
+        let boot = match root {
+            None => format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display()),
+            Some(image) => {
+                let drive = format!(r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#, image.display());
+                call(&sock, "PUT", "/drives/rootfs", &drive)?;
+                call(&sock, "PUT", "/entropy", "{}")?;
+                format!(r#"{{"kernel_image_path": "{}", "boot_args": "{CMDLINE} init=/init"}}"#, kernel.display())
+            }
+        };
         call(&sock, "PUT", "/boot-source", &boot)?;
         call(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
         if !console.wait(Duration::from_secs(120), |c| c.counts().last().is_some_and(|n| *n >= 5)) {
@@ -123,7 +139,8 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize) -
         let t = Instant::now();
         let mut child = Command::new(vmm).arg("--restore").arg(work).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
         let restored = Console::capture(&mut child);
-        let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3);
+        // With a disk, wait for a sync to it after the restore as well.
+        let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3 && (root.is_none() || c.disk_sync().is_some()));
         let _ = child.kill();
         let _ = child.wait();
         if !ok {
@@ -143,6 +160,13 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize) -
                 return Err(format!("count does not continue from {last}: {after:?}"));
             }
             println!("snapshot_job restored_counts={after:?}");
+            if root.is_some() {
+                // A sync of a count taken after the snapshot: the disk works in the restored guest.
+                match restored.disk_sync() {
+                    Some(n) if n > last => println!("snapshot_job disk_sync_after_restore={n}"),
+                    other => return Err(format!("no disk sync after the restore (saw {other:?})")),
+                }
+            }
         }
     }
     println!("snapshot_job restores={} restore_spawn_to_output_ms_median={:.1}", to_output.len(), median(&mut to_output));
@@ -152,12 +176,13 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize) -
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
-        eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES]");
+        eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE]");
         return ExitCode::from(2);
     }
     let restores = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(5);
     let p = |i: usize| PathBuf::from(&args[i]);
-    match job(&p(0), &p(1), &p(2), &p(3), restores) {
+    let root = args.get(5).map(PathBuf::from);
+    match job(&p(0), &p(1), &p(2), &p(3), restores, root.as_deref()) {
         Ok(()) => {
             println!("snapshot_job result=ok");
             ExitCode::SUCCESS

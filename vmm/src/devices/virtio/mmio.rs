@@ -13,6 +13,8 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use serde::{Deserialize, Serialize};
+
 use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
@@ -30,6 +32,66 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 64;
 pub const STATUS_FAILED: u32 = 128;
+
+/// A queue as a snapshot keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSaved {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub event_idx: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl QueueSaved {
+    fn of(q: &Queue) -> QueueSaved {
+        let s = q.state();
+        QueueSaved {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            event_idx: s.event_idx_enabled,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+
+    fn to_queue(&self) -> Result<Queue, String> {
+        let state = virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        };
+        Queue::try_from(state).map_err(|e| format!("invalid queue in snapshot: {e:?}"))
+    }
+}
+
+/// The transport's registers and queues, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSaved {
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub acked_features: u64,
+    pub status: u32,
+    pub config_generation: u32,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSaved>,
+}
 
 /// One device behind its register window.
 pub struct MmioTransport {
@@ -77,6 +139,58 @@ impl MmioTransport {
 
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
+    }
+
+    /// The transport's state for a snapshot (the device must be quiet: vCPUs paused).
+    pub fn save(&self) -> TransportSaved {
+        let queues = if self.activated { self.device.active_queues() } else { &self.queues };
+        TransportSaved {
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            interrupt_status: self.irq.status(),
+            queues: queues.iter().map(QueueSaved::of).collect(),
+        }
+    }
+
+    /// Puts a fresh transport back in the saved state; an active device is activated again
+    /// with its queues where they were. Every value is checked as if the guest had written it.
+    pub fn restore(&mut self, saved: &TransportSaved) -> Result<(), String> {
+        if saved.queues.len() != self.device.queue_max_sizes().len() {
+            return Err(format!("{} queues saved for a device with {}", saved.queues.len(), self.device.queue_max_sizes().len()));
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (q, &max) in saved.queues.iter().zip(self.device.queue_max_sizes()) {
+            if q.max_size != max {
+                return Err(format!("queue of {} entries saved for one of {max}", q.max_size));
+            }
+            queues.push(q.to_queue()?);
+        }
+        if saved.acked_features & !self.device.features() != 0 {
+            return Err("acknowledged features the device does not offer".into());
+        }
+        self.queue_select = saved.queue_select;
+        self.device_features_select = saved.device_features_select;
+        self.driver_features_select = saved.driver_features_select;
+        self.acked_features = saved.acked_features;
+        self.status = saved.status;
+        self.config_generation = saved.config_generation;
+        self.irq.reset();
+        self.irq.set(saved.interrupt_status);
+        if saved.activated {
+            if queues.iter().any(|q| !q.is_valid(&self.mem)) {
+                return Err("a saved queue lies outside guest memory".into());
+            }
+            self.device.activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features).map_err(|e| e.to_string())?;
+            self.activated = true;
+        } else {
+            self.queues = queues;
+        }
+        Ok(())
     }
 
     pub fn status(&self) -> u32 {
@@ -330,6 +444,33 @@ mod tests {
         wr(&mut t, REG_QUEUE_NOTIFY, 0);
         assert_eq!(q.used_idx(&mem), 0, "not activated");
         assert_eq!(t.device().counters().spurious.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_active_transport_saved_and_restored_keeps_serving_its_queue() {
+        let (mut t, _) = transport();
+        let mem = t.mem.clone();
+        let q = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, &q, 1);
+        q.add_chain(&mem, &[(0x20000, 16, true)]);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        let saved = t.save();
+        assert!(saved.activated && saved.queues[0].next_used == 1);
+        let (mut back, _) = transport();
+        back.mem = mem.clone();
+        back.restore(&saved).unwrap();
+        assert_eq!(back.save(), saved);
+        q.add_chain(&mem, &[(0x20000, 16, true)]);
+        back.notify(0);
+        assert_eq!(q.used_idx(&mem), 2, "the restored device carries on where it was");
+        // A saved state that does not fit the device is refused.
+        let (mut other, _) = transport();
+        let mut bad = saved.clone();
+        bad.queues[0].max_size = 4;
+        assert!(other.restore(&bad).is_err());
+        let mut bad = saved;
+        bad.acked_features |= 1 << 40;
+        assert!(other.restore(&bad).is_err());
     }
 
     #[test]

@@ -60,6 +60,11 @@ impl IrqLine {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets status bits without injecting (snapshot restore).
+    pub fn set(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
@@ -113,6 +118,10 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: drop the queues. Returns false if it cannot be reset.
     fn reset(&mut self) -> bool;
     fn counters(&self) -> &DeviceCounters;
+    /// The queues the device works on once active (empty before activation), for snapshots.
+    fn active_queues(&self) -> &[Queue] {
+        &[]
+    }
     /// If the device's rate limiter is holding requests back, how long until it has room
     /// (the event loop then calls `process_queue` again).
     fn throttled_for(&self) -> Option<std::time::Duration> {

@@ -152,6 +152,10 @@ impl VirtioDevice for VirtioRng {
     fn counters(&self) -> &DeviceCounters {
         &self.counters
     }
+
+    fn active_queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| std::slice::from_ref(&a.queue))
+    }
 }
 
 #[cfg(test)]

@@ -150,6 +150,10 @@ impl VirtioDevice for VirtioBlock {
         &self.counters
     }
 
+    fn active_queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| std::slice::from_ref(&a.queue))
+    }
+
     fn throttled_for(&self) -> Option<std::time::Duration> {
         VirtioBlock::throttled_for(self)
     }
