@@ -272,6 +272,7 @@ pub struct MicroVm {
     /// Signalled when the guest resets through the i8042.
     pub reset_evt: EventFd,
     pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
     /// The virtio devices, for the event loop.
     pub virtio: Vec<VirtioSlot>,
     /// Set when the guest's console shows a kernel panic.
@@ -323,7 +324,8 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     let virtio = attach_virtio(&vm, &mem, &DeviceSpec::from_config(config), &mut mmio)?;
 
     let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
-    let wiring = VcpuWiring { pio: pio.clone(), mmio: Arc::new(mmio), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
+    let mmio = Arc::new(mmio);
+    let wiring = VcpuWiring { pio: pio.clone(), mmio: mmio.clone(), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
     let count = config.vcpus as u8; // validated: 1..=254
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
@@ -332,7 +334,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
     let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages };
-    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, virtio, guest_panicked, reset_requested, machine, backing: MemoryBacking::Anonymous, generation: 0 })
+    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, mmio, virtio, guest_panicked, reset_requested, machine, backing: MemoryBacking::Anonymous, generation: 0 })
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use clap::Parser;
 use vmm_sys_util::terminal::Terminal;
 
 use shoal_vmm::api::VmConfig;
+use shoal_vmm::metrics::MetricsSnapshot;
 use shoal_vmm::seccomp::Seccomp;
 use shoal_vmm::{builder, runner, snapshot, EXIT_GUEST_FAULT, EXIT_OK, EXIT_SETUP_ERROR};
 
@@ -88,6 +89,7 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
     let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("cannot create an eventfd: {e}"))?;
     let link_wake = wake.try_clone().map_err(|e| format!("cannot create an eventfd: {e}"))?;
     server::spawn(listener, VmmLink { tx, wake: link_wake }, seccomp).map_err(|e| error_chain(&e))?;
+    let mut metrics_file: Option<std::fs::File> = None;
     loop {
         let Ok(request) = rx.recv() else { return Err("the API thread stopped".into()) };
         let (built, reply) = match request {
@@ -101,6 +103,26 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
                 let _ = reply.send(Err("The microVM is not running.".into()));
                 continue;
             }
+            ApiRequest::Metrics { reply } => {
+                let _ = reply.send(MetricsSnapshot { utc_timestamp_ms: MetricsSnapshot::now_ms(), ..MetricsSnapshot::default() });
+                continue;
+            }
+            ApiRequest::MetricsFile { path, reply } => {
+                let opened = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+                let _ = reply.send(match opened {
+                    Ok(f) => {
+                        metrics_file = Some(f);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("Cannot open the metrics file {}: {e}", path.display())),
+                });
+                continue;
+            }
+            ApiRequest::FlushMetrics { reply } => {
+                let m = MetricsSnapshot { utc_timestamp_ms: MetricsSnapshot::now_ms(), ..MetricsSnapshot::default() };
+                let _ = reply.send(runner::flush_metrics(metrics_file.as_mut(), &m));
+                continue;
+            }
         };
         match built {
             Ok(vm) => {
@@ -108,7 +130,7 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
                 if reply.send(Ok(written_tx)).is_ok() {
                     let _ = written_rx.recv_timeout(std::time::Duration::from_secs(2));
                 }
-                return Ok((vm, runner::Control { requests: rx, wake }));
+                return Ok((vm, runner::Control { requests: rx, wake, metrics_file }));
             }
             Err(e) => {
                 let _ = reply.send(Err(e));

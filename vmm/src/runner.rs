@@ -24,7 +24,9 @@ use crate::devices::legacy::SerialConsole;
 use crate::seccomp::{Seccomp, SeccompError, ThreadKind};
 use crate::snapshot::{self, MachineState, SnapshotKind, SnapshotSource};
 use crate::vstate::memory::MemoryBacking;
-use crate::vstate::vcpu::{register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuState, VcpuStop};
+use crate::devices::bus::Bus;
+use crate::metrics::{DeviceMetrics, MetricsSnapshot, VcpuMetrics};
+use crate::vstate::vcpu::{VcpuCounters, register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuState, VcpuStop};
 use crate::vstate::vm::Vm;
 use vm_memory::GuestMemoryMmap;
 
@@ -36,6 +38,15 @@ const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Control {
     pub requests: Receiver<ApiRequest>,
     pub wake: EventFd,
+    /// Firecracker's metrics file, if `PUT /metrics` named one before the start.
+    pub metrics_file: Option<std::fs::File>,
+}
+
+/// Appends one JSON line of `m` to Firecracker's metrics file.
+pub fn flush_metrics(file: Option<&mut std::fs::File>, m: &MetricsSnapshot) -> Result<(), String> {
+    use std::io::Write;
+    let file = file.ok_or("Metrics are not configured (PUT /metrics first).")?;
+    writeln!(file, "{}", m.to_json()).map_err(|e| format!("Cannot write the metrics file: {e}"))
 }
 
 /// A running vCPU thread and its command channel.
@@ -85,9 +96,40 @@ struct ControlHandler {
     serial: Arc<Mutex<SerialConsole>>,
     machine: MachineState,
     generation: u64,
+    vcpu_counters: Vec<Arc<VcpuCounters>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
 }
 
 impl ControlHandler {
+    fn metrics(&self) -> MetricsSnapshot {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        MetricsSnapshot {
+            utc_timestamp_ms: MetricsSnapshot::now_ms(),
+            vcpus: self
+                .vcpu_counters
+                .iter()
+                .map(|c| VcpuMetrics { exits: load(&c.exits), io_in: load(&c.io_in), io_out: load(&c.io_out), mmio: load(&c.mmio) })
+                .collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|(spec, t)| {
+                    let t = t.lock().unwrap_or_else(|p| p.into_inner());
+                    let c = t.device().counters();
+                    let name = match spec {
+                        DeviceSpec::Block(d) => format!("block {}", d.id.as_deref().unwrap_or("")),
+                        DeviceSpec::Rng => "rng".into(),
+                    };
+                    DeviceMetrics { name, requests: load(&c.requests), bytes: load(&c.bytes), errors: load(&c.errors), spurious: load(&c.spurious), throttled: load(&c.throttled) }
+                })
+                .collect(),
+            serial_errors: load(&self.serial.lock().unwrap_or_else(|p| p.into_inner()).errors),
+            pio_unclaimed: load(&self.pio.unclaimed),
+            mmio_unclaimed: load(&self.mmio.unclaimed),
+        }
+    }
+
     fn create_snapshot(&self, kind: SnapshotKind, state_path: &std::path::Path, mem_path: &std::path::Path) -> Result<(), String> {
         if !self.paused {
             return Err("Cannot create a snapshot: the microVM is not paused.".into());
@@ -133,6 +175,16 @@ impl MutEventSubscriber for ControlHandler {
                 }
                 ApiRequest::CreateSnapshot { kind, state_path, mem_path, reply } => {
                     let _ = reply.send(self.create_snapshot(kind, &state_path, &mem_path));
+                }
+                ApiRequest::Metrics { reply } => {
+                    let _ = reply.send(self.metrics());
+                }
+                ApiRequest::FlushMetrics { reply } => {
+                    let m = self.metrics();
+                    let _ = reply.send(flush_metrics(self.control.metrics_file.as_mut(), &m));
+                }
+                ApiRequest::MetricsFile { reply, .. } => {
+                    let _ = reply.send(Err("The requested operation is not supported after starting the microVM.".into()));
                 }
                 ApiRequest::Start { reply, .. } | ApiRequest::LoadSnapshot { reply, .. } => {
                     let _ = reply.send(Err("The microVM is already running.".into()));
@@ -271,7 +323,8 @@ impl MutEventSubscriber for StdinForwarder {
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
 /// the guest's serial port; `control` connects the control API.
 pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: Seccomp) -> Result<VcpuStop, RunError> {
-    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, reset_requested, machine, backing, generation, virtio, .. } = vm;
+    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, reset_requested, machine, backing, generation, virtio, pio, mmio, .. } = vm;
+    let vcpu_counters: Vec<_> = vcpus.iter().map(|v| v.counters.clone()).collect();
     let devices: Vec<_> = virtio.iter().map(|s| (s.spec.clone(), s.transport.clone())).collect();
     let start_paused = vcpus.iter().any(|v| v.start_paused);
     let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(RunError::EventLoop)?;
@@ -312,6 +365,9 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
                 serial,
                 machine,
                 generation,
+                vcpu_counters,
+                pio,
+                mmio,
             }));
         }
         None => {

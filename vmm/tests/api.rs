@@ -206,3 +206,47 @@ fn firecracker_snapshot_guide_sequence_continues_the_guest_in_a_second_vmm() {
     drop(vm);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Metrics: Firecracker's metrics file gets one JSON object per FlushMetrics, and
+/// GET /shoal/metrics serves the same counters in Prometheus text; both grow as the guest runs.
+#[test]
+fn metrics_are_flushed_to_the_metrics_file_and_served_as_prometheus_text() {
+    if !kvm_available() {
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("shoal-metrics-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let disk = std::env::temp_dir().join(format!("shoal-metrics-{}.img", std::process::id()));
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let mut vm = Vmm::start("metrics");
+    let console = Console::capture(&mut vm.child);
+    let mut s = vm.connect();
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#).0, 400, "no metrics file yet");
+    assert_eq!(call(&mut s, "PUT", "/metrics", &format!(r#"{{"metrics_path": "{}"}}"#, file.display())).0, 204);
+    let drive = format!(r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false}}"#, disk.display());
+    assert_eq!(call(&mut s, "PUT", "/drives/data", &drive).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display())).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    console.wait_count(2);
+    assert_eq!(call(&mut s, "PUT", "/metrics", r#"{"metrics_path": "/tmp/x"}"#).0, 400, "only before the start");
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#), (204, String::new()));
+    console.wait_count(4);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#).0, 204);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    let exits = |m: &serde_json::Value| m["vcpus"][0]["exits"].as_u64().unwrap();
+    assert!(exits(&lines[0]) > 0 && exits(&lines[1]) > exits(&lines[0]), "{lines:?}");
+    assert_eq!(lines[1]["devices"][0]["name"], "block data");
+    let (st, text) = call(&mut s, "GET", "/shoal/metrics", "");
+    assert_eq!(st, 200);
+    let sample = text.lines().find_map(|l| l.strip_prefix("shoal_vcpu_io_out_total{vcpu=\"0\"} ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(sample.parse::<u64>().unwrap() > 0, "the guest's console writes are port writes");
+    assert!(text.contains("shoal_device_requests_total{device=\"0\",name=\"block data\"} 0"), "{text}");
+    let (st, json) = call(&mut s, "GET", "/shoal/metrics.json", "");
+    assert_eq!(st, 200);
+    assert!(serde_json::from_str::<serde_json::Value>(&json).unwrap()["vcpus"][0]["exits"].as_u64().unwrap() > 0);
+    drop(s);
+    drop(vm);
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_file(&disk).unwrap();
+}

@@ -98,26 +98,34 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
     Ok(Some((Request { method: method.to_string(), path: path.to_string(), body: buf[body_start..end].to_vec(), close }, end)))
 }
 
-/// A response: status and an optional JSON body.
+const JSON: &str = "application/json";
+
+/// A response: status and an optional body (JSON unless said otherwise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
     pub body: Option<String>,
+    pub content_type: &'static str,
 }
 
 impl Response {
     pub fn no_content() -> Response {
-        Response { status: 204, body: None }
+        Response { status: 204, body: None, content_type: JSON }
     }
 
     pub fn json(status: u16, body: String) -> Response {
-        Response { status, body: Some(body) }
+        Response { status, body: Some(body), content_type: JSON }
+    }
+
+    /// A plain-text body (Prometheus exposition format).
+    pub fn prometheus(body: String) -> Response {
+        Response { status: 200, body: Some(body), content_type: "text/plain; version=0.0.4" }
     }
 
     /// Firecracker's error shape: `{"fault_message": "..."}`.
     pub fn fault(status: u16, message: impl std::fmt::Display) -> Response {
         let body = serde_json::json!({ "fault_message": message.to_string() }).to_string();
-        Response { status, body: Some(body) }
+        Response { status, body: Some(body), content_type: JSON }
     }
 
     /// The bytes on the wire.
@@ -138,7 +146,7 @@ impl Response {
         };
         let mut out = format!("HTTP/1.1 {} {}\r\nServer: shoal-vmm\r\n", self.status, reason);
         match &self.body {
-            Some(b) => out.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{}", b.len(), b)),
+            Some(b) => out.push_str(&format!("Content-Type: {}\r\nContent-Length: {}\r\n\r\n{}", self.content_type, b.len(), b)),
             None => out.push_str("Content-Length: 0\r\n\r\n"),
         }
         out.into_bytes()

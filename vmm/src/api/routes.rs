@@ -217,6 +217,19 @@ pub enum Outcome {
     CreateSnapshot { kind: SnapshotKind, state_path: std::path::PathBuf, mem_path: std::path::PathBuf },
     /// Ask the VMM thread to build the microVM from a snapshot; reply 204 if it does.
     LoadSnapshot(SnapshotLoad),
+    /// Ask the VMM thread for the counters: Prometheus text (true) or JSON.
+    Metrics { prometheus: bool },
+    /// Ask the VMM thread to open Firecracker's metrics file (appended to on FlushMetrics).
+    MetricsFile(std::path::PathBuf),
+    /// Ask the VMM thread to append the counters to the metrics file.
+    FlushMetrics,
+}
+
+/// `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: String,
 }
 
 fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response> {
@@ -287,7 +300,7 @@ impl ApiState {
                     Ok(config) => return Outcome::Start(config),
                     Err(r) => r,
                 },
-                Ok(InstanceAction { action_type: ActionType::FlushMetrics }) => Response::no_content(),
+                Ok(InstanceAction { action_type: ActionType::FlushMetrics }) => return Outcome::FlushMetrics,
                 Ok(InstanceAction { action_type: ActionType::SendCtrlAltDel }) => {
                     Response::fault(400, "SendCtrlAltDel is not supported by shoal-vmm yet.")
                 }
@@ -319,6 +332,14 @@ impl ApiState {
                     self.configured = true;
                     Response::no_content()
                 }
+                Err(r) => r,
+            },
+            ("GET", "/shoal/metrics") => return Outcome::Metrics { prometheus: true },
+            ("GET", "/shoal/metrics.json") => return Outcome::Metrics { prometheus: false },
+            ("PUT", "/metrics") if started => Response::fault(400, NOT_AFTER_START),
+            ("PUT", "/metrics") => match parse_body::<MetricsConfig>(req) {
+                Ok(m) if m.metrics_path.is_empty() => Response::fault(400, "metrics_path must not be empty."),
+                Ok(m) => return Outcome::MetricsFile(m.metrics_path.into()),
                 Err(r) => r,
             },
             ("PUT", "/entropy") if started => Response::fault(400, NOT_AFTER_START),

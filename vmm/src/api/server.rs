@@ -15,6 +15,7 @@ use std::time::Duration;
 use super::http::{self, Response};
 use super::routes::{ApiState, InstanceState, Outcome, SnapshotLoad};
 use crate::seccomp::{Seccomp, ThreadKind};
+use crate::metrics::MetricsSnapshot;
 use crate::snapshot::SnapshotKind;
 use std::path::PathBuf;
 use super::VmConfig;
@@ -49,6 +50,12 @@ pub enum ApiRequest {
     CreateSnapshot { kind: SnapshotKind, state_path: PathBuf, mem_path: PathBuf, reply: Sender<Result<(), String>> },
     /// Build a microVM from a snapshot and start it (paused unless `load.resume`).
     LoadSnapshot { load: SnapshotLoad, reply: Sender<StartReply> },
+    /// Collect the counters.
+    Metrics { reply: Sender<MetricsSnapshot> },
+    /// Open the metrics file (before the start).
+    MetricsFile { path: PathBuf, reply: Sender<Result<(), String>> },
+    /// Append the counters to the metrics file.
+    FlushMetrics { reply: Sender<Result<(), String>> },
 }
 
 /// The API thread's line to the VMM thread: requests, and an eventfd that wakes the VMM's
@@ -168,6 +175,30 @@ fn create_snapshot(kind: SnapshotKind, state_path: PathBuf, mem_path: PathBuf, l
     }
 }
 
+fn ask(link: &VmmLink, make: impl FnOnce(Sender<Result<(), String>>) -> ApiRequest) -> Response {
+    let (tx, rx) = channel();
+    if !link.send(make(tx)) {
+        return Response::fault(500, "The VMM is not accepting requests.");
+    }
+    match rx.recv() {
+        Ok(Ok(())) => Response::no_content(),
+        Ok(Err(message)) => Response::fault(400, message),
+        Err(_) => Response::fault(500, "The VMM stopped before answering."),
+    }
+}
+
+fn metrics(prometheus: bool, link: &VmmLink) -> Response {
+    let (tx, rx) = channel();
+    if !link.send(ApiRequest::Metrics { reply: tx }) {
+        return Response::fault(500, "The VMM is not accepting requests.");
+    }
+    match rx.recv() {
+        Ok(m) if prometheus => Response::prometheus(m.to_prometheus()),
+        Ok(m) => Response::json(200, m.to_json()),
+        Err(_) => Response::fault(500, "The VMM stopped before answering."),
+    }
+}
+
 fn set_paused(state: &mut ApiState, paused: bool, link: &VmmLink) -> Response {
     let (tx, rx) = channel();
     if !link.send(ApiRequest::SetPaused { paused, reply: tx }) {
@@ -199,6 +230,9 @@ fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Vm
                     Outcome::SetPaused(paused) => (set_paused(&mut st, paused, starts), None),
                     Outcome::CreateSnapshot { kind, state_path, mem_path } => (create_snapshot(kind, state_path, mem_path, starts), None),
                     Outcome::LoadSnapshot(load) => load_snapshot(&mut st, load, starts),
+                    Outcome::Metrics { prometheus } => (metrics(prometheus, starts), None),
+                    Outcome::MetricsFile(path) => (ask(starts, |reply| ApiRequest::MetricsFile { path, reply }), None),
+                    Outcome::FlushMetrics => (ask(starts, |reply| ApiRequest::FlushMetrics { reply }), None),
                 };
                 drop(st);
                 tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");

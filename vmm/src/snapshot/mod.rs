@@ -343,7 +343,8 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
             (0..saved.queues.len()).for_each(|q| t.notify(q));
         }
     }
-    let wiring = VcpuWiring { pio: pio.clone(), mmio: Arc::new(mmio), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
+    let mmio = Arc::new(mmio);
+    let wiring = VcpuWiring { pio: pio.clone(), mmio: mmio.clone(), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, vs) in state.vcpus.iter().enumerate() {
         let mut vcpu = Vcpu::restore(&vm.fd, index as u8, vs, wiring.clone())?;
@@ -358,6 +359,7 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
         serial,
         reset_evt,
         pio,
+        mmio,
         virtio,
         guest_panicked,
         reset_requested,
