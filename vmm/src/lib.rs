@@ -9,6 +9,7 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod logging;
 pub mod metrics;
 pub mod runner;
 pub mod seccomp;

@@ -103,6 +103,10 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
                 let _ = reply.send(Err("The microVM is not running.".into()));
                 continue;
             }
+            ApiRequest::Logger { level, path, reply } => {
+                let _ = reply.send(shoal_vmm::logging::configure(level, path.as_deref()));
+                continue;
+            }
             ApiRequest::Metrics { reply } => {
                 let _ = reply.send(MetricsSnapshot { utc_timestamp_ms: MetricsSnapshot::now_ms(), ..MetricsSnapshot::default() });
                 continue;
@@ -161,7 +165,7 @@ fn main() -> ExitCode {
             return fail(format!("{first} (see --help)"));
         }
     };
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(cli.log_level).with_target(false).init();
+    shoal_vmm::logging::init(cli.log_level);
 
     if let (Some(diff), Some(base)) = (&cli.merge, &cli.into) {
         return match snapshot::merge_dirs(diff, base) {

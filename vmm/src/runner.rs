@@ -179,6 +179,9 @@ impl MutEventSubscriber for ControlHandler {
                 ApiRequest::Metrics { reply } => {
                     let _ = reply.send(self.metrics());
                 }
+                ApiRequest::Logger { level, path, reply } => {
+                    let _ = reply.send(crate::logging::configure(level, path.as_deref()));
+                }
                 ApiRequest::FlushMetrics { reply } => {
                     let m = self.metrics();
                     let _ = reply.send(flush_metrics(self.control.metrics_file.as_mut(), &m));

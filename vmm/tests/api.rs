@@ -250,3 +250,28 @@ fn metrics_are_flushed_to_the_metrics_file_and_served_as_prometheus_text() {
     std::fs::remove_file(&file).unwrap();
     std::fs::remove_file(&disk).unwrap();
 }
+
+/// PUT /logger sends the VMM's logs to a file at the level asked for; a bad level is a 400.
+#[test]
+fn the_logger_writes_to_the_file_at_the_level_asked_for() {
+    if !kvm_available() {
+        return;
+    }
+    let log = std::env::temp_dir().join(format!("shoal-logger-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let vm = Vmm::start("logger");
+    let mut s = vm.connect();
+    let (st, body) = call(&mut s, "PUT", "/logger", r#"{"level": "Chatty"}"#);
+    assert_eq!(st, 400);
+    assert!(fault(&body).contains("Invalid log level"), "{body}");
+    let logger = format!(r#"{{"log_path": "{}", "level": "Info", "show_level": true, "show_log_origin": false}}"#, log.display());
+    assert_eq!(call(&mut s, "PUT", "/logger", &logger), (204, String::new()));
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &format!(r#"{{"kernel_image_path": "{}"}}"#, probe("boot").display())).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    let (code, _, stderr) = vm.wait();
+    assert_eq!(code, Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("INFO") && text.contains("microvm built"), "{text}");
+    assert!(!stderr.contains("microvm built"), "the lines went to the file, not stderr: {stderr}");
+    std::fs::remove_file(&log).unwrap();
+}

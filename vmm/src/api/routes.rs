@@ -223,6 +223,25 @@ pub enum Outcome {
     MetricsFile(std::path::PathBuf),
     /// Ask the VMM thread to append the counters to the metrics file.
     FlushMetrics,
+    /// Ask the VMM thread to change the log level and/or log to a file.
+    Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<std::path::PathBuf> },
+}
+
+/// `PUT /logger` (Firecracker's fields; `show_level`, `show_log_origin` and `module` are
+/// accepted and ignored: lines always carry their level).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    #[serde(default)]
+    pub log_path: Option<String>,
+    #[serde(default)]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub show_level: Option<bool>,
+    #[serde(default)]
+    pub show_log_origin: Option<bool>,
+    #[serde(default)]
+    pub module: Option<String>,
 }
 
 /// `PUT /metrics`.
@@ -332,6 +351,13 @@ impl ApiState {
                     self.configured = true;
                     Response::no_content()
                 }
+                Err(r) => r,
+            },
+            ("PUT", "/logger") => match parse_body::<LoggerConfig>(req) {
+                Ok(c) => match c.level.as_deref().map(crate::logging::parse_level).transpose() {
+                    Ok(level) => return Outcome::Logger { level, path: c.log_path.filter(|p| !p.is_empty()).map(Into::into) },
+                    Err(e) => Response::fault(400, e),
+                },
                 Err(r) => r,
             },
             ("GET", "/shoal/metrics") => return Outcome::Metrics { prometheus: true },

@@ -52,6 +52,8 @@ pub enum ApiRequest {
     LoadSnapshot { load: SnapshotLoad, reply: Sender<StartReply> },
     /// Collect the counters.
     Metrics { reply: Sender<MetricsSnapshot> },
+    /// Change the log level and/or send logs to a file.
+    Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<PathBuf>, reply: Sender<Result<(), String>> },
     /// Open the metrics file (before the start).
     MetricsFile { path: PathBuf, reply: Sender<Result<(), String>> },
     /// Append the counters to the metrics file.
@@ -233,6 +235,7 @@ fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Vm
                     Outcome::Metrics { prometheus } => (metrics(prometheus, starts), None),
                     Outcome::MetricsFile(path) => (ask(starts, |reply| ApiRequest::MetricsFile { path, reply }), None),
                     Outcome::FlushMetrics => (ask(starts, |reply| ApiRequest::FlushMetrics { reply }), None),
+                    Outcome::Logger { level, path } => (ask(starts, |reply| ApiRequest::Logger { level, path, reply }), None),
                 };
                 drop(st);
                 tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");

@@ -254,7 +254,7 @@ impl MmioTransport {
     fn activate(&mut self) {
         for (i, q) in self.queues.iter().enumerate() {
             if !q.ready() || !q.is_valid(&self.mem) {
-                tracing::warn!(queue = i, device = self.device.device_type(), "virtio queue not valid at DRIVER_OK");
+                crate::guest_warn!(queue = i, device = self.device.device_type(), "virtio queue not valid at DRIVER_OK");
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
@@ -263,7 +263,7 @@ impl MmioTransport {
         match self.device.activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!(error = %e, device = self.device.device_type(), "virtio device activation failed");
+                crate::guest_warn!(error = %e, device = self.device.device_type(), "virtio device activation failed");
                 self.status |= STATUS_NEEDS_RESET;
             }
         }
