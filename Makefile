@@ -37,7 +37,7 @@ run-probes: probes
 	@ci/run-local.sh $(VMM) $(PROBE_DIR)
 
 test: probes guest-kernel
-	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux
+	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3
 	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) SHOAL_VMM=$(CURDIR)/$(VMM) \
 	  ci/test-summary.sh $(CARGO) test --workspace --locked --release --no-fail-fast
 

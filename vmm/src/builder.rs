@@ -31,6 +31,8 @@ use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::block::handler::FileDisk;
 use crate::devices::virtio::block::VirtioBlock;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::tap::Tap;
+use crate::devices::virtio::net::VirtioNet;
 use crate::devices::virtio::rng::VirtioRng;
 use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::snapshot::MachineState;
@@ -61,6 +63,8 @@ pub enum BuildError {
     InitrdPlace { path: PathBuf, #[source] source: BootError },
     #[error("cannot read initrd {0} into guest memory")]
     InitrdLoad(PathBuf),
+    #[error("cannot open tap {tap}")]
+    TapOpen { tap: String, #[source] source: std::io::Error },
     #[error("cannot open disk {path}")]
     DiskOpen { path: PathBuf, #[source] source: std::io::Error },
     #[error("cannot write the command line to guest memory")]
@@ -186,7 +190,23 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &Loaded
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceSpec {
     Block(DiskSpec),
+    Net(NetSpec),
     Rng,
+}
+
+/// A network interface in a `DeviceSpec`: the tap and the MAC the guest was given.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// A random locally administered unicast MAC.
+fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    let _ = crate::devices::virtio::rng::Entropy::fill(&mut crate::devices::virtio::rng::HostEntropy, &mut mac);
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
 }
 
 /// A disk's configuration in a `DeviceSpec`.
@@ -206,6 +226,11 @@ impl DeviceSpec {
             .iter()
             .map(|d| DeviceSpec::Block(DiskSpec { path: d.path.clone(), read_only: d.read_only, id: d.id.clone(), rate_limiter: d.rate_limiter }))
             .collect();
+        for n in &config.nets {
+            // validate() has checked the MAC.
+            let mac = n.mac.as_deref().and_then(|m| crate::devices::virtio::net::parse_mac(m).ok()).unwrap_or_else(random_mac);
+            specs.push(DeviceSpec::Net(NetSpec { tap: n.tap.clone(), mac }));
+        }
         if config.rng {
             specs.push(DeviceSpec::Rng);
         }
@@ -241,6 +266,10 @@ pub fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, specs: &[DeviceSpec], mmio:
                 let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
                 let limiter = d.rate_limiter.as_ref().map(RateLimiter::new);
                 (format!("block {id}"), Box::new(VirtioBlock::new(Box::new(disk), d.read_only, &id, limiter)))
+            }
+            DeviceSpec::Net(n) => {
+                let tap = Tap::open(&n.tap).map_err(|source| BuildError::TapOpen { tap: n.tap.clone(), source })?;
+                (format!("net {}", n.tap), Box::new(VirtioNet::new(Box::new(tap), n.mac)))
             }
             DeviceSpec::Rng => ("rng".into(), Box::new(VirtioRng::new())),
         };

@@ -42,12 +42,16 @@ struct Cli {
     /// Repeatable; the first is /dev/vda in a Linux guest.
     #[arg(long, value_name = "SPEC", value_parser = shoal_vmm::api::config::DiskConfig::parse)]
     disk: Vec<shoal_vmm::api::config::DiskConfig>,
+    /// A virtio-net interface on an existing tap: `tap=NAME[,mac=aa:bb:cc:dd:ee:ff]`.
+    /// Repeatable; the first is eth0 in a Linux guest.
+    #[arg(long, value_name = "SPEC", value_parser = shoal_vmm::api::config::NetConfig::parse)]
+    net: Vec<shoal_vmm::api::config::NetConfig>,
     /// A virtio-rng entropy device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags),
     /// or a Firecracker --config-file (boot-source, machine-config).
-    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "rng"])]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "net", "rng"])]
     config: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket and wait for
     /// PUT /machine-config, PUT /boot-source and PUT /actions {"action_type": "InstanceStart"}
@@ -207,6 +211,7 @@ fn main() -> ExitCode {
                     mem_mib: cli.mem_mib,
                     track_dirty_pages: false,
                     disks: cli.disk.clone(),
+                    nets: cli.net.clone(),
                     rng: cli.rng,
                 },
             };

@@ -119,6 +119,7 @@ impl ControlHandler {
                     let c = t.device().counters();
                     let name = match spec {
                         DeviceSpec::Block(d) => format!("block {}", d.id.as_deref().unwrap_or("")),
+                        DeviceSpec::Net(n) => format!("net {}", n.tap),
                         DeviceSpec::Rng => "rng".into(),
                     };
                     DeviceMetrics { name, requests: load(&c.requests), bytes: load(&c.bytes), errors: load(&c.errors), spurious: load(&c.spurious), throttled: load(&c.throttled) }
@@ -251,6 +252,8 @@ impl MutEventSubscriber for StopWatcher {
 struct VirtioQueues {
     slot: VirtioSlot,
     timer: Option<TimerFd>,
+    /// The device's host descriptor (a tap), if it has one.
+    backend: Option<std::os::fd::RawFd>,
 }
 
 impl VirtioQueues {
@@ -274,6 +277,13 @@ impl MutEventSubscriber for VirtioQueues {
                 tracing::error!(error = ?e, device = %self.slot.name, "cannot watch a virtio queue");
             }
         }
+        let backend = self.slot.transport.lock().unwrap_or_else(|p| p.into_inner()).device().backend_fd();
+        if let Some(fd) = backend {
+            self.backend = Some(fd);
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
+                tracing::error!(error = ?e, device = %self.slot.name, "cannot watch the device's backend");
+            }
+        }
         if let Some(timer) = &self.timer {
             if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
                 tracing::error!(error = ?e, device = %self.slot.name, "cannot watch the rate limiter timer");
@@ -282,6 +292,10 @@ impl MutEventSubscriber for VirtioQueues {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if self.backend == Some(events.fd()) {
+            self.slot.transport.lock().unwrap_or_else(|p| p.into_inner()).backend_ready();
+            return;
+        }
         if self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == events.fd()) {
             if let Some(t) = self.timer.as_mut() {
                 let _ = t.wait();
@@ -339,7 +353,7 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
         // Only a device with a rate limiter needs a timer; a failure to make one only loses
         // the limiter's wake-up (the next notification still serves the queue).
         let timer = TimerFd::new().ok();
-        em.add_subscriber(Box::new(VirtioQueues { slot, timer }));
+        em.add_subscriber(Box::new(VirtioQueues { slot, timer, backend: None }));
     }
     if forward_stdin {
         em.add_subscriber(Box::new(StdinForwarder { serial: serial.clone(), stdin: std::io::stdin() }));

@@ -112,3 +112,84 @@ fn bad_disk_options_are_refused_with_clear_errors() {
         assert!(text(&out.stderr).contains(want), "{spec}: {}", text(&out.stderr));
     }
 }
+
+/// A network namespace holding one tap, removed when dropped.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// None (and the test returns) only when SHOAL_SKIP_NETNS_TESTS says this machine cannot
+    /// make namespaces; otherwise failing to make one fails the test.
+    fn with_tap(tag: &str) -> Option<NetNs> {
+        let name = format!("shoal-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        if !ip(&["netns", "add", &name]) {
+            assert!(std::env::var_os("SHOAL_SKIP_NETNS_TESTS").is_some(), "cannot create a network namespace (run as root, or set SHOAL_SKIP_NETNS_TESTS=1)");
+            return None;
+        }
+        let ns = NetNs { name };
+        assert!(ip(&["-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap"]));
+        assert!(ip(&["-n", &ns.name, "link", "set", "tap0", "up"]));
+        Some(ns)
+    }
+
+    fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// The host end of the tap: waits for the guest's frame (ethertype 0x88b5), reports its source
+/// MAC, and answers with a frame of its own.
+const PEER: &str = r#"
+import socket
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
+s.bind(("tap0", 0x88b5))
+s.settimeout(60)
+print("ready", flush=True)
+while True:
+    f = s.recv(2048)
+    if b"SHOAL-PROBE-TX" in f:
+        break
+print("host got frame from " + f[6:12].hex(":"), flush=True)
+reply = f[6:12] + bytes.fromhex("020000000099") + b"\x88\xb5" + b"SHOAL-HOST-RX"
+s.send(reply + b"\0" * (60 - len(reply)))
+print("host sent reply", flush=True)
+"#;
+
+#[test]
+fn a_frame_from_the_guest_reaches_the_tap_and_one_written_to_the_tap_reaches_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = NetNs::with_tap("net") else { return };
+    let mut peer = ns.exec("python3").args(["-c", PEER]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut peer_out = BufReader::new(peer.stdout.take().unwrap()).lines();
+    assert_eq!(peer_out.next().unwrap().unwrap(), "ready");
+    let out = ns
+        .exec(vmm())
+        .args(["--kernel", probe("virtio").to_str().unwrap(), "--net", "tap=tap0,mac=02:00:00:00:00:07"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    let peer_lines: Vec<String> = peer_out.map_while(Result::ok).collect();
+    let _ = peer.wait();
+    assert_eq!(peer_lines, ["host got frame from 02:00:00:00:00:07", "host sent reply"], "guest console:\n{stdout}");
+    assert!(stdout.lines().any(|l| l == "net rx len=72 payload=SHOAL-HOST-RX"), "{stdout}");
+
+    // A tap that does not exist is an error: shoal-vmm never creates one.
+    let out = ns.exec(vmm()).args(["--kernel", probe("boot").to_str().unwrap(), "--net", "tap=nosuchtap"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("tap nosuchtap does not exist"), "{}", text(&out.stderr));
+}

@@ -48,9 +48,41 @@ pub struct VmConfig {
     /// virtio-blk disks, in order: the first is /dev/vda in a Linux guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces on existing taps, in order (eth0 first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng entropy device.
     #[serde(default)]
     pub rng: bool,
+}
+
+/// One virtio-net interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// An existing tap device's name.
+    pub tap: String,
+    /// The guest's MAC (`aa:bb:cc:dd:ee:ff`); a random locally administered one if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl NetConfig {
+    /// Parses the CLI form `tap=NAME[,mac=MAC]`.
+    pub fn parse(spec: &str) -> Result<NetConfig, String> {
+        let mut net = NetConfig { tap: String::new(), mac: None };
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) => net.tap = t.to_string(),
+                Some(("mac", m)) => net.mac = Some(m.to_string()),
+                _ => return Err(format!("--net: unknown part `{part}` (tap=NAME, mac=MAC)")),
+            }
+        }
+        if net.tap.is_empty() {
+            return Err("--net: tap=NAME is required".into());
+        }
+        Ok(net)
+    }
 }
 
 /// One virtio-blk disk.
@@ -114,6 +146,28 @@ impl FirecrackerDrive {
     }
 }
 
+/// A network interface in Firecracker's API and config file (`PUT /network-interfaces/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirecrackerNet {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Accepted; network interfaces are not rate-limited yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimitConfig>,
+    /// Accepted; network interfaces are not rate-limited yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimitConfig>,
+}
+
+impl FirecrackerNet {
+    pub fn into_net(self) -> NetConfig {
+        NetConfig { tap: self.host_dev_name, mac: self.guest_mac }
+    }
+}
+
 /// Errors in a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -140,7 +194,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
-        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), rng: false }
+        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), nets: Vec::new(), rng: false }
     }
 
     /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
@@ -162,6 +216,7 @@ impl VmConfig {
         let mut config = None;
         let mut machine = MachineConfig::default();
         let (mut drives, mut rng): (Vec<FirecrackerDrive>, bool) = (Vec::new(), false);
+        let mut net_configs = Vec::new();
         for (name, section) in sections {
             match name.as_str() {
                 "boot-source" => {
@@ -181,11 +236,10 @@ impl VmConfig {
                 }
                 "drives" => drives = serde_json::from_value(section).map_err(|e| format!("drives: {e}"))?,
                 "entropy" => rng = !section.is_null(),
-                "network-interfaces" => match &section {
-                    serde_json::Value::Array(items) if items.is_empty() => {}
-                    serde_json::Value::Null => {}
-                    _ => return Err(format!("{name} are not supported by shoal-vmm yet")),
-                },
+                "network-interfaces" => {
+                    let nets: Vec<FirecrackerNet> = serde_json::from_value(section).map_err(|e| format!("network-interfaces: {e}"))?;
+                    net_configs = nets.into_iter().map(FirecrackerNet::into_net).collect();
+                }
                 "logger" | "metrics" | "vsock" | "balloon" | "mmds-config" | "cpu-config" => {
                     if !section.is_null() {
                         return Err(format!("{name} is not supported by shoal-vmm yet"));
@@ -199,6 +253,7 @@ impl VmConfig {
         config.mem_mib = machine.mem_size_mib;
         config.track_dirty_pages = machine.track_dirty_pages;
         config.rng = rng;
+        config.nets = net_configs;
         config.set_firecracker_drives(drives)?;
         Ok(config)
     }
@@ -231,7 +286,12 @@ impl VmConfig {
         if self.mem_mib > MAX_MEM_MIB {
             return Err(ConfigError::TooMuchMemory(self.mem_mib));
         }
-        let devices = self.disks.len() + usize::from(self.rng);
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng);
+        for n in &self.nets {
+            if let Some(mac) = &n.mac {
+                crate::devices::virtio::net::parse_mac(mac).map_err(ConfigError::Device)?;
+            }
+        }
         if devices > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
             return Err(ConfigError::Device(format!("{devices} virtio devices, more than the {} interrupt lines allow", crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES)));
         }
@@ -249,11 +309,12 @@ impl VmConfig {
     }
 
     /// The command line the guest gets: the configured one plus a `virtio_mmio.device=` entry
-    /// per virtio device (disks first, then the rng), so a Linux guest finds them.
+    /// per virtio device (disks, then network interfaces, then the rng), so a Linux guest
+    /// finds them.
     pub fn full_cmdline(&self) -> String {
         use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
         let mut c = self.cmdline.clone();
-        for i in 0..self.disks.len() + usize::from(self.rng) {
+        for i in 0..self.disks.len() + self.nets.len() + usize::from(self.rng) {
             c.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + i as u32));
         }
         c

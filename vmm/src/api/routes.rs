@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{Request, Response};
 use crate::snapshot::SnapshotKind;
-use super::config::FirecrackerDrive;
+use super::config::{FirecrackerDrive, FirecrackerNet};
 use super::VmConfig;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
@@ -193,13 +193,15 @@ pub struct ApiState {
     pub configured: bool,
     /// `PUT /drives/{id}`, in the order first put.
     pub drives: Vec<FirecrackerDrive>,
+    /// `PUT /network-interfaces/{id}`, in the order first put.
+    pub nets: Vec<FirecrackerNet>,
     /// `PUT /entropy` was called.
     pub entropy: bool,
 }
 
 impl Default for ApiState {
     fn default() -> Self {
-        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), entropy: false }
+        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), nets: Vec::new(), entropy: false }
     }
 }
 
@@ -268,6 +270,7 @@ impl ApiState {
         config.mem_mib = self.machine.mem_size_mib;
         config.track_dirty_pages = self.machine.track_dirty_pages;
         config.rng = self.entropy;
+        config.nets = self.nets.iter().cloned().map(FirecrackerNet::into_net).collect();
         config.set_firecracker_drives(self.drives.clone()).map_err(|e| Response::fault(400, e))?;
         config.validate().map_err(|e| Response::fault(400, super::error_chain(&e)))?;
         Ok(config)
@@ -366,6 +369,25 @@ impl ApiState {
             ("PUT", "/metrics") => match parse_body::<MetricsConfig>(req) {
                 Ok(m) if m.metrics_path.is_empty() => Response::fault(400, "metrics_path must not be empty."),
                 Ok(m) => return Outcome::MetricsFile(m.metrics_path.into()),
+                Err(r) => r,
+            },
+            ("PUT", p) if p.starts_with("/network-interfaces/") && started => Response::fault(400, NOT_AFTER_START),
+            ("PUT", p) if p.starts_with("/network-interfaces/") => match parse_body::<FirecrackerNet>(req) {
+                Ok(n) if n.iface_id != p["/network-interfaces/".len()..] => {
+                    Response::fault(400, "The id from the path does not match the id from the body!")
+                }
+                Ok(n) if n.iface_id.is_empty() || n.host_dev_name.is_empty() => Response::fault(400, "iface_id and host_dev_name must not be empty."),
+                Ok(n) if n.guest_mac.as_deref().map(crate::devices::virtio::net::parse_mac).is_some_and(|r| r.is_err()) => {
+                    Response::fault(400, format!("Invalid guest_mac: {}", n.guest_mac.as_deref().unwrap_or("")))
+                }
+                Ok(n) => {
+                    match self.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
+                        Some(o) => *o = n,
+                        None => self.nets.push(n),
+                    }
+                    self.configured = true;
+                    Response::no_content()
+                }
                 Err(r) => r,
             },
             ("PUT", "/entropy") if started => Response::fault(400, NOT_AFTER_START),
@@ -559,6 +581,15 @@ mod tests {
         assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(c.disks.iter().map(|d| d.id.as_deref().unwrap()).collect::<Vec<_>>(), ["rootfs", "data"]);
         assert!(c.disks[1].read_only && c.disks[1].rate_limiter.is_some() && c.rng);
+        let mut n = ApiState::default();
+        let multicast = r#"{"iface_id": "eth0", "guest_mac": "AB:FC:00:00:00:01", "host_dev_name": "tap0"}"#;
+        assert_eq!(reply(&mut n, "PUT", "/network-interfaces/eth0", multicast).status, 400, "AB: is a multicast MAC");
+        let eth0 = r#"{"iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}"#;
+        assert_eq!(reply(&mut n, "PUT", "/network-interfaces/eth0", eth0).status, 204);
+        assert_eq!(reply(&mut n, "PUT", "/network-interfaces/eth1", eth0).status, 400, "path and body ids differ");
+        assert_eq!(reply(&mut n, "PUT", "/boot-source", r#"{"kernel_image_path": "/k"}"#).status, 204);
+        let Outcome::Start(c) = n.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else { panic!() };
+        assert_eq!((c.nets[0].tap.as_str(), c.nets[0].mac.as_deref()), ("tap0", Some("06:00:AC:10:00:02")));
         for (path, body) in [
             ("/drives/other", rootfs),
             ("/drives/second-root", r#"{"drive_id": "second-root", "path_on_host": "/x", "is_root_device": true}"#),

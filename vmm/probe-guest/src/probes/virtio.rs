@@ -3,7 +3,9 @@
 //! finds with one 8-entry queue, polling the used ring (no interrupts):
 //! - block: reads the serial (GET_ID), writes a pattern to sector 1, reads it back, flushes;
 //!   prints `blk id=<id> sectors=<n> write=<status> read=<status> match=<0|1> flush=<status>`;
-//! - rng: asks for 64 bytes; prints `rng got=<bytes> nonzero=<count of non-zero bytes>`.
+//! - rng: asks for 64 bytes; prints `rng got=<bytes> nonzero=<count of non-zero bytes>`;
+//! - net: sends one frame (ethertype 0x88b5, payload `SHOAL-PROBE-TX`) and prints the payload
+//!   of the first frame it receives: `net rx len=<n> payload=<text>`.
 //! With `virtio.bench=N` on the command line, the first writable disk then takes N writes of
 //! 64 KiB (rate-limit measurements). Then prints `virtio: done devices=<n>` and resets.
 #![no_std]
@@ -82,13 +84,20 @@ fn peek<T: Copy>(addr: u64) -> T {
     unsafe { read_volatile(addr as *const T) }
 }
 
-// Queue layout inside RING: descriptors at 0, avail ring at 0x100, used ring at 0x200.
+// Queue layout inside RING: queue q at q * 0x800: descriptors at +0, avail ring at +0x100,
+// used ring at +0x200.
 const DESC: u64 = 0;
 const AVAIL: u64 = 0x100;
 const USED: u64 = 0x200;
+const QSTRIDE: u64 = 0x800;
 
-/// Resets the device, negotiates VERSION_1 only, and sets up queue 0. Returns false on failure.
-fn init(dev: u64) -> bool {
+fn qbase(q: u64) -> u64 {
+    ring() + q * QSTRIDE
+}
+
+/// Resets the device, negotiates VERSION_1 only, and sets up queues 0..nq. Returns false on
+/// failure.
+fn init(dev: u64, nq: u64) -> bool {
     wr(dev, 0x70, 0);
     wr(dev, 0x70, 1);
     wr(dev, 0x70, 3);
@@ -107,16 +116,18 @@ fn init(dev: u64) -> bool {
     for i in 0..4096u64 {
         poke(ring() + i, 0u8);
     }
-    wr(dev, 0x30, 0);
-    if rd(dev, 0x34) < u32::from(QSIZE) {
-        return false;
+    for q in 0..nq {
+        wr(dev, 0x30, q as u32);
+        if rd(dev, 0x34) < u32::from(QSIZE) {
+            return false;
+        }
+        wr(dev, 0x38, u32::from(QSIZE));
+        for (off, addr) in [(0x80, qbase(q) + DESC), (0x90, qbase(q) + AVAIL), (0xa0, qbase(q) + USED)] {
+            wr(dev, off, addr as u32);
+            wr(dev, off + 4, (addr >> 32) as u32);
+        }
+        wr(dev, 0x44, 1);
     }
-    wr(dev, 0x38, u32::from(QSIZE));
-    for (off, addr) in [(0x80, ring() + DESC), (0x90, ring() + AVAIL), (0xa0, ring() + USED)] {
-        wr(dev, off, addr as u32);
-        wr(dev, off + 4, (addr >> 32) as u32);
-    }
-    wr(dev, 0x44, 1);
     wr(dev, 0x70, 0xf);
     rd(dev, 0x70) & 0x40 == 0
 }
@@ -124,30 +135,91 @@ fn init(dev: u64) -> bool {
 /// Submits a chain of (address, length, device-writable) buffers and waits for it to be used;
 /// returns the length the device reports, or None on timeout.
 fn submit(dev: u64, bufs: &[(u64, u32, bool)], avail_idx: &mut u16) -> Option<u32> {
+    submit_on(dev, 0, bufs, avail_idx, true)
+}
+
+/// Makes a chain available on queue `q` (descriptors from 0) and, if `wait`, waits for it.
+fn submit_on(dev: u64, q: u64, bufs: &[(u64, u32, bool)], avail_idx: &mut u16, wait: bool) -> Option<u32> {
+    let base = qbase(q);
     for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-        let d = ring() + DESC + 16 * i as u64;
+        let d = base + DESC + 16 * i as u64;
         let last = i + 1 == bufs.len();
         poke(d, addr);
         poke(d + 8, len);
         poke(d + 12, (if writable { 2u16 } else { 0 }) | if last { 0 } else { 1 });
         poke(d + 14, (i + 1) as u16);
     }
-    poke(ring() + AVAIL + 4 + 2 * u64::from(*avail_idx % QSIZE), 0u16);
+    poke(base + AVAIL + 4 + 2 * u64::from(*avail_idx % QSIZE), 0u16);
     compiler_fence(Ordering::SeqCst);
     *avail_idx = avail_idx.wrapping_add(1);
-    poke(ring() + AVAIL + 2, *avail_idx);
+    poke(base + AVAIL + 2, *avail_idx);
     compiler_fence(Ordering::SeqCst);
-    wr(dev, 0x50, 0);
-    for _ in 0..50_000_000u64 {
-        let used: u16 = peek(ring() + USED + 2);
-        if used == *avail_idx {
+    wr(dev, 0x50, q as u32);
+    if !wait {
+        return Some(0);
+    }
+    wait_used(q, *avail_idx, 50_000_000)
+}
+
+/// Polls queue `q`'s used ring until its index reaches `idx`; returns the last entry's length.
+fn wait_used(q: u64, idx: u16, spins: u64) -> Option<u32> {
+    let base = qbase(q);
+    for _ in 0..spins {
+        let used: u16 = peek(base + USED + 2);
+        if used == idx {
             compiler_fence(Ordering::SeqCst);
-            let slot = ring() + USED + 4 + 8 * u64::from((used.wrapping_sub(1)) % QSIZE);
+            let slot = base + USED + 4 + 8 * u64::from((used.wrapping_sub(1)) % QSIZE);
             return Some(peek::<u32>(slot + 4));
         }
         core::hint::spin_loop();
     }
     None
+}
+
+/// virtio-net: posts a receive buffer, sends one frame (ethertype 0x88b5, payload
+/// SHOAL-PROBE-TX), then waits for a frame to arrive and prints its payload.
+fn test_net(dev: u64) {
+    let mut mac = [0u8; 6];
+    for (i, m) in mac.iter_mut().enumerate() {
+        // SAFETY: config space reads of the mapped window, one byte each.
+        *m = unsafe { read_volatile((dev + 0x100 + i as u64) as *const u8) };
+    }
+    let rx = buf() + 0x800;
+    let tx = buf() + 0x100;
+    let (mut rx_idx, mut tx_idx) = (0u16, 0u16);
+    submit_on(dev, 0, &[(rx, 1600, true)], &mut rx_idx, false);
+    for i in 0..12u64 {
+        poke(tx + i, 0u8);
+    }
+    for i in 0..6u64 {
+        poke(tx + 12 + i, 0xffu8);
+        poke(tx + 18 + i, mac[i as usize]);
+    }
+    poke(tx + 24, 0x88u8);
+    poke(tx + 25, 0xb5u8);
+    let payload = b"SHOAL-PROBE-TX";
+    for i in 0..48u64 {
+        poke(tx + 26 + i, payload.get(i as usize).copied().unwrap_or(0));
+    }
+    let sent = submit_on(dev, 1, &[(tx, 12 + 60, false)], &mut tx_idx, true);
+    say!("net mac=", mac[5], " tx=", u8::from(sent.is_some()));
+    match wait_used(0, rx_idx, 400_000_000) {
+        Some(len) if len >= 12 + 14 => {
+            let mut text = [0u8; 32];
+            let mut n = 0;
+            while n < 32 {
+                let b: u8 = peek(rx + 12 + 14 + n as u64);
+                if !(0x21..0x7f).contains(&b) {
+                    break;
+                }
+                text[n] = b;
+                n += 1;
+            }
+            say!("net rx len=", len, " payload=", &text[..n]);
+        }
+        Some(len) => say!("net rx len=", len, " (short)"),
+        None => say!("net rx none"),
+    }
 }
 
 fn block_request(dev: u64, kind: u32, sector: u64, data: Option<(u32, bool)>, idx: &mut u16) -> u8 {
@@ -275,13 +347,15 @@ pub extern "C" fn probe_main(boot_params: u64) -> ! {
         }
         devices += 1;
         let kind = rd(dev, 8);
-        if !init(dev) {
+        let queues = if kind == 1 { 2 } else { 1 };
+        if !init(dev, queues) {
             say!("virtio device ", i, " type ", kind, ": init failed");
             continue;
         }
         match kind {
             2 => test_block(dev),
             4 => test_rng(dev),
+            1 => test_net(dev),
             other => say!("virtio device ", i, " type ", other, ": no test"),
         }
     }

@@ -197,6 +197,11 @@ impl MmioTransport {
         self.status
     }
 
+    /// The device's backend descriptor became readable.
+    pub fn backend_ready(&mut self) {
+        self.device.process_backend();
+    }
+
     /// Called when queue `index` is notified (ioeventfd or a QueueNotify write).
     pub fn notify(&mut self, index: usize) {
         if self.activated && index < self.device.queue_max_sizes().len() {

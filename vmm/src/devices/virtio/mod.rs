@@ -12,6 +12,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
@@ -122,6 +123,12 @@ pub trait VirtioDevice: Send {
     fn active_queues(&self) -> &[Queue] {
         &[]
     }
+    /// A host descriptor the event loop watches for the device (a tap), edge-triggered.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// `backend_fd` became readable.
+    fn process_backend(&mut self) {}
     /// If the device's rate limiter is holding requests back, how long until it has room
     /// (the event loop then calls `process_queue` again).
     fn throttled_for(&self) -> Option<std::time::Duration> {

@@ -1,0 +1,325 @@
+//! virtio-net on a host tap: queue 0 receives (frames from the tap into the guest's buffers),
+//! queue 1 transmits (the guest's frames out to the tap). Frames keep their virtio-net header
+//! both ways. No offloads are offered yet, so every frame is a whole Ethernet frame with its
+//! checksums done. A frame that does not fit the guest's buffer, or a chain that is malformed,
+//! is dropped and counted; a frame that arrives while the guest has no buffer waits for one.
+
+pub mod tap;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{read_config_bytes, ActivateError, DeviceCounters, IrqLine, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use tap::{NetBackend, VNET_HDR_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const F_MAC: u64 = 1 << 5;
+/// Largest frame with its header: 64 KiB IP datagram plus Ethernet and VLAN headers.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    irq: Arc<IrqLine>,
+}
+
+/// A network device.
+pub struct VirtioNet {
+    backend: Box<dyn NetBackend>,
+    mac: [u8; 6],
+    active: Option<Active>,
+    /// A frame read from the backend that no guest buffer has taken yet.
+    pending: Option<Vec<u8>>,
+    buf: Vec<u8>,
+    counters: DeviceCounters,
+}
+
+impl std::fmt::Debug for VirtioNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioNet").field("mac", &self.mac).field("counters", &self.counters).finish()
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("MAC `{text}` is not six hex bytes separated by colons"));
+    }
+    for (i, p) in parts.iter().enumerate() {
+        mac[i] = u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2).ok_or(format!("MAC `{text}`: `{p}` is not a hex byte"))?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!("MAC `{text}` is a multicast address"));
+    }
+    Ok(mac)
+}
+
+impl VirtioNet {
+    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> VirtioNet {
+        VirtioNet { backend, mac, active: None, pending: None, buf: vec![0; MAX_FRAME], counters: DeviceCounters::default() }
+    }
+
+    fn process_tx(&mut self) {
+        let Some(a) = self.active.as_mut() else { return };
+        let mut used_any = false;
+        while let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let sent = match chain.reader(&a.mem) {
+                Ok(mut reader) if (VNET_HDR_LEN..=MAX_FRAME).contains(&reader.available_bytes()) => {
+                    let n = reader.available_bytes();
+                    use std::io::Read;
+                    (reader.read_exact(&mut self.buf[..n]).is_ok() && self.backend.write_frame(&self.buf[..n]).is_ok()).then_some(n)
+                }
+                _ => None,
+            };
+            if let Some(n) = sent {
+                self.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            } else {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            if a.queues[TX].add_used(&a.mem, head, 0).is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            used_any = true;
+        }
+        if used_any && a.queues[TX].needs_notification(&a.mem).unwrap_or(true) {
+            a.irq.signal_used();
+        }
+    }
+
+    /// Moves frames from the backend into guest buffers until one side runs out.
+    fn process_rx(&mut self) {
+        let mut used_any = false;
+        loop {
+            let frame = match self.pending.take() {
+                Some(f) => f,
+                None => match self.backend.read_frame(&mut self.buf) {
+                    Ok(n) if n >= VNET_HDR_LEN => {
+                        let mut f = self.buf[..n].to_vec();
+                        // Without mergeable buffers every frame is one buffer.
+                        f[10..12].copy_from_slice(&1u16.to_le_bytes());
+                        f
+                    }
+                    Ok(_) => {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break, // WouldBlock, or the tap went away
+                },
+            };
+            let Some(a) = self.active.as_mut() else {
+                // The guest's driver is not up: the frame has nowhere to go.
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else {
+                self.pending = Some(frame);
+                break;
+            };
+            let head = chain.head_index();
+            let written = match chain.writer(&a.mem) {
+                Ok(mut w) if w.available_bytes() >= frame.len() => {
+                    use std::io::Write;
+                    w.write_all(&frame).is_ok()
+                }
+                _ => false,
+            };
+            let len = if written { frame.len() as u32 } else { 0 };
+            if written {
+                self.counters.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            } else {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            if a.queues[RX].add_used(&a.mem, head, len).is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            used_any = true;
+        }
+        if let Some(a) = self.active.as_mut() {
+            if used_any && a.queues[RX].needs_notification(&a.mem).unwrap_or(true) {
+                a.irq.signal_used();
+            }
+        }
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | F_MAC
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6], status (unused: no F_STATUS), max_virtqueue_pairs = 1.
+        let mut config = [0u8; 10];
+        config[..6].copy_from_slice(&self.mac);
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>, _acked: u64) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::BadQueue(queues.len()));
+        }
+        self.active = Some(Active { mem, queues, irq });
+        // Frames that arrived before the driver was up can go in now.
+        self.process_rx();
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        match (index, self.active.is_some()) {
+            (RX, true) => self.process_rx(),
+            (TX, true) => self.process_tx(),
+            _ => {
+                self.counters.spurious.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.pending = None;
+        true
+    }
+
+    fn counters(&self) -> &DeviceCounters {
+        &self.counters
+    }
+
+    fn active_queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| &a.queues)
+    }
+
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.backend.raw_fd()
+    }
+
+    fn process_backend(&mut self) {
+        self.process_rx();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::testing::{memory, TestQueue};
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Clone, Default)]
+    struct Wire {
+        to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl NetBackend for Wire {
+        fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let f = self.to_guest.lock().unwrap().pop_front().ok_or(std::io::ErrorKind::WouldBlock)?;
+            buf[..f.len()].copy_from_slice(&f);
+            Ok(f.len())
+        }
+        fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            self.from_guest.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+    }
+
+    fn queue(q: &TestQueue) -> Queue {
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.set_size(q.size);
+        queue.set_desc_table_address(Some(q.desc as u32), Some(0));
+        queue.set_avail_ring_address(Some(q.avail as u32), Some(0));
+        queue.set_used_ring_address(Some(q.used as u32), Some(0));
+        queue.set_ready(true);
+        queue
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn frames_go_out_and_come_in_and_wait_for_a_buffer() {
+        let mem = memory();
+        let (rxq, txq) = (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16));
+        let wire = Wire::default();
+        let mut dev = VirtioNet::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        // A frame arrives before any rx buffer: it waits.
+        wire.to_guest.lock().unwrap().push_back(frame(b"to-guest"));
+        dev.activate(mem.clone(), vec![queue(&rxq), queue(&txq)], irq, VIRTIO_F_VERSION_1).unwrap();
+        assert!(dev.pending.is_some());
+        rxq.add_chain(&mem, &[(0x10000, 2048, true)]);
+        dev.process_queue(RX);
+        let f = frame(b"to-guest");
+        assert_eq!(rxq.used_elem(&mem, 0), (0, f.len() as u32));
+        let mut got = vec![0u8; f.len()];
+        mem.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
+        assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
+        assert_eq!(&got[10..12], &1u16.to_le_bytes(), "num_buffers");
+        // Transmit: header and frame reach the wire unchanged.
+        let out = frame(b"from-guest");
+        mem.write_slice(&out, GuestAddress(0x20000)).unwrap();
+        txq.add_chain(&mem, &[(0x20000, VNET_HDR_LEN as u32, false), (0x20000 + VNET_HDR_LEN as u64, (out.len() - VNET_HDR_LEN) as u32, false)]);
+        dev.process_queue(TX);
+        assert_eq!(wire.from_guest.lock().unwrap().as_slice(), &[out]);
+    }
+
+    #[test]
+    fn bad_chains_and_oversized_frames_are_dropped_and_counted() {
+        let mem = memory();
+        let (rxq, txq) = (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16));
+        let wire = Wire::default();
+        let mut dev = VirtioNet::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.activate(mem.clone(), vec![queue(&rxq), queue(&txq)], irq, VIRTIO_F_VERSION_1).unwrap();
+        // tx: shorter than a header, past the end of memory, read-only... and far too long.
+        txq.add_chain(&mem, &[(0x20000, 4, false)]);
+        txq.add_chain(&mem, &[((16 << 20) - 8, 64, false)]);
+        txq.add_chain(&mem, &[(0x20000, 60000, false), (0x30000, 60000, false)]);
+        dev.process_queue(TX);
+        assert_eq!(txq.used_idx(&mem), 3);
+        assert!(wire.from_guest.lock().unwrap().is_empty());
+        // rx: a buffer too small for the frame, and one outside memory: both dropped.
+        wire.to_guest.lock().unwrap().push_back(frame(&[7u8; 1000]));
+        wire.to_guest.lock().unwrap().push_back(frame(&[8u8; 100]));
+        rxq.add_chain(&mem, &[(0x10000, 64, true)]);
+        rxq.add_chain(&mem, &[((16 << 20) - 8, 2048, true)]);
+        dev.process_queue(RX);
+        assert_eq!(rxq.used_idx(&mem), 2);
+        assert_eq!((rxq.used_elem(&mem, 0).1, rxq.used_elem(&mem, 1).1), (0, 0));
+        assert_eq!(dev.counters().errors.load(Ordering::Relaxed), 5);
+        assert_eq!(parse_mac("02:00:00:00:00:01"), Ok([2, 0, 0, 0, 0, 1]));
+        for bad in ["02:00:00:00:00", "01:00:00:00:00:01", "zz:00:00:00:00:01", "2:0:0:0:0:1"] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
+}

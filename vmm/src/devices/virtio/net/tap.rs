@@ -1,0 +1,70 @@
+//! The host side of virtio-net: a tap opened by name. The VMM never creates taps (netstack or
+//! the operator does); opening a name that does not exist is an error, not a new interface.
+//! The tap carries a 12-byte virtio-net header before each frame (IFF_VNET_HDR), the same
+//! header the guest's driver uses, so frames pass through unchanged.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Where frames go and come from (a tap in the VMM; a queue of frames in tests).
+pub trait NetBackend: Send {
+    /// Reads one frame (with its virtio-net header); WouldBlock when none is waiting.
+    fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Sends one frame (with its virtio-net header).
+    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// The descriptor the event loop watches for incoming frames.
+    fn raw_fd(&self) -> Option<RawFd>;
+}
+
+/// A tap device.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+}
+
+impl Tap {
+    /// Opens the existing tap `name`.
+    pub fn open(name: &str) -> std::io::Result<Tap> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if name.is_empty() || name.len() > 15 || name.contains('/') {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid tap name `{name}`")));
+        }
+        if !std::path::Path::new("/sys/class/net").join(name).exists() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("tap {name} does not exist (shoal-vmm opens taps, it does not create them)")));
+        }
+        let file = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open("/dev/net/tun")?;
+        // struct ifreq: the name (16 bytes), then the flags (a short), padded to 40 bytes.
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which ifr is large enough to hold.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, ifr.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer given.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &size) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Tap { file })
+    }
+}
+
+impl NetBackend for Tap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.file.write(frame).map(|_| ())
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+}
