@@ -41,9 +41,10 @@ fn boot_job() -> Job {
     script.push_str("if grep -q SHOAL-WRITTEN-BY-GUEST root.img; then echo 'SHOAL-DISK-CHECK root-file=found'; else echo 'SHOAL-DISK-CHECK root-file=missing'; fi\n");
     script.push_str("if cmp -s ro.img ro-before.img; then echo 'SHOAL-DISK-CHECK ro-image=unchanged'; else echo 'SHOAL-DISK-CHECK ro-image=changed'; fi\n");
     // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
-    script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5\n");
+    script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5; rm -rf /tmp/snapshot\n");
     // The same with an ext4 root on virtio-blk and the rng: the disk works after the restore.
-    script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img\n");
+    script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img; rm -rf /tmp/snapshot-disk\n");
+    script.push_str("echo \"SHOAL-SERVER-MEMORY $(free -m | grep Mem:)\"\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.
     script.push_str("run_case panic ./shoal-boot-timer SHOAL-GUEST-INIT -- ./shoal-vmm --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0 reboot=k panic=-1 rdinit=/no-such-init'\n");

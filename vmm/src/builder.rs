@@ -24,7 +24,7 @@ use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::e820_map;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
-use crate::devices::legacy::{SerialConsole, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::legacy::{SerialConsole, SerialSaved, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::EventFdTrigger;
 use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::devices::rate_limiter::RateLimiter;
@@ -63,6 +63,8 @@ pub enum BuildError {
     InitrdPlace { path: PathBuf, #[source] source: BootError },
     #[error("cannot read initrd {0} into guest memory")]
     InitrdLoad(PathBuf),
+    #[error("cannot restore the serial port: {0}")]
+    Serial(String),
     #[error("cannot open tap {tap}")]
     TapOpen { tap: String, #[source] source: std::io::Error },
     #[error("cannot open disk {path}")]
@@ -253,6 +255,38 @@ impl std::fmt::Debug for VirtioSlot {
     }
 }
 
+/// The port-I/O devices every microVM has and what the rest of the VMM holds of them.
+#[derive(Debug)]
+pub struct LegacyDevices {
+    pub serial: Arc<Mutex<SerialConsole>>,
+    /// Signalled when the guest resets through the i8042.
+    pub reset_evt: EventFd,
+    pub reset_requested: Arc<AtomicBool>,
+    pub guest_panicked: Arc<AtomicBool>,
+    pub pio: Arc<Bus>,
+}
+
+/// Creates COM1 (fresh, or continuing from `serial_state`) and the i8042 on the port bus, with
+/// the serial interrupt wired to the in-kernel irqchip.
+pub fn attach_legacy(vm: &Vm, console: Box<dyn Write + Send>, serial_state: Option<&SerialSaved>) -> Result<LegacyDevices, BuildError> {
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irq(&serial_irq, COM1_IRQ)?;
+    let guest_panicked = Arc::new(AtomicBool::new(false));
+    let serial = match serial_state {
+        None => SerialConsole::new(EventFdTrigger(serial_irq), console, guest_panicked.clone()),
+        Some(saved) => SerialConsole::restore(EventFdTrigger(serial_irq), console, guest_panicked.clone(), saved).map_err(BuildError::Serial)?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let reset_requested = Arc::new(AtomicBool::new(false));
+    let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
+    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone())));
+    let mut bus = Bus::new();
+    bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+    bus.insert(i8042, I8042_BASE, I8042_LEN)?;
+    Ok(LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio: Arc::new(bus) })
+}
+
 /// Creates the virtio devices `specs` describes, each in its own MMIO window (in order) with
 /// its own interrupt line, and wires the queue notifications through ioeventfds.
 pub fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, specs: &[DeviceSpec], mmio: &mut Bus) -> Result<Vec<VirtioSlot>, BuildError> {
@@ -337,18 +371,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     };
     write_boot_info(&mem, config, &kernel, initrd)?;
 
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.register_irq(&serial_irq, COM1_IRQ)?;
-    let guest_panicked = Arc::new(AtomicBool::new(false));
-    let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(serial_irq), console, guest_panicked.clone())));
-    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    let reset_requested = Arc::new(AtomicBool::new(false));
-    let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
-    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone())));
-    let mut bus = Bus::new();
-    bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-    bus.insert(i8042, I8042_BASE, I8042_LEN)?;
-    let pio = Arc::new(bus);
+    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio } = attach_legacy(&vm, console, None)?;
     let mut mmio = Bus::new();
     let virtio = attach_virtio(&vm, &mem, &DeviceSpec::from_config(config), &mut mmio)?;
 

@@ -15,20 +15,16 @@ pub mod memfile;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::builder::{DeviceSpec, MicroVm};
+use crate::builder::{DeviceSpec, LegacyDevices, MicroVm};
 use crate::devices::virtio::mmio::TransportSaved;
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
-use crate::devices::legacy::{SerialConsole, SerialSaved, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::EventFdTrigger;
+use crate::devices::legacy::{SerialConsole, SerialSaved};
 use crate::vstate::memory::{map_guest_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState, VcpuWiring};
 use crate::vstate::vm::{Vm, VmError, VmState};
@@ -318,19 +314,7 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     vm.setup_irqchip()?;
     vm.restore_state(&state.vm)?;
 
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(SnapshotError::EventFd)?;
-    vm.register_irq(&serial_irq, COM1_IRQ)?;
-    let guest_panicked = Arc::new(AtomicBool::new(false));
-    let serial = SerialConsole::restore(EventFdTrigger(serial_irq), console, guest_panicked.clone(), &state.serial).map_err(SnapshotError::Serial)?;
-    let serial = Arc::new(Mutex::new(serial));
-    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(SnapshotError::EventFd)?;
-    let reset_requested = Arc::new(AtomicBool::new(false));
-    let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(SnapshotError::EventFd)?);
-    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone())));
-    let mut bus = Bus::new();
-    bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-    bus.insert(i8042, I8042_BASE, I8042_LEN)?;
-    let pio = Arc::new(bus);
+    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio } = crate::builder::attach_legacy(&vm, console, Some(&state.serial))?;
 
     let specs: Vec<DeviceSpec> = state.devices.iter().map(|(spec, _)| spec.clone()).collect();
     let mut mmio = Bus::new();

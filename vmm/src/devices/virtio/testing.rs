@@ -65,6 +65,19 @@ impl TestQueue {
         head
     }
 
+    /// A ready virtio-queue `Queue` (of at most `max` entries) over these rings, as a driver
+    /// would have set it up.
+    pub fn queue(&self, max: u16) -> virtio_queue::Queue {
+        use virtio_queue::QueueT;
+        let mut queue = virtio_queue::Queue::new(max).expect("queue");
+        queue.set_size(self.size);
+        queue.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        queue.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        queue.set_ready(true);
+        queue
+    }
+
     pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.used + 2)).unwrap()
     }

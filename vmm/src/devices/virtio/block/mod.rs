@@ -173,12 +173,7 @@ mod tests {
 
     fn device(mem: &GuestMemoryMmap, q: &TestQueue, disk: MemDisk, ro: bool) -> VirtioBlock {
         let mut dev = VirtioBlock::new(Box::new(disk), ro, "shoal-disk-0", None);
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.set_size(q.size);
-        queue.set_desc_table_address(Some(q.desc as u32), Some(0));
-        queue.set_avail_ring_address(Some(q.avail as u32), Some(0));
-        queue.set_used_ring_address(Some(q.used as u32), Some(0));
-        queue.set_ready(true);
+        let queue = q.queue(QUEUE_SIZE);
         let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         dev.activate(mem.clone(), vec![queue], irq, VIRTIO_F_VERSION_1).unwrap();
         dev

@@ -248,13 +248,7 @@ mod tests {
     }
 
     fn queue(q: &TestQueue) -> Queue {
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.set_size(q.size);
-        queue.set_desc_table_address(Some(q.desc as u32), Some(0));
-        queue.set_avail_ring_address(Some(q.avail as u32), Some(0));
-        queue.set_used_ring_address(Some(q.used as u32), Some(0));
-        queue.set_ready(true);
-        queue
+        q.queue(QUEUE_SIZE)
     }
 
     fn frame(payload: &[u8]) -> Vec<u8> {
