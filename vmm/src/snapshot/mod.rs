@@ -23,7 +23,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::builder::{DeviceSpec, LegacyDevices, MicroVm};
 use crate::devices::virtio::mmio::TransportSaved;
-use crate::devices::bus::{Bus, BusError};
+use crate::devices::bus::Bus;
 use crate::devices::legacy::{SerialConsole, SerialSaved};
 use crate::vstate::memory::{map_guest_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState, VcpuWiring};
@@ -131,12 +131,6 @@ pub enum SnapshotError {
     Build(#[from] crate::builder::BuildError),
     #[error("{path} is a diff snapshot: merge it into its base first (shoal-vmm --merge DIFF_DIR --into BASE_DIR)")]
     UnmergedDiff { path: PathBuf },
-    #[error("cannot read the vCPU state: {0}")]
-    SaveVcpu(String),
-    #[error("cannot restore the serial port: {0}")]
-    Serial(String),
-    #[error("cannot create an eventfd")]
-    EventFd(#[source] std::io::Error),
     #[error(transparent)]
     MemFile(#[from] MemFileError),
     #[error(transparent)]
@@ -145,8 +139,6 @@ pub enum SnapshotError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error(transparent)]
-    Bus(#[from] BusError),
     #[error("cannot read the CPUID KVM supports")]
     Cpuid(#[source] kvm_ioctls::Error),
 }
