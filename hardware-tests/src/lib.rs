@@ -140,6 +140,10 @@ fn stage(job: &Job) -> Result<PathBuf, HarnessError> {
         std::fs::copy(src, payload.join(name)).map_err(|e| err(format!("cannot stage {}: {e}", src.display())))?;
     }
     std::fs::write(payload.join("job.sh"), format!("{}\n{}\n", job_lib()?, job.script)).map_err(|e| err(format!("cannot write job.sh: {e}")))?;
+    if !job.interactive {
+        // Tells the emulated server's /init to print a heartbeat line the watchdog listens for.
+        std::fs::write(payload.join("heartbeat"), "").map_err(|e| err(format!("cannot write the heartbeat flag: {e}")))?;
+    }
     Ok(dir)
 }
 
@@ -173,6 +177,47 @@ pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(Run { mode, lines: vec![], finished: status.success() });
     }
+    let deadline = Instant::now() + job.limit;
+    let mut notes = Vec::new();
+    let mut attempt = 1;
+    let result = loop {
+        let outcome = run_once(&mut cmd, deadline, mode)?;
+        match outcome.stalled {
+            Some(why) if mode == Mode::Emulated && attempt < MAX_ATTEMPTS && Instant::now() + Duration::from_secs(120) < deadline => {
+                // The emulated server (QEMU TCG running a nested KVM) now and then hangs as a
+                // whole; the job is run again in a fresh server, and the console says so.
+                notes.push(Line { at: Duration::ZERO, text: format!("SHOAL-HARNESS attempt {attempt} abandoned: {why}; its last lines:") });
+                let tail = outcome.lines.len().saturating_sub(8);
+                notes.extend(outcome.lines[tail..].iter().map(|l| Line { at: l.at, text: format!("SHOAL-HARNESS (attempt {attempt}) {}", l.text) }));
+                attempt += 1;
+            }
+            _ => break outcome,
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut lines = notes;
+    lines.extend(result.lines);
+    Ok(Run { mode, lines, finished: result.finished })
+}
+
+/// How many times a job is started in a fresh emulated server when the server stalls.
+const MAX_ATTEMPTS: u32 = 3;
+/// The emulated server prints a heartbeat every 20 s (outer-init); this much silence means its
+/// kernel is stuck.
+const SILENCE_LIMIT: Duration = Duration::from_secs(75);
+/// No job line (heartbeats aside) for this long means a case is stuck beyond `run_case`'s own
+/// timeout and retry (2 × 180 s).
+const PROGRESS_LIMIT: Duration = Duration::from_secs(450);
+const HEARTBEAT: &str = "SHOAL-SERVER-ALIVE";
+
+struct Attempt {
+    lines: Vec<Line>,
+    finished: bool,
+    /// Why the attempt was abandoned as stalled, if it was.
+    stalled: Option<String>,
+}
+
+fn run_once(cmd: &mut Command, deadline: Instant, mode: Mode) -> Result<Attempt, HarnessError> {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| err(format!("cannot start the job: {e}")))?;
     let start = Instant::now();
     let (tx, rx) = channel();
@@ -190,24 +235,45 @@ pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
     }
     drop(tx);
     let mut lines = Vec::new();
-    let deadline = start + job.limit;
     let mut finished = false;
+    let mut stalled = None;
+    let (mut last_line, mut last_progress) = (Instant::now(), Instant::now());
+    let watch = mode == Mode::Emulated;
     loop {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
-        match rx.recv_timeout(deadline - now) {
-            Ok(line) => lines.push(line),
+        if watch && now - last_line > SILENCE_LIMIT {
+            stalled = Some(format!("the server printed nothing for {} s", SILENCE_LIMIT.as_secs()));
+            break;
+        }
+        if watch && now - last_progress > PROGRESS_LIMIT {
+            stalled = Some(format!("no job output for {} s", PROGRESS_LIMIT.as_secs()));
+            break;
+        }
+        match rx.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
+            Ok(line) => {
+                last_line = Instant::now();
+                if line.text.contains(HEARTBEAT) {
+                    continue;
+                }
+                last_progress = last_line;
+                let lockup = watch && line.text.contains("soft lockup");
+                lines.push(line);
+                if lockup {
+                    stalled = Some("the server's kernel reported a soft lockup".to_string());
+                    break;
+                }
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 finished = true;
                 break;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(Run { mode, lines, finished })
+    Ok(Attempt { lines, finished, stalled })
 }
