@@ -34,6 +34,7 @@ use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::tap::Tap;
 use crate::devices::virtio::net::VirtioNet;
 use crate::devices::virtio::rng::VirtioRng;
+use crate::devices::virtio::vsock::{VirtioVsock, VsockError};
 use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::snapshot::MachineState;
 use kvm_ioctls::IoEventAddress;
@@ -67,6 +68,8 @@ pub enum BuildError {
     Serial(String),
     #[error("cannot open tap {tap}")]
     TapOpen { tap: String, #[source] source: std::io::Error },
+    #[error("vsock")]
+    Vsock(#[source] VsockError),
     #[error("cannot open disk {path}")]
     DiskOpen { path: PathBuf, #[source] source: std::io::Error },
     #[error("cannot write the command line to guest memory")]
@@ -194,6 +197,14 @@ pub enum DeviceSpec {
     Block(DiskSpec),
     Net(NetSpec),
     Rng,
+    Vsock(VsockSpec),
+}
+
+/// The vsock device in a `DeviceSpec`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockSpec {
+    pub cid: u64,
+    pub uds_path: PathBuf,
 }
 
 /// A network interface in a `DeviceSpec`: the tap and the MAC the guest was given.
@@ -235,6 +246,9 @@ impl DeviceSpec {
         }
         if config.rng {
             specs.push(DeviceSpec::Rng);
+        }
+        if let Some(v) = &config.vsock {
+            specs.push(DeviceSpec::Vsock(VsockSpec { cid: v.guest_cid, uds_path: v.uds_path.clone() }));
         }
         specs
     }
@@ -306,6 +320,7 @@ pub fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, specs: &[DeviceSpec], mmio:
                 (format!("net {}", n.tap), Box::new(VirtioNet::new(Box::new(tap), n.mac)))
             }
             DeviceSpec::Rng => ("rng".into(), Box::new(VirtioRng::new())),
+            DeviceSpec::Vsock(v) => ("vsock".into(), Box::new(VirtioVsock::new(v.cid, &v.uds_path).map_err(BuildError::Vsock)?)),
         };
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;

@@ -49,9 +49,14 @@ struct Cli {
     /// A virtio-rng entropy device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device: `cid=N,uds=PATH`. Host programs connect to PATH and send
+    /// `CONNECT <port>\n`; guest connections to host port P reach PATH_P. With --restore,
+    /// replaces the snapshot's vsock CID and socket (clones need their own).
+    #[arg(long, value_name = "SPEC", value_parser = shoal_vmm::api::config::VsockConfig::parse)]
+    vsock: Option<shoal_vmm::api::config::VsockConfig>,
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags),
     /// or a Firecracker --config-file (boot-source, machine-config).
-    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "net", "rng"])]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "net", "rng", "vsock"])]
     config: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket and wait for
     /// PUT /machine-config, PUT /boot-source and PUT /actions {"action_type": "InstanceStart"}
@@ -99,7 +104,7 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
         let (built, reply) = match request {
             ApiRequest::Start { config, reply } => (builder::build_microvm(&config, Box::new(std::io::stdout())).map_err(|e| error_chain(&e)), reply),
             ApiRequest::LoadSnapshot { load, reply } => {
-                let options = snapshot::RestoreOptions { resume: load.resume, track_dirty_pages: load.track_dirty_pages };
+                let options = snapshot::RestoreOptions { resume: load.resume, track_dirty_pages: load.track_dirty_pages, vsock_override: load.vsock_override.clone() };
                 let vm = snapshot::restore(&load.state_path, &load.mem_path, Box::new(std::io::stdout()), options);
                 (vm.map_err(|e| format!("Cannot load the snapshot: {}", error_chain(&e))), reply)
             }
@@ -182,7 +187,8 @@ fn main() -> ExitCode {
     let mut control = None;
     let vm = match (&cli.api_sock, &cli.restore) {
         (None, Some(dir)) => {
-            let options = snapshot::RestoreOptions { resume: true, track_dirty_pages: false };
+            let vsock_override = cli.vsock.as_ref().map(|v| snapshot::VsockOverride { guest_cid: Some(v.guest_cid), uds_path: Some(v.uds_path.clone()) });
+            let options = snapshot::RestoreOptions { resume: true, track_dirty_pages: false, vsock_override };
             match snapshot::restore(&dir.join(snapshot::STATE_FILE), &dir.join(snapshot::MEMORY_FILE), Box::new(std::io::stdout()), options) {
                 Ok(vm) => vm,
                 Err(e) => return fail(error_chain(&e)),
@@ -213,6 +219,7 @@ fn main() -> ExitCode {
                     disks: cli.disk.clone(),
                     nets: cli.net.clone(),
                     rng: cli.rng,
+                    vsock: cli.vsock.clone(),
                 },
             };
             match builder::build_microvm(&config, Box::new(std::io::stdout())) {
@@ -231,10 +238,16 @@ fn main() -> ExitCode {
         }
     }
     let mem = vm.mem.clone();
+    // vCPU threads may still hold the devices when main returns, so the vsock socket is
+    // removed here rather than left to the device's Drop.
+    let vsock_sockets: Vec<PathBuf> = vm.virtio.iter().filter_map(|s| if let builder::DeviceSpec::Vsock(v) = &s.spec { Some(v.uds_path.clone()) } else { None }).collect();
     let counters: Vec<_> = vm.vcpus.iter().map(|v| v.counters.clone()).collect();
     let result = runner::run(vm, interactive, control, seccomp);
     if interactive {
         let _ = stdin.lock().set_canon_mode();
+    }
+    for p in &vsock_sockets {
+        let _ = std::fs::remove_file(p);
     }
     if cli.stats {
         let stats = shoal_vmm::stats::collect(&mem, &counters);

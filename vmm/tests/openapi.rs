@@ -93,7 +93,7 @@ fn every_documented_operation_is_served_as_documented() {
             }
         }
     }
-    assert_eq!(operations, 15, "every operation in the document was tried");
+    assert_eq!(operations, 16, "every operation in the document was tried");
 }
 
 #[test]

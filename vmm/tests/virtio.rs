@@ -1,7 +1,8 @@
 //! virtio devices on KVM with the virtio probe (a minimal virtio-mmio driver): a disk takes a
 //! write and reads it back, and the host file holds it; a read-only disk refuses the write and
 //! its file is unchanged; the rng hands out random bytes; a rate-limited disk is held to its
-//! rate; bad --disk options are refused with a clear error.
+//! rate; bad --disk options are refused with a clear error; vsock streams run both ways
+//! between the guest and host programs on Unix sockets (Firecracker's CONNECT protocol).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, probe, run_vmm, text, vmm};
+use common::{kvm_available, probe, run_vmm, spawn_vmm, text, vmm};
 
 fn image(name: &str, size: u64) -> PathBuf {
     let p = std::env::temp_dir().join(format!("shoal-virtio-{name}-{}.img", std::process::id()));
@@ -192,4 +193,55 @@ fn a_frame_from_the_guest_reaches_the_tap_and_one_written_to_the_tap_reaches_the
     let out = ns.exec(vmm()).args(["--kernel", probe("boot").to_str().unwrap(), "--net", "tap=nosuchtap"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("tap nosuchtap does not exist"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn vsock_streams_go_both_ways_between_guest_and_host_programs() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    // A host program listening for guest connections to host port 1234.
+    let listener = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut got = [0u8; 15];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"host-reply").unwrap();
+        got
+    });
+    let vm = spawn_vmm(&["--kernel", probe("virtio").to_str().unwrap(), "--vsock", &format!("cid=7,uds={}", uds.display())]);
+    let (ok, lines) = vm.wait_for(Duration::from_secs(60), |l| l.iter().any(|l| l.starts_with("vsock g2h")));
+    assert!(ok, "{lines:?}");
+    assert_eq!(&server.join().unwrap(), b"SHOAL-VSOCK-G2H", "the guest's bytes reached the host program");
+    assert!(lines.contains(&"vsock cid=7".to_string()), "{lines:?}");
+    assert!(lines.contains(&"vsock g2h response=1 reply=host-reply".to_string()), "{lines:?}");
+
+    // A host program connects to the guest's port 52 through uds_path.
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let mut ok_line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        host.read_exact(&mut byte).unwrap();
+        ok_line.push(byte[0]);
+    }
+    let ok_line = String::from_utf8(ok_line).unwrap();
+    let port: u32 = ok_line.strip_prefix("OK ").and_then(|p| p.trim_end().parse().ok()).unwrap_or_else(|| panic!("{ok_line:?}"));
+    host.write_all(b"ping-from-host").unwrap();
+    let mut reply = [0u8; 19];
+    host.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"pong:ping-from-host");
+    let (ok, more) = vm.wait_for(Duration::from_secs(60), |l| l.iter().any(|l| l.starts_with("virtio: done")));
+    assert!(ok, "{more:?}");
+    assert!(more.contains(&format!("vsock h2g port={port} data=ping-from-host")), "{more:?}");
+    // The probe resets; the VMM exits 0 and removes its socket.
+    let mut vm = vm;
+    assert_eq!(vm.child.wait().unwrap().code(), Some(0));
+    assert!(!uds.exists(), "uds_path removed at exit");
 }

@@ -54,6 +54,38 @@ pub struct VmConfig {
     /// A virtio-rng entropy device.
     #[serde(default)]
     pub rng: bool,
+    /// A virtio-vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// The vsock device, with Firecracker's field names (`PUT /vsock`, the `vsock` section).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket host programs connect to; guest connections to host port P reach
+    /// `<uds_path>_P`.
+    pub uds_path: PathBuf,
+    /// Accepted for Firecracker clients (deprecated there); there is one vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+impl VsockConfig {
+    /// Parses the CLI form `cid=N,uds=PATH`.
+    pub fn parse(spec: &str) -> Result<VsockConfig, String> {
+        let (mut cid, mut uds) = (None, None);
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("cid", c)) => cid = Some(c.parse::<u64>().map_err(|_| format!("--vsock: cid `{c}` is not a number"))?),
+                Some(("uds", u)) if !u.is_empty() => uds = Some(PathBuf::from(u)),
+                _ => return Err(format!("--vsock: unknown part `{part}` (cid=N, uds=PATH)")),
+            }
+        }
+        Ok(VsockConfig { guest_cid: cid.ok_or("--vsock: cid=N is required")?, uds_path: uds.ok_or("--vsock: uds=PATH is required")?, vsock_id: None })
+    }
 }
 
 /// One virtio-net interface.
@@ -194,7 +226,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
-        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), nets: Vec::new(), rng: false }
+        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), nets: Vec::new(), rng: false, vsock: None }
     }
 
     /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
@@ -217,6 +249,7 @@ impl VmConfig {
         let mut machine = MachineConfig::default();
         let (mut drives, mut rng): (Vec<FirecrackerDrive>, bool) = (Vec::new(), false);
         let mut net_configs = Vec::new();
+        let mut vsock = None;
         for (name, section) in sections {
             match name.as_str() {
                 "boot-source" => {
@@ -240,7 +273,8 @@ impl VmConfig {
                     let nets: Vec<FirecrackerNet> = serde_json::from_value(section).map_err(|e| format!("network-interfaces: {e}"))?;
                     net_configs = nets.into_iter().map(FirecrackerNet::into_net).collect();
                 }
-                "logger" | "metrics" | "vsock" | "balloon" | "mmds-config" | "cpu-config" => {
+                "vsock" => vsock = serde_json::from_value(section).map_err(|e| format!("vsock: {e}"))?,
+                "logger" | "metrics" | "balloon" | "mmds-config" | "cpu-config" => {
                     if !section.is_null() {
                         return Err(format!("{name} is not supported by shoal-vmm yet"));
                     }
@@ -254,6 +288,7 @@ impl VmConfig {
         config.track_dirty_pages = machine.track_dirty_pages;
         config.rng = rng;
         config.nets = net_configs;
+        config.vsock = vsock;
         config.set_firecracker_drives(drives)?;
         Ok(config)
     }
@@ -286,7 +321,13 @@ impl VmConfig {
         if self.mem_mib > MAX_MEM_MIB {
             return Err(ConfigError::TooMuchMemory(self.mem_mib));
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng);
+        let devices = self.device_count();
+        if let Some(v) = &self.vsock {
+            crate::devices::virtio::vsock::check_cid(v.guest_cid).map_err(|e| ConfigError::Device(format!("vsock: {e}")))?;
+            if v.uds_path.as_os_str().is_empty() {
+                return Err(ConfigError::Device("vsock: uds_path is empty".into()));
+            }
+        }
         for n in &self.nets {
             if let Some(mac) = &n.mac {
                 crate::devices::virtio::net::parse_mac(mac).map_err(ConfigError::Device)?;
@@ -309,15 +350,20 @@ impl VmConfig {
     }
 
     /// The command line the guest gets: the configured one plus a `virtio_mmio.device=` entry
-    /// per virtio device (disks, then network interfaces, then the rng), so a Linux guest
-    /// finds them.
+    /// per virtio device (disks, then network interfaces, then the rng, then vsock), so a
+    /// Linux guest finds them.
     pub fn full_cmdline(&self) -> String {
         use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
         let mut c = self.cmdline.clone();
-        for i in 0..self.disks.len() + self.nets.len() + usize::from(self.rng) {
+        for i in 0..self.device_count() {
             c.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + i as u32));
         }
         c
+    }
+
+    /// How many virtio devices the guest gets.
+    pub fn device_count(&self) -> usize {
+        self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.vsock.is_some())
     }
 
     /// Checks the vCPU count against what KVM on this host allows.
@@ -392,7 +438,18 @@ mod tests {
             {"drive_id": "b", "path_on_host": "b.img", "is_root_device": true}
         ]);
         assert_eq!(with("drives", two_roots), "only one drive can be the root device");
-        assert_eq!(with("vsock", serde_json::json!({"guest_cid": 3})), "vsock is not supported by shoal-vmm yet");
+        assert_eq!(with("vsock", serde_json::json!({"guest_cid": 3})), "vsock: missing field `uds_path`");
+        assert_eq!(with("balloon", serde_json::json!({"amount_mib": 3})), "balloon is not supported by shoal-vmm yet");
+        let mut j = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
+        j["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "./v.sock"});
+        let c = VmConfig::from_firecracker(j).unwrap();
+        assert_eq!(c.vsock.as_ref().map(|v| (v.guest_cid, v.uds_path.clone())), Some((3, "./v.sock".into())));
+        assert!(c.full_cmdline().contains("virtio_mmio.device=4K@0xd0000000:5"));
+        assert!(VmConfig { vsock: Some(VsockConfig { guest_cid: 2, ..c.vsock.clone().unwrap() }), ..c.clone() }.validate().is_err());
+        assert_eq!(VsockConfig::parse("cid=9,uds=/run/v.sock").map(|v| v.guest_cid), Ok(9));
+        for bad in ["cid=9", "uds=/x", "cid=x,uds=/x", "cid=9,uds=/x,port=3"] {
+            assert!(VsockConfig::parse(bad).is_err(), "{bad}");
+        }
         assert_eq!(with("frobnicator", serde_json::json!({})), "unknown section `frobnicator`");
         assert!(with("machine-config", serde_json::json!({"vcpu_count": 1})).contains("missing field `mem_size_mib`"));
         assert!(VmConfig::from_firecracker(serde_json::json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}})).unwrap_err().contains("boot-source is required"));

@@ -108,6 +108,10 @@ pub struct SnapshotLoadParams {
     pub resume_vm: bool,
     #[serde(default)]
     pub network_overrides: Vec<serde_json::Value>,
+    /// Shoal's extension: a new guest CID and/or host socket for the snapshot's vsock
+    /// device, so that clones of one snapshot differ.
+    #[serde(default)]
+    pub vsock_override: Option<crate::snapshot::VsockOverride>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -130,6 +134,7 @@ pub struct SnapshotLoad {
     pub mem_path: std::path::PathBuf,
     pub resume: bool,
     pub track_dirty_pages: bool,
+    pub vsock_override: Option<crate::snapshot::VsockOverride>,
 }
 
 impl SnapshotLoadParams {
@@ -153,6 +158,7 @@ impl SnapshotLoadParams {
             mem_path: mem_path.into(),
             resume: self.resume_vm,
             track_dirty_pages: self.track_dirty_pages || self.enable_diff_snapshots,
+            vsock_override: self.vsock_override,
         })
     }
 }
@@ -197,11 +203,13 @@ pub struct ApiState {
     pub nets: Vec<FirecrackerNet>,
     /// `PUT /entropy` was called.
     pub entropy: bool,
+    /// `PUT /vsock`.
+    pub vsock: Option<crate::api::config::VsockConfig>,
 }
 
 impl Default for ApiState {
     fn default() -> Self {
-        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), nets: Vec::new(), entropy: false }
+        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), nets: Vec::new(), entropy: false, vsock: None }
     }
 }
 
@@ -270,6 +278,7 @@ impl ApiState {
         config.mem_mib = self.machine.mem_size_mib;
         config.track_dirty_pages = self.machine.track_dirty_pages;
         config.rng = self.entropy;
+        config.vsock = self.vsock.clone();
         config.nets = self.nets.iter().cloned().map(FirecrackerNet::into_net).collect();
         config.set_firecracker_drives(self.drives.clone()).map_err(|e| Response::fault(400, e))?;
         config.validate().map_err(|e| Response::fault(400, super::error_chain(&e)))?;
@@ -388,6 +397,19 @@ impl ApiState {
                     self.configured = true;
                     Response::no_content()
                 }
+                Err(r) => r,
+            },
+            ("PUT", "/vsock") if started => Response::fault(400, NOT_AFTER_START),
+            ("PUT", "/vsock") => match parse_body::<crate::api::config::VsockConfig>(req) {
+                Ok(v) => match crate::devices::virtio::vsock::check_cid(v.guest_cid) {
+                    Err(e) => Response::fault(400, format!("Invalid vsock configuration: {e}")),
+                    Ok(()) if v.uds_path.as_os_str().is_empty() => Response::fault(400, "Invalid vsock configuration: uds_path is empty"),
+                    Ok(()) => {
+                        self.vsock = Some(v);
+                        self.configured = true;
+                        Response::no_content()
+                    }
+                },
                 Err(r) => r,
             },
             ("PUT", "/entropy") if started => Response::fault(400, NOT_AFTER_START),
@@ -547,7 +569,7 @@ mod tests {
         let body = r#"{"snapshot_path": "./snapshot_file", "mem_backend": {"backend_path": "./mem_file", "backend_type": "File"}, "enable_diff_snapshots": true, "resume_vm": false}"#;
         assert_eq!(
             s.handle(&req("PUT", "/snapshot/load", body)),
-            Outcome::LoadSnapshot(SnapshotLoad { state_path: "./snapshot_file".into(), mem_path: "./mem_file".into(), resume: false, track_dirty_pages: true })
+            Outcome::LoadSnapshot(SnapshotLoad { state_path: "./snapshot_file".into(), mem_path: "./mem_file".into(), resume: false, track_dirty_pages: true, vsock_override: None })
         );
         let old = r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#;
         assert!(matches!(s.handle(&req("PUT", "/snapshot/load", old)), Outcome::LoadSnapshot(SnapshotLoad { resume: true, .. })));

@@ -123,6 +123,8 @@ pub enum SnapshotError {
     DiffWithoutTracking,
     #[error("snapshot {path} is a full snapshot; only a diff is merged into a base")]
     NotADiff { path: PathBuf },
+    #[error("vsock override: {0}")]
+    Override(String),
     #[error("diff snapshots of microVMs with virtio devices are not supported yet (the devices' writes to guest memory are not tracked); take a full snapshot")]
     DiffWithDevices,
     #[error("virtio device {index}: {why}")]
@@ -270,13 +272,27 @@ pub fn merge_dirs(diff: &Path, base: &Path) -> Result<(), SnapshotError> {
 }
 
 /// How to restore.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     /// Run the vCPUs at once; otherwise they wait for a resume.
     pub resume: bool,
     /// Log dirty pages from now on (diff snapshots of the restored VM), even if the snapshot's
     /// VM did not.
     pub track_dirty_pages: bool,
+    /// A new identity for the snapshot's vsock device (so that clones differ): its guest CID
+    /// and/or its host socket.
+    pub vsock_override: Option<VsockOverride>,
+}
+
+/// What a restore changes of the vsock device; the guest learns the new CID from the
+/// TRANSPORT_RESET event every restored vsock device sends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    #[serde(default)]
+    pub guest_cid: Option<u64>,
+    #[serde(default)]
+    pub uds_path: Option<std::path::PathBuf>,
 }
 
 /// Builds a microVM from a snapshot, ready to run. The guest console goes to `console`.
@@ -308,7 +324,19 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
 
     let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio } = crate::builder::attach_legacy(&vm, console, Some(&state.serial))?;
 
-    let specs: Vec<DeviceSpec> = state.devices.iter().map(|(spec, _)| spec.clone()).collect();
+    let mut specs: Vec<DeviceSpec> = state.devices.iter().map(|(spec, _)| spec.clone()).collect();
+    if let Some(o) = &options.vsock_override {
+        let Some(DeviceSpec::Vsock(v)) = specs.iter_mut().find(|s| matches!(s, DeviceSpec::Vsock(_))) else {
+            return Err(SnapshotError::Override("the snapshot has no vsock device to override".into()));
+        };
+        if let Some(cid) = o.guest_cid {
+            crate::devices::virtio::vsock::check_cid(cid).map_err(|e| SnapshotError::Override(e.to_string()))?;
+            v.cid = cid;
+        }
+        if let Some(p) = &o.uds_path {
+            v.uds_path = p.clone();
+        }
+    }
     let mut mmio = Bus::new();
     let virtio = crate::builder::attach_virtio(&vm, &mem, &specs, &mut mmio)?;
     for (index, (slot, (_, saved))) in virtio.iter().zip(&state.devices).enumerate() {

@@ -5,7 +5,11 @@
 //!   prints `blk id=<id> sectors=<n> write=<status> read=<status> match=<0|1> flush=<status>`;
 //! - rng: asks for 64 bytes; prints `rng got=<bytes> nonzero=<count of non-zero bytes>`;
 //! - net: sends one frame (ethertype 0x88b5, payload `SHOAL-PROBE-TX`) and prints the payload
-//!   of the first frame it receives: `net rx len=<n> payload=<text>`.
+//!   of the first frame it receives: `net rx len=<n> payload=<text>`;
+//! - vsock: prints its CID (`vsock cid=<n>`), connects to host port 1234, sends
+//!   `SHOAL-VSOCK-G2H` and prints the reply (`vsock g2h response=<0|1> reply=<text>`), then
+//!   waits for the host to connect to its port 52, answers what it receives with `pong:` and
+//!   the same text (`vsock h2g port=<p> data=<text>`).
 //! With `virtio.bench=N` on the command line, the first writable disk then takes N writes of
 //! 64 KiB (rate-limit measurements). Then prints `virtio: done devices=<n>` and resets.
 #![no_std]
@@ -27,7 +31,8 @@ struct Page([u64; 512]);
 struct Bytes([u8; 4096]);
 
 static mut MMIO_PD: Page = Page([0; 512]);
-static mut RING: Bytes = Bytes([0; 4096]);
+/// Queue rings: queue q at q * QSTRIDE (up to 4 queues).
+static mut RING: [Bytes; 2] = [const { Bytes([0; 4096]) }; 2];
 static mut BUF: Bytes = Bytes([0; 4096]);
 /// Payload of the `virtio.bench=N` writes.
 static mut BIG: [Bytes; 16] = [const { Bytes([0; 4096]) }; 16];
@@ -113,7 +118,7 @@ fn init(dev: u64, nq: u64) -> bool {
     if rd(dev, 0x70) & 8 == 0 {
         return false;
     }
-    for i in 0..4096u64 {
+    for i in 0..8192u64 {
         poke(ring() + i, 0u8);
     }
     for q in 0..nq {
@@ -220,6 +225,95 @@ fn test_net(dev: u64) {
         Some(len) => say!("net rx len=", len, " (short)"),
         None => say!("net rx none"),
     }
+}
+
+const VSOCK_RX: u64 = 0x800;
+const VSOCK_TX: u64 = 0x100;
+const VSOCK_HDR: u64 = 44;
+const VSOCK_BUF: u32 = 512;
+
+/// Sends one vsock packet (header and payload in one buffer) from `src` to host port `dst`.
+fn vsock_send(dev: u64, cid: u64, op: u16, src: u32, dst: u32, payload: &[u8], idx: &mut u16) -> bool {
+    let tx = buf() + VSOCK_TX;
+    poke(tx, cid);
+    poke(tx + 8, 2u64);
+    poke(tx + 16, src);
+    poke(tx + 20, dst);
+    poke(tx + 24, payload.len() as u32);
+    poke(tx + 28, 1u16);
+    poke(tx + 30, op);
+    poke(tx + 32, 0u32);
+    poke(tx + 36, VSOCK_BUF);
+    poke(tx + 40, 0u32);
+    for (i, b) in payload.iter().enumerate() {
+        poke(tx + VSOCK_HDR + i as u64, *b);
+    }
+    submit_on(dev, 1, &[(tx, VSOCK_HDR as u32 + payload.len() as u32, false)], idx, true).is_some()
+}
+
+/// Posts a receive buffer and waits for a packet: (op, src_port, dst_port, payload length);
+/// the payload is at buf() + VSOCK_RX + 44.
+fn vsock_recv(dev: u64, idx: &mut u16, spins: u64) -> Option<(u16, u32, u32, u32)> {
+    let rx = buf() + VSOCK_RX;
+    submit_on(dev, 0, &[(rx, VSOCK_HDR as u32 + 256, true)], idx, false);
+    wait_used(0, *idx, spins)?;
+    Some((peek(rx + 30), peek(rx + 16), peek(rx + 20), peek(rx + 24)))
+}
+
+/// Up to 32 printable bytes of the last received payload.
+fn vsock_text(len: u32, out: &mut [u8; 32]) -> usize {
+    let mut n = 0;
+    while n < 32 && n < len as usize {
+        let b: u8 = peek(buf() + VSOCK_RX + VSOCK_HDR + n as u64);
+        if !(0x20..0x7f).contains(&b) {
+            break;
+        }
+        out[n] = b;
+        n += 1;
+    }
+    n
+}
+
+fn test_vsock(dev: u64) {
+    let cid = u64::from(rd(dev, 0x100)) | (u64::from(rd(dev, 0x104)) << 32);
+    say!("vsock cid=", cid);
+    let (mut rx, mut tx) = (0u16, 0u16);
+    let mut text = [0u8; 32];
+    // Guest → host: connect to port 1234 from port 5000 (1 = REQUEST, 2 = RESPONSE, 5 = RW).
+    vsock_send(dev, cid, 1, 5000, 1234, b"", &mut tx);
+    let response = vsock_recv(dev, &mut rx, 400_000_000).is_some_and(|(op, src, dst, _)| op == 2 && src == 1234 && dst == 5000);
+    let mut n = 0;
+    if response {
+        vsock_send(dev, cid, 5, 5000, 1234, b"SHOAL-VSOCK-G2H", &mut tx);
+        if let Some((5, _, _, len)) = vsock_recv(dev, &mut rx, 400_000_000) {
+            n = vsock_text(len, &mut text);
+        }
+        vsock_send(dev, cid, 3, 5000, 1234, b"", &mut tx);
+    }
+    say!("vsock g2h response=", u8::from(response), " reply=", &text[..n]);
+    // Host → guest: wait for a REQUEST to port 52, accept, echo what comes with "pong:".
+    let Some((1, host_port, 52, _)) = vsock_recv(dev, &mut rx, 2_000_000_000) else {
+        say!("vsock h2g none");
+        return;
+    };
+    vsock_send(dev, cid, 2, 52, host_port, b"", &mut tx);
+    let mut n = 0;
+    loop {
+        match vsock_recv(dev, &mut rx, 400_000_000) {
+            Some((5, _, _, len)) => {
+                n = vsock_text(len, &mut text);
+                break;
+            }
+            // Credit updates and the like.
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    let mut reply = [0u8; 37];
+    reply[..5].copy_from_slice(b"pong:");
+    reply[5..5 + n].copy_from_slice(&text[..n]);
+    vsock_send(dev, cid, 5, 52, host_port, &reply[..5 + n], &mut tx);
+    say!("vsock h2g port=", host_port, " data=", &text[..n]);
 }
 
 fn block_request(dev: u64, kind: u32, sector: u64, data: Option<(u32, bool)>, idx: &mut u16) -> u8 {
@@ -347,7 +441,11 @@ pub extern "C" fn probe_main(boot_params: u64) -> ! {
         }
         devices += 1;
         let kind = rd(dev, 8);
-        let queues = if kind == 1 { 2 } else { 1 };
+        let queues = match kind {
+            1 => 2,
+            19 => 3,
+            _ => 1,
+        };
         if !init(dev, queues) {
             say!("virtio device ", i, " type ", kind, ": init failed");
             continue;
@@ -356,6 +454,7 @@ pub extern "C" fn probe_main(boot_params: u64) -> ! {
             2 => test_block(dev),
             4 => test_rng(dev),
             1 => test_net(dev),
+            19 => test_vsock(dev),
             other => say!("virtio device ", i, " type ", other, ": no test"),
         }
     }

@@ -187,6 +187,7 @@ impl MmioTransport {
             }
             self.device.activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features).map_err(|e| e.to_string())?;
             self.activated = true;
+            self.device.restored();
         } else {
             self.queues = queues;
         }

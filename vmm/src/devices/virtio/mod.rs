@@ -14,6 +14,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 #[cfg(test)]
 pub mod testing;
 
@@ -134,6 +135,8 @@ pub trait VirtioDevice: Send {
     fn throttled_for(&self) -> Option<std::time::Duration> {
         None
     }
+    /// The device was activated again from a snapshot (after `activate`).
+    fn restored(&mut self) {}
 }
 
 /// Reads `data.len()` bytes of a config struct held as bytes; out of range reads give zeros.
