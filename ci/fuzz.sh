@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make fuzz: runs every cargo-fuzz target in vmm/fuzz (API request parser and router, virtio
-# block, rng and net queue processing, snapshot state decoding) for RUNS executions each (default
+# block, rng, net and vsock queue processing, snapshot state decoding) for RUNS executions each (default
 # 1000000) and prints `fuzz_<target>_execs=N seconds=S` per target. A crash stops the script
 # with the reproducer under vmm/fuzz/artifacts/. Uses the stable toolchain (RUSTC_BOOTSTRAP
 # lets cargo-fuzz pass its sanitizer flags).
@@ -12,7 +12,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 cd "$here/../vmm/fuzz"
-targets=(api_request virtio_block virtio_rng virtio_net snapshot_state)
+targets=(api_request virtio_block virtio_rng virtio_net virtio_vsock snapshot_state)
 summary=()
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"

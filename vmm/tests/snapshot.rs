@@ -1,6 +1,7 @@
 //! Snapshots on KVM with the counter probe (its count lives in guest memory): a restored guest
 //! carries on counting from the snapshot in a new process; a diff snapshot merged into its
-//! base carries the later writes; ten clones of one snapshot run side by side; damaged or
+//! base carries the later writes; ten clones of one snapshot run side by side, each with its
+//! own vsock CID (the guest is told to read it again); damaged or
 //! foreign snapshots are refused with an error that says what is wrong.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
@@ -30,6 +31,11 @@ struct Counter {
 
 impl Counter {
     fn boot(tag: &str, track_dirty: bool) -> Counter {
+        Counter::boot_with(tag, track_dirty, None)
+    }
+
+    /// Boots the counter probe, with a vsock device (guest CID 3 on `vsock_uds`) if given.
+    fn boot_with(tag: &str, track_dirty: bool, vsock_uds: Option<&Path>) -> Counter {
         let mut vm = Vmm::start(tag);
         let console = Console::capture(&mut vm.child);
         let mut s = vm.connect();
@@ -37,6 +43,10 @@ impl Counter {
         assert_eq!(call(&mut s, "PUT", "/machine-config", &machine).0, 204);
         let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display());
         assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+        if let Some(uds) = vsock_uds {
+            let vsock = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display());
+            assert_eq!(call(&mut s, "PUT", "/vsock", &vsock).0, 204);
+        }
         assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
         Counter { vm, console }
     }
@@ -74,7 +84,11 @@ impl Drop for Restored {
 }
 
 fn restore(dir: &Path) -> Restored {
-    let mut child = Command::new(vmm()).arg("--restore").arg(dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    restore_with(dir, &[])
+}
+
+fn restore_with(dir: &Path, args: &[&str]) -> Restored {
+    let mut child = Command::new(vmm()).arg("--restore").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let console = Console::capture(&mut child);
     Restored { child, console }
 }
@@ -152,21 +166,46 @@ fn ten_clones_of_one_snapshot_run_at_once() {
         return;
     }
     let dir = scratch("clones");
-    let guest = Counter::boot("snap-clones", false);
+    let guest = Counter::boot_with("snap-clones", false, Some(&dir.join("original.sock")));
     guest.console.wait_count(2);
     let before = guest.snapshot("Full", &dir);
+    assert!(before.contains("vsock cid=3\n"), "{before}");
     let last = *consecutive_counts(complete_lines(&before)).unwrap().last().unwrap();
     drop(guest);
 
-    let clones: Vec<_> = (0..10).map(|_| restore(&dir)).collect();
+    // Each clone gets its own vsock CID and socket; the guest is told to read its CID again.
+    let socks: Vec<PathBuf> = (0..10).map(|i| dir.join(format!("clone-{i}.sock"))).collect();
+    let clones: Vec<_> = socks.iter().enumerate().map(|(i, sock)| restore_with(&dir, &["--vsock", &format!("cid={},uds={}", 100 + i, sock.display())])).collect();
     for (i, clone) in clones.iter().enumerate() {
         let n = clone.console.wait_count(last + 2);
         assert!(n >= last + 2, "clone {i}");
+        let text = clone.console.text();
+        assert!(text.contains(&format!("vsock reset event=0 cid={}\n", 100 + i)), "clone {i}: {text}");
+        assert!(socks[i].exists(), "clone {i} listens on its own socket");
     }
     // Every clone still runs, each with its own copy of guest memory.
     for (i, mut clone) in clones.into_iter().enumerate() {
         assert!(clone.child.try_wait().unwrap().is_none(), "clone {i} exited: {}", clone.console.text());
     }
+
+    // The same through the API: PUT /snapshot/load with vsock_override.
+    let mut vm = Vmm::start("snap-clone-api");
+    let console = Console::capture(&mut vm.child);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "vsock_override": {{"guest_cid": 77, "uds_path": "{}"}}}}"#,
+        dir.join("state").display(),
+        dir.join("memory").display(),
+        dir.join("api-clone.sock").display()
+    );
+    assert_eq!(call(&mut vm.connect(), "PUT", "/snapshot/load", &body), (204, String::new()));
+    console.wait_count(last + 2);
+    assert!(console.text().contains("vsock reset event=0 cid=77\n"), "{}", console.text());
+    // A CID the guest cannot have is refused before anything is built.
+    let bad = format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "vsock_override": {{"guest_cid": 2}}}}"#, dir.join("state").display(), dir.join("memory").display());
+    let other = Vmm::start("snap-clone-bad");
+    let (status, body) = call(&mut other.connect(), "PUT", "/snapshot/load", &bad);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("guest CID 2 is reserved"), "{body}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

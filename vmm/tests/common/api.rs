@@ -185,11 +185,11 @@ impl Console {
 }
 
 /// The counts in a counter probe's console text, checked to go up by exactly one each line
-/// (the text may begin with the probe's start line).
+/// (the text may begin with the probe's start line; its vsock lines are skipped).
 pub fn consecutive_counts(text: &str) -> Result<Vec<u64>, String> {
     let mut counts = Vec::new();
     for line in text.lines() {
-        if line.starts_with("SHOAL-PROBE counter") {
+        if line.starts_with("SHOAL-PROBE counter") || line.starts_with("vsock ") {
             continue;
         }
         let Some(n) = count_of(line) else { return Err(format!("unexpected console line {line:?} in:\n{text}")) };
