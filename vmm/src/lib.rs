@@ -2,13 +2,14 @@
 //!
 //! `api` holds the configuration types, `builder` turns a configuration into a `MicroVm`
 //! (memory, kernel, devices, vCPUs), `snapshot` saves one and builds one back from a
-//! snapshot, and `runner` runs it to its end. `arch` and `devices`
+//! snapshot, and `runner` runs it to its end; `jail` confines the process first when asked. `arch` and `devices`
 //! hold the pieces, testable without KVM; `vstate` wraps the KVM file descriptors.
 
 pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod jail;
 pub mod logging;
 pub mod metrics;
 pub mod runner;

@@ -81,6 +81,29 @@ struct Cli {
     /// one JSON line on stderr.
     #[arg(long)]
     stats: bool,
+    /// Confine the VMM before anything else: new PID, mount, IPC and UTS namespaces rooted at
+    /// DIR (created if missing; the host filesystem is not visible, /dev holds only kvm and
+    /// net/tun), cgroups, rlimits, no_new_privs, running as --uid/--gid. Needs root. Every
+    /// other path (kernel, disks, sockets, snapshots) is then resolved inside DIR.
+    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"], conflicts_with_all = ["merge"])]
+    jail: Option<PathBuf>,
+    /// The unprivileged user the jailed VMM runs as.
+    #[arg(long, value_name = "UID", requires = "jail")]
+    uid: Option<u32>,
+    /// The group the jailed VMM runs as.
+    #[arg(long, value_name = "GID", requires = "jail")]
+    gid: Option<u32>,
+    /// The jail's name: its cgroup is shoal-vmm/ID and its hostname ID (default: vm-<pid>).
+    #[arg(long, value_name = "ID", requires = "jail")]
+    jail_id: Option<String>,
+    /// cgroup limits for the jailed VMM: `cpus=N,mem-mib=M,pids=P` (any subset; pids defaults
+    /// to 256). cgroup v2 where the host has it, v1 controllers otherwise.
+    #[arg(long, value_name = "SPEC", requires = "jail", value_parser = shoal_vmm::jail::CgroupLimits::parse)]
+    cgroup: Option<shoal_vmm::jail::CgroupLimits>,
+    /// An existing network namespace for the jailed VMM (e.g. /var/run/netns/NAME), where its
+    /// taps live.
+    #[arg(long, value_name = "PATH", requires = "jail")]
+    netns: Option<PathBuf>,
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: tracing::Level,
@@ -168,12 +191,31 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
         Err(e) => {
-            // One line: clap's own first line, without its "error: " prefix and usage block.
+            // One line: clap's message up to its usage block, without its "error: " prefix
+            // (a list of missing arguments is on the lines after the first).
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            return fail(format!("{first} (see --help)"));
+            let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let first = if message.is_empty() { "invalid arguments".to_string() } else { message.join(" ") };
+            return fail(format!("{} (see --help)", first.trim_start_matches("error: ")));
         }
     };
+    if let Some(root) = &cli.jail {
+        let mut limits = cli.cgroup.clone().unwrap_or_default();
+        limits.pids.get_or_insert(256);
+        let cfg = shoal_vmm::jail::JailConfig {
+            root: root.clone(),
+            uid: cli.uid.unwrap_or(u32::MAX),
+            gid: cli.gid.unwrap_or(u32::MAX),
+            id: cli.jail_id.clone().unwrap_or_else(|| format!("vm-{}", std::process::id())),
+            limits,
+            netns: cli.netns.clone(),
+        };
+        match shoal_vmm::jail::enter(&cfg) {
+            Ok(shoal_vmm::jail::Entered::Jailed) => {}
+            Ok(shoal_vmm::jail::Entered::ParentDone(code)) => return ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => return fail(format!("jail: {e}")),
+        }
+    }
     shoal_vmm::logging::init(cli.log_level);
 
     if let (Some(diff), Some(base)) = (&cli.merge, &cli.into) {
