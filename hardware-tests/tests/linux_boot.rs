@@ -4,7 +4,8 @@
 //! triple-faults or panics makes shoal-vmm exit 2. A guest counting in a shell loop is
 //! snapshotted and restored in new processes, and counts on. A guest with an ext4 root on
 //! virtio-blk writes a file found in the image afterwards, cannot write its read-only disk,
-//! and reads the virtio rng. All cases run in one
+//! reads the virtio rng, and on virtio-net (a tap bridged in the server) answers the server's
+//! ping and takes a TCP message from it. All cases run in one
 //! emulated-server boot (or directly on a VMX/SVM host).
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,25 @@ fn guest(name: &str) -> PathBuf {
     p
 }
 
+/// Server side of the guest network: a bridge with an address and a tap on it.
+const NET_SETUP: &str = "for m in llc stp bridge tun; do insmod /lib/modules/$m.ko 2>/dev/null; done
+brctl addbr br0 && ip addr add 10.0.2.1/24 dev br0 && ip link set br0 up
+tunctl -t tap0 >/dev/null && brctl addif br0 tap0 && ip link set tap0 up
+";
+
+/// The disk case: ext4 root, a read-only disk, the rng and a network link. While the guest
+/// waits, the server pings it and then tells it to finish over TCP.
+const DISK_CASE: &str = "./shoal-vmm --kernel vmlinux --cmdline 'console=ttyS0 quiet reboot=k panic=-1 root=/dev/vda rw init=/init shoal.test=disk' \\
+  --disk path=root.img,id=root --disk path=ro.img,ro --rng --net tap=tap0,mac=02:00:00:00:00:02 > /tmp/disk-vm.out 2>&1 &
+vm=$!
+i=0; while ! grep -q 'net: eth0 up' /tmp/disk-vm.out && [ $i -lt 240 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
+if ping -c 3 -W 10 10.0.2.2 > /tmp/ping.out 2>&1; then echo 'SHOAL-NET-CHECK ping=ok'; else echo 'SHOAL-NET-CHECK ping=failed'; cat /tmp/ping.out; fi
+i=0; while ! echo done | timeout 5 nc 10.0.2.2 7 2>/dev/null && [ $i -lt 10 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
+wait $vm; code=$?
+cat /tmp/disk-vm.out
+exit $code
+";
+
 fn boot_job() -> Job {
     let mut script = String::new();
     for (kernel, vcpus) in [("vmlinux", 1), ("vmlinux", 2), ("bzImage", 1), ("bzImage", 2)] {
@@ -37,7 +57,12 @@ fn boot_job() -> Job {
     script.push_str("run_case triple-fault ./shoal-vmm --kernel fault.elf\n");
     // virtio: an ext4 root disk the guest writes to, a read-only disk it cannot, the rng.
     script.push_str("dd if=/dev/zero of=ro.img bs=1024 count=1024 2>/dev/null; cp ro.img ro-before.img\n");
-    script.push_str("run_case disk ./shoal-vmm --kernel vmlinux --cmdline 'console=ttyS0 quiet reboot=k panic=-1 root=/dev/vda rw init=/init shoal.test=disk' --disk path=root.img,id=root --disk path=ro.img,ro --rng\n");
+    // The guest's eth0 is on tap0, bridged with br0 (10.0.2.1) in the emulated server.
+    script.push_str(NET_SETUP);
+    script.push_str("cat > disk-case.sh <<'EOF'\n");
+    script.push_str(DISK_CASE);
+    script.push_str("EOF\n");
+    script.push_str("run_case disk sh disk-case.sh\n");
     script.push_str("if grep -q SHOAL-WRITTEN-BY-GUEST root.img; then echo 'SHOAL-DISK-CHECK root-file=found'; else echo 'SHOAL-DISK-CHECK root-file=missing'; fi\n");
     script.push_str("if cmp -s ro.img ro-before.img; then echo 'SHOAL-DISK-CHECK ro-image=unchanged'; else echo 'SHOAL-DISK-CHECK ro-image=changed'; fi\n");
     // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
@@ -81,7 +106,15 @@ fn check(run: &Run) -> Vec<String> {
         failures.push(format!("triple-fault: exit {:?}, output {:?}", fault.exit, fault.output));
     }
     let disk = run.case("disk");
-    let want = ["disk: root ext4 rw vda=yes", "disk: wrote /from-guest.txt", "disk: ro-write=failed", "disk: rng=virtio_rng.0 bytes=64"];
+    let want = [
+        "disk: root ext4 rw vda=yes",
+        "disk: wrote /from-guest.txt",
+        "disk: ro-write=failed",
+        "disk: rng=virtio_rng.0 bytes=64",
+        "net: eth0 up mac=02:00:00:00:00:02",
+        "SHOAL-NET-CHECK ping=ok",
+        "net: host says done",
+    ];
     let missing: Vec<_> = want.iter().filter(|w| !disk.has_line(w)).collect();
     if disk.exit != Some(0) || !missing.is_empty() {
         failures.push(format!("disk: exit {:?}, missing {missing:?}, output {:?}", disk.exit, disk.output));
