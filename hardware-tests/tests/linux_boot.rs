@@ -67,8 +67,9 @@ fn boot_job() -> Job {
     script.push_str("if cmp -s ro.img ro-before.img; then echo 'SHOAL-DISK-CHECK ro-image=unchanged'; else echo 'SHOAL-DISK-CHECK ro-image=changed'; fi\n");
     // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
     script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5; rm -rf /tmp/snapshot\n");
-    // The same with an ext4 root on virtio-blk and the rng: the disk works after the restore.
-    script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img; rm -rf /tmp/snapshot-disk\n");
+    // The same with an ext4 root on virtio-blk, the rng and virtio-net on tap0: the disk and
+    // the network work after the restore.
+    script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img tap0; rm -rf /tmp/snapshot-disk\n");
     script.push_str("echo \"SHOAL-SERVER-MEMORY $(free -m | grep Mem:)\"\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.
@@ -130,7 +131,8 @@ fn check(run: &Run) -> Vec<String> {
     }
     let snapshot_disk = run.case("snapshot-disk");
     let synced = snapshot_disk.output.iter().any(|l| l.strip_prefix("snapshot_job disk_sync_after_restore=").is_some_and(|v| !v.is_empty()));
-    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced {
+    let pinged = snapshot_disk.has_line("snapshot_job ping_after_restore=ok");
+    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged {
         failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
     }
     let panic = run.case("panic");

@@ -1,7 +1,9 @@
-//! `shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE]`: runs inside the
+//! `shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE [TAP]]`: runs inside the
 //! emulated server (or on a VMX/SVM host). Boots the Linux guest with the counter loop
 //! (`shoal.test=counter`) under `VMM --api-sock` (with ROOT_IMAGE: from that ext4 image on
-//! virtio-blk, plus the rng, and the loop syncs a file to the disk every 10 counts), pauses it, takes a full snapshot through the API, kills it, then
+//! virtio-blk, plus the rng, and the loop syncs a file to the disk every 10 counts; with TAP,
+//! also virtio-net on that tap, the guest at 10.0.2.2, pinged after the first restore),
+//! pauses it, takes a full snapshot through the API, kills it, then
 //! restores the snapshot RESTORES times (default 5) in new `VMM --restore` processes. Checks
 //! that the first restored guest's console carries on the count (no reset, no skip), and
 //! prints `snapshot_job ...` figures: create time, spawn -> the restored guest's next output.
@@ -90,7 +92,12 @@ fn median(xs: &mut [f64]) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>) -> Result<(), String> {
+/// Pings the guest (10.0.2.2) from this host: the guest's network works.
+fn ping_guest() -> bool {
+    Command::new("ping").args(["-c", "2", "-W", "10", "10.0.2.2"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>, tap: Option<&str>) -> Result<(), String> {
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
     let sock = work.join("api.sock");
     let _ = std::fs::remove_file(&sock);
@@ -111,6 +118,10 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
                 let drive = format!(r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#, image.display());
                 call(&sock, "PUT", "/drives/rootfs", &drive)?;
                 call(&sock, "PUT", "/entropy", "{}")?;
+                if let Some(tap) = tap {
+                    let net = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}", "guest_mac": "02:00:00:00:00:02"}}"#);
+                    call(&sock, "PUT", "/network-interfaces/eth0", &net)?;
+                }
                 format!(r#"{{"kernel_image_path": "{}", "boot_args": "{CMDLINE} init=/init"}}"#, kernel.display())
             }
         };
@@ -141,6 +152,8 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         let restored = Console::capture(&mut child);
         // With a disk, wait for a sync to it after the restore as well.
         let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3 && (root.is_none() || c.disk_sync().is_some()));
+        // With a network interface, the restored guest answers a ping (first restore only).
+        let pinged = run > 0 || tap.is_none() || !ok || ping_guest();
         let _ = child.kill();
         let _ = child.wait();
         if !ok {
@@ -148,6 +161,12 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         }
         if let Some(first) = restored.first_byte() {
             to_output.push(first.duration_since(t).as_secs_f64() * 1000.0);
+        }
+        if !pinged {
+            return Err(format!("restore {run}: the guest does not answer ping on 10.0.2.2: {:?}", restored.text()));
+        }
+        if run == 0 && tap.is_some() {
+            println!("snapshot_job ping_after_restore=ok");
         }
         if run == 0 {
             // The console up to the snapshot, then the restored guest's: one unbroken count.
@@ -176,13 +195,14 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
-        eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE]");
+        eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE [TAP]]");
         return ExitCode::from(2);
     }
     let restores = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(5);
     let p = |i: usize| PathBuf::from(&args[i]);
     let root = args.get(5).map(PathBuf::from);
-    match job(&p(0), &p(1), &p(2), &p(3), restores, root.as_deref()) {
+    let tap = args.get(6).map(String::as_str);
+    match job(&p(0), &p(1), &p(2), &p(3), restores, root.as_deref(), tap) {
         Ok(()) => {
             println!("snapshot_job result=ok");
             ExitCode::SUCCESS
