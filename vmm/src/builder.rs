@@ -196,8 +196,14 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &Loaded
 pub enum DeviceSpec {
     Block(DiskSpec),
     Net(NetSpec),
-    Rng,
+    Rng(RngSpec),
     Vsock(VsockSpec),
+}
+
+/// The entropy device in a `DeviceSpec`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RngSpec {
+    pub rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
 }
 
 /// The vsock device in a `DeviceSpec`.
@@ -212,6 +218,8 @@ pub struct VsockSpec {
 pub struct NetSpec {
     pub tap: String,
     pub mac: [u8; 6],
+    pub rx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
+    pub tx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
 }
 
 /// A random locally administered unicast MAC.
@@ -242,10 +250,10 @@ impl DeviceSpec {
         for n in &config.nets {
             // validate() has checked the MAC.
             let mac = n.mac.as_deref().and_then(|m| crate::devices::virtio::net::parse_mac(m).ok()).unwrap_or_else(random_mac);
-            specs.push(DeviceSpec::Net(NetSpec { tap: n.tap.clone(), mac }));
+            specs.push(DeviceSpec::Net(NetSpec { tap: n.tap.clone(), mac, rx_rate_limiter: n.rx_rate_limiter, tx_rate_limiter: n.tx_rate_limiter }));
         }
         if config.rng {
-            specs.push(DeviceSpec::Rng);
+            specs.push(DeviceSpec::Rng(RngSpec { rate_limiter: config.rng_rate_limiter }));
         }
         if let Some(v) = &config.vsock {
             specs.push(DeviceSpec::Vsock(VsockSpec { cid: v.guest_cid, uds_path: v.uds_path.clone() }));
@@ -317,9 +325,10 @@ pub fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, specs: &[DeviceSpec], mmio:
             }
             DeviceSpec::Net(n) => {
                 let tap = Tap::open(&n.tap).map_err(|source| BuildError::TapOpen { tap: n.tap.clone(), source })?;
-                (format!("net {}", n.tap), Box::new(VirtioNet::new(Box::new(tap), n.mac)))
+                let limiters = (n.rx_rate_limiter.as_ref().map(RateLimiter::new), n.tx_rate_limiter.as_ref().map(RateLimiter::new));
+                (format!("net {}", n.tap), Box::new(VirtioNet::new(Box::new(tap), n.mac).with_limiters(limiters.0, limiters.1)))
             }
-            DeviceSpec::Rng => ("rng".into(), Box::new(VirtioRng::new())),
+            DeviceSpec::Rng(r) => ("rng".into(), Box::new(VirtioRng::new().with_limiter(r.rate_limiter.as_ref().map(RateLimiter::new)))),
             DeviceSpec::Vsock(v) => ("vsock".into(), Box::new(VirtioVsock::new(v.cid, &v.uds_path).map_err(BuildError::Vsock)?)),
         };
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
@@ -420,7 +429,7 @@ mod tests {
                 id: Some("data".into()),
                 rate_limiter: Some(RateLimitConfig { bandwidth: None, ops: Some(BucketConfig { size: 10, one_time_burst: 0, refill_time: 100 }) }),
             }),
-            DeviceSpec::Rng,
+            DeviceSpec::Rng(RngSpec { rate_limiter: None }),
         ];
         let bytes = crate::snapshot::format::encode(&specs).unwrap();
         assert_eq!(crate::snapshot::format::decode::<Vec<DeviceSpec>>(&bytes).unwrap(), specs);

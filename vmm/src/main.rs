@@ -49,6 +49,9 @@ struct Cli {
     /// A virtio-rng entropy device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Rate limit for the rng (bytes and requests), as for --disk's rate=.
+    #[arg(long, value_name = "RATE", requires = "rng", value_parser = shoal_vmm::devices::rate_limiter::RateLimitConfig::parse)]
+    rng_rate: Option<shoal_vmm::devices::rate_limiter::RateLimitConfig>,
     /// A virtio-vsock device: `cid=N,uds=PATH`. Host programs connect to PATH and send
     /// `CONNECT <port>\n`; guest connections to host port P reach PATH_P. With --restore,
     /// replaces the snapshot's vsock CID and socket (clones need their own).
@@ -56,7 +59,7 @@ struct Cli {
     vsock: Option<shoal_vmm::api::config::VsockConfig>,
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags),
     /// or a Firecracker --config-file (boot-source, machine-config).
-    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "net", "rng", "vsock"])]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "net", "rng", "rng_rate", "vsock"])]
     config: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket and wait for
     /// PUT /machine-config, PUT /boot-source and PUT /actions {"action_type": "InstanceStart"}
@@ -261,6 +264,7 @@ fn main() -> ExitCode {
                     disks: cli.disk.clone(),
                     nets: cli.net.clone(),
                     rng: cli.rng,
+                    rng_rate_limiter: cli.rng_rate,
                     vsock: cli.vsock.clone(),
                 },
             };

@@ -120,7 +120,7 @@ impl ControlHandler {
                     let name = match spec {
                         DeviceSpec::Block(d) => format!("block {}", d.id.as_deref().unwrap_or("")),
                         DeviceSpec::Net(n) => format!("net {}", n.tap),
-                        DeviceSpec::Rng => "rng".into(),
+                        DeviceSpec::Rng(_) => "rng".into(),
                         DeviceSpec::Vsock(v) => format!("vsock {}", v.cid),
                     };
                     DeviceMetrics { name, requests: load(&c.requests), bytes: load(&c.bytes), errors: load(&c.errors), spurious: load(&c.spurious), throttled: load(&c.throttled) }

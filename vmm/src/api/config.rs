@@ -54,6 +54,9 @@ pub struct VmConfig {
     /// A virtio-rng entropy device.
     #[serde(default)]
     pub rng: bool,
+    /// The entropy device's rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_rate_limiter: Option<RateLimitConfig>,
     /// A virtio-vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
@@ -97,17 +100,30 @@ pub struct NetConfig {
     /// The guest's MAC (`aa:bb:cc:dd:ee:ff`); a random locally administered one if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Limits on what the guest receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimitConfig>,
+    /// Limits on what the guest sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimitConfig>,
 }
 
 impl NetConfig {
-    /// Parses the CLI form `tap=NAME[,mac=MAC]`.
+    /// Parses the CLI form `tap=NAME[,mac=MAC][,rate=R][,rx-rate=R][,tx-rate=R]` (`rate` limits
+    /// each direction; R as for --disk).
     pub fn parse(spec: &str) -> Result<NetConfig, String> {
-        let mut net = NetConfig { tap: String::new(), mac: None };
+        let mut net = NetConfig { tap: String::new(), mac: None, rx_rate_limiter: None, tx_rate_limiter: None };
         for part in spec.split(',') {
             match part.split_once('=') {
                 Some(("tap", t)) => net.tap = t.to_string(),
                 Some(("mac", m)) => net.mac = Some(m.to_string()),
-                _ => return Err(format!("--net: unknown part `{part}` (tap=NAME, mac=MAC)")),
+                Some(("rate", r)) => {
+                    let r = RateLimitConfig::parse(r)?;
+                    (net.rx_rate_limiter, net.tx_rate_limiter) = (Some(r), Some(r));
+                }
+                Some(("rx-rate", r)) => net.rx_rate_limiter = Some(RateLimitConfig::parse(r)?),
+                Some(("tx-rate", r)) => net.tx_rate_limiter = Some(RateLimitConfig::parse(r)?),
+                _ => return Err(format!("--net: unknown part `{part}` (tap=NAME, mac=MAC, rate=, rx-rate=, tx-rate=)")),
             }
         }
         if net.tap.is_empty() {
@@ -186,17 +202,15 @@ pub struct FirecrackerNet {
     pub host_dev_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
-    /// Accepted; network interfaces are not rate-limited yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimitConfig>,
-    /// Accepted; network interfaces are not rate-limited yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimitConfig>,
 }
 
 impl FirecrackerNet {
     pub fn into_net(self) -> NetConfig {
-        NetConfig { tap: self.host_dev_name, mac: self.guest_mac }
+        NetConfig { tap: self.host_dev_name, mac: self.guest_mac, rx_rate_limiter: self.rx_rate_limiter, tx_rate_limiter: self.tx_rate_limiter }
     }
 }
 
@@ -226,7 +240,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
-        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), nets: Vec::new(), rng: false, vsock: None }
+        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), nets: Vec::new(), rng: false, rng_rate_limiter: None, vsock: None }
     }
 
     /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
@@ -250,6 +264,7 @@ impl VmConfig {
         let (mut drives, mut rng): (Vec<FirecrackerDrive>, bool) = (Vec::new(), false);
         let mut net_configs = Vec::new();
         let mut vsock = None;
+        let mut rng_rate = None;
         for (name, section) in sections {
             match name.as_str() {
                 "boot-source" => {
@@ -268,7 +283,12 @@ impl VmConfig {
                     }
                 }
                 "drives" => drives = serde_json::from_value(section).map_err(|e| format!("drives: {e}"))?,
-                "entropy" => rng = !section.is_null(),
+                "entropy" if !section.is_null() => {
+                    let e: super::routes::EntropyConfig = serde_json::from_value(section).map_err(|e| format!("entropy: {e}"))?;
+                    rng = true;
+                    rng_rate = e.rate_limiter;
+                }
+                "entropy" => {}
                 "network-interfaces" => {
                     let nets: Vec<FirecrackerNet> = serde_json::from_value(section).map_err(|e| format!("network-interfaces: {e}"))?;
                     net_configs = nets.into_iter().map(FirecrackerNet::into_net).collect();
@@ -287,6 +307,7 @@ impl VmConfig {
         config.mem_mib = machine.mem_size_mib;
         config.track_dirty_pages = machine.track_dirty_pages;
         config.rng = rng;
+        config.rng_rate_limiter = rng_rate;
         config.nets = net_configs;
         config.vsock = vsock;
         config.set_firecracker_drives(drives)?;
@@ -331,6 +352,16 @@ impl VmConfig {
         for n in &self.nets {
             if let Some(mac) = &n.mac {
                 crate::devices::virtio::net::parse_mac(mac).map_err(ConfigError::Device)?;
+            }
+            for r in n.rx_rate_limiter.iter().chain(n.tx_rate_limiter.iter()) {
+                for b in r.bandwidth.iter().chain(r.ops.iter()) {
+                    b.validate().map_err(|e| ConfigError::Device(format!("net {}: {e}", n.tap)))?;
+                }
+            }
+        }
+        if let Some(r) = &self.rng_rate_limiter {
+            for b in r.bandwidth.iter().chain(r.ops.iter()) {
+                b.validate().map_err(|e| ConfigError::Device(format!("entropy: {e}")))?;
             }
         }
         if devices > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {

@@ -61,8 +61,7 @@ pub enum VmStateName {
     Resumed,
 }
 
-/// `PUT /entropy`: the virtio-rng device (its rate limiter is accepted; the device is not
-/// limited yet).
+/// `PUT /entropy`: the virtio-rng device, optionally rate-limited.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyConfig {
@@ -148,7 +147,7 @@ impl SnapshotLoadParams {
             }
         };
         if !self.network_overrides.is_empty() {
-            return Err("network_overrides: this snapshot has no network interfaces.".into());
+            return Err("network_overrides are not supported by shoal-vmm yet: a restored interface reopens the tap it had.".into());
         }
         if self.snapshot_path.is_empty() || mem_path.is_empty() {
             return Err("snapshot_path and the memory file path must not be empty.".into());
@@ -203,13 +202,14 @@ pub struct ApiState {
     pub nets: Vec<FirecrackerNet>,
     /// `PUT /entropy` was called.
     pub entropy: bool,
+    pub entropy_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
     /// `PUT /vsock`.
     pub vsock: Option<crate::api::config::VsockConfig>,
 }
 
 impl Default for ApiState {
     fn default() -> Self {
-        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), nets: Vec::new(), entropy: false, vsock: None }
+        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), nets: Vec::new(), entropy: false, entropy_rate_limiter: None, vsock: None }
     }
 }
 
@@ -278,6 +278,7 @@ impl ApiState {
         config.mem_mib = self.machine.mem_size_mib;
         config.track_dirty_pages = self.machine.track_dirty_pages;
         config.rng = self.entropy;
+        config.rng_rate_limiter = self.entropy_rate_limiter;
         config.vsock = self.vsock.clone();
         config.nets = self.nets.iter().cloned().map(FirecrackerNet::into_net).collect();
         config.set_firecracker_drives(self.drives.clone()).map_err(|e| Response::fault(400, e))?;
@@ -414,8 +415,9 @@ impl ApiState {
             },
             ("PUT", "/entropy") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/entropy") => match parse_body::<EntropyConfig>(req) {
-                Ok(_) => {
+                Ok(e) => {
                     self.entropy = true;
+                    self.entropy_rate_limiter = e.rate_limiter;
                     self.configured = true;
                     Response::no_content()
                 }

@@ -1,12 +1,15 @@
 //! virtio-rng (entropy device): one queue of device-writable buffers, filled from the host's
 //! getrandom. A chain with no writable space, or with buffers outside guest memory, is
-//! returned with zero bytes written and counted as an error.
+//! returned with zero bytes written and counted as an error. An optional rate limiter holds
+//! requests back (bytes handed out and requests), as Firecracker's entropy device does.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
+
+use crate::devices::rate_limiter::RateLimiter;
 
 use super::{ActivateError, DeviceCounters, IrqLine, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 
@@ -53,6 +56,7 @@ pub struct VirtioRng {
     entropy: Box<dyn Entropy>,
     active: Option<Active>,
     counters: DeviceCounters,
+    limiter: Option<RateLimiter>,
 }
 
 impl std::fmt::Debug for VirtioRng {
@@ -73,7 +77,13 @@ impl VirtioRng {
     }
 
     pub fn with_entropy(entropy: Box<dyn Entropy>) -> VirtioRng {
-        VirtioRng { entropy, active: None, counters: DeviceCounters::default() }
+        VirtioRng { entropy, active: None, counters: DeviceCounters::default(), limiter: None }
+    }
+
+    /// Holds requests to `limiter`'s rate (bytes handed out, requests).
+    pub fn with_limiter(mut self, limiter: Option<RateLimiter>) -> VirtioRng {
+        self.limiter = limiter;
+        self
     }
 }
 
@@ -111,7 +121,12 @@ impl VirtioDevice for VirtioRng {
         }
         let mut used_any = false;
         let mut buf = Vec::new();
-        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+        loop {
+            if self.limiter.as_mut().is_some_and(|l| !l.has_room()) {
+                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else { break };
             let head = chain.head_index();
             let mut written = 0u32;
             let mut bad = false;
@@ -131,6 +146,9 @@ impl VirtioDevice for VirtioRng {
             if bad || written == 0 {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 written = 0;
+            }
+            if let Some(l) = self.limiter.as_mut() {
+                l.consume(1, u64::from(written));
             }
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             self.counters.bytes.fetch_add(u64::from(written), Ordering::Relaxed);
@@ -155,6 +173,10 @@ impl VirtioDevice for VirtioRng {
 
     fn active_queues(&self) -> &[Queue] {
         self.active.as_ref().map_or(&[], |a| std::slice::from_ref(&a.queue))
+    }
+
+    fn throttled_for(&self) -> Option<std::time::Duration> {
+        self.limiter.as_ref().and_then(RateLimiter::blocked_for)
     }
 }
 
@@ -196,6 +218,24 @@ mod tests {
         let mut h = [0u8; 64];
         HostEntropy.fill(&mut h).unwrap();
         assert_ne!(h, [0u8; 64]);
+    }
+
+    #[test]
+    fn a_rate_limited_rng_hands_out_no_more_than_its_bucket() {
+        use crate::devices::rate_limiter::{BucketConfig, RateLimitConfig};
+        let mem = memory();
+        let q = TestQueue::new(&mem, 0x1000, 16);
+        // 32 bytes per minute: the first request overdraws the bucket, the next waits.
+        let limit = RateLimitConfig { bandwidth: Some(BucketConfig { size: 32, one_time_burst: 0, refill_time: 60_000 }), ops: None };
+        let mut dev = VirtioRng::with_entropy(Box::new(Pattern)).with_limiter(Some(RateLimiter::new(&limit)));
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.activate(mem.clone(), vec![q.queue(QUEUE_SIZE)], irq, VIRTIO_F_VERSION_1).unwrap();
+        q.add_chain(&mem, &[(0x8000, 64, true)]);
+        q.add_chain(&mem, &[(0x9000, 64, true)]);
+        dev.process_queue(0);
+        assert_eq!(q.used_idx(&mem), 1, "the second request waits for the bucket");
+        assert_eq!(dev.counters().throttled.load(Ordering::Relaxed), 1);
+        assert!(dev.throttled_for().is_some());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! both ways. No offloads are offered yet, so every frame is a whole Ethernet frame with its
 //! checksums done. A frame that does not fit the guest's buffer, or a chain that is malformed,
 //! is dropped and counted; a frame that arrives while the guest has no buffer waits for one.
+//! Optional rate limiters (Firecracker's rx_rate_limiter and tx_rate_limiter) hold frames
+//! back in each direction.
 
 pub mod tap;
 
@@ -11,6 +13,8 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+
+use crate::devices::rate_limiter::RateLimiter;
 
 use super::{read_config_bytes, ActivateError, DeviceCounters, IrqLine, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 use tap::{NetBackend, VNET_HDR_LEN};
@@ -37,6 +41,9 @@ pub struct VirtioNet {
     pending: Option<Vec<u8>>,
     buf: Vec<u8>,
     counters: DeviceCounters,
+    /// Limits on frames into the guest and out of it (bytes and frames).
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
 }
 
 impl std::fmt::Debug for VirtioNet {
@@ -63,13 +70,32 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 
 impl VirtioNet {
     pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> VirtioNet {
-        VirtioNet { backend, mac, active: None, pending: None, buf: vec![0; MAX_FRAME], counters: DeviceCounters::default() }
+        VirtioNet { backend, mac, active: None, pending: None, buf: vec![0; MAX_FRAME], counters: DeviceCounters::default(), rx_limiter: None, tx_limiter: None }
+    }
+
+    /// Holds frames to the limiters' rates: `rx` into the guest, `tx` out of it.
+    pub fn with_limiters(mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) -> VirtioNet {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
+    }
+
+    fn limited(limiter: &mut Option<RateLimiter>, counters: &DeviceCounters) -> bool {
+        if limiter.as_mut().is_some_and(|l| !l.has_room()) {
+            counters.throttled.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     fn process_tx(&mut self) {
         let Some(a) = self.active.as_mut() else { return };
         let mut used_any = false;
-        while let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) {
+        loop {
+            if Self::limited(&mut self.tx_limiter, &self.counters) {
+                break;
+            }
+            let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) else { break };
             let head = chain.head_index();
             let sent = match chain.reader(&a.mem) {
                 Ok(mut reader) if (VNET_HDR_LEN..=MAX_FRAME).contains(&reader.available_bytes()) => {
@@ -79,6 +105,9 @@ impl VirtioNet {
                 }
                 _ => None,
             };
+            if let Some(l) = self.tx_limiter.as_mut() {
+                l.consume(1, sent.unwrap_or(0) as u64);
+            }
             if let Some(n) = sent {
                 self.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
             } else {
@@ -121,6 +150,10 @@ impl VirtioNet {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if Self::limited(&mut self.rx_limiter, &self.counters) {
+                self.pending = Some(frame);
+                break;
+            }
             let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) else {
                 self.pending = Some(frame);
                 break;
@@ -134,6 +167,9 @@ impl VirtioNet {
                 _ => false,
             };
             let len = if written { frame.len() as u32 } else { 0 };
+            if let Some(l) = self.rx_limiter.as_mut() {
+                l.consume(1, u64::from(len));
+            }
             if written {
                 self.counters.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
             } else {
@@ -215,6 +251,10 @@ impl VirtioDevice for VirtioNet {
     fn process_backend(&mut self) {
         self.process_rx();
     }
+
+    fn throttled_for(&self) -> Option<std::time::Duration> {
+        self.rx_limiter.iter().chain(self.tx_limiter.iter()).filter_map(RateLimiter::blocked_for).min()
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +325,35 @@ mod tests {
         txq.add_chain(&mem, &[(0x20000, VNET_HDR_LEN as u32, false), (0x20000 + VNET_HDR_LEN as u64, (out.len() - VNET_HDR_LEN) as u32, false)]);
         dev.process_queue(TX);
         assert_eq!(wire.from_guest.lock().unwrap().as_slice(), &[out]);
+    }
+
+    #[test]
+    fn rate_limiters_hold_frames_back_in_each_direction() {
+        use crate::devices::rate_limiter::{BucketConfig, RateLimitConfig};
+        // 10 bytes per minute each way: the first frame overdraws the bucket, the next waits.
+        let one = RateLimitConfig { bandwidth: Some(BucketConfig { size: 10, one_time_burst: 0, refill_time: 60_000 }), ops: None };
+        let mem = memory();
+        let (rxq, txq) = (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16));
+        let wire = Wire::default();
+        let mut dev = VirtioNet::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]).with_limiters(Some(RateLimiter::new(&one)), Some(RateLimiter::new(&one)));
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.activate(mem.clone(), vec![queue(&rxq), queue(&txq)], irq, VIRTIO_F_VERSION_1).unwrap();
+        let out = frame(b"out");
+        mem.write_slice(&out, GuestAddress(0x20000)).unwrap();
+        txq.add_chain(&mem, &[(0x20000, out.len() as u32, false)]);
+        txq.add_chain(&mem, &[(0x20000, out.len() as u32, false)]);
+        dev.process_queue(TX);
+        assert_eq!(wire.from_guest.lock().unwrap().len(), 1, "the second frame waits");
+        assert_eq!(txq.used_idx(&mem), 1);
+        wire.to_guest.lock().unwrap().push_back(frame(b"in-1"));
+        wire.to_guest.lock().unwrap().push_back(frame(b"in-2"));
+        rxq.add_chain(&mem, &[(0x10000, 2048, true)]);
+        rxq.add_chain(&mem, &[(0x11000, 2048, true)]);
+        dev.process_queue(RX);
+        assert_eq!(rxq.used_idx(&mem), 1, "the second frame waits");
+        assert!(dev.pending.is_some());
+        assert_eq!(dev.counters().throttled.load(Ordering::Relaxed), 2);
+        assert!(dev.throttled_for().is_some_and(|d| d > std::time::Duration::from_secs(50)));
     }
 
     #[test]
