@@ -31,7 +31,7 @@ fn guest(name: &str) -> PathBuf {
 /// Server side of the guest network: a bridge with an address and a tap on it.
 const NET_SETUP: &str = "for m in llc stp bridge tun; do insmod /lib/modules/$m.ko 2>/dev/null; done
 brctl addbr br0 && ip addr add 10.0.2.1/24 dev br0 && ip link set br0 up
-tunctl -t tap0 >/dev/null && brctl addif br0 tap0 && ip link set tap0 up
+for t in tap0 tap1; do tunctl -t $t >/dev/null && brctl addif br0 $t && ip link set $t up; done
 ";
 
 /// The disk case: ext4 root, a read-only disk, the rng and a network link. While the guest
@@ -68,8 +68,8 @@ fn boot_job() -> Job {
     // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
     script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5; rm -rf /tmp/snapshot\n");
     // The same with an ext4 root on virtio-blk, the rng and virtio-net on tap0: the disk and
-    // the network work after the restore.
-    script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img tap0; rm -rf /tmp/snapshot-disk\n");
+    // the network work after the restore, where eth0 is moved to tap1 (network overrides).
+    script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img tap0 tap1; rm -rf /tmp/snapshot-disk\n");
     script.push_str("echo \"SHOAL-SERVER-MEMORY $(free -m | grep Mem:)\"\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.

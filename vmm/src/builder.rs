@@ -216,6 +216,8 @@ pub struct VsockSpec {
 /// A network interface in a `DeviceSpec`: the tap and the MAC the guest was given.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetSpec {
+    /// The interface's id (`iface_id`), which snapshot loads use to give it another tap.
+    pub id: String,
     pub tap: String,
     pub mac: [u8; 6],
     pub rx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
@@ -247,10 +249,11 @@ impl DeviceSpec {
             .iter()
             .map(|d| DeviceSpec::Block(DiskSpec { path: d.path.clone(), read_only: d.read_only, id: d.id.clone(), rate_limiter: d.rate_limiter }))
             .collect();
-        for n in &config.nets {
+        for (i, n) in config.nets.iter().enumerate() {
             // validate() has checked the MAC.
             let mac = n.mac.as_deref().and_then(|m| crate::devices::virtio::net::parse_mac(m).ok()).unwrap_or_else(random_mac);
-            specs.push(DeviceSpec::Net(NetSpec { tap: n.tap.clone(), mac, rx_rate_limiter: n.rx_rate_limiter, tx_rate_limiter: n.tx_rate_limiter }));
+            let id = n.id.clone().unwrap_or_else(|| format!("eth{i}"));
+            specs.push(DeviceSpec::Net(NetSpec { id, tap: n.tap.clone(), mac, rx_rate_limiter: n.rx_rate_limiter, tx_rate_limiter: n.tx_rate_limiter }));
         }
         if config.rng {
             specs.push(DeviceSpec::Rng(RngSpec { rate_limiter: config.rng_rate_limiter }));

@@ -67,8 +67,10 @@ struct Cli {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config"])]
     api_sock: Option<PathBuf>,
     /// Start from the snapshot in DIR (files `state` and `memory`, as PUT /snapshot/create
-    /// writes them when given those names) instead of booting a kernel.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config", "api_sock"])]
+    /// writes them when given those names) instead of booting a kernel. With it, `--vsock`
+    /// gives the guest another CID and socket and `--net id=ID,tap=NAME` moves interface ID
+    /// (eth0 if no id) to another tap.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config", "api_sock", "disk", "rng"])]
     restore: Option<PathBuf>,
     /// Merge the diff snapshot in this DIR into the snapshot in --into DIR (its memory file is
     /// updated in place and its state replaced by the diff's), then exit.
@@ -130,7 +132,7 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
         let (built, reply) = match request {
             ApiRequest::Start { config, reply } => (builder::build_microvm(&config, Box::new(std::io::stdout())).map_err(|e| error_chain(&e)), reply),
             ApiRequest::LoadSnapshot { load, reply } => {
-                let options = snapshot::RestoreOptions { resume: load.resume, track_dirty_pages: load.track_dirty_pages, vsock_override: load.vsock_override.clone() };
+                let options = snapshot::RestoreOptions { resume: load.resume, track_dirty_pages: load.track_dirty_pages, vsock_override: load.vsock_override.clone(), net_overrides: load.net_overrides.clone() };
                 let vm = snapshot::restore(&load.state_path, &load.mem_path, Box::new(std::io::stdout()), options);
                 (vm.map_err(|e| format!("Cannot load the snapshot: {}", error_chain(&e))), reply)
             }
@@ -233,7 +235,9 @@ fn main() -> ExitCode {
     let vm = match (&cli.api_sock, &cli.restore) {
         (None, Some(dir)) => {
             let vsock_override = cli.vsock.as_ref().map(|v| snapshot::VsockOverride { guest_cid: Some(v.guest_cid), uds_path: Some(v.uds_path.clone()) });
-            let options = snapshot::RestoreOptions { resume: true, track_dirty_pages: false, vsock_override };
+            // --net id=ID,tap=NAME gives the snapshot's interface ID another tap.
+            let net_overrides = cli.net.iter().map(|n| snapshot::NetOverride { iface_id: n.id.clone().unwrap_or_else(|| "eth0".into()), host_dev_name: n.tap.clone() }).collect();
+            let options = snapshot::RestoreOptions { resume: true, track_dirty_pages: false, vsock_override, net_overrides };
             match snapshot::restore(&dir.join(snapshot::STATE_FILE), &dir.join(snapshot::MEMORY_FILE), Box::new(std::io::stdout()), options) {
                 Ok(vm) => vm,
                 Err(e) => return fail(error_chain(&e)),

@@ -1,8 +1,9 @@
-//! `shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE [TAP]]`: runs inside the
+//! `shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE [TAP [RESTORE_TAP]]]`: runs inside the
 //! emulated server (or on a VMX/SVM host). Boots the Linux guest with the counter loop
 //! (`shoal.test=counter`) under `VMM --api-sock` (with ROOT_IMAGE: from that ext4 image on
 //! virtio-blk, plus the rng, and the loop syncs a file to the disk every 10 counts; with TAP,
-//! also virtio-net on that tap, the guest at 10.0.2.2, pinged after the first restore),
+//! also virtio-net on that tap, the guest at 10.0.2.2, pinged after the first restore; with
+//! RESTORE_TAP, the restored guests' eth0 is moved to that tap),
 //! pauses it, takes a full snapshot through the API, kills it, then
 //! restores the snapshot RESTORES times (default 5) in new `VMM --restore` processes. Checks
 //! that the first restored guest's console carries on the count (no reset, no skip), and
@@ -97,7 +98,9 @@ fn ping_guest() -> bool {
     Command::new("ping").args(["-c", "2", "-W", "10", "10.0.2.2"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>, tap: Option<&str>) -> Result<(), String> {
+fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>, taps: (Option<&str>, Option<&str>)) -> Result<(), String> {
+    // The tap the guest boots on, and the one its restores are moved to.
+    let (tap, restore_tap) = taps;
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
     let sock = work.join("api.sock");
     let _ = std::fs::remove_file(&sock);
@@ -148,7 +151,13 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
     let mut to_output = Vec::new();
     for run in 0..restores {
         let t = Instant::now();
-        let mut child = Command::new(vmm).arg("--restore").arg(work).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
+        let mut cmd = Command::new(vmm);
+        cmd.arg("--restore").arg(work);
+        if let Some(t) = restore_tap {
+            // The restored guest's eth0 moves to another tap (network_overrides).
+            cmd.arg("--net").arg(format!("id=eth0,tap={t}"));
+        }
+        let mut child = cmd.stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
         let restored = Console::capture(&mut child);
         // With a disk, wait for a sync to it after the restore as well.
         let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3 && (root.is_none() || c.disk_sync().is_some()));
@@ -195,14 +204,15 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
-        eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE [TAP]]");
+        eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE [TAP [RESTORE_TAP]]]");
         return ExitCode::from(2);
     }
     let restores = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(5);
     let p = |i: usize| PathBuf::from(&args[i]);
     let root = args.get(5).map(PathBuf::from);
     let tap = args.get(6).map(String::as_str);
-    match job(&p(0), &p(1), &p(2), &p(3), restores, root.as_deref(), tap) {
+    let restore_tap = args.get(7).map(String::as_str);
+    match job(&p(0), &p(1), &p(2), &p(3), restores, root.as_deref(), (tap, restore_tap)) {
         Ok(()) => {
             println!("snapshot_job result=ok");
             ExitCode::SUCCESS

@@ -95,6 +95,10 @@ impl VsockConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// The interface's name in the API and in snapshots (`iface_id`); `eth<N>` by position if
+    /// not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// An existing tap device's name.
     pub tap: String,
     /// The guest's MAC (`aa:bb:cc:dd:ee:ff`); a random locally administered one if absent.
@@ -109,13 +113,14 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// Parses the CLI form `tap=NAME[,mac=MAC][,rate=R][,rx-rate=R][,tx-rate=R]` (`rate` limits
+    /// Parses the CLI form `tap=NAME[,id=ID][,mac=MAC][,rate=R][,rx-rate=R][,tx-rate=R]` (`rate` limits
     /// each direction; R as for --disk).
     pub fn parse(spec: &str) -> Result<NetConfig, String> {
-        let mut net = NetConfig { tap: String::new(), mac: None, rx_rate_limiter: None, tx_rate_limiter: None };
+        let mut net = NetConfig { id: None, tap: String::new(), mac: None, rx_rate_limiter: None, tx_rate_limiter: None };
         for part in spec.split(',') {
             match part.split_once('=') {
                 Some(("tap", t)) => net.tap = t.to_string(),
+                Some(("id", i)) if !i.is_empty() => net.id = Some(i.to_string()),
                 Some(("mac", m)) => net.mac = Some(m.to_string()),
                 Some(("rate", r)) => {
                     let r = RateLimitConfig::parse(r)?;
@@ -123,7 +128,7 @@ impl NetConfig {
                 }
                 Some(("rx-rate", r)) => net.rx_rate_limiter = Some(RateLimitConfig::parse(r)?),
                 Some(("tx-rate", r)) => net.tx_rate_limiter = Some(RateLimitConfig::parse(r)?),
-                _ => return Err(format!("--net: unknown part `{part}` (tap=NAME, mac=MAC, rate=, rx-rate=, tx-rate=)")),
+                _ => return Err(format!("--net: unknown part `{part}` (tap=NAME, id=ID, mac=MAC, rate=, rx-rate=, tx-rate=)")),
             }
         }
         if net.tap.is_empty() {
@@ -210,7 +215,7 @@ pub struct FirecrackerNet {
 
 impl FirecrackerNet {
     pub fn into_net(self) -> NetConfig {
-        NetConfig { tap: self.host_dev_name, mac: self.guest_mac, rx_rate_limiter: self.rx_rate_limiter, tx_rate_limiter: self.tx_rate_limiter }
+        NetConfig { id: Some(self.iface_id), tap: self.host_dev_name, mac: self.guest_mac, rx_rate_limiter: self.rx_rate_limiter, tx_rate_limiter: self.tx_rate_limiter }
     }
 }
 

@@ -106,7 +106,7 @@ pub struct SnapshotLoadParams {
     #[serde(default)]
     pub resume_vm: bool,
     #[serde(default)]
-    pub network_overrides: Vec<serde_json::Value>,
+    pub network_overrides: Vec<crate::snapshot::NetOverride>,
     /// Shoal's extension: a new guest CID and/or host socket for the snapshot's vsock
     /// device, so that clones of one snapshot differ.
     #[serde(default)]
@@ -134,6 +134,7 @@ pub struct SnapshotLoad {
     pub resume: bool,
     pub track_dirty_pages: bool,
     pub vsock_override: Option<crate::snapshot::VsockOverride>,
+    pub net_overrides: Vec<crate::snapshot::NetOverride>,
 }
 
 impl SnapshotLoadParams {
@@ -146,9 +147,6 @@ impl SnapshotLoadParams {
                 return Err("The Uffd memory backend is not supported by shoal-vmm; use File.".into())
             }
         };
-        if !self.network_overrides.is_empty() {
-            return Err("network_overrides are not supported by shoal-vmm yet: a restored interface reopens the tap it had.".into());
-        }
         if self.snapshot_path.is_empty() || mem_path.is_empty() {
             return Err("snapshot_path and the memory file path must not be empty.".into());
         }
@@ -158,6 +156,7 @@ impl SnapshotLoadParams {
             resume: self.resume_vm,
             track_dirty_pages: self.track_dirty_pages || self.enable_diff_snapshots,
             vsock_override: self.vsock_override,
+            net_overrides: self.network_overrides,
         })
     }
 }
@@ -571,7 +570,7 @@ mod tests {
         let body = r#"{"snapshot_path": "./snapshot_file", "mem_backend": {"backend_path": "./mem_file", "backend_type": "File"}, "enable_diff_snapshots": true, "resume_vm": false}"#;
         assert_eq!(
             s.handle(&req("PUT", "/snapshot/load", body)),
-            Outcome::LoadSnapshot(SnapshotLoad { state_path: "./snapshot_file".into(), mem_path: "./mem_file".into(), resume: false, track_dirty_pages: true, vsock_override: None })
+            Outcome::LoadSnapshot(SnapshotLoad { state_path: "./snapshot_file".into(), mem_path: "./mem_file".into(), resume: false, track_dirty_pages: true, vsock_override: None, net_overrides: vec![] })
         );
         let old = r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#;
         assert!(matches!(s.handle(&req("PUT", "/snapshot/load", old)), Outcome::LoadSnapshot(SnapshotLoad { resume: true, .. })));
@@ -579,9 +578,14 @@ mod tests {
             r#"{"snapshot_path": "s"}"#,
             r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_path": "m", "backend_type": "File"}}"#,
             r#"{"snapshot_path": "s", "mem_backend": {"backend_path": "/uffd.sock", "backend_type": "Uffd"}}"#,
-            r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#,
+            r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0"}]}"#,
         ] {
             assert_eq!(reply(&mut s, "PUT", "/snapshot/load", bad).status, 400, "{bad}");
+        }
+        let moved = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#;
+        match s.handle(&req("PUT", "/snapshot/load", moved)) {
+            Outcome::LoadSnapshot(l) => assert_eq!(l.net_overrides, [crate::snapshot::NetOverride { iface_id: "eth0".into(), host_dev_name: "tap1".into() }]),
+            _ => panic!("network_overrides accepted"),
         }
         // After configuring boot resources, or after a start, loading is refused.
         let mut configured = ApiState::default();

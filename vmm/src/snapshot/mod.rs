@@ -123,7 +123,7 @@ pub enum SnapshotError {
     DiffWithoutTracking,
     #[error("snapshot {path} is a full snapshot; only a diff is merged into a base")]
     NotADiff { path: PathBuf },
-    #[error("vsock override: {0}")]
+    #[error("override: {0}")]
     Override(String),
     #[error("diff snapshots of microVMs with virtio devices are not supported yet (the devices' writes to guest memory are not tracked); take a full snapshot")]
     DiffWithDevices,
@@ -282,6 +282,16 @@ pub struct RestoreOptions {
     /// A new identity for the snapshot's vsock device (so that clones differ): its guest CID
     /// and/or its host socket.
     pub vsock_override: Option<VsockOverride>,
+    /// Other taps for the snapshot's network interfaces (Firecracker's network_overrides).
+    pub net_overrides: Vec<NetOverride>,
+}
+
+/// A network interface of the snapshot (by `iface_id`) that gets another host tap.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
 }
 
 /// What a restore changes of the vsock device; the guest learns the new CID from the
@@ -325,12 +335,18 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio } = crate::builder::attach_legacy(&vm, console, Some(&state.serial))?;
 
     let mut specs: Vec<DeviceSpec> = state.devices.iter().map(|(spec, _)| spec.clone()).collect();
+    for o in &options.net_overrides {
+        let Some(DeviceSpec::Net(n)) = specs.iter_mut().find(|s| matches!(s, DeviceSpec::Net(n) if n.id == o.iface_id)) else {
+            return Err(SnapshotError::Override(format!("the snapshot has no network interface `{}`", o.iface_id)));
+        };
+        n.tap = o.host_dev_name.clone();
+    }
     if let Some(o) = &options.vsock_override {
         let Some(DeviceSpec::Vsock(v)) = specs.iter_mut().find(|s| matches!(s, DeviceSpec::Vsock(_))) else {
-            return Err(SnapshotError::Override("the snapshot has no vsock device to override".into()));
+            return Err(SnapshotError::Override("the snapshot has no vsock device".into()));
         };
         if let Some(cid) = o.guest_cid {
-            crate::devices::virtio::vsock::check_cid(cid).map_err(|e| SnapshotError::Override(e.to_string()))?;
+            crate::devices::virtio::vsock::check_cid(cid).map_err(|e| SnapshotError::Override(format!("vsock: {e}")))?;
             v.cid = cid;
         }
         if let Some(p) = &o.uds_path {
