@@ -116,7 +116,7 @@ impl Cgroups {
         let v2_root = [root.to_path_buf(), root.join("unified")].into_iter().find(|r| {
             std::fs::read_to_string(r.join("cgroup.controllers")).is_ok_and(|c| ["cpu", "memory", "pids"].iter().all(|w| c.split_whitespace().any(|x| x == *w)))
         });
-        let mut cg = match v2_root {
+        let cg = match v2_root {
             Some(r) => {
                 // Best effort: the root may already delegate these controllers.
                 let _ = std::fs::write(r.join("cgroup.subtree_control"), "+cpu +memory +pids");
@@ -137,7 +137,6 @@ impl Cgroups {
             cg.remove();
             return Err(e);
         }
-        cg.dirs.shrink_to_fit();
         Ok(cg)
     }
 

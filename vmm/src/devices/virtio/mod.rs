@@ -87,6 +87,14 @@ pub enum ActivateError {
     Device(String),
 }
 
+/// What a multi-queue device holds once the driver has activated it.
+#[derive(Debug)]
+pub struct ActiveQueues {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub irq: std::sync::Arc<IrqLine>,
+}
+
 /// Counters every device keeps; guest mistakes show up here rather than in logs.
 #[derive(Debug, Default)]
 pub struct DeviceCounters {

@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::devices::rate_limiter::RateLimiter;
 
-use super::{read_config_bytes, ActivateError, DeviceCounters, IrqLine, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::{read_config_bytes, ActivateError, ActiveQueues, DeviceCounters, IrqLine, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 use tap::{NetBackend, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
@@ -26,17 +26,11 @@ const F_MAC: u64 = 1 << 5;
 /// Largest frame with its header: 64 KiB IP datagram plus Ethernet and VLAN headers.
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    irq: Arc<IrqLine>,
-}
-
 /// A network device.
 pub struct VirtioNet {
     backend: Box<dyn NetBackend>,
     mac: [u8; 6],
-    active: Option<Active>,
+    active: Option<ActiveQueues>,
     /// A frame read from the backend that no guest buffer has taken yet.
     pending: Option<Vec<u8>>,
     buf: Vec<u8>,
@@ -214,7 +208,7 @@ impl VirtioDevice for VirtioNet {
         if queues.len() != 2 {
             return Err(ActivateError::BadQueue(queues.len()));
         }
-        self.active = Some(Active { mem, queues, irq });
+        self.active = Some(ActiveQueues { mem, queues, irq });
         // Frames that arrived before the driver was up can go in now.
         self.process_rx();
         Ok(())

@@ -35,7 +35,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{read_config_bytes, ActivateError, DeviceCounters, IrqLine, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{read_config_bytes, ActivateError, ActiveQueues, DeviceCounters, IrqLine, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
 use packet::*;
 
 const QUEUE_SIZE: u16 = 256;
@@ -138,12 +138,6 @@ enum Token {
     Conn(Key),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    irq: Arc<IrqLine>,
-}
-
 /// A vsock device.
 pub struct VirtioVsock {
     cid: u64,
@@ -158,7 +152,7 @@ pub struct VirtioVsock {
     control: VecDeque<Header>,
     /// A TRANSPORT_RESET event waiting for an event buffer.
     reset_event: bool,
-    active: Option<Active>,
+    active: Option<ActiveQueues>,
     buf: Vec<u8>,
     counters: DeviceCounters,
 }
@@ -499,7 +493,7 @@ impl VirtioVsock {
             }
             _ => {
                 // A bad line, or no guest driver to ask: close the host connection.
-                if outcome.is_err() || matches!(outcome, Ok(None)) {
+                if !matches!(outcome, Ok(Some(_))) {
                     self.error();
                 }
                 let _ = self.epoll.ctl(ControlOperation::Delete, stream.as_raw_fd(), EpollEvent::default());
@@ -554,7 +548,7 @@ impl VirtioVsock {
         self.control.pop_front()
     }
 
-    fn fill_rx(&mut self, a: &mut Active) -> bool {
+    fn fill_rx(&mut self, a: &mut ActiveQueues) -> bool {
         let mut used_any = false;
         let mut keys: Vec<Key> = self.conns.iter().filter(|(_, c)| c.readable && c.state == State::Established).map(|(k, _)| *k).collect();
         keys.sort_unstable();
@@ -672,7 +666,7 @@ impl VirtioDevice for VirtioVsock {
         // No socket work here: activation runs on the vCPU thread that wrote DRIVER_OK, whose
         // seccomp filter has no socket calls. Host connections that came before the driver
         // was up have been closed (there was no guest to ask); host programs retry.
-        self.active = Some(Active { mem, queues, irq });
+        self.active = Some(ActiveQueues { mem, queues, irq });
         Ok(())
     }
 
