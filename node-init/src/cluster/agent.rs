@@ -1,0 +1,283 @@
+//! The cluster agent: starts the Raft thread, its listener, gossip and the control loop that joins
+//! gossip and Raft (publishes this node's facts, bootstraps a fresh cluster, and on the leader
+//! admits nodes and replaces dead voters). The HTTP API is served by `crate::api` over [`Agent`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ProtocolVersion};
+use tracing::info;
+
+use super::gossip::{self, GossipTiming, PeerInfo, Resources, SignedUdpTransport};
+use super::policy::{self, FormingPeer, Formation, MemberView, VoterChange};
+use super::raft_node::{Input, MembershipChange, RaftParts, RaftThread, RaftTiming, Shared};
+use super::secret::ClusterSecret;
+use super::state::{KvState, NodeRecord};
+use super::storage::RaftStore;
+use super::transport::{self, AddressBook, RaftTransport};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+const CONTROL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    /// API (TCP) and gossip (UDP) address; Raft listens on the next port.
+    pub listen: SocketAddr,
+    pub seeds: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub min_voters: usize,
+    pub secret: ClusterSecret,
+    pub api_token: String,
+    /// How long a voter must stay dead before the leader replaces it.
+    pub dead_voter_timeout: Duration,
+    pub raft: RaftTiming,
+    pub gossip: GossipTiming,
+}
+
+impl AgentConfig {
+    pub fn raft_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.listen.ip(), self.listen.port().wrapping_add(1))
+    }
+}
+
+/// A running agent: what the API needs to answer requests.
+#[derive(Debug)]
+pub struct Agent {
+    pub id: u64,
+    pub config: AgentConfig,
+    pub shared: Arc<Shared>,
+    pub inbox: std::sync::mpsc::Sender<Input>,
+    pub peers: RwLock<Vec<(PeerInfo, bool)>>,
+}
+
+impl Agent {
+    pub fn record(&self) -> NodeRecord {
+        NodeRecord {
+            id: self.id,
+            raft_addr: self.config.raft_addr().to_string(),
+            api_addr: self.config.listen.to_string(),
+            labels: self.config.labels.clone(),
+        }
+    }
+
+    /// Gossip's view: every node it has heard of, with whether it is live now.
+    pub fn peers(&self) -> Vec<(PeerInfo, bool)> {
+        self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// This node's Raft id, created on first start and kept in the data directory.
+fn node_id(data_dir: &Path) -> anyhow::Result<u64> {
+    let path = data_dir.join("node-id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return u64::from_str_radix(s.trim(), 16).with_context(|| format!("{} is corrupt", path.display()));
+    }
+    let id = loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            break id;
+        }
+    };
+    std::fs::write(&path, format!("{id:016x}\n")).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatHandle)> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let id = node_id(&config.data_dir)?;
+    let store = RaftStore::open(&config.data_dir.join("raft")).context("opening the raft log")?;
+    let shared = Shared::new(KvState::default());
+    let addrs: AddressBook = Arc::new(RwLock::new(HashMap::new()));
+    let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
+
+    let raft_listener = tokio::net::TcpListener::bind(config.raft_addr())
+        .await
+        .with_context(|| format!("binding the raft listener on {}", config.raft_addr()))?;
+    tokio::spawn(transport::serve(raft_listener, config.secret.key("raft"), inbox_tx.clone()));
+    let transport =
+        RaftTransport::new(config.secret.key("raft"), addrs.clone(), tokio::runtime::Handle::current(), inbox_tx.clone());
+    let priority = config.capacity.mem_mib as i64;
+    let raft = RaftThread::new(RaftParts {
+        id,
+        priority,
+        timing: config.raft,
+        store,
+        transport,
+        shared: shared.clone(),
+        addrs: addrs.clone(),
+        inbox: inbox_rx,
+    })?;
+    std::thread::Builder::new().name("raft".into()).spawn(move || raft.run())?;
+
+    let chitchat_id = ChitchatId::new(
+        format!("{id:016x}"),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        config.listen,
+    );
+    let initial = vec![
+        (gossip::KEY_RAFT_ID.to_string(), format!("{id:016x}")),
+        (gossip::KEY_API.to_string(), config.listen.to_string()),
+        (gossip::KEY_RAFT.to_string(), config.raft_addr().to_string()),
+        (gossip::KEY_LABELS.to_string(), serde_json::to_string(&config.labels)?),
+        (gossip::KEY_CAPACITY.to_string(), serde_json::to_string(&config.capacity)?),
+        (gossip::KEY_FREE.to_string(), serde_json::to_string(&config.capacity)?),
+        (gossip::KEY_VERSION.to_string(), VERSION.to_string()),
+    ];
+    let chitchat_config = ChitchatConfig {
+        chitchat_id,
+        cluster_id: "shoal".into(),
+        gossip_interval: config.gossip.interval,
+        listen_addr: config.listen,
+        seed_nodes: config.seeds.clone(),
+        failure_detector_config: gossip::failure_detector(&config.gossip),
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: ProtocolVersion::V0,
+    };
+    let transport = SignedUdpTransport::new(config.secret.key("gossip"));
+    let chitchat = spawn_chitchat(chitchat_config, initial, &transport).await.context("starting gossip")?;
+
+    let agent = Arc::new(Agent { id, config, shared, inbox: inbox_tx, peers: RwLock::new(Vec::new()) });
+    info!(node = %format!("{id:016x}"), listen = %agent.config.listen, raft = %agent.config.raft_addr(), "agent started");
+    tokio::spawn(control_loop(agent.clone(), chitchat.chitchat(), addrs));
+    Ok((agent, chitchat))
+}
+
+/// Reads gossip into `(peer, live)` pairs, one per Raft id (a restarted node's old generation
+/// counts as the same node).
+async fn read_gossip(chitchat: &tokio::sync::Mutex<chitchat::Chitchat>) -> Vec<(PeerInfo, bool)> {
+    let c = chitchat.lock().await;
+    let live: std::collections::HashSet<ChitchatId> = c.live_nodes().cloned().collect();
+    let mut by_id: BTreeMap<u64, (PeerInfo, bool, u64)> = BTreeMap::new();
+    for (cid, st) in c.node_states() {
+        let Some(info) = PeerInfo::from_state(cid, st) else { continue };
+        let is_live = live.contains(cid);
+        let newer = by_id.get(&info.id).is_none_or(|(_, l, generation)| (is_live, cid.generation_id) > (*l, *generation));
+        if newer {
+            by_id.insert(info.id, (info, is_live, cid.generation_id));
+        }
+    }
+    by_id.into_values().map(|(p, l, _)| (p, l)).collect()
+}
+
+async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>, addrs: AddressBook) {
+    let started = Instant::now();
+    let mut last_seen: HashMap<u64, Instant> = HashMap::new();
+    let mut bootstrap_votes = 0u32;
+    let mut interval = tokio::time::interval(CONTROL_INTERVAL);
+    loop {
+        interval.tick().await;
+        let peers = read_gossip(&chitchat).await;
+        let now = Instant::now();
+        {
+            let mut book = addrs.write().unwrap_or_else(|e| e.into_inner());
+            for (p, live) in &peers {
+                if *live {
+                    last_seen.insert(p.id, now);
+                    if let Ok(a) = p.raft_addr.parse() {
+                        book.insert(p.id, a);
+                    }
+                }
+            }
+        }
+        *agent.peers.write().unwrap_or_else(|e| e.into_inner()) = peers.clone();
+
+        let cluster_id = agent.shared.state().cluster_id.clone();
+        let status = agent.shared.status();
+        let member = status.voters.contains(&agent.id) || status.learners.contains(&agent.id);
+        let live_peers: Vec<&PeerInfo> = peers.iter().filter(|(_, l)| *l).map(|(p, _)| p).collect();
+
+        // What this node tells the others.
+        let forming: Vec<FormingPeer> = live_peers
+            .iter()
+            .filter(|p| p.id != agent.id)
+            .map(|p| FormingPeer { id: p.id, cluster: p.cluster.clone(), candidate: p.candidate })
+            .collect();
+        let candidate = (cluster_id.is_empty()).then(|| policy::bootstrap_candidate(agent.id, &forming));
+        let node_status = if !cluster_id.is_empty() && member {
+            "member"
+        } else if forming.iter().any(|p| p.cluster.is_some()) {
+            "joining"
+        } else {
+            "forming"
+        };
+        {
+            let mut c = chitchat.lock().await;
+            let me = c.self_node_state();
+            me.set(gossip::KEY_STATUS, node_status);
+            me.set(gossip::KEY_CLUSTER, &cluster_id);
+            me.set(gossip::KEY_CANDIDATE, candidate.map(|c| format!("{c:016x}")).unwrap_or_default());
+        }
+
+        if cluster_id.is_empty() {
+            // Two consecutive rounds must agree, so a node does not bootstrap on a view it has
+            // only just published its own vote into.
+            if policy::formation(agent.id, agent.config.min_voters, &forming) == Formation::Bootstrap {
+                bootstrap_votes += 1;
+                if bootstrap_votes >= 2 {
+                    let cluster_id = format!("{:016x}", rand::random::<u64>());
+                    let _ = agent.inbox.send(Input::Bootstrap { cluster_id, me: agent.record() });
+                    bootstrap_votes = 0;
+                }
+            } else {
+                bootstrap_votes = 0;
+            }
+            continue;
+        }
+
+        if status.role != "leader" {
+            continue;
+        }
+        let info: HashMap<u64, &PeerInfo> = peers.iter().map(|(p, _)| (p.id, p)).collect();
+        let is_live = |id: u64| id == agent.id || peers.iter().any(|(p, l)| p.id == id && *l);
+        let mut members: Vec<MemberView> = Vec::new();
+        let mut ids: Vec<u64> = status.voters.iter().chain(status.learners.iter()).copied().collect();
+        for p in &live_peers {
+            // Admit nodes of this cluster or not yet in any (gossip only carries nodes holding
+            // the secret).
+            if !ids.contains(&p.id) && p.cluster.as_deref().is_none_or(|c| c == cluster_id) {
+                ids.push(p.id);
+            }
+        }
+        for id in ids {
+            let p = info.get(&id);
+            let live = is_live(id);
+            let dead_for = if live { Duration::ZERO } else { now - *last_seen.get(&id).unwrap_or(&started) };
+            let matched = status.matched.get(&id).copied().unwrap_or(0);
+            members.push(MemberView {
+                id,
+                live,
+                dead_for,
+                voter: status.voters.contains(&id),
+                learner: status.learners.contains(&id),
+                caught_up: matched > 0 && matched + 100 >= status.last_index,
+                zone: p.and_then(|p| p.labels.get("zone").cloned()),
+                free_vcpus: p.map(|p| p.free.vcpus).unwrap_or(0),
+                free_mem_mib: p.map(|p| p.free.mem_mib).unwrap_or(0),
+            });
+        }
+        let change = match policy::plan_voters(&members, agent.id, agent.config.dead_voter_timeout) {
+            Some(VoterChange::AddLearner(id)) => info.get(&id).map(|p| {
+                MembershipChange::AddLearner(NodeRecord {
+                    id,
+                    raft_addr: p.raft_addr.clone(),
+                    api_addr: p.api_addr.clone(),
+                    labels: p.labels.clone(),
+                })
+            }),
+            Some(VoterChange::Promote(id)) => Some(MembershipChange::Promote(id)),
+            Some(VoterChange::Remove(id)) => Some(MembershipChange::Remove(id)),
+            None => None,
+        };
+        if let Some(change) = change {
+            let _ = agent.inbox.send(Input::Membership(change));
+        }
+    }
+}

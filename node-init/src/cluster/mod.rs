@@ -1,0 +1,11 @@
+//! The cluster agent: gossip membership, Raft consensus over a replicated keyed store, and the
+//! policies (bootstrap, voter placement) that make nodes form and heal one cluster on their own.
+
+pub mod agent;
+pub mod gossip;
+pub mod policy;
+pub mod raft_node;
+pub mod secret;
+pub mod state;
+pub mod storage;
+pub mod transport;

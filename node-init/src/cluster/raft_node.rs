@@ -1,0 +1,588 @@
+//! The Raft thread: owns the raft-rs `RawNode`, its durable store and the state machine, and runs
+//! the tick / step / ready / advance loop (persist before sending, apply in log order). Everything
+//! else talks to it through [`Input`] and reads what it publishes in [`Shared`].
+//!
+//! Writes: any node proposes; raft-rs forwards a follower's proposal to the leader; the proposer
+//! answers its client when the entry is applied locally. Linearizable reads use ReadIndex: the
+//! client is answered once the local state machine has applied the index the leader confirmed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use serde::Serialize;
+use tokio::sync::{broadcast, oneshot};
+use tracing::{info, warn};
+
+use super::state::{ApplyOutcome, KvState, NodeRecord, Op, Proposal, WatchEvent, NODES_PREFIX};
+use super::storage::RaftStore;
+use super::transport::{AddressBook, RaftTransport};
+
+/// How long a client waits for its write or read before it is told the outcome is unknown.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy)]
+pub struct RaftTiming {
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Applied entries between state-machine snapshots (and log compactions).
+    pub snapshot_every: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming { tick: Duration::from_millis(50), election_ticks: 10, heartbeat_ticks: 2, snapshot_every: 2000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("no leader is known: the cluster has not formed or lost its quorum")]
+    NoLeader,
+    #[error("timed out; the write may or may not have been applied")]
+    Timeout,
+    #[error("this node is not part of a cluster yet")]
+    NotMember,
+    #[error("the raft thread stopped")]
+    Stopped,
+}
+
+/// A membership change the agent asks the leader to make.
+#[derive(Debug, Clone)]
+pub enum MembershipChange {
+    AddLearner(NodeRecord),
+    Promote(u64),
+    Remove(u64),
+}
+
+pub enum Input {
+    Message(Message),
+    Propose { op: Op, reply: oneshot::Sender<Result<ApplyOutcome, RequestError>> },
+    /// Answered once a linearizable read may be served from the local state.
+    Read { reply: oneshot::Sender<Result<(), RequestError>> },
+    Membership(MembershipChange),
+    Bootstrap { cluster_id: String, me: NodeRecord },
+    Unreachable(u64),
+    SnapshotStatus { to: u64, ok: bool },
+    Shutdown,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Input::Message(_) => "Message",
+            Input::Propose { .. } => "Propose",
+            Input::Read { .. } => "Read",
+            Input::Membership(_) => "Membership",
+            Input::Bootstrap { .. } => "Bootstrap",
+            Input::Unreachable(_) => "Unreachable",
+            Input::SnapshotStatus { .. } => "SnapshotStatus",
+            Input::Shutdown => "Shutdown",
+        })
+    }
+}
+
+/// What the Raft thread publishes for the API and the agent.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub role: String,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// On the leader: each peer's matched log index.
+    #[serde(skip)]
+    pub matched: BTreeMap<u64, u64>,
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    pub state: RwLock<KvState>,
+    pub status: RwLock<RaftStatus>,
+    pub events: broadcast::Sender<WatchEvent>,
+}
+
+impl Shared {
+    pub fn new(state: KvState) -> Arc<Self> {
+        let (events, _) = broadcast::channel(4096);
+        Arc::new(Shared { state: RwLock::new(state), status: RwLock::new(RaftStatus::default()), events })
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        self.status.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, KvState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn discard_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+type WriteReply = oneshot::Sender<Result<ApplyOutcome, RequestError>>;
+type ReadReply = oneshot::Sender<Result<(), RequestError>>;
+
+/// What the Raft thread is built from.
+pub struct RaftParts {
+    pub id: u64,
+    /// Election priority: the node with the most free capacity is preferred as leader.
+    pub priority: i64,
+    pub timing: RaftTiming,
+    pub store: RaftStore,
+    pub transport: RaftTransport,
+    pub shared: Arc<Shared>,
+    pub addrs: AddressBook,
+    pub inbox: Receiver<Input>,
+}
+
+pub struct RaftThread {
+    id: u64,
+    priority: i64,
+    timing: RaftTiming,
+    store: RaftStore,
+    node: RawNode<RaftStore>,
+    transport: RaftTransport,
+    shared: Arc<Shared>,
+    addrs: AddressBook,
+    inbox: Receiver<Input>,
+    seq: u64,
+    /// Waiting writers: reply, deadline, and the leader the proposal went to.
+    proposals: HashMap<u64, (WriteReply, Instant, u64)>,
+    reads_pending: HashMap<u64, (ReadReply, Instant)>,
+    reads_ready: Vec<(u64, ReadReply, Instant)>,
+    applied: u64,
+    applied_term: u64,
+}
+
+fn new_raw_node(id: u64, priority: i64, timing: &RaftTiming, store: &RaftStore, applied: u64) -> raft::Result<RawNode<RaftStore>> {
+    let cfg = raft::Config {
+        id,
+        election_tick: timing.election_ticks,
+        heartbeat_tick: timing.heartbeat_ticks,
+        applied,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        priority,
+        ..Default::default()
+    };
+    RawNode::new(&cfg, store.clone(), &discard_logger())
+}
+
+impl RaftThread {
+    /// Opens the node from its store (empty for a node that has never joined a cluster).
+    pub fn new(parts: RaftParts) -> anyhow::Result<Self> {
+        let RaftParts { id, priority, timing, store, transport, shared, addrs, inbox } = parts;
+        let snap = store.latest_snapshot();
+        let applied = snap.get_metadata().index;
+        if applied > 0 {
+            let state = KvState::from_bytes(snap.get_data())?;
+            *shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        }
+        let node = new_raw_node(id, priority, &timing, &store, applied)?;
+        let t = RaftThread {
+            id,
+            priority,
+            timing,
+            store,
+            node,
+            transport,
+            shared,
+            addrs,
+            inbox,
+            seq: 0,
+            proposals: HashMap::new(),
+            reads_pending: HashMap::new(),
+            reads_ready: Vec::new(),
+            applied,
+            applied_term: snap.get_metadata().term,
+        };
+        t.learn_addresses();
+        t.publish_status();
+        Ok(t)
+    }
+
+    fn learn_addresses(&self) {
+        let nodes = self.shared.state().nodes();
+        let mut book = self.addrs.write().unwrap_or_else(|e| e.into_inner());
+        for n in nodes {
+            if let Ok(a) = n.raft_addr.parse() {
+                book.entry(n.id).or_insert(a);
+            }
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut next_tick = Instant::now() + self.timing.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(Input::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(input) => {
+                    self.handle(input);
+                    // Take whatever else is queued before the (synced) ready round.
+                    while let Ok(input) = self.inbox.try_recv() {
+                        if matches!(input, Input::Shutdown) {
+                            return;
+                        }
+                        self.handle(input);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_tick {
+                self.node.tick();
+                next_tick += self.timing.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.timing.tick;
+                }
+                self.expire();
+            }
+            if let Err(e) = self.on_ready() {
+                // The store failed: continuing could acknowledge writes that are not durable.
+                tracing::error!(error = %format!("{e:#}"), "raft storage failed; stopping");
+                std::process::exit(70);
+            }
+            self.publish_status();
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Message(m) => {
+                if let Err(e) = self.node.step(m) {
+                    tracing::debug!(error = %e, "raft message ignored");
+                }
+            }
+            Input::Propose { op, reply } => {
+                if self.store.is_empty() {
+                    let _ = reply.send(Err(RequestError::NotMember));
+                    return;
+                }
+                self.seq += 1;
+                let p = Proposal { origin: self.id, seq: self.seq, op };
+                let data = serde_json::to_vec(&p).unwrap_or_default();
+                match self.node.propose(vec![], data) {
+                    Ok(()) => {
+                        self.proposals.insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT, self.node.raft.leader_id));
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(RequestError::NoLeader));
+                    }
+                }
+            }
+            Input::Read { reply } => {
+                if self.store.is_empty() {
+                    let _ = reply.send(Err(RequestError::NotMember));
+                    return;
+                }
+                if self.node.raft.leader_id == 0 {
+                    let _ = reply.send(Err(RequestError::NoLeader));
+                    return;
+                }
+                self.seq += 1;
+                let ctx = [self.id.to_be_bytes(), self.seq.to_be_bytes()].concat();
+                self.node.read_index(ctx);
+                self.reads_pending.insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT));
+            }
+            Input::Membership(change) => self.propose_membership(change),
+            Input::Bootstrap { cluster_id, me } => {
+                if let Err(e) = self.bootstrap(&cluster_id, me) {
+                    warn!(error = %format!("{e:#}"), "bootstrap failed");
+                }
+            }
+            Input::Unreachable(id) => self.node.report_unreachable(id),
+            Input::SnapshotStatus { to, ok } => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.node.report_snapshot(to, status);
+            }
+            Input::Shutdown => {}
+        }
+    }
+
+    /// Starts a one-voter cluster from an initial snapshot at index 1 holding the cluster identity
+    /// and this node's record; later nodes receive that snapshot and learn both from it.
+    fn bootstrap(&mut self, cluster_id: &str, me: NodeRecord) -> anyhow::Result<()> {
+        if !self.store.is_empty() {
+            return Ok(());
+        }
+        let mut state = KvState::new(cluster_id);
+        state.apply(&node_record_op(&me));
+        let mut snap = Snapshot::default();
+        snap.set_data(state.to_bytes().into());
+        let meta = snap.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.mut_conf_state().voters = vec![self.id];
+        self.store.apply_snapshot(&snap)?;
+        *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        self.applied = 1;
+        self.applied_term = 1;
+        self.node = new_raw_node(self.id, self.priority, &self.timing, &self.store, 1)?;
+        self.node.campaign()?;
+        info!(cluster_id, node = %format!("{:016x}", self.id), "bootstrapped a new cluster");
+        Ok(())
+    }
+
+    fn propose_membership(&mut self, change: MembershipChange) {
+        if self.node.raft.state != StateRole::Leader || self.node.raft.has_pending_conf() {
+            return;
+        }
+        let mut cc = ConfChange::default();
+        let mut context = Vec::new();
+        match change {
+            MembershipChange::AddLearner(rec) => {
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = rec.id;
+                context = serde_json::to_vec(&rec).unwrap_or_default();
+            }
+            MembershipChange::Promote(id) => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+            }
+            MembershipChange::Remove(id) => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = id;
+            }
+        }
+        info!(change = ?cc.get_change_type(), node = %format!("{:016x}", cc.node_id), "proposing membership change");
+        if let Err(e) = self.node.propose_conf_change(context, cc) {
+            warn!(error = %e, "membership change not proposed");
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        self.proposals.retain(|_, (_, deadline, _)| *deadline > now);
+        self.reads_pending.retain(|_, (_, deadline)| *deadline > now);
+        self.reads_ready.retain(|(_, _, deadline)| *deadline > now);
+        // Dropping a sender answers its waiter with `Timeout` (see the API).
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            self.transport.send(m);
+        }
+    }
+
+    fn on_ready(&mut self) -> anyhow::Result<()> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        if !ready.messages().is_empty() {
+            self.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.apply_snapshot(&snap)?;
+        }
+        let committed = ready.take_committed_entries();
+        self.apply_entries(committed)?;
+        let hs = ready.hs().cloned();
+        if !ready.entries().is_empty() || hs.is_some() {
+            self.store.append(ready.entries(), hs.as_ref())?;
+        }
+        if !ready.persisted_messages().is_empty() {
+            self.send(ready.take_persisted_messages());
+        }
+        for rs in ready.take_read_states() {
+            let ctx = rs.request_ctx;
+            if ctx.len() == 16 && ctx[..8] == self.id.to_be_bytes() {
+                let seq = u64::from_be_bytes(ctx[8..16].try_into().unwrap_or_default());
+                if let Some((reply, deadline)) = self.reads_pending.remove(&seq) {
+                    self.reads_ready.push((rs.index, reply, deadline));
+                }
+            }
+        }
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store.set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed)?;
+        self.node.advance_apply();
+        self.answer_reads();
+        self.abandon_orphaned_proposals();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn apply_snapshot(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
+        let state = KvState::from_bytes(snap.get_data())?;
+        self.store.apply_snapshot(snap)?;
+        let meta = snap.get_metadata();
+        self.applied = meta.index;
+        self.applied_term = meta.term;
+        info!(index = meta.index, cluster_id = %state.cluster_id, "installed snapshot");
+        *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        self.learn_addresses();
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&e),
+                EntryType::EntryConfChange => self.apply_conf_change(&e)?,
+                EntryType::EntryConfChangeV2 => {
+                    warn!(index = e.index, "joint membership changes are not proposed by shoal; skipped");
+                }
+            }
+            self.applied = e.index;
+            self.applied_term = e.term;
+        }
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, e: &Entry) {
+        if e.data.is_empty() {
+            return; // A new leader's empty entry.
+        }
+        let proposal: Proposal = match serde_json::from_slice(&e.data) {
+            Ok(p) => p,
+            Err(err) => {
+                warn!(index = e.index, error = %err, "unreadable log entry skipped");
+                return;
+            }
+        };
+        let (outcome, event) = self.shared.state.write().unwrap_or_else(|e| e.into_inner()).apply(&proposal.op);
+        if let Some(ev) = event {
+            let _ = self.shared.events.send(ev);
+        }
+        if proposal.origin == self.id {
+            if let Some((reply, _, _)) = self.proposals.remove(&proposal.seq) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> anyhow::Result<()> {
+        let cc = ConfChange::parse_from_bytes(&e.data)?;
+        let cs: ConfState = self.node.apply_conf_change(&cc)?;
+        self.store.set_conf_state(&cs)?;
+        let op = match cc.get_change_type() {
+            ConfChangeType::AddLearnerNode => match serde_json::from_slice::<NodeRecord>(&e.context) {
+                Ok(rec) => {
+                    if let Ok(a) = rec.raft_addr.parse() {
+                        self.addrs.write().unwrap_or_else(|e| e.into_inner()).insert(rec.id, a);
+                    }
+                    Some(node_record_op(&rec))
+                }
+                Err(_) => None,
+            },
+            ConfChangeType::RemoveNode => {
+                Some(Op::Delete { key: format!("{NODES_PREFIX}{:016x}", cc.node_id), prev_revision: None })
+            }
+            ConfChangeType::AddNode => None,
+        };
+        info!(change = ?cc.get_change_type(), node = %format!("{:016x}", cc.node_id), voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+        if let Some(op) = op {
+            let (_, event) = self.shared.state.write().unwrap_or_else(|e| e.into_inner()).apply(&op);
+            if let Some(ev) = event {
+                let _ = self.shared.events.send(ev);
+            }
+        }
+        Ok(())
+    }
+
+    /// A proposal forwarded to a leader that lost its role may never be committed, or may be: tell
+    /// its client at once that the outcome is unknown rather than at the deadline.
+    fn abandon_orphaned_proposals(&mut self) {
+        let leader = self.node.raft.leader_id;
+        let orphaned: Vec<u64> =
+            self.proposals.iter().filter(|(_, (_, _, l))| *l != leader).map(|(seq, _)| *seq).collect();
+        for seq in orphaned {
+            if let Some((reply, _, _)) = self.proposals.remove(&seq) {
+                let _ = reply.send(Err(RequestError::Timeout));
+            }
+        }
+        if leader == 0 {
+            for (reply, _) in self.reads_pending.drain().map(|(_, v)| v) {
+                let _ = reply.send(Err(RequestError::NoLeader));
+            }
+        }
+    }
+
+    fn answer_reads(&mut self) {
+        let applied = self.applied;
+        let (done, waiting): (Vec<_>, Vec<_>) = self.reads_ready.drain(..).partition(|(idx, _, _)| *idx <= applied);
+        self.reads_ready = waiting;
+        for (_, reply, _) in done {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    fn maybe_compact(&mut self) -> anyhow::Result<()> {
+        let snap_index = self.store.snapshot_meta_index();
+        let wanted = self.store.take_snapshot_wanted();
+        if self.applied <= snap_index || (!wanted && self.applied < snap_index + self.timing.snapshot_every) {
+            return Ok(());
+        }
+        let data = self.shared.state().to_bytes();
+        let cs = self.node.raft.prs().conf().to_conf_state();
+        self.store.compact(self.applied, self.applied_term, &cs, data)?;
+        info!(index = self.applied, "state snapshot taken; log compacted");
+        Ok(())
+    }
+
+    fn publish_status(&self) {
+        let raft = &self.node.raft;
+        let cs = raft.prs().conf().to_conf_state();
+        let status = RaftStatus {
+            id: self.id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            role: format!("{:?}", raft.state).to_lowercase(),
+            commit_index: raft.raft_log.committed,
+            applied_index: self.applied,
+            last_index: raft.raft_log.last_index(),
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+            matched: if raft.state == StateRole::Leader {
+                raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
+            } else {
+                BTreeMap::new()
+            },
+        };
+        *self.shared.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+}
+
+pub fn node_record_op(rec: &NodeRecord) -> Op {
+    Op::Put {
+        key: format!("{NODES_PREFIX}{:016x}", rec.id),
+        value: serde_json::to_string(rec).unwrap_or_default(),
+        prev_revision: None,
+    }
+}
+
+/// Sends an input to the Raft thread and waits for its answer.
+pub async fn ask<T>(
+    inbox: &Sender<Input>,
+    make: impl FnOnce(oneshot::Sender<Result<T, RequestError>>) -> Input,
+) -> Result<T, RequestError> {
+    let (tx, rx) = oneshot::channel();
+    inbox.send(make(tx)).map_err(|_| RequestError::Stopped)?;
+    match tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_millis(500), rx).await {
+        Ok(Ok(r)) => r,
+        // The thread dropped the waiter at its deadline.
+        Ok(Err(_)) | Err(_) => Err(RequestError::Timeout),
+    }
+}

@@ -1,0 +1,82 @@
+//! The cluster secret and what is derived from it: one key per purpose (gossip packets, Raft
+//! frames, the default API token), so a key leaked from one channel does not open the others.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Length of the tag prefixed to every gossip packet and Raft frame.
+pub const TAG_LEN: usize = 32;
+
+/// A key for one purpose, derived from the cluster secret.
+#[derive(Clone)]
+pub struct PurposeKey([u8; 32]);
+
+impl std::fmt::Debug for PurposeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PurposeKey(..)")
+    }
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    // HMAC accepts keys of any length.
+    let mut mac = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+impl PurposeKey {
+    pub fn tag(&self, data: &[u8]) -> [u8; TAG_LEN] {
+        hmac(&self.0, data)
+    }
+
+    /// Constant-time check of a tag.
+    pub fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
+        let Ok(mut mac) = HmacSha256::new_from_slice(&self.0) else { return false };
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
+    }
+}
+
+/// The shared secret every node of a cluster holds.
+#[derive(Clone)]
+pub struct ClusterSecret(Vec<u8>);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+impl ClusterSecret {
+    pub fn new(secret: &str) -> Self {
+        ClusterSecret(secret.trim().as_bytes().to_vec())
+    }
+
+    pub fn key(&self, purpose: &str) -> PurposeKey {
+        PurposeKey(hmac(&self.0, format!("shoal/{purpose}").as_bytes()))
+    }
+
+    /// The API bearer token a node accepts when none is configured.
+    pub fn default_api_token(&self) -> String {
+        hex::encode(self.key("api-token").0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_verify_only_with_the_same_secret_and_purpose() {
+        let a = ClusterSecret::new("s3cret");
+        let tag = a.key("raft").tag(b"frame");
+        assert!(a.key("raft").verify(b"frame", &tag));
+        assert!(!a.key("gossip").verify(b"frame", &tag));
+        assert!(!ClusterSecret::new("other").key("raft").verify(b"frame", &tag));
+        assert!(!a.key("raft").verify(b"framE", &tag));
+        assert!(!a.key("raft").verify(b"frame", &tag[..31]));
+        assert_ne!(a.default_api_token(), ClusterSecret::new("other").default_api_token());
+    }
+}

@@ -1,0 +1,231 @@
+//! `shoal-node`: the Shoal host agent. `shoal-node agent` runs the cluster agent as an ordinary
+//! process (development, tests, and under the host image's PID 1).
+
+mod api;
+mod cluster;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+use cluster::agent::AgentConfig;
+use cluster::gossip::{GossipTiming, Resources};
+use cluster::raft_node::RaftTiming;
+use cluster::secret::ClusterSecret;
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal-node", version, about = "Shoal host agent: gossip membership, Raft-replicated state, HTTP API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the cluster agent.
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Directory for the node's id, Raft log and snapshots.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address of the HTTP API (TCP) and gossip (UDP); Raft uses the next port. Must be an address
+    /// other nodes can reach.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Gossip address of a node to join through (repeatable).
+    #[arg(long = "seed")]
+    seeds: Vec<String>,
+    /// Labels published with this node, `k=v,...` (zone=... spreads voters across zones).
+    #[arg(long, default_value = "")]
+    labels: String,
+    /// Resources this node offers, `vcpus=N,mem-mib=M` (default: detected from the host).
+    #[arg(long)]
+    capacity: Option<String>,
+    /// Nodes that must see each other before a fresh cluster bootstraps (1 for a one-node dev cluster).
+    #[arg(long, default_value_t = 3)]
+    min_voters: usize,
+    /// File holding the cluster secret (default: $SHOAL_CLUSTER_SECRET, else a secret generated
+    /// into DATA_DIR/secret on first start).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// File holding the API bearer token (default: derived from the secret and written to
+    /// DATA_DIR/api-token).
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// Seconds a voter must stay dead before the leader gives its seat to another node.
+    #[arg(long, default_value_t = 30.0)]
+    dead_voter_timeout: f64,
+    /// Raft tick in milliseconds (election timeout is 10 ticks, randomized up to 20).
+    #[arg(long, default_value_t = 50)]
+    raft_tick_ms: u64,
+    /// Applied entries between state snapshots (and log compactions).
+    #[arg(long, default_value_t = 2000)]
+    snapshot_every: u64,
+    /// Gossip interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    gossip_interval_ms: u64,
+}
+
+fn parse_kv(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else { bail!("{part:?} is not key=value") };
+        if k.is_empty() {
+            bail!("{part:?} has an empty key");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn parse_capacity(s: &str) -> anyhow::Result<Resources> {
+    let kv = parse_kv(s)?;
+    let mut r = detect_capacity();
+    for (k, v) in kv {
+        let n: u64 = v.parse().with_context(|| format!("capacity {k}={v:?} is not a number"))?;
+        match k.as_str() {
+            "vcpus" => r.vcpus = n,
+            "mem-mib" => r.mem_mib = n,
+            _ => bail!("unknown capacity {k:?} (vcpus, mem-mib)"),
+        }
+    }
+    Ok(r)
+}
+
+fn detect_capacity() -> Resources {
+    let vcpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let mem_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0);
+    Resources { vcpus, mem_mib }
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn load_secret(args: &AgentArgs) -> anyhow::Result<ClusterSecret> {
+    if let Some(f) = &args.secret_file {
+        let s = std::fs::read_to_string(f).with_context(|| format!("reading the secret file {}", f.display()))?;
+        if s.trim().len() < 8 {
+            bail!("the cluster secret in {} is shorter than 8 characters", f.display());
+        }
+        return Ok(ClusterSecret::new(&s));
+    }
+    if let Ok(s) = std::env::var("SHOAL_CLUSTER_SECRET") {
+        if s.trim().len() < 8 {
+            bail!("SHOAL_CLUSTER_SECRET is shorter than 8 characters");
+        }
+        return Ok(ClusterSecret::new(&s));
+    }
+    let path = args.data_dir.join("secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return Ok(ClusterSecret::new(&s));
+    }
+    let s = hex::encode(rand::random::<[u8; 32]>());
+    write_private(&path, &s)?;
+    tracing::info!(path = %path.display(), "generated a cluster secret; give it to joining nodes with --secret-file");
+    Ok(ClusterSecret::new(&s))
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    if args.listen.ip().is_unspecified() {
+        bail!("--listen must be an address other nodes can reach, not {}", args.listen.ip());
+    }
+    if args.min_voters == 0 {
+        bail!("--min-voters must be at least 1");
+    }
+    let secret = load_secret(&args)?;
+    let api_token = match &args.api_token_file {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
+        None => {
+            let t = secret.default_api_token();
+            write_private(&args.data_dir.join("api-token"), &t)?;
+            t
+        }
+    };
+    if api_token.is_empty() {
+        bail!("the API token is empty");
+    }
+    let capacity = match &args.capacity {
+        Some(c) => parse_capacity(c)?,
+        None => detect_capacity(),
+    };
+    if !args.dead_voter_timeout.is_finite() || args.dead_voter_timeout < 0.0 {
+        bail!("--dead-voter-timeout must be a number of seconds");
+    }
+    let config = AgentConfig {
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        seeds: args.seeds.clone(),
+        labels: parse_kv(&args.labels).context("--labels")?,
+        capacity,
+        min_voters: args.min_voters,
+        secret,
+        api_token,
+        dead_voter_timeout: Duration::from_secs_f64(args.dead_voter_timeout),
+        raft: RaftTiming {
+            tick: Duration::from_millis(args.raft_tick_ms.max(1)),
+            snapshot_every: args.snapshot_every.max(1),
+            ..RaftTiming::default()
+        },
+        gossip: GossipTiming { interval: Duration::from_millis(args.gossip_interval_ms.max(1)), ..GossipTiming::default() },
+    };
+    let http = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the API on {}", config.listen))?;
+    let (agent, _gossip) = cluster::agent::start(config).await?;
+    let app = api::router(agent.clone());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = axum::serve(http, app) => r.context("API server")?,
+        _ = term.recv() => tracing::info!("terminating"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+    }
+    let _ = agent.inbox.send(cluster::raft_node::Input::Shutdown);
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shoal-node: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = match cli.command {
+        Command::Agent(args) => rt.block_on(agent(args)),
+    };
+    if let Err(e) = result {
+        eprintln!("shoal-node: {e:#}");
+        std::process::exit(1);
+    }
+}

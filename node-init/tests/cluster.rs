@@ -1,0 +1,368 @@
+//! The cluster core with real `shoal-node` processes, each in its own network namespace: formation
+//! from one seed, joins, the cluster secret, leader failure and voter replacement, partitions,
+//! full restarts, a linearizability check under faults, and the watch stream. Needs root.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::linearizability::{self, Kind, Operation};
+use support::{agreed_status, logs, sorted, wait_for, Net, Node};
+
+const FORM: Duration = Duration::from_secs(30);
+
+fn leader_index(nodes: &[&Node], status: &serde_json::Value) -> usize {
+    let leader = status["leader_id"].as_str().unwrap();
+    nodes.iter().position(|n| n.id() == leader).expect("the leader is one of the nodes")
+}
+
+#[test]
+fn three_nodes_form_one_cluster_more_join_and_a_wrong_secret_is_refused() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("f");
+    let n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    let refs: Vec<&Node> = n.iter().collect();
+    let st = wait_for(FORM, "3 nodes to agree on a leader and 3 voters", || {
+        agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3))
+    });
+    let cluster_id = st["cluster_id"].as_str().unwrap().to_string();
+    assert_eq!(sorted(&st["voters"]), { let mut ids: Vec<String> = n.iter().map(|x| x.id()).collect(); ids.sort(); ids });
+    assert!(sorted(&st["learners"]).is_empty());
+    // Exactly one node bootstrapped.
+    let bootstraps = n.iter().filter(|x| x.log().contains("bootstrapped a new cluster")).count();
+    assert_eq!(bootstraps, 1, "{}", logs(&refs));
+
+    // A 4th and 5th node join; with 5 nodes the rule keeps 3 voters, so they are learners.
+    let n3 = net.node(3, &[]);
+    let n4 = net.node(4, &[]);
+    let all: Vec<&Node> = n.iter().chain([&n3, &n4]).collect();
+    let st = wait_for(FORM, "5 nodes in one cluster", || {
+        agreed_status(&all).filter(|s| s["learners"].as_array().map(|v| v.len()) == Some(2))
+    });
+    assert_eq!(st["cluster_id"], cluster_id.as_str());
+    assert_eq!(st["voters"].as_array().unwrap().len(), 3);
+    let members = st["members"].as_array().unwrap();
+    assert_eq!(members.len(), 5);
+    assert!(members.iter().all(|m| m["state"] == "alive"));
+
+    // A node with the wrong secret hears nobody and is heard by nobody.
+    let stranger = net.node_with_secret(5, "some-other-secret", &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    let st = n[0].status().unwrap();
+    let ids: Vec<String> = st["members"].as_array().unwrap().iter().map(|m| m["id_hex"].as_str().unwrap().to_string()).collect();
+    assert!(!ids.contains(&stranger.id()), "the stranger appears in the cluster: {ids:?}");
+    assert_eq!(ids.len(), 5);
+    let own = stranger.status().unwrap();
+    assert_eq!(own["cluster_id"], "", "the stranger must not join: {own}");
+    assert!(own["leader_id"].is_null());
+    // The seed it contacted dropped its gossip and said so.
+    assert!(n[0].log().contains("without a valid cluster-secret tag"), "{}", n[0].log());
+    // The API wants the cluster's token: the stranger's is refused, as is none.
+    let (code, body) = n[0].call("GET", "/v1/cluster/status", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let with_wrong_token = ureq::get(&format!("http://{}/v1/cluster/status", n[0].addr()))
+        .set("Authorization", &format!("Bearer {}", stranger.token()))
+        .call();
+    assert!(matches!(with_wrong_token, Err(ureq::Error::Status(401, _))));
+    let without = ureq::get(&format!("http://{}/v1/kv/x", n[0].addr())).call();
+    assert!(matches!(without, Err(ureq::Error::Status(401, _))));
+}
+
+#[test]
+fn killing_the_leader_elects_another_and_its_seat_goes_to_a_learner() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("k");
+    let mut n: Vec<Node> = (0..4).map(|i| net.node(i, &[])).collect();
+    let st = {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(FORM, "4 nodes: 3 voters and a learner", || {
+            agreed_status(&refs).filter(|s| s["learners"].as_array().map(|v| v.len()) == Some(1))
+        })
+    };
+    let old_leader = st["leader_id"].as_str().unwrap().to_string();
+    let learner = sorted(&st["learners"])[0].clone();
+    let li = leader_index(&n.iter().collect::<Vec<_>>(), &st);
+    n[0].put("before", "1").or_else(|_| n[1].put("before", "1")).expect("a write before the kill");
+    n[li].kill9();
+
+    let survivors: Vec<&Node> = n.iter().filter(|x| x.is_running()).collect();
+    let st = wait_for(Duration::from_secs(20), "a new leader among the survivors", || {
+        agreed_status(&survivors).filter(|s| s["leader_id"] != old_leader.as_str())
+    });
+    let rev = wait_for(Duration::from_secs(10), "a write after the failover", || survivors[0].put("after", "2").ok());
+    assert!(rev > 0);
+    assert_eq!(survivors[1].read("before").unwrap().as_deref(), Some("1"));
+    assert_ne!(st["leader_id"], old_leader.as_str());
+
+    // The dead voter's seat goes to the learner once it has been dead past the timeout (3 s).
+    let st = wait_for(Duration::from_secs(30), "the learner to replace the dead voter", || {
+        agreed_status(&survivors).filter(|s| {
+            let v = sorted(&s["voters"]);
+            v.len() == 3 && v.contains(&learner) && !v.contains(&old_leader)
+        })
+    });
+    let dead = st["members"].as_array().unwrap().iter().find(|m| m["id_hex"] == old_leader.as_str()).cloned();
+    if let Some(d) = dead {
+        assert_eq!(d["state"], "dead");
+    }
+}
+
+#[test]
+fn a_partitioned_minority_cannot_commit_and_catches_up_after_healing() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("p");
+    let n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    let refs: Vec<&Node> = n.iter().collect();
+    let st = wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)));
+    for i in 0..10 {
+        n[i % 3].put(&format!("k{i}"), &format!("v{i}")).expect("writes before the partition");
+    }
+    // Cut the leader off: it is the minority.
+    let li = leader_index(&refs, &st);
+    let others: Vec<usize> = (0..3).filter(|&j| j != li).collect();
+    net.partition(li, &others, true);
+    let minority = &n[li];
+    let majority: Vec<&Node> = n.iter().filter(|x| x.i != li).collect();
+    let minority_write = minority.put("from-minority", "lost");
+    assert!(matches!(minority_write, Err((503, _))), "the minority must refuse the write: {minority_write:?}");
+    let minority_read = minority.read("k1");
+    assert!(matches!(minority_read, Err((503, _))), "the minority served a linearizable read: {minority_read:?}");
+    // A stale read is still served from the minority's local state.
+    let (code, stale) = minority.get("/v1/kv/k1?stale=true").unwrap();
+    assert_eq!((code, stale["kv"]["value"].as_str()), (200, Some("v1")));
+
+    wait_for(Duration::from_secs(20), "a leader in the majority", || {
+        agreed_status(&majority).filter(|s| s["leader_id"].as_str().is_some_and(|l| l != minority.id()))
+    });
+    for i in 10..20 {
+        wait_for(Duration::from_secs(10), "majority writes", || majority[i % 2].put(&format!("k{i}"), &format!("v{i}")).ok());
+    }
+    net.partition(li, &others, false);
+    wait_for(Duration::from_secs(20), "the minority to catch up", || {
+        (minority.read("k19").ok()? == Some("v19".into())).then_some(())
+    });
+    for i in 0..20 {
+        assert_eq!(minority.read(&format!("k{i}")).unwrap(), Some(format!("v{i}")), "key k{i} after healing");
+        assert_eq!(majority[0].read(&format!("k{i}")).unwrap(), Some(format!("v{i}")));
+    }
+    assert_eq!(majority[0].read("from-minority").unwrap(), None, "the minority's write must not surface");
+    agreed_status(&refs).expect("all three agree after healing");
+}
+
+#[test]
+fn stopping_every_node_and_starting_again_keeps_state_and_identity() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("r");
+    // Snapshots every 20 entries, so the restart replays a compacted log.
+    let mut n: Vec<Node> = (0..3).map(|i| net.node(i, &["--snapshot-every", "20"])).collect();
+    let before = {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)))
+    };
+    for i in 0..60 {
+        wait_for(Duration::from_secs(10), "a write", || n[i % 3].put(&format!("key{i}"), &format!("value{i}")).ok());
+    }
+    assert!(n.iter().any(|x| x.log().contains("log compacted")), "no node compacted its log");
+    for (i, x) in n.iter_mut().enumerate() {
+        if i == 0 {
+            x.kill9();
+        } else {
+            x.stop();
+        }
+    }
+    for x in n.iter_mut() {
+        x.start();
+    }
+    let refs: Vec<&Node> = n.iter().collect();
+    let after = wait_for(FORM, "the restarted cluster to elect a leader", || agreed_status(&refs));
+    assert_eq!(after["cluster_id"], before["cluster_id"]);
+    assert_eq!(sorted(&after["voters"]), sorted(&before["voters"]));
+    for i in 0..60 {
+        assert_eq!(n[(i + 1) % 3].read(&format!("key{i}")).unwrap(), Some(format!("value{i}")));
+    }
+    assert!(after["revision"].as_u64().unwrap() >= 60);
+    assert!(n.iter().all(|x| !x.log().contains("bootstrapped a new cluster") || x.log().matches("bootstrapped").count() == 1));
+    n[0].put("after-restart", "yes").expect("writes after the restart");
+}
+
+#[test]
+fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_change() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("w");
+    let mut n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    let st = {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)))
+    };
+    let li = leader_index(&n.iter().collect::<Vec<_>>(), &st);
+    let watched = (li + 1) % 3;
+    let writer = (li + 2) % 3;
+    let start_rev = n[writer].put("w0", "0").unwrap();
+
+    // Watch from start_rev on a follower; collect events in a thread.
+    let url = format!("http://{}/v1/watch?from_revision={start_rev}", n[watched].addr());
+    let token = n[watched].token().to_string();
+    let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = events.clone();
+    let hub = net.hub().to_string();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{hub}")).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: moves only this thread into the test's hub namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let resp = ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(resp.into_reader()).lines() {
+            let Ok(line) = line else { return };
+            if let Some(data) = line.strip_prefix("data:") {
+                sink.lock().unwrap().push(serde_json::from_str(data.trim()).unwrap());
+            }
+        }
+    });
+    let mut written = Vec::new();
+    for i in 1..=20 {
+        let rev = n[writer].put(&format!("w{i}"), &i.to_string()).unwrap();
+        written.push((rev, format!("w{i}")));
+    }
+    n[li].kill9();
+    for i in 21..=40 {
+        let key = format!("w{i}");
+        let rev = wait_for(Duration::from_secs(20), "writes after the leader change", || n[writer].put(&key, &i.to_string()).ok());
+        written.push((rev, key));
+    }
+    let last_rev = written.last().unwrap().0;
+    let got = wait_for(Duration::from_secs(20), "the watcher to receive every change", || {
+        let ev = events.lock().unwrap().clone();
+        ev.iter().any(|e| e["revision"].as_u64() == Some(last_rev)).then_some(ev)
+    });
+    let revisions: Vec<u64> = got.iter().map(|e| e["revision"].as_u64().unwrap()).collect();
+    assert!(revisions.windows(2).all(|w| w[1] == w[0] + 1), "gaps or disorder: {revisions:?}");
+    assert_eq!(revisions.first().copied(), Some(start_rev + 1));
+    let by_rev: BTreeMap<u64, String> = got.iter().map(|e| (e["revision"].as_u64().unwrap(), e["key"].as_str().unwrap().to_string())).collect();
+    for (rev, key) in &written {
+        assert_eq!(by_rev.get(rev), Some(key), "change at revision {rev}");
+    }
+}
+
+/// Clients write and read three keys through random nodes while a fault thread kills the leader
+/// (and restarts it) or cuts a node off (and heals it), 20 rounds; each key's history must be
+/// linearizable.
+#[test]
+fn histories_under_leader_kills_and_partitions_are_linearizable() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("l");
+    let n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)));
+    }
+    let addrs: Vec<String> = n.iter().map(|x| x.addr()).collect();
+    let token = n[0].token().to_string();
+    let nodes = Arc::new(Mutex::new(n));
+    let stop = Arc::new(AtomicBool::new(false));
+    let origin = Instant::now();
+    let history: Arc<Mutex<Vec<(String, Operation)>>> = Arc::default();
+    let hub = net.hub().to_string();
+    let keys = ["x", "y", "z"];
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (stop, history, addrs, token, hub) = (stop.clone(), history.clone(), addrs.clone(), token.clone(), hub.clone());
+            std::thread::spawn(move || {
+                let f = std::fs::File::open(format!("/run/netns/{hub}")).unwrap();
+                use std::os::fd::AsRawFd;
+                // SAFETY: moves only this client thread into the test's hub namespace.
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let key = keys[(seq as usize * 7 + c) % 3];
+                    let addr = &addrs[(seq as usize + c) % addrs.len()];
+                    let url = format!("http://{addr}/v1/kv/{key}");
+                    let auth = format!("Bearer {token}");
+                    let invoked = origin.elapsed().as_nanos();
+                    let op = if seq % 2 == 0 {
+                        let value = format!("c{c}-{seq}");
+                        let res = http.put(&url).set("Authorization", &auth).send_string(&value);
+                        let completed = origin.elapsed().as_nanos();
+                        match res {
+                            Ok(_) => Some(Operation { client: c, kind: Kind::Write(value), invoked, completed: Some(completed) }),
+                            // 409 cannot happen (no conditions); anything else leaves the outcome unknown.
+                            Err(_) => Some(Operation { client: c, kind: Kind::Write(value), invoked, completed: None }),
+                        }
+                    } else {
+                        let res = http.get(&url).set("Authorization", &auth).call();
+                        let completed = origin.elapsed().as_nanos();
+                        match res {
+                            Ok(r) => {
+                                let v: serde_json::Value = r.into_json().unwrap();
+                                let value = v["kv"]["value"].as_str().map(str::to_string);
+                                Some(Operation { client: c, kind: Kind::Read(value), invoked, completed: Some(completed) })
+                            }
+                            Err(ureq::Error::Status(404, _)) => {
+                                Some(Operation { client: c, kind: Kind::Read(None), invoked, completed: Some(completed) })
+                            }
+                            Err(_) => None,
+                        }
+                    };
+                    if let Some(op) = op {
+                        history.lock().unwrap().push((key.to_string(), op));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        })
+        .collect();
+
+    for round in 0..20 {
+        std::thread::sleep(Duration::from_millis(700));
+        let mut n = nodes.lock().unwrap();
+        let refs: Vec<&Node> = n.iter().collect();
+        let st = wait_for(Duration::from_secs(30), "a leader before the fault", || agreed_status(&refs));
+        let li = leader_index(&refs, &st);
+        if round % 2 == 0 {
+            n[li].kill9();
+            std::thread::sleep(Duration::from_millis(1500));
+            n[li].start();
+        } else {
+            let victim = (li + round) % 3;
+            let others: Vec<usize> = (0..3).filter(|&j| j != victim).collect();
+            net.partition(victim, &others, true);
+            std::thread::sleep(Duration::from_millis(1500));
+            net.partition(victim, &others, false);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let history = history.lock().unwrap();
+    let completed_writes = history.iter().filter(|(_, o)| matches!(o.kind, Kind::Write(_)) && o.completed.is_some()).count();
+    let reads = history.iter().filter(|(_, o)| matches!(o.kind, Kind::Read(_))).count();
+    assert!(completed_writes > 50 && reads > 50, "too little traffic to judge: {completed_writes} writes, {reads} reads");
+    for key in keys {
+        let ops: Vec<Operation> = history.iter().filter(|(k, _)| k == key).map(|(_, o)| o.clone()).collect();
+        if let Err(e) = linearizability::check(&ops) {
+            panic!("key {key}: {e}\n{}", logs(&nodes.lock().unwrap().iter().collect::<Vec<_>>()));
+        }
+    }
+    eprintln!("linearizable: {completed_writes} acknowledged writes, {reads} reads, 20 fault rounds");
+}

@@ -1,0 +1,329 @@
+//! Real `shoal-node` processes in network namespaces joined by a bridge. The bridge lives in a hub
+//! namespace that the test's own threads enter (setns), so tests reach every node's API without
+//! touching the host's network. Partitions take a node's link down on the bridge.
+#![allow(dead_code)]
+
+pub mod linearizability;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const SECRET: &str = "test-cluster-secret";
+const PORT: u16 = 7400;
+
+/// Cluster tests share two cores; running them one at a time keeps elections honest.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Network namespaces need root; without it the tests fail unless SHOAL_SKIP_NETNS_TESTS=1.
+pub fn can_run() -> bool {
+    if std::env::var_os("SHOAL_SKIP_NETNS_TESTS").is_some() && !is_root() {
+        eprintln!("skipped: the cluster tests need root for network namespaces");
+        return false;
+    }
+    assert!(is_root(), "the cluster tests need root for network namespaces (make test runs as root)");
+    true
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2) runs");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A test's network: a hub namespace with the bridge, one namespace per node.
+pub struct Net {
+    pub prefix: String,
+    _serial: std::sync::MutexGuard<'static, ()>,
+    pub dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+}
+
+impl Net {
+    pub fn new(tag: &str) -> Net {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = format!("sh{}{}", std::process::id() % 100_000, tag);
+        let hub = format!("{prefix}-hub");
+        let _ = Command::new("ip").args(["netns", "del", &hub]).stderr(Stdio::null()).status();
+        ip(&["netns", "add", &hub]);
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &hub, "addr", "add", "10.88.0.254/24", "dev", "br0"]);
+        ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        ip(&["-n", &hub, "link", "set", "lo", "up"]);
+        let net = Net { prefix, _serial: serial, dir: tempfile::tempdir().unwrap(), namespaces: vec![hub] };
+        net.enter();
+        net
+    }
+
+    pub fn hub(&self) -> &str {
+        &self.namespaces[0]
+    }
+
+    /// Moves the calling thread into the hub namespace (each client thread calls this).
+    pub fn enter(&self) {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.hub())).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    fn node_ns(&mut self, i: usize) -> String {
+        let ns = format!("{}-{i}", self.prefix);
+        if !self.namespaces.contains(&ns) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+            ip(&["netns", "add", &ns]);
+            let veth = format!("v{i}");
+            ip(&["-n", self.hub(), "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            ip(&["-n", self.hub(), "link", "set", &veth, "master", "br0", "up"]);
+            ip(&["-n", &ns, "addr", "add", &format!("10.88.0.{}/24", i + 1), "dev", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            self.namespaces.push(ns.clone());
+        }
+        ns
+    }
+
+    /// Starts node `i` (address 10.88.0.<i+1>) seeded with node 0.
+    pub fn node(&mut self, i: usize, extra: &[&str]) -> Node {
+        self.node_with_secret(i, SECRET, extra)
+    }
+
+    pub fn node_with_secret(&mut self, i: usize, secret: &str, extra: &[&str]) -> Node {
+        let ns = self.node_ns(i);
+        let data_dir = self.dir.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let secret_file = data_dir.join("test-secret");
+        std::fs::write(&secret_file, secret).unwrap();
+        let mut args: Vec<String> = [
+            "agent",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--listen",
+            &format!("10.88.0.{}:{PORT}", i + 1),
+            "--seed",
+            &format!("10.88.0.1:{PORT}"),
+            "--secret-file",
+            secret_file.to_str().unwrap(),
+            "--dead-voter-timeout",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut node = Node { i, ns, data_dir, args, child: None, token: String::new() };
+        node.start();
+        node
+    }
+
+    /// Cuts node `i` off the bridge (or reconnects it): nobody, clients included, reaches it.
+    pub fn set_link(&self, i: usize, up: bool) {
+        ip(&["-n", self.hub(), "link", "set", &format!("v{i}"), if up { "up" } else { "down" }]);
+    }
+
+    /// Separates node `i` from the nodes in `others` (blackhole routes on both sides) while
+    /// clients in the hub still reach everyone; `false` heals.
+    pub fn partition(&self, i: usize, others: &[usize], cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        for &j in others {
+            for (from, to) in [(i, j), (j, i)] {
+                let ns = format!("{}-{from}", self.prefix);
+                ip(&["-n", &ns, "route", verb, "blackhole", &format!("10.88.0.{}/32", to + 1)]);
+            }
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            // Processes still inside die with their nodes (Node::drop); the namespace goes.
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+pub struct Node {
+    pub i: usize,
+    pub ns: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    token: String,
+}
+
+impl Node {
+    pub fn addr(&self) -> String {
+        format!("10.88.0.{}:{PORT}", self.i + 1)
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("agent.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_shoal-node")])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("shoal-node starts");
+        self.child = Some(child);
+        let token_file = self.data_dir.join("api-token");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !token_file.exists() {
+            assert!(Instant::now() < deadline, "node {} wrote no api-token; log:\n{}", self.i, self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        self.token = std::fs::read_to_string(token_file).unwrap().trim().to_string();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: an orderly stop.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn id(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("node-id")).unwrap_or_default().trim().to_string()
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn agent(&self) -> ureq::Agent {
+        ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
+    }
+
+    /// GET with this node's token: (status, body as JSON or null).
+    pub fn get(&self, path: &str) -> Result<(u16, Value), String> {
+        self.call("GET", path, None)
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, Value), String> {
+        let req = self.agent().request(method, &self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        let res = match body {
+            Some(b) => req.send_string(b),
+            None => req.call(),
+        };
+        match res {
+            Ok(r) => {
+                let code = r.status();
+                Ok((code, r.into_json().unwrap_or(Value::Null)))
+            }
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_json().unwrap_or(Value::Null))),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        match self.get("/v1/cluster/status") {
+            Ok((200, v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Writes a key; Ok(revision) or Err((status, body)).
+    pub fn put(&self, key: &str, value: &str) -> Result<u64, (u16, Value)> {
+        match self.call("PUT", &format!("/v1/kv/{key}"), Some(value)) {
+            Ok((200, v)) => Ok(v["revision"].as_u64().unwrap_or(0)),
+            Ok((code, v)) => Err((code, v)),
+            Err(e) => Err((0, Value::String(e))),
+        }
+    }
+
+    /// Reads a key (linearizable): Ok(Some(value)), Ok(None) when absent, Err otherwise.
+    pub fn read(&self, key: &str) -> Result<Option<String>, (u16, Value)> {
+        match self.get(&format!("/v1/kv/{key}")) {
+            Ok((200, v)) => Ok(v["kv"]["value"].as_str().map(str::to_string)),
+            Ok((404, _)) => Ok(None),
+            Ok((code, v)) => Err((code, v)),
+            Err(e) => Err((0, Value::String(e))),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The status every given running node agrees on: one leader, the same voters and learners.
+pub fn agreed_status(nodes: &[&Node]) -> Option<Value> {
+    let statuses: Vec<Value> = nodes.iter().map(|n| n.status()).collect::<Option<_>>()?;
+    let first = &statuses[0];
+    if first["leader_id"].is_null() || first["cluster_id"].as_str().unwrap_or("").is_empty() {
+        return None;
+    }
+    let same = statuses.iter().all(|s| {
+        s["leader_id"] == first["leader_id"]
+            && s["cluster_id"] == first["cluster_id"]
+            && sorted(&s["voters"]) == sorted(&first["voters"])
+            && sorted(&s["learners"]) == sorted(&first["learners"])
+    });
+    same.then(|| first.clone())
+}
+
+pub fn sorted(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Dumps every node's log tail, for failure messages.
+pub fn logs(nodes: &[&Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| {
+            let log = n.log();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect();
+            format!("--- node {} ({}):\n{}", n.i, n.id(), tail.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
