@@ -366,3 +366,66 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
     }
     eprintln!("linearizable: {completed_writes} acknowledged writes, {reads} reads, 20 fault rounds");
 }
+
+#[test]
+fn leadership_settles_on_the_voter_with_the_most_free_memory() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("c");
+    let n: Vec<Node> = [1024, 16384, 2048]
+        .iter()
+        .enumerate()
+        .map(|(i, mem)| net.node(i, &["--capacity", &format!("vcpus=2,mem-mib={mem}")]))
+        .collect();
+    let refs: Vec<&Node> = n.iter().collect();
+    let roomiest = n[1].id();
+    wait_for(FORM, "the leader to be the node with 16 GiB free", || {
+        agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3) && s["leader_id"] == roomiest.as_str())
+    });
+    // It stays there.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agreed_status(&refs).unwrap()["leader_id"], roomiest.as_str());
+}
+
+/// The API on a one-node dev cluster: every bad request is a clear 4xx and changes nothing.
+#[test]
+fn api_requests_are_checked_and_conditional_writes_and_settings_work() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("a");
+    let n = net.node(0, &["--min-voters", "1"]);
+    wait_for(FORM, "a one-node cluster", || agreed_status(&[&n]));
+    let rev = n.put("app/config", "v1").unwrap();
+    // Conditional writes: create-only and compare-and-swap.
+    let (code, body) = n.call("PUT", "/v1/kv/app/config?prev_revision=0", Some("v2")).unwrap();
+    assert_eq!((code, body["current_revision"].as_u64()), (409, Some(rev)));
+    let (code, _) = n.call("PUT", &format!("/v1/kv/app/config?prev_revision={rev}"), Some("v2")).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(n.read("app/config").unwrap().as_deref(), Some("v2"));
+    let (code, body) = n.get("/v1/kv?prefix=app/").unwrap();
+    assert_eq!((code, body["kvs"].as_array().unwrap().len()), (200, 1));
+    // Bad requests.
+    assert_eq!(n.call("PUT", "/v1/kv/shoal/nodes/x", Some("forged")).unwrap().0, 403);
+    assert_eq!(n.call("PUT", "/v1/kv/app/x?prev_revision=minus-one", Some("v")).unwrap().0, 400);
+    assert_eq!(n.call("PUT", &format!("/v1/kv/{}", "k".repeat(2000)), Some("v")).unwrap().0, 400);
+    let huge = "x".repeat(2 << 20);
+    // Refused with 413, or the connection closed while the client was still sending.
+    let res = n.call("PUT", "/v1/kv/app/huge", Some(&huge));
+    assert!(matches!(res, Ok((413, _))) || matches!(&res, Err(e) if e.contains("Broken pipe") || e.contains("reset")), "{res:?}");
+    assert_eq!(n.call("GET", "/v1/kv/app/missing", None).unwrap().0, 404);
+    assert_eq!(n.call("DELETE", "/v1/kv/app/missing", None).unwrap().0, 404);
+    assert_eq!(n.call("GET", "/v1/watch?from_revision=abc", None).unwrap().0, 400);
+    assert_eq!(n.call("POST", "/v1/kv/app/config", Some("v")).unwrap().0, 405);
+    assert_eq!(n.read("app/huge").unwrap(), None);
+    // Settings: replicated keys of their own.
+    assert_eq!(n.call("PUT", "/v1/cluster/settings/scheduler.spread", Some("zone")).unwrap().0, 200);
+    assert_eq!(n.call("PUT", "/v1/cluster/settings/Bad Name", Some("x")).unwrap().0, 400);
+    let (code, body) = n.get("/v1/cluster/settings").unwrap();
+    assert_eq!((code, body["settings"]["scheduler.spread"].as_str()), (200, Some("zone")));
+    let (code, body) = n.get("/v1/kv?prefix=shoal/settings/").unwrap();
+    assert_eq!((code, body["kvs"][0]["value"].as_str()), (200, Some("zone")));
+    // The node is alive and consistent after all that.
+    assert_eq!(n.read("app/config").unwrap().as_deref(), Some("v2"));
+}

@@ -22,6 +22,8 @@ use super::transport::{self, AddressBook, RaftTransport};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const CONTROL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a leader leads before it hands over to a node with more room.
+const LEADER_SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -171,6 +173,8 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
     let started = Instant::now();
     let mut last_seen: HashMap<u64, Instant> = HashMap::new();
     let mut bootstrap_votes = 0u32;
+    // When this node last became leader: leadership moves only after it has settled.
+    let mut leading_since: Option<Instant> = None;
     let mut interval = tokio::time::interval(CONTROL_INTERVAL);
     loop {
         interval.tick().await;
@@ -233,8 +237,10 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
         }
 
         if status.role != "leader" {
+            leading_since = None;
             continue;
         }
+        leading_since.get_or_insert(now);
         let info: HashMap<u64, &PeerInfo> = peers.iter().map(|(p, _)| (p.id, p)).collect();
         let is_live = |id: u64| id == agent.id || peers.iter().any(|(p, l)| p.id == id && *l);
         let mut members: Vec<MemberView> = Vec::new();
@@ -278,6 +284,11 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
         };
         if let Some(change) = change {
             let _ = agent.inbox.send(Input::Membership(change));
+        } else if leading_since.is_some_and(|t| now - t >= LEADER_SETTLE) {
+            if let Some(to) = policy::preferred_leader(&members, agent.id) {
+                let _ = agent.inbox.send(Input::TransferLeader(to));
+                leading_since = None;
+            }
         }
     }
 }

@@ -119,6 +119,19 @@ pub fn plan_voters(members: &[MemberView], leader: u64, dead_timeout: Duration) 
         .map(|m| VoterChange::Remove(m.id))
 }
 
+/// The voter the leader should hand leadership to, if any: a live, caught-up voter with clearly
+/// more free memory (a quarter more and 256 MiB more), so leadership settles on the node with the
+/// most room without flapping between similar ones.
+pub fn preferred_leader(members: &[MemberView], leader: u64) -> Option<u64> {
+    let own = members.iter().find(|m| m.id == leader)?.free_mem_mib;
+    members
+        .iter()
+        .filter(|m| m.voter && m.live && m.caught_up && m.id != leader)
+        .filter(|m| m.free_mem_mib > own.saturating_add(own / 4) && m.free_mem_mib > own.saturating_add(256))
+        .max_by_key(|m| (m.free_mem_mib, m.free_vcpus, std::cmp::Reverse(m.id)))
+        .map(|m| m.id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +244,19 @@ mod tests {
         lagging.caught_up = false;
         m.extend([same_zone, new_zone, lagging]);
         assert_eq!(plan_voters(&m, 1, T), Some(VoterChange::Promote(5)));
+    }
+
+    #[test]
+    fn leadership_moves_only_to_a_voter_with_clearly_more_room() {
+        let mut m = vec![member(1, true, true), member(2, true, true), member(3, true, true), member(4, false, true)];
+        assert_eq!(preferred_leader(&m, 1), None, "equal room: stay");
+        m[1].free_mem_mib = 1200;
+        assert_eq!(preferred_leader(&m, 1), None, "a little more room is not worth a transfer");
+        m[2].free_mem_mib = 4096;
+        m[3].free_mem_mib = 99_999;
+        assert_eq!(preferred_leader(&m, 1), Some(3), "learners cannot lead");
+        m[2].live = false;
+        assert_eq!(preferred_leader(&m, 1), None);
     }
 
     #[test]

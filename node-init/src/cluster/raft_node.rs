@@ -66,6 +66,8 @@ pub enum Input {
     /// Answered once a linearizable read may be served from the local state.
     Read { reply: oneshot::Sender<Result<(), RequestError>> },
     Membership(MembershipChange),
+    /// Hand leadership to this voter (only acted on by the leader).
+    TransferLeader(u64),
     Bootstrap { cluster_id: String, me: NodeRecord },
     Unreachable(u64),
     SnapshotStatus { to: u64, ok: bool },
@@ -79,6 +81,7 @@ impl std::fmt::Debug for Input {
             Input::Propose { .. } => "Propose",
             Input::Read { .. } => "Read",
             Input::Membership(_) => "Membership",
+            Input::TransferLeader(_) => "TransferLeader",
             Input::Bootstrap { .. } => "Bootstrap",
             Input::Unreachable(_) => "Unreachable",
             Input::SnapshotStatus { .. } => "SnapshotStatus",
@@ -298,6 +301,12 @@ impl RaftThread {
                 self.reads_pending.insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT));
             }
             Input::Membership(change) => self.propose_membership(change),
+            Input::TransferLeader(to) => {
+                if self.node.raft.state == StateRole::Leader && self.node.raft.lead_transferee.is_none() {
+                    info!(to = %format!("{to:016x}"), "handing leadership to the voter with the most free capacity");
+                    self.node.transfer_leader(to);
+                }
+            }
             Input::Bootstrap { cluster_id, me } => {
                 if let Err(e) = self.bootstrap(&cluster_id, me) {
                     warn!(error = %format!("{e:#}"), "bootstrap failed");
