@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot bench-devices fuzz deps clean-cache
+.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster fuzz deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -55,6 +55,11 @@ bench-snapshot: probes guest-kernel
 bench-devices: probes
 	@ci/ensure-packages.sh python3
 	@python3 ci/bench-devices.py $(VMM) $(PROBE_DIR)/virtio.elf
+
+# Cluster figures: real shoal-node processes in network namespaces (as root).
+bench-cluster: deps
+	@ci/ensure-packages.sh iproute2
+	$(CARGO) bench --locked -p shoal-node --bench cluster
 
 # Fuzz the API parser, the virtio queue paths and snapshot decoding (RUNS executions each).
 fuzz: deps

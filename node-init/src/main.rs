@@ -62,7 +62,8 @@ struct AgentArgs {
     /// Seconds a voter must stay dead before the leader gives its seat to another node.
     #[arg(long, default_value_t = 30.0)]
     dead_voter_timeout: f64,
-    /// Raft tick in milliseconds (election timeout is 10 ticks, randomized up to 20).
+    /// Raft tick in milliseconds (heartbeats every 2 ticks; the election timeout is 6 ticks,
+    /// randomized up to 12).
     #[arg(long, default_value_t = 50)]
     raft_tick_ms: u64,
     /// Applied entries between state snapshots (and log compactions).

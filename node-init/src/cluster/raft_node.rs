@@ -36,7 +36,7 @@ pub struct RaftTiming {
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        RaftTiming { tick: Duration::from_millis(50), election_ticks: 10, heartbeat_ticks: 2, snapshot_every: 2000 }
+        RaftTiming { tick: Duration::from_millis(50), election_ticks: 6, heartbeat_ticks: 2, snapshot_every: 2000 }
     }
 }
 

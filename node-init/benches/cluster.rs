@@ -1,0 +1,172 @@
+//! `make bench-cluster`: cluster figures from real `shoal-node` processes in network namespaces
+//! (root needed), printed as `name=value` lines: formation of 3 and of 20 nodes, leader failover
+//! over 20 kills, gossip detection of a dead node, write latency and throughput.
+#![allow(clippy::unwrap_used)] // a bench fails loudly by design
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{agreed_status, wait_for, Net, Node};
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[idx.min(samples.len() - 1)]
+}
+
+fn report(name: &str, unit: &str, samples: &mut [f64]) {
+    println!("{name}_p50_{unit}={:.1}", percentile(samples, 0.5));
+    println!("{name}_p99_{unit}={:.1}", percentile(samples, 0.99));
+    println!("{name}_max_{unit}={:.1}", percentile(samples, 1.0));
+    println!("{name}_samples={}", samples.len());
+}
+
+fn voters(s: &serde_json::Value) -> usize {
+    s["voters"].as_array().map(|v| v.len()).unwrap_or(0)
+}
+
+fn members_in_conf(s: &serde_json::Value) -> usize {
+    voters(s) + s["learners"].as_array().map(|v| v.len()).unwrap_or(0)
+}
+
+fn formation(tag: &str, count: usize) -> f64 {
+    let mut net = Net::new(tag);
+    let t0 = Instant::now();
+    let nodes: Vec<Node> = (0..count).map(|i| net.node(i, &[])).collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_for(Duration::from_secs(120), "formation", || {
+        agreed_status(&refs).filter(|s| members_in_conf(s) == count && voters(s) == support_target(count))
+    });
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+fn support_target(nodes: usize) -> usize {
+    match nodes {
+        n if n >= 7 => 5,
+        n if n >= 3 => 3,
+        _ => 1,
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test --benches lists benches; nothing to list.
+    }
+    if !support::can_run() {
+        return;
+    }
+    // Formation of 3 nodes, 5 times.
+    let mut form3: Vec<f64> = (0..5).map(|i| formation(&format!("f{i}"), 3)).collect();
+    report("formation_3_nodes", "ms", &mut form3);
+    let form20 = formation("t", 20);
+    println!("formation_20_nodes_ms={form20:.0}");
+
+    let mut net = Net::new("b");
+    let mut n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    let full = |n: &[Node]| {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(Duration::from_secs(60), "3 agreeing voters", || agreed_status(&refs).filter(|s| voters(s) == 3))
+    };
+    let st = full(&n);
+
+    // Write latency (sequential, to the leader and through a follower) and throughput.
+    let li = n.iter().position(|x| x.id() == st["leader_id"].as_str().unwrap()).unwrap();
+    let mut lat = Vec::new();
+    for i in 0..500 {
+        let t = Instant::now();
+        n[li].put(&format!("lat{}", i % 50), "v").unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    report("write_latency_leader", "ms", &mut lat);
+    let fi = (li + 1) % 3;
+    let mut lat = Vec::new();
+    for i in 0..200 {
+        let t = Instant::now();
+        n[fi].put(&format!("lat{}", i % 50), "v").unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    report("write_latency_via_follower", "ms", &mut lat);
+    let mut lat = Vec::new();
+    for i in 0..200 {
+        let t = Instant::now();
+        n[fi].read(&format!("lat{}", i % 50)).unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    report("linearizable_read_latency_follower", "ms", &mut lat);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = n[li].addr();
+    let token = n[li].token().to_string();
+    let hub = net.hub().to_string();
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let (done, stop, addr, token, hub) = (done.clone(), stop.clone(), addr.clone(), token.clone(), hub.clone());
+            std::thread::spawn(move || {
+                let f = std::fs::File::open(format!("/run/netns/{hub}")).unwrap();
+                use std::os::fd::AsRawFd;
+                // SAFETY: moves only this worker thread into the bench's hub namespace.
+                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let url = format!("http://{addr}/v1/kv/tp{w}-{}", i % 100);
+                    if http.put(&url).set("Authorization", &format!("Bearer {token}")).send_string("value").is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    println!("write_throughput_16_clients_per_s={:.0}", done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64());
+
+    // Gossip detection of a dead node: kill a follower, watch another node's member list.
+    let mut detect = Vec::new();
+    for round in 0..10 {
+        let st = full(&n);
+        let li = n.iter().position(|x| x.id() == st["leader_id"].as_str().unwrap()).unwrap();
+        let victim = (li + 1 + round % 2) % 3;
+        let observer = 3 - li - victim;
+        let victim_id = n[victim].id();
+        n[victim].kill9();
+        let t = Instant::now();
+        wait_for(Duration::from_secs(30), "gossip to report the node dead", || {
+            let s = n[observer].status()?;
+            s["members"].as_array()?.iter().any(|m| m["id_hex"] == victim_id.as_str() && m["state"] == "dead").then_some(())
+        });
+        detect.push(t.elapsed().as_secs_f64() * 1000.0);
+        n[victim].start();
+    }
+    report("gossip_dead_detection", "ms", &mut detect);
+
+    // Leader failover over 20 kills: from the kill to a new leader all survivors agree on.
+    let mut failover = Vec::new();
+    for _ in 0..20 {
+        let st = full(&n);
+        // Let the restarted node catch up before the next kill.
+        std::thread::sleep(Duration::from_millis(500));
+        let old = st["leader_id"].as_str().unwrap().to_string();
+        let li = n.iter().position(|x| x.id() == old).unwrap();
+        n[li].kill9();
+        let t = Instant::now();
+        let survivors: Vec<&Node> = n.iter().filter(|x| x.is_running()).collect();
+        wait_for(Duration::from_secs(30), "a new leader", || {
+            let mut leaders = survivors.iter().map(|x| x.status().map(|s| s["leader_id"].clone()));
+            let first = leaders.next()??;
+            (first.as_str().is_some_and(|l| l != old) && leaders.all(|l| l.as_ref() == Some(&first))).then_some(())
+        });
+        failover.push(t.elapsed().as_secs_f64() * 1000.0);
+        n[li].start();
+    }
+    report("leader_failover", "ms", &mut failover);
+}
