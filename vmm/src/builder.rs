@@ -23,7 +23,7 @@ use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::e820_map;
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::i8042::{I8042_BASE, I8042_LEN};
+use crate::devices::legacy::i8042::{I8042_BASE, I8042_KBD_IRQ, I8042_LEN};
 use crate::devices::legacy::{SerialConsole, SerialSaved, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::EventFdTrigger;
 use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
@@ -289,6 +289,8 @@ pub struct LegacyDevices {
     pub reset_requested: Arc<AtomicBool>,
     pub guest_panicked: Arc<AtomicBool>,
     pub pio: Arc<Bus>,
+    /// The keyboard controller, for `SendCtrlAltDel`.
+    pub i8042: Arc<Mutex<I8042>>,
 }
 
 /// Creates COM1 (fresh, or continuing from `serial_state`) and the i8042 on the port bus, with
@@ -305,11 +307,13 @@ pub fn attach_legacy(vm: &Vm, console: Box<dyn Write + Send>, serial_state: Opti
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     let reset_requested = Arc::new(AtomicBool::new(false));
     let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
-    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone())));
+    let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irq(&kbd_irq, I8042_KBD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone()).with_kbd_irq(EventFdTrigger(kbd_irq))));
     let mut bus = Bus::new();
     bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-    bus.insert(i8042, I8042_BASE, I8042_LEN)?;
-    Ok(LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio: Arc::new(bus) })
+    bus.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
+    Ok(LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio: Arc::new(bus), i8042 })
 }
 
 /// Creates the virtio devices `specs` describes, each in its own MMIO window (in order) with
@@ -369,6 +373,8 @@ pub struct MicroVm {
     pub guest_panicked: Arc<AtomicBool>,
     /// Set when the guest asked for a reset through the i8042.
     pub reset_requested: Arc<AtomicBool>,
+    /// The keyboard controller, for `SendCtrlAltDel`.
+    pub i8042: Arc<Mutex<I8042>>,
     /// The machine's shape, as a snapshot records it.
     pub machine: MachineState,
     /// Where guest memory comes from (a snapshot of a restored guest needs to know).
@@ -398,7 +404,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     };
     write_boot_info(&mem, config, &kernel, initrd)?;
 
-    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio } = attach_legacy(&vm, console, None)?;
+    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio, i8042 } = attach_legacy(&vm, console, None)?;
     let mut mmio = Bus::new();
     let virtio = attach_virtio(&vm, &mem, &DeviceSpec::from_config(config), &mut mmio)?;
 
@@ -413,7 +419,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
     let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages };
-    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, mmio, virtio, guest_panicked, reset_requested, machine, backing: MemoryBacking::Anonymous, generation: 0 })
+    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, mmio, virtio, guest_panicked, reset_requested, i8042, machine, backing: MemoryBacking::Anonymous, generation: 0 })
 }
 
 #[cfg(test)]

@@ -66,6 +66,10 @@ struct Cli {
     /// (instead of the VM flags). The socket must not exist; it is removed at exit.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config"])]
     api_sock: Option<PathBuf>,
+    /// Seconds between automatic flushes to the metrics file set by PUT /metrics (Firecracker
+    /// flushes every 60 s); 0 flushes only on the FlushMetrics action.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, requires = "api_sock")]
+    metrics_flush_secs: u64,
     /// Start from the snapshot in DIR (files `state` and `memory`, as PUT /snapshot/create
     /// writes them when given those names) instead of booting a kernel. With it, `--vsock`
     /// gives the guest another CID and socket and `--net id=ID,tap=NAME` moves interface ID
@@ -118,7 +122,7 @@ use shoal_vmm::api::error_chain;
 
 /// Serves the API until an InstanceStart builds a microVM; a failed start is answered with its
 /// error and the API keeps waiting. The API thread keeps serving after the start.
-fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
+fn start_from_api(sock: &std::path::Path, seccomp: Seccomp, metrics_flush_secs: u64) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
     use shoal_vmm::api::server::{self, ApiRequest, VmmLink};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let listener = server::bind(sock).map_err(|e| error_chain(&e))?;
@@ -164,6 +168,10 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
                 let _ = reply.send(runner::flush_metrics(metrics_file.as_mut(), &m));
                 continue;
             }
+            ApiRequest::SendCtrlAltDel { reply } => {
+                let _ = reply.send(Err("The microVM is not running.".into()));
+                continue;
+            }
         };
         match built {
             Ok(vm) => {
@@ -171,7 +179,8 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp) -> Result<(shoal_vmm
                 if reply.send(Ok(written_tx)).is_ok() {
                     let _ = written_rx.recv_timeout(std::time::Duration::from_secs(2));
                 }
-                return Ok((vm, runner::Control { requests: rx, wake, metrics_file }));
+                let metrics_flush_every = (metrics_flush_secs > 0).then(|| std::time::Duration::from_secs(metrics_flush_secs));
+                return Ok((vm, runner::Control { requests: rx, wake, metrics_file, metrics_flush_every }));
             }
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -244,7 +253,7 @@ fn main() -> ExitCode {
             }
         }
         (sock, _) => match sock {
-        Some(sock) => match start_from_api(sock, seccomp) {
+        Some(sock) => match start_from_api(sock, seccomp, cli.metrics_flush_secs) {
             Ok((vm, c)) => {
                 control = Some(c);
                 vm

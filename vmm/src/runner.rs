@@ -20,7 +20,7 @@ use crate::api::server::ApiRequest;
 use crate::builder::{DeviceSpec, MicroVm, VirtioSlot};
 use crate::devices::virtio::mmio::MmioTransport;
 use vmm_sys_util::timerfd::TimerFd;
-use crate::devices::legacy::SerialConsole;
+use crate::devices::legacy::{SerialConsole, I8042};
 use crate::seccomp::{Seccomp, SeccompError, ThreadKind};
 use crate::snapshot::{self, MachineState, SnapshotKind, SnapshotSource};
 use crate::vstate::memory::MemoryBacking;
@@ -40,6 +40,8 @@ pub struct Control {
     pub wake: EventFd,
     /// Firecracker's metrics file, if `PUT /metrics` named one before the start.
     pub metrics_file: Option<std::fs::File>,
+    /// How often the metrics are appended to the metrics file without being asked.
+    pub metrics_flush_every: Option<Duration>,
 }
 
 /// Appends one JSON line of `m` to Firecracker's metrics file.
@@ -99,6 +101,9 @@ struct ControlHandler {
     vcpu_counters: Vec<Arc<VcpuCounters>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    i8042: Arc<Mutex<I8042>>,
+    /// Fires every `metrics_flush_every`, when a metrics file is set.
+    flush_timer: Option<TimerFd>,
 }
 
 impl ControlHandler {
@@ -159,9 +164,22 @@ impl MutEventSubscriber for ControlHandler {
         if let Err(e) = ops.add(Events::new(&self.control.wake, EventSet::IN)) {
             tracing::error!(error = ?e, "cannot watch the control API");
         }
+        if let Some(timer) = &self.flush_timer {
+            if let Err(e) = ops.add(Events::new(timer, EventSet::IN)) {
+                tracing::error!(error = ?e, "cannot watch the metrics flush timer");
+            }
+        }
     }
 
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(timer) = self.flush_timer.as_mut().filter(|t| t.as_raw_fd() == events.fd()) {
+            let _ = timer.wait();
+            let m = self.metrics();
+            if let Err(e) = flush_metrics(self.control.metrics_file.as_mut(), &m) {
+                tracing::warn!(error = %e, "periodic metrics flush failed");
+            }
+            return;
+        }
         let _ = self.control.wake.read();
         while let Ok(request) = self.control.requests.try_recv() {
             match request {
@@ -187,6 +205,11 @@ impl MutEventSubscriber for ControlHandler {
                 ApiRequest::FlushMetrics { reply } => {
                     let m = self.metrics();
                     let _ = reply.send(flush_metrics(self.control.metrics_file.as_mut(), &m));
+                }
+                ApiRequest::SendCtrlAltDel { reply } => {
+                    let result = self.i8042.lock().unwrap_or_else(|p| p.into_inner()).send_ctrl_alt_del();
+                    tracing::info!(ok = result.is_ok(), "ctrl-alt-del sent to the guest");
+                    let _ = reply.send(result.map_err(|e| format!("Cannot send Ctrl+Alt+Del: {e}.")));
                 }
                 ApiRequest::MetricsFile { reply, .. } => {
                     let _ = reply.send(Err("The requested operation is not supported after starting the microVM.".into()));
@@ -341,7 +364,7 @@ impl MutEventSubscriber for StdinForwarder {
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
 /// the guest's serial port; `control` connects the control API.
 pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: Seccomp) -> Result<VcpuStop, RunError> {
-    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, reset_requested, machine, backing, generation, virtio, pio, mmio, .. } = vm;
+    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, reset_requested, i8042, machine, backing, generation, virtio, pio, mmio, .. } = vm;
     let vcpu_counters: Vec<_> = vcpus.iter().map(|v| v.counters.clone()).collect();
     let devices: Vec<_> = virtio.iter().map(|s| (s.spec.clone(), s.transport.clone())).collect();
     let start_paused = vcpus.iter().any(|v| v.start_paused);
@@ -372,6 +395,12 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
     let _kept;
     match control {
         Some(control) => {
+            // A timer only where there is a file to flush to; failing to make one loses only the
+            // periodic flush (FlushMetrics still works).
+            let flush_timer = match (&control.metrics_file, control.metrics_flush_every) {
+                (Some(_), Some(every)) => TimerFd::new().ok().and_then(|mut t| t.reset(every, Some(every)).ok().map(|_| t)),
+                _ => None,
+            };
             em.add_subscriber(Box::new(ControlHandler {
                 control,
                 vcpus: handles,
@@ -386,6 +415,8 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
                 vcpu_counters,
                 pio,
                 mmio,
+                i8042,
+                flush_timer,
             }));
         }
         None => {

@@ -132,6 +132,71 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     wait_count(&lines, next + 1);
 }
 
+/// With a metrics file set, the counters are appended on a timer too (Firecracker: every 60 s;
+/// here every second), without any FlushMetrics action.
+#[test]
+fn metrics_are_flushed_periodically_once_a_metrics_file_is_set() {
+    if !kvm_available() {
+        return;
+    }
+    let file = std::env::temp_dir().join(format!("shoal-metrics-periodic-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let mut vm = Vmm::start_with("periodic", &std::env::temp_dir(), &["--metrics-flush-secs", "1"]);
+    let lines = stdout_lines(&mut vm.child);
+    let mut s = vm.connect();
+    assert_eq!(call(&mut s, "PUT", "/metrics", &format!(r#"{{"metrics_path": "{}"}}"#, file.display())).0, 204);
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display());
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    wait_count(&lines, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let flushed = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let n = text.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
+        if n >= 3 || std::time::Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(flushed >= 3, "{flushed} periodic flushes in 30 s");
+    drop(s);
+    drop(vm);
+    let _ = std::fs::remove_file(&file);
+}
+
+/// `SendCtrlAltDel` presses Ctrl+Alt+Del on the guest's i8042 keyboard: the counter probe polls
+/// it and prints the scan codes (set 2: Ctrl 0x14, Alt 0x11, Del 0xe0 0x71).
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_keyboard() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = Vmm::start("cad");
+    let lines = stdout_lines(&mut vm.child);
+    let mut s = vm.connect();
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    let (code, body) = call(&mut s, "PUT", "/actions", cad);
+    assert_eq!((code, fault(&body).as_str()), (400, "The microVM is not running."));
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display());
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    wait_count(&lines, 1);
+    assert_eq!(call(&mut s, "PUT", "/actions", cad), (204, String::new()));
+    let mut keys = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while keys.len() < 4 && std::time::Instant::now() < deadline {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(500)) {
+            if let Some(k) = line.trim().strip_prefix("key=") {
+                keys.push(k.parse::<u8>().unwrap());
+            }
+        }
+    }
+    assert_eq!(keys, [0x14, 0x11, 0xe0, 0x71]);
+    // The guest keeps running.
+    let after = wait_count(&lines, 1);
+    wait_count(&lines, after + 1);
+}
+
 /// Firecracker's snapshot guide, request for request (its relative paths, resolved in the
 /// VMM's working directory): pause, create a full snapshot, resume, stop; a second VMM loads
 /// the snapshot paused, resumes, and the guest's counter carries on from the snapshot.

@@ -222,6 +222,8 @@ pub enum Outcome {
     Start(VmConfig),
     /// Ask the VMM thread to pause (true) or resume (false) the running microVM.
     SetPaused(bool),
+    /// Ask the VMM thread to press Ctrl+Alt+Del on the guest's keyboard.
+    SendCtrlAltDel,
     /// Ask the VMM thread to snapshot the paused microVM.
     CreateSnapshot { kind: SnapshotKind, state_path: std::path::PathBuf, mem_path: std::path::PathBuf },
     /// Ask the VMM thread to build the microVM from a snapshot; reply 204 if it does.
@@ -332,9 +334,10 @@ impl ApiState {
                     Err(r) => r,
                 },
                 Ok(InstanceAction { action_type: ActionType::FlushMetrics }) => return Outcome::FlushMetrics,
-                Ok(InstanceAction { action_type: ActionType::SendCtrlAltDel }) => {
-                    Response::fault(400, "SendCtrlAltDel is not supported by shoal-vmm yet.")
+                Ok(InstanceAction { action_type: ActionType::SendCtrlAltDel }) if !started => {
+                    Response::fault(400, "The microVM is not running.")
                 }
+                Ok(InstanceAction { action_type: ActionType::SendCtrlAltDel }) => return Outcome::SendCtrlAltDel,
                 Err(r) => r,
             },
             ("PATCH", "/vm") => match parse_body::<VmStateRequest>(req) {

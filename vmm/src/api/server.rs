@@ -58,6 +58,8 @@ pub enum ApiRequest {
     MetricsFile { path: PathBuf, reply: Sender<Result<(), String>> },
     /// Append the counters to the metrics file.
     FlushMetrics { reply: Sender<Result<(), String>> },
+    /// Press Ctrl+Alt+Del on the guest's keyboard.
+    SendCtrlAltDel { reply: Sender<Result<(), String>> },
 }
 
 /// The API thread's line to the VMM thread: requests, and an eventfd that wakes the VMM's
@@ -235,6 +237,7 @@ fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Vm
                     Outcome::Metrics { prometheus } => (metrics(prometheus, starts), None),
                     Outcome::MetricsFile(path) => (ask(starts, |reply| ApiRequest::MetricsFile { path, reply }), None),
                     Outcome::FlushMetrics => (ask(starts, |reply| ApiRequest::FlushMetrics { reply }), None),
+                    Outcome::SendCtrlAltDel => (ask(starts, |reply| ApiRequest::SendCtrlAltDel { reply }), None),
                     Outcome::Logger { level, path } => (ask(starts, |reply| ApiRequest::Logger { level, path, reply }), None),
                 };
                 drop(st);

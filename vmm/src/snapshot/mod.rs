@@ -332,7 +332,7 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     vm.setup_irqchip()?;
     vm.restore_state(&state.vm)?;
 
-    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio } = crate::builder::attach_legacy(&vm, console, Some(&state.serial))?;
+    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio, i8042 } = crate::builder::attach_legacy(&vm, console, Some(&state.serial))?;
 
     let mut specs: Vec<DeviceSpec> = state.devices.iter().map(|(spec, _)| spec.clone()).collect();
     for o in &options.net_overrides {
@@ -383,6 +383,7 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
         virtio,
         guest_panicked,
         reset_requested,
+        i8042,
         machine: state.machine,
         backing: MemoryBacking::File { path: mem_path.to_owned(), file },
         generation: state.generation + 1,

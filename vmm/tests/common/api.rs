@@ -21,9 +21,23 @@ impl Vmm {
 
     /// Starts with `dir` as the working directory (relative paths in requests resolve there).
     pub fn start_in(tag: &str, dir: &Path) -> Vmm {
+        Vmm::start_with(tag, dir, &[])
+    }
+
+    /// Starts with extra command-line arguments.
+    pub fn start_with(tag: &str, dir: &Path, args: &[&str]) -> Vmm {
         let sock = std::env::temp_dir().join(format!("shoal-api-{tag}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new(vmm()).current_dir(dir).arg("--api-sock").arg(&sock).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let child = Command::new(vmm())
+            .current_dir(dir)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let start = Instant::now();
         while !sock.exists() {
             assert!(start.elapsed() < Duration::from_secs(10), "API socket never appeared");

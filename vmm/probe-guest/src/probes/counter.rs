@@ -3,6 +3,9 @@
 //! it carries on after a snapshot restore. The count lives in guest memory (not a register),
 //! so a restore with stale memory shows as a count that goes back.
 //!
+//! Bytes from the i8042 keyboard (polled; its interrupt stays masked at the PIC) are printed as
+//! `key=N`, so a test can press Ctrl+Alt+Del through the API and see the scan codes arrive.
+//!
 //! If the first virtio device is vsock, the probe prints its CID (`vsock cid=N`) and keeps an
 //! event buffer posted; when the device sends TRANSPORT_RESET (it does after a restore) the
 //! probe reads the CID again and prints `vsock reset cid=N`, as a Linux driver would.
@@ -30,6 +33,9 @@ pub extern "C" fn probe_main(_boot_params: u64) -> ! {
         let count = COUNT.load(Ordering::SeqCst) + 1;
         COUNT.store(count, Ordering::SeqCst);
         say!("count=", count);
+        while common::inb(0x64) & 1 != 0 {
+            say!("key=", u64::from(common::inb(0x60)));
+        }
         if let Some(v) = vsock.as_mut() {
             v.check_events();
         }
