@@ -70,6 +70,8 @@ fn boot_job() -> Job {
     // The same with an ext4 root on virtio-blk, the rng and virtio-net on tap0: the disk and
     // the network work after the restore, where eth0 is moved to tap1 (network overrides).
     script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img tap0 tap1; rm -rf /tmp/snapshot-disk\n");
+    // Ctrl+Alt+Del through the API reboots the guest, which ends the VMM with status 0.
+    script.push_str("run_case cad ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad\n");
     script.push_str("echo \"SHOAL-SERVER-MEMORY $(free -m | grep Mem:)\"\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.
@@ -135,6 +137,10 @@ fn check(run: &Run) -> Vec<String> {
     if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged {
         failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
     }
+    let cad = run.case("cad");
+    if cad.exit != Some(0) || !cad.has_line("cad_job result=ok") {
+        failures.push(format!("cad: exit {:?}, output {:?}", cad.exit, cad.output));
+    }
     let panic = run.case("panic");
     if !panic.has("boot_timer exit=2") || !panic.has("shoal-vmm: guest kernel panicked") {
         failures.push(format!("panic: output {:?}", panic.output.iter().rev().take(5).collect::<Vec<_>>()));
@@ -151,6 +157,9 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
         if let Some(ms) = run.case(name).output.iter().find_map(|l| l.strip_prefix("boot_timer marker_ms=").map(str::to_string)) {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
+    }
+    for line in run.case("cad").output.iter().filter(|l| l.starts_with("cad_job")) {
+        println!("{line} ({mode:?})");
     }
     for line in run.case("snapshot").output.iter().chain(run.case("snapshot-disk").output.iter()).filter(|l| l.starts_with("snapshot_job")) {
         println!("{line} ({mode:?})");

@@ -9,6 +9,11 @@
 //! that the first restored guest's console carries on the count (no reset, no skip), and
 //! prints `snapshot_job ...` figures: create time, spawn -> the restored guest's next output.
 //! Last line: `snapshot_job result=ok` or `snapshot_job result=FAIL: why`.
+//!
+//! `shoal-snapshot-job cad VMM KERNEL INITRD WORKDIR`: boots the same guest under the API,
+//! presses Ctrl+Alt+Del through `PUT /actions {"action_type": "SendCtrlAltDel"}` and expects
+//! the guest kernel to reboot, which ends the VMM with status 0. Last line: `cad_job result=ok`
+//! or `cad_job result=FAIL: why`.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -201,8 +206,64 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
     Ok(())
 }
 
+/// Boots the counter guest, sends Ctrl+Alt+Del, and waits for the VMM to exit 0.
+fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
+    let sock = work.join("cad.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(vmm).arg("--api-sock").arg(&sock).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
+    let console = Console::capture(&mut child);
+    let result = (|| {
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err("API socket never appeared".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
+        let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display());
+        call(&sock, "PUT", "/boot-source", &boot)?;
+        call(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
+        if !console.wait(Duration::from_secs(120), |c| c.counts().len() >= 3) {
+            return Err(format!("the guest never counted; console: {}", console.text()));
+        }
+        let pressed = Instant::now();
+        call(&sock, "PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#)?;
+        while pressed.elapsed() < Duration::from_secs(120) {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                let ms = pressed.elapsed().as_secs_f64() * 1000.0;
+                println!("cad_job vmm_exit={:?} press_to_exit_ms={ms:.0}", status.code());
+                return if status.code() == Some(0) { Ok(()) } else { Err(format!("the VMM exited with {status}")) };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("the guest did not reboot within 120 s; console tail: {}", console.text().lines().rev().take(5).collect::<Vec<_>>().join(" | ")))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("cad") {
+        if args.len() != 5 {
+            eprintln!("usage: shoal-snapshot-job cad VMM KERNEL INITRD WORKDIR");
+            return ExitCode::from(2);
+        }
+        let p = |i: usize| PathBuf::from(&args[i]);
+        return match cad_job(&p(1), &p(2), &p(3), &p(4)) {
+            Ok(()) => {
+                println!("cad_job result=ok");
+                ExitCode::SUCCESS
+            }
+            Err(why) => {
+                println!("cad_job result=FAIL: {why}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if args.len() < 4 {
         eprintln!("usage: shoal-snapshot-job VMM KERNEL INITRD WORKDIR [RESTORES] [ROOT_IMAGE [TAP [RESTORE_TAP]]]");
         return ExitCode::from(2);
