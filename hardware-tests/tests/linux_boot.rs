@@ -47,6 +47,26 @@ cat /tmp/disk-vm.out
 exit $code
 ";
 
+/// The jail on a host like the node image: cgroup v2 (mounted here if the server has not) and a
+/// root that is the initramfs, which pivot_root refuses (the jail moves its directory over / and
+/// chroots instead). A Linux guest counts inside; its cgroup's limits and its view are read from
+/// outside, then SIGTERM ends it and the cgroup goes.
+const JAIL_CASE: &str = r"set -u
+grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || { mkdir -p /sys/fs/cgroup; mount -t cgroup2 none /sys/fs/cgroup; }
+echo 'SHOAL-JAIL controllers='$(cat /sys/fs/cgroup/cgroup.controllers | tr ' ' ,)
+mkdir -p /tmp/jail && cp vmlinux initramfs.cpio /tmp/jail/
+./shoal-vmm --jail /tmp/jail --uid 65534 --gid 65534 --jail-id v2 --cgroup cpus=1,mem-mib=256,pids=64 --kernel /vmlinux --initrd /initramfs.cpio --mem-mib 128 --cmdline 'console=ttyS0 quiet reboot=k panic=-1 shoal.test=counter' > /tmp/jail.out 2>&1 &
+vm=$!
+i=0; while ! grep -q 'count=3' /tmp/jail.out && [ $i -lt 240 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
+cg=/sys/fs/cgroup/shoal-vmm/v2
+echo SHOAL-JAIL counting=$(grep -c count= /tmp/jail.out) memory.max=$(cat $cg/memory.max) pids.max=$(cat $cg/pids.max) cpu.max=$(tr ' ' / < $cg/cpu.max)
+child=$(head -1 $cg/cgroup.procs)
+echo SHOAL-JAIL uid=$(awk '/^Uid:/{print $2}' /proc/$child/status) root=$(ls /proc/$child/root | tr '\n' ,)
+kill $vm; wait $vm; code=$?
+echo SHOAL-JAIL exit=$code cgroup=$([ -d $cg ] && echo left || echo removed)
+tail -3 /tmp/jail.out
+";
+
 fn boot_job() -> Job {
     let mut script = String::new();
     for (kernel, vcpus) in [("vmlinux", 1), ("vmlinux", 2), ("bzImage", 1), ("bzImage", 2)] {
@@ -70,6 +90,10 @@ fn boot_job() -> Job {
     // The same with an ext4 root on virtio-blk, the rng and virtio-net on tap0: the disk and
     // the network work after the restore, where eth0 is moved to tap1 (network overrides).
     script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img tap0 tap1; rm -rf /tmp/snapshot-disk\n");
+    script.push_str("cat > jail-case.sh <<'EOF'\n");
+    script.push_str(JAIL_CASE);
+    script.push_str("EOF\n");
+    script.push_str("run_case jail-v2 sh jail-case.sh\n");
     // Ctrl+Alt+Del through the API reboots the guest, which ends the VMM with status 0.
     script.push_str("run_case cad ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad\n");
     script.push_str("echo \"SHOAL-SERVER-MEMORY $(free -m | grep Mem:)\"\n");
@@ -137,6 +161,17 @@ fn check(run: &Run) -> Vec<String> {
     if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged {
         failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
     }
+    let jail = run.case("jail-v2");
+    let want = [
+        "memory.max=268435456 pids.max=64 cpu.max=100000/100000",
+        "uid=65534 root=dev,initramfs.cpio,proc,vmlinux,",
+        "exit=143 cgroup=removed",
+    ];
+    let counting = jail.output.iter().any(|l| l.strip_prefix("SHOAL-JAIL counting=").and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n >= 3));
+    let missing: Vec<_> = want.iter().filter(|w| !jail.output.iter().any(|l| l.starts_with("SHOAL-JAIL ") && l.contains(*w))).collect();
+    if !counting || !missing.is_empty() {
+        failures.push(format!("jail-v2: counting {counting}, missing {missing:?}, output {:?}", jail.output));
+    }
     let cad = run.case("cad");
     if cad.exit != Some(0) || !cad.has_line("cad_job result=ok") {
         failures.push(format!("cad: exit {:?}, output {:?}", cad.exit, cad.output));
@@ -157,6 +192,9 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
         if let Some(ms) = run.case(name).output.iter().find_map(|l| l.strip_prefix("boot_timer marker_ms=").map(str::to_string)) {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
+    }
+    for line in run.case("jail-v2").output.iter().filter(|l| l.starts_with("SHOAL-JAIL")) {
+        println!("{line} ({mode:?})");
     }
     for line in run.case("cad").output.iter().filter(|l| l.starts_with("cad_job")) {
         println!("{line} ({mode:?})");

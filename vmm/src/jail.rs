@@ -342,9 +342,26 @@ fn pivot(root: &Path) -> Result<(), JailError> {
     let old = CString::new(".").unwrap_or_default();
     // SAFETY: pivot_root(".", ".") stacks the old root under the new one (no directory
     // needed); both arguments are NUL-terminated strings.
-    check(unsafe { libc::syscall(libc::SYS_pivot_root, old.as_ptr(), old.as_ptr()) } as libc::c_int, "pivot_root into the jail")?;
+    let pivoted = unsafe { libc::syscall(libc::SYS_pivot_root, old.as_ptr(), old.as_ptr()) } as libc::c_int;
+    if pivoted < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        return move_root();
+    }
+    check(pivoted, "pivot_root into the jail")?;
     // SAFETY: "." now holds the old root stacked on the new one; detaching it unmounts it.
     check(unsafe { libc::umount2(old.as_ptr(), libc::MNT_DETACH) }, "detach the host's root")?;
+    std::env::set_current_dir("/").map_err(sys("enter the jail's root"))
+}
+
+/// A host running from its initramfs (a PXE-booted node) has rootfs as its root, which
+/// pivot_root refuses. There the jail directory (the current directory) is moved over / and the
+/// process chroots into it, as switch_root and runc's no-pivot mode do. The host's files stay
+/// mounted underneath, out of reach: leaving a chroot takes CAP_SYS_CHROOT, which the uid drop
+/// removes, and the mount namespace is the jail's own.
+fn move_root() -> Result<(), JailError> {
+    mount(Some("."), Path::new("/"), None, libc::MS_MOVE, None)?;
+    let dot = CString::new(".").unwrap_or_default();
+    // SAFETY: dot is a NUL-terminated path.
+    check(unsafe { libc::chroot(dot.as_ptr()) }, "chroot into the jail")?;
     std::env::set_current_dir("/").map_err(sys("enter the jail's root"))
 }
 
