@@ -73,7 +73,7 @@ fn every_documented_operation_is_served_as_documented() {
             let response = match state.handle(&req) {
                 Outcome::Reply(r) => r,
                 // Handed to the VMM thread, which answers 204 when it succeeds.
-                Outcome::SetPaused(_) | Outcome::CreateSnapshot { .. } | Outcome::LoadSnapshot(_) | Outcome::MetricsFile(_) | Outcome::FlushMetrics | Outcome::Logger { .. } => {
+                Outcome::SetPaused(_) | Outcome::CreateSnapshot { .. } | Outcome::LoadSnapshot(_) | Outcome::MetricsFile(_) | Outcome::FlushMetrics | Outcome::SendCtrlAltDel | Outcome::Logger { .. } => {
                     shoal_vmm::api::http::Response::no_content()
                 }
                 Outcome::Metrics { prometheus: true } => shoal_vmm::api::http::Response::prometheus(MetricsSnapshot::default().to_prometheus()),
