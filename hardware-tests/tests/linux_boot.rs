@@ -35,13 +35,18 @@ for t in tap0 tap1; do tunctl -t $t >/dev/null && brctl addif br0 $t && ip link 
 ";
 
 /// The disk case: ext4 root, a read-only disk, the rng and a network link. While the guest
-/// waits, the server pings it and then tells it to finish over TCP.
-const DISK_CASE: &str = "./shoal-vmm --kernel vmlinux --cmdline 'console=ttyS0 quiet reboot=k panic=-1 root=/dev/vda rw init=/init shoal.test=disk' \\
+/// waits, the server pings it and then tells it to finish over TCP; then 4 MiB go each way
+/// over TCP (with the checksum and segmentation offloads the guest negotiated).
+const DISK_CASE: &str = "(sleep 300 | nc -l -p 8 > /tmp/bulk.in) &
+./shoal-vmm --kernel vmlinux --cmdline 'console=ttyS0 quiet reboot=k panic=-1 root=/dev/vda rw init=/init shoal.test=disk' \\
   --disk path=root.img,id=root --disk path=ro.img,ro --rng --net tap=tap0,mac=02:00:00:00:00:02 > /tmp/disk-vm.out 2>&1 &
 vm=$!
-i=0; while ! grep -q 'net: eth0 up' /tmp/disk-vm.out && [ $i -lt 240 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
+i=0; while ! grep -q 'net: eth0 up' /tmp/disk-vm.out 2>/dev/null && [ $i -lt 240 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
 if ping -c 3 -W 10 10.0.2.2 > /tmp/ping.out 2>&1; then echo 'SHOAL-NET-CHECK ping=ok'; else echo 'SHOAL-NET-CHECK ping=failed'; cat /tmp/ping.out; fi
 i=0; while ! echo done | timeout 5 nc 10.0.2.2 7 2>/dev/null && [ $i -lt 10 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
+i=0; while ! grep -q 'net: sent to host' /tmp/disk-vm.out && [ $i -lt 240 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
+echo \"SHOAL-NET-CHECK bulk-in=$(wc -c < /tmp/bulk.in)\"
+i=0; while ! dd if=/dev/zero bs=1024 count=4096 2>/dev/null | timeout 60 nc 10.0.2.2 9 2>/dev/null && [ $i -lt 20 ] && kill -0 $vm 2>/dev/null; do sleep 0.5; i=$((i+1)); done
 wait $vm; code=$?
 cat /tmp/disk-vm.out
 exit $code
@@ -140,7 +145,10 @@ fn check(run: &Run) -> Vec<String> {
         "disk: rng=virtio_rng.0 bytes=64",
         "net: eth0 up mac=02:00:00:00:00:02",
         "SHOAL-NET-CHECK ping=ok",
+        "net: offloads=111111",
         "net: host says done",
+        "SHOAL-NET-CHECK bulk-in=4194304",
+        "net: host-to-guest bytes=4194304",
     ];
     let missing: Vec<_> = want.iter().filter(|w| !disk.has_line(w)).collect();
     if disk.exit != Some(0) || !missing.is_empty() {

@@ -135,3 +135,35 @@ fn the_host_filesystem_is_not_visible_from_the_jail() {
     assert!(text(&out.stderr).contains("--uid"), "{}", text(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--netns` puts the jailed VMM in an existing network namespace: a tap that exists only there
+/// (owned by the jail's uid, as netstack will create them) is opened by the jailed VMM, and the
+/// child's network namespace is that one.
+#[test]
+fn a_jailed_vmm_joins_the_network_namespace_it_is_given_and_opens_its_tap_there() {
+    if !jail_possible() {
+        return;
+    }
+    let netns = format!("shoal-jail-{}", std::process::id());
+    let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+    let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).status();
+    ip(&["netns", "add", &netns]);
+    ip(&["-n", &netns, "tuntap", "add", "dev", "jtap0", "mode", "tap", "user", "65534", "group", "65534"]);
+    let dir = jail_dir("netns");
+    std::fs::copy(probe("counter"), dir.join("counter.elf")).unwrap();
+    let ns_path = format!("/run/netns/{netns}");
+    let vm = spawn_vmm(&["--jail", dir.to_str().unwrap(), "--uid", "65534", "--gid", "65534", "--netns", &ns_path, "--net", "tap=jtap0", "--kernel", "/counter.elf"]);
+    let (ok, lines) = vm.wait_for(Duration::from_secs(30), |l| l.iter().any(|l| l == "count=2"));
+    let parent = vm.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap_or_default();
+    let child = children.split_whitespace().next().map(str::to_string);
+    let child_net = child.as_deref().map(|c| ns(c, "net"));
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(&ns_path).unwrap().ino();
+    drop(vm);
+    let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).status();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(ok, "the jailed guest runs with a tap from the namespace: {lines:?}");
+    assert_eq!(child_net.map(|p| p.to_string_lossy().into_owned()), Some(format!("net:[{want}]")), "the jailed VMM's network namespace");
+    assert_ne!(ns("self", "net").to_string_lossy(), format!("net:[{want}]"));
+}

@@ -23,6 +23,33 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const F_MAC: u64 = 1 << 5;
+/// The device takes frames with a partial checksum (the host completes it).
+const F_CSUM: u64 = 1 << 0;
+/// The driver takes frames with a partial checksum.
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+/// The device takes TCP segmentation offload frames (the tap segments them).
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+/// The offloads offered: Linux negotiates all of them, and the tap carries them both ways in the
+/// virtio-net header.
+const OFFLOADS: u64 = F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6;
+
+/// What the tap may hand the guest, from the offloads the driver acknowledged (TUNSETOFFLOAD).
+pub fn tap_offloads(acked: u64) -> u32 {
+    let mut flags = 0;
+    if acked & F_GUEST_CSUM != 0 {
+        flags |= tap::TUN_F_CSUM;
+        if acked & F_GUEST_TSO4 != 0 {
+            flags |= tap::TUN_F_TSO4;
+        }
+        if acked & F_GUEST_TSO6 != 0 {
+            flags |= tap::TUN_F_TSO6;
+        }
+    }
+    flags
+}
 /// Largest frame with its header: 64 KiB IP datagram plus Ethernet and VLAN headers.
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 
@@ -95,7 +122,18 @@ impl VirtioNet {
                 Ok(mut reader) if (VNET_HDR_LEN..=MAX_FRAME).contains(&reader.available_bytes()) => {
                     let n = reader.available_bytes();
                     use std::io::Read;
-                    (reader.read_exact(&mut self.buf[..n]).is_ok() && self.backend.write_frame(&self.buf[..n]).is_ok()).then_some(n)
+                    match reader.read_exact(&mut self.buf[..n]).map(|_| self.backend.write_frame(&self.buf[..n])) {
+                        Ok(Ok(())) => Some(n),
+                        Ok(Err(e)) => {
+                            // Counted per frame; logged once per power of two so a guest cannot flood the log.
+                            let errors = self.counters.errors.load(Ordering::Relaxed) + 1;
+                            if errors.is_power_of_two() {
+                                tracing::warn!(error = %e, len = n, errors, "tap refused a frame from the guest");
+                            }
+                            None
+                        }
+                        Err(_) => None,
+                    }
                 }
                 _ => None,
             };
@@ -193,7 +231,7 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_MAC
+        VIRTIO_F_VERSION_1 | F_MAC | OFFLOADS
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -204,9 +242,15 @@ impl VirtioDevice for VirtioNet {
         read_config_bytes(&config, offset, data);
     }
 
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>, _acked: u64) -> Result<(), ActivateError> {
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>, acked: u64) -> Result<(), ActivateError> {
         if queues.len() != 2 {
             return Err(ActivateError::BadQueue(queues.len()));
+        }
+        // Only hand the guest what it said it can take: a tap with TSO on delivers 64 KiB
+        // frames a driver without GUEST_TSO would drop.
+        if let Err(e) = self.backend.set_offloads(tap_offloads(acked)) {
+            tracing::warn!(error = %e, "cannot set the tap's offloads; large or partially checksummed frames may be dropped");
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.active = Some(ActiveQueues { mem, queues, irq });
         // Frames that arrived before the driver was up can go in now.
@@ -264,6 +308,7 @@ mod tests {
     struct Wire {
         to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
         from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
+        offloads: Arc<Mutex<Option<u32>>>,
     }
 
     impl NetBackend for Wire {
@@ -279,6 +324,29 @@ mod tests {
         fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
             None
         }
+        fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {
+            *self.offloads.lock().unwrap() = Some(flags);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_tap_gets_exactly_the_offloads_the_driver_acknowledged() {
+        let dev = VirtioNet::new(Box::new(Wire::default()), [2, 0, 0, 0, 0, 1]);
+        assert_eq!(dev.features() & OFFLOADS, OFFLOADS, "csum and TSO are offered");
+        assert_eq!(tap_offloads(VIRTIO_F_VERSION_1), 0);
+        assert_eq!(tap_offloads(F_GUEST_TSO4 | F_GUEST_TSO6), 0, "TSO frames need checksum offload too");
+        assert_eq!(tap_offloads(F_GUEST_CSUM), tap::TUN_F_CSUM);
+        assert_eq!(tap_offloads(F_GUEST_CSUM | F_GUEST_TSO4 | F_HOST_TSO6), tap::TUN_F_CSUM | tap::TUN_F_TSO4);
+        assert_eq!(tap_offloads(OFFLOADS), tap::TUN_F_CSUM | tap::TUN_F_TSO4 | tap::TUN_F_TSO6);
+        // Activation applies them to the backend.
+        let mem = memory();
+        let wire = Wire::default();
+        let mut dev = VirtioNet::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+        let (rxq, txq) = (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16));
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.activate(mem.clone(), vec![queue(&rxq), queue(&txq)], irq, VIRTIO_F_VERSION_1 | F_GUEST_CSUM | F_GUEST_TSO4).unwrap();
+        assert_eq!(*wire.offloads.lock().unwrap(), Some(tap::TUN_F_CSUM | tap::TUN_F_TSO4));
     }
 
     fn queue(q: &TestQueue) -> Queue {

@@ -10,6 +10,11 @@ use std::os::fd::{AsRawFd, RawFd};
 /// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
 pub const VNET_HDR_LEN: usize = 12;
 
+// TUNSETOFFLOAD flags: what the kernel may hand us (and so the guest) in the virtio-net header.
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+
 /// Where frames go and come from (a tap in the VMM; a queue of frames in tests).
 pub trait NetBackend: Send {
     /// Reads one frame (with its virtio-net header); WouldBlock when none is waiting.
@@ -18,6 +23,10 @@ pub trait NetBackend: Send {
     fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()>;
     /// The descriptor the event loop watches for incoming frames.
     fn raw_fd(&self) -> Option<RawFd>;
+    /// Which offloads (TUN_F_*) the frames read from the backend may carry.
+    fn set_offloads(&mut self, _flags: u32) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A tap device.
@@ -33,7 +42,11 @@ impl Tap {
         if name.is_empty() || name.len() > 15 || name.contains('/') {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid tap name `{name}`")));
         }
-        if !std::path::Path::new("/sys/class/net").join(name).exists() {
+        // Asked of the kernel, not of /sys: a jailed VMM has no /sys, and the tap lives in the
+        // VMM's network namespace, which may not be the one /sys shows.
+        let c_name = std::ffi::CString::new(name).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid tap name `{name}`")))?;
+        // SAFETY: c_name is a NUL-terminated string.
+        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("tap {name} does not exist (shoal-vmm opens taps, it does not create them)")));
         }
         let file = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open("/dev/net/tun")?;
@@ -66,5 +79,13 @@ impl NetBackend for Tap {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is our tap.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD as _, flags as libc::c_ulong) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
