@@ -28,7 +28,7 @@ use crate::devices::bus::Bus;
 use crate::metrics::{DeviceMetrics, MetricsSnapshot, VcpuMetrics};
 use crate::vstate::vcpu::{VcpuCounters, register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuState, VcpuStop};
 use crate::vstate::vm::Vm;
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// How long a vCPU may take to acknowledge a pause or resume.
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(2);

@@ -3,7 +3,8 @@
 //! indexes, and buffer contents are all attacker-chosen.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use shoal_vmm::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 pub const QUEUE_SIZE: u16 = 16;
 

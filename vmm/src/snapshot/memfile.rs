@@ -18,7 +18,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::vstate::memory::{total_size, MemoryBacking};
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::builder::{DeviceSpec, LegacyDevices, MicroVm};
 use crate::devices::virtio::mmio::TransportSaved;
@@ -125,8 +125,6 @@ pub enum SnapshotError {
     NotADiff { path: PathBuf },
     #[error("override: {0}")]
     Override(String),
-    #[error("diff snapshots of microVMs with virtio devices are not supported yet (the devices' writes to guest memory are not tracked); take a full snapshot")]
-    DiffWithDevices,
     #[error("virtio device {index}: {why}")]
     Device { index: usize, why: String },
     #[error(transparent)]
@@ -164,11 +162,6 @@ pub fn create(src: &SnapshotSource, vcpus: Vec<VcpuState>, kind: SnapshotKind, s
     if kind == SnapshotKind::Diff && !src.machine.track_dirty_pages {
         return Err(SnapshotError::DiffWithoutTracking);
     }
-    if kind == SnapshotKind::Diff && !src.devices.is_empty() {
-        // virtio devices write guest memory behind KVM's back: their pages are not in the
-        // dirty log, so a diff would miss them.
-        return Err(SnapshotError::DiffWithDevices);
-    }
     let vm_state = src.vm.save_state()?;
     let supported = src.vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(SnapshotError::Cpuid)?;
     let serial = src.serial.lock().unwrap_or_else(|p| p.into_inner()).save();
@@ -179,10 +172,18 @@ pub fn create(src: &SnapshotSource, vcpus: Vec<VcpuState>, kind: SnapshotKind, s
                 // The next diff starts from here.
                 src.vm.take_dirty_log(src.mem)?;
             }
+            crate::vstate::memory::take_device_dirty(src.mem);
             Vec::new()
         }
         SnapshotKind::Diff => {
-            let log = src.vm.take_dirty_log(src.mem)?;
+            // vCPU writes are in KVM's dirty log; device writes (virtio buffers, used rings)
+            // went through vm-memory, which marked them in the regions' bitmaps.
+            let mut log = src.vm.take_dirty_log(src.mem)?;
+            for (kvm, devices) in log.iter_mut().zip(crate::vstate::memory::take_device_dirty(src.mem)) {
+                for (k, d) in kvm.iter_mut().zip(devices) {
+                    *k |= d;
+                }
+            }
             memfile::write_diff(src.mem, &log, mem_path)?
         }
     };

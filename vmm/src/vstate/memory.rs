@@ -4,8 +4,17 @@
 //! with 2 MiB pages, and a guest touching its memory takes one nested page fault per 2 MiB
 //! instead of one per 4 KiB (that difference is large when KVM itself runs nested).
 
+use std::num::NonZeroUsize;
+
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::GuestAddress;
+
+/// Guest memory with a dirty-page bitmap that every write through vm-memory marks: devices
+/// write guest memory behind KVM's back, so a diff snapshot takes the union of KVM's dirty log
+/// (vCPU writes) and this bitmap (device writes).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 use crate::arch::x86_64::memory_regions;
 
@@ -108,9 +117,11 @@ fn map_layout(mem_size: u64, file: Option<std::os::fd::RawFd>) -> Result<GuestMe
         let size = usize::try_from(size).map_err(|_| MemoryError::TooLarge(mem_size >> 20))?;
         let ptr = map_guarded(size, file.map(|fd| (fd, file_offset)))?;
         file_offset += len;
+        let page = NonZeroUsize::new(page_size()).unwrap_or(NonZeroUsize::MIN);
+        let bitmap = AtomicBitmap::new(size, page);
         // SAFETY: `ptr` points to `size` bytes mapped read-write above that stay mapped for the
         // life of the process.
-        let region = unsafe { MmapRegionBuilder::new(size).with_raw_mmap_pointer(ptr) }
+        let region = unsafe { MmapRegionBuilder::new_with_bitmap(size, bitmap).with_raw_mmap_pointer(ptr) }
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
             .build()
@@ -118,6 +129,18 @@ fn map_layout(mem_size: u64, file: Option<std::os::fd::RawFd>) -> Result<GuestMe
         regions.push(GuestRegionMmap::new(region, addr).ok_or(MemoryError::TooLarge(mem_size >> 20))?);
     }
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Collection)
+}
+
+/// Takes (and clears) the pages devices wrote since the last call, one bitmap per region in KVM's
+/// dirty-log layout (bit n of the region's words = its page n).
+pub fn take_device_dirty(mem: &GuestMemoryMmap) -> Vec<Vec<u64>> {
+    use vm_memory::GuestMemoryBackend;
+    mem.iter()
+        .map(|r| {
+            let mapping: &vm_memory::MmapRegion<AtomicBitmap> = r;
+            mapping.bitmap().get_and_reset()
+        })
+        .collect()
 }
 
 /// Guest address of the first byte after the highest region.
@@ -130,6 +153,19 @@ pub fn guest_end(mem: &GuestMemoryMmap) -> GuestAddress {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn writes_through_vm_memory_are_marked_dirty_and_taking_them_clears_them() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let _ = take_device_dirty(&mem);
+        mem.write_obj(0xabu8, GuestAddress(0x5000)).unwrap();
+        mem.write_slice(&[1u8; 8192], GuestAddress(0x10_0ff8)).unwrap();
+        let dirty = take_device_dirty(&mem);
+        let pages: Vec<u64> = (0..64 * 64).filter(|p| dirty[0].get((p / 64) as usize).is_some_and(|w| w & (1 << (p % 64)) != 0)).collect();
+        assert_eq!(pages, vec![5, 0x100, 0x101, 0x102]);
+        assert!(take_device_dirty(&mem).iter().flatten().all(|w| *w == 0), "taken means cleared");
+    }
 
     #[test]
     fn regions_start_on_2_mib_boundaries() {

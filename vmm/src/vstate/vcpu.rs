@@ -20,7 +20,7 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, EntryMode};

@@ -7,7 +7,8 @@ use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::layout::{CMDLINE_MAX_SIZE, PVH_INFO_START, PVH_MEMMAP_START, ZERO_PAGE_START};
 use super::{low_memory_end, E820Entry};
@@ -254,7 +255,7 @@ mod tests {
 
     #[test]
     fn zero_page_and_pvh_info_land_in_guest_memory() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let e820 = e820_map(2 << 20);
         let params = build_boot_params(&BootInfo { setup_header: None, cmdline_addr: CMDLINE_START, cmdline_len: 3, initrd: None, e820: &e820 }).unwrap();
         write_boot_params(&mem, &params).unwrap();

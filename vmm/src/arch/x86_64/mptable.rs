@@ -1,7 +1,8 @@
 //! Intel MultiProcessor Specification 1.4 table: how a guest without ACPI finds its vCPUs,
 //! its IOAPIC and its interrupt routing. Built as bytes (no packed structs), written at the EBDA.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, EBDA_START, IOAPIC_ADDR};
 

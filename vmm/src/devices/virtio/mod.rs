@@ -21,7 +21,7 @@ pub mod testing;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device IDs (virtio 1.2, 5).

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::devices::rate_limiter::RateLimiter;
 

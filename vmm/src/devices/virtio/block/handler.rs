@@ -9,7 +9,7 @@
 
 use std::io::{Read, Write};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const T_IN: u32 = 0;

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::{read_config_bytes, ActivateError, DeviceCounters, IrqLine, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::RateLimiter;

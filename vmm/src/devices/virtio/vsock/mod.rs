@@ -32,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{read_config_bytes, ActivateError, ActiveQueues, DeviceCounters, IrqLine, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
