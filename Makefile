@@ -50,6 +50,9 @@ bench-snapshot: probes guest-kernel
 	@ci/ensure-packages.sh python3 qemu-system-x86 busybox-static cpio
 	@python3 ci/bench-snapshot.py $(VMM) $(PROBE_DIR)/spin.elf
 	@$(TARGET_DIR)/shoal-bench-linux-restore $(VMM) $(GUEST_DIR) $${LINUX_RESTORES:-20}
+	@# The userfaultfd experiment: loading memory through userfaultfd (on demand, or with the
+	@# working set prefetched) against MAP_PRIVATE, hot and cold page cache (needs root).
+	$(CARGO) bench --locked -p shoal-vmm --bench uffd
 
 # Device figures on this machine's KVM: a rate-limited disk's throughput against its limit.
 bench-devices: probes
