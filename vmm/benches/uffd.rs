@@ -12,6 +12,7 @@
 //!     each fault with UFFDIO_COPY from the file;
 //!   - `uffd_prefetch`: the same, with the recorded working set copied in before the first
 //!     touch (what a restore would do before resuming the vCPUs).
+//!
 //! Each with the memory file in the page cache (hot) and evicted from it (cold). Prints
 //! `name=value` lines (medians of 20 runs, milliseconds). Needs userfaultfd (root).
 #![allow(clippy::unwrap_used)] // a bench fails loudly by design
