@@ -131,6 +131,9 @@ impl NetNs {
             return None;
         }
         let ns = NetNs { name };
+        // No IPv6 on the tap: the kernel's own router solicitations and MLD reports would reach
+        // the guest before (or instead of) the test's frame.
+        let _ = ns.exec("sh").args(["-c", "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"]).stderr(Stdio::null()).status();
         assert!(ip(&["-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap"]));
         assert!(ip(&["-n", &ns.name, "link", "set", "tap0", "up"]));
         Some(ns)
