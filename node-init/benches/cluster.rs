@@ -106,10 +106,7 @@ fn main() {
         .map(|w| {
             let (done, stop, addr, token, hub) = (done.clone(), stop.clone(), addr.clone(), token.clone(), hub.clone());
             std::thread::spawn(move || {
-                let f = std::fs::File::open(format!("/run/netns/{hub}")).unwrap();
-                use std::os::fd::AsRawFd;
-                // SAFETY: moves only this worker thread into the bench's hub namespace.
-                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                support::enter_netns(&hub);
                 let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {

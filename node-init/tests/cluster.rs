@@ -221,10 +221,7 @@ fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_chan
     let sink = events.clone();
     let hub = net.hub().to_string();
     std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{hub}")).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: moves only this thread into the test's hub namespace.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        support::enter_netns(&hub);
         let resp = ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
         use std::io::BufRead;
         for line in std::io::BufReader::new(resp.into_reader()).lines() {
@@ -285,10 +282,7 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
         .map(|c| {
             let (stop, history, addrs, token, hub) = (stop.clone(), history.clone(), addrs.clone(), token.clone(), hub.clone());
             std::thread::spawn(move || {
-                let f = std::fs::File::open(format!("/run/netns/{hub}")).unwrap();
-                use std::os::fd::AsRawFd;
-                // SAFETY: moves only this client thread into the test's hub namespace.
-                assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                support::enter_netns(&hub);
                 let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
                 let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {

@@ -103,22 +103,34 @@ fn ping_guest() -> bool {
     Command::new("ping").args(["-c", "2", "-W", "10", "10.0.2.2"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>, taps: (Option<&str>, Option<&str>)) -> Result<(), String> {
-    // The tap the guest boots on, and the one its restores are moved to.
-    let (tap, restore_tap) = taps;
+/// Starts `VMM --api-sock WORK/SOCK_NAME` with its console captured; the socket is ready when
+/// `wait_for_socket` returns.
+fn spawn_api_vmm(vmm: &Path, work: &Path, sock_name: &str) -> Result<(Child, Console, PathBuf), String> {
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
-    let sock = work.join("api.sock");
+    let sock = work.join(sock_name);
     let _ = std::fs::remove_file(&sock);
     let mut child = Command::new(vmm).arg("--api-sock").arg(&sock).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
     let console = Console::capture(&mut child);
-    let result = (|| {
-        let t = Instant::now();
-        while !sock.exists() {
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err("API socket never appeared".to_string());
-            }
-            std::thread::sleep(Duration::from_millis(5));
+    Ok((child, console, sock))
+}
+
+fn wait_for_socket(sock: &Path) -> Result<(), String> {
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err("API socket never appeared".to_string());
         }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>, taps: (Option<&str>, Option<&str>)) -> Result<(), String> {
+    // The tap the guest boots on, and the one its restores are moved to.
+    let (tap, restore_tap) = taps;
+    let (mut child, console, sock) = spawn_api_vmm(vmm, work, "api.sock")?;
+    let result = (|| {
+        wait_for_socket(&sock)?;
         call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
         let boot = match root {
             None => format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display()),
@@ -208,19 +220,9 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
 
 /// Boots the counter guest, sends Ctrl+Alt+Del, and waits for the VMM to exit 0.
 fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
-    let sock = work.join("cad.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(vmm).arg("--api-sock").arg(&sock).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
-    let console = Console::capture(&mut child);
+    let (mut child, console, sock) = spawn_api_vmm(vmm, work, "cad.sock")?;
     let result = (|| {
-        let t = Instant::now();
-        while !sock.exists() {
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err("API socket never appeared".to_string());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_socket(&sock)?;
         call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
         let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display());
         call(&sock, "PUT", "/boot-source", &boot)?;

@@ -66,13 +66,9 @@ impl Net {
         &self.namespaces[0]
     }
 
-    /// Moves the calling thread into the hub namespace (each client thread calls this).
+    /// Moves the calling thread into the hub namespace.
     pub fn enter(&self) {
-        let f = std::fs::File::open(format!("/run/netns/{}", self.hub())).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        enter_netns(self.hub());
     }
 
     fn node_ns(&mut self, i: usize) -> String {
@@ -140,6 +136,16 @@ impl Net {
             }
         }
     }
+}
+
+/// Moves the calling thread into the named network namespace (each client thread calls this:
+/// a namespace is per thread).
+pub fn enter_netns(name: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 impl Drop for Net {
