@@ -16,6 +16,11 @@ use support::{agreed_status, logs, sorted, wait_for, Net, Node};
 
 const FORM: Duration = Duration::from_secs(30);
 
+/// Waits until the nodes agree on a leader and three voters; returns that status.
+fn three_voters(nodes: &[&Node]) -> serde_json::Value {
+    wait_for(FORM, "3 voters", || agreed_status(nodes).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)))
+}
+
 fn leader_index(nodes: &[&Node], status: &serde_json::Value) -> usize {
     let leader = status["leader_id"].as_str().unwrap();
     nodes.iter().position(|n| n.id() == leader).expect("the leader is one of the nodes")
@@ -124,7 +129,7 @@ fn a_partitioned_minority_cannot_commit_and_catches_up_after_healing() {
     let mut net = Net::new("p");
     let n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
     let refs: Vec<&Node> = n.iter().collect();
-    let st = wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)));
+    let st = three_voters(&refs);
     for i in 0..10 {
         n[i % 3].put(&format!("k{i}"), &format!("v{i}")).expect("writes before the partition");
     }
@@ -170,7 +175,7 @@ fn stopping_every_node_and_starting_again_keeps_state_and_identity() {
     let mut n: Vec<Node> = (0..3).map(|i| net.node(i, &["--snapshot-every", "20"])).collect();
     let before = {
         let refs: Vec<&Node> = n.iter().collect();
-        wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)))
+        three_voters(&refs)
     };
     for i in 0..60 {
         wait_for(Duration::from_secs(10), "a write", || n[i % 3].put(&format!("key{i}"), &format!("value{i}")).ok());
@@ -207,7 +212,7 @@ fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_chan
     let mut n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
     let st = {
         let refs: Vec<&Node> = n.iter().collect();
-        wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)))
+        three_voters(&refs)
     };
     let li = leader_index(&n.iter().collect::<Vec<_>>(), &st);
     let watched = (li + 1) % 3;
@@ -268,7 +273,7 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
     let n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
     {
         let refs: Vec<&Node> = n.iter().collect();
-        wait_for(FORM, "3 voters", || agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)));
+        three_voters(&refs);
     }
     let addrs: Vec<String> = n.iter().map(|x| x.addr()).collect();
     let token = n[0].token().to_string();
