@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 shoal.test=counter";
 
-/// Console bytes with the time the first one arrived.
+/// Console bytes with the time the first one arrived, and whether the VMM closed it (exited).
 #[derive(Clone, Default)]
-struct Console(Arc<Mutex<(Vec<u8>, Option<Instant>)>>);
+struct Console(Arc<Mutex<(Vec<u8>, Option<Instant>, bool)>>);
 
 impl Console {
     fn capture(child: &mut Child) -> Console {
@@ -43,6 +43,7 @@ impl Console {
                     g.1.get_or_insert_with(Instant::now);
                     g.0.extend_from_slice(&chunk[..n]);
                 }
+                c.0.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
             });
         }
         console
@@ -69,11 +70,19 @@ impl Console {
         complete.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix("disk-sync=")?.parse().ok())
     }
 
+    fn closed(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).2
+    }
+
+    /// Waits until `done` holds, `limit` passes or the VMM exits (nothing more can come).
     fn wait(&self, limit: Duration, done: impl Fn(&Console) -> bool) -> bool {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if done(self) {
                 return true;
+            }
+            if self.closed() {
+                break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -180,10 +189,13 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3 && (root.is_none() || c.disk_sync().is_some()));
         // With a network interface, the restored guest answers a ping (first restore only).
         let pinged = run > 0 || tap.is_none() || !ok || ping_guest();
+        // A VMM that ended by itself says how (a restored guest should run until killed).
+        let ended = child.try_wait().ok().flatten();
         let _ = child.kill();
         let _ = child.wait();
         if !ok {
-            return Err(format!("restore {run}: the guest did not count on: {:?}", restored.text()));
+            let how = ended.map_or("still running".to_string(), |s| format!("VMM ended: {s}"));
+            return Err(format!("restore {run}: the guest did not count on ({how}): {:?}", restored.text()));
         }
         if let Some(first) = restored.first_byte() {
             to_output.push(first.duration_since(t).as_secs_f64() * 1000.0);

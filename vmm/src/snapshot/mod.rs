@@ -359,10 +359,6 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     for (index, (slot, (_, saved))) in virtio.iter().zip(&state.devices).enumerate() {
         let mut t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
         t.restore(saved).map_err(|why| SnapshotError::Device { index, why })?;
-        // Requests the guest made available just before the pause are served now.
-        if saved.activated {
-            (0..saved.queues.len()).for_each(|q| t.notify(q));
-        }
     }
     let mmio = Arc::new(mmio);
     let wiring = VcpuWiring { pio: pio.clone(), mmio: mmio.clone(), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
@@ -371,6 +367,15 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
         let mut vcpu = Vcpu::restore(&vm.fd, index as u8, vs, wiring.clone())?;
         vcpu.start_paused = !options.resume;
         vcpus.push(vcpu);
+    }
+    // Only now, with the LAPICs in their saved state, may a device interrupt: one raised
+    // earlier would be delivered to no vCPU, or overwritten by the LAPIC's restore, and the
+    // guest would wait for it for ever.
+    for (slot, (_, saved)) in virtio.iter().zip(&state.devices) {
+        if saved.activated {
+            let mut t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+            t.resume_after_restore();
+        }
     }
     tracing::info!(vcpus = vcpus.len(), mem_mib = state.machine.mem_mib, generation = state.generation + 1, "microvm restored");
     Ok(MicroVm {

@@ -264,20 +264,32 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
         let index = self.index;
         let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("cannot read the {what} of vCPU {index}: {err}");
+        // The order is KVM's (and Firecracker's): KVM_GET_MP_STATE first, as it accepts pending
+        // INIT/SIPI events and may change the registers and the LAPIC; the LAPIC before the
+        // MSRs; the events (a pending interrupt or exception) last.
+        let mp_state = self.fd.get_mp_state().map_err(e("MP state"))?;
+        let regs = self.fd.get_regs().map_err(e("registers"))?;
+        let sregs = self.fd.get_sregs().map_err(e("special registers"))?;
+        let xsave = self.fd.get_xsave().map_err(e("XSAVE area"))?;
+        let xcrs = self.fd.get_xcrs().map_err(e("XCRs"))?;
+        let debugregs = self.fd.get_debug_regs().map_err(e("debug registers"))?;
+        let lapic = self.fd.get_lapic().map_err(e("LAPIC"))?;
+        let tsc_khz = self.fd.get_tsc_khz().ok();
         let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(e("CPUID"))?.as_slice().to_vec();
         let msrs = self.save_msrs().map_err(e("MSRs"))?;
+        let events = self.fd.get_vcpu_events().map_err(e("events"))?;
         Ok(VcpuState {
             cpuid,
             msrs,
-            regs: self.fd.get_regs().map_err(e("registers"))?,
-            sregs: self.fd.get_sregs().map_err(e("special registers"))?,
-            xsave: self.fd.get_xsave().map_err(e("XSAVE area"))?,
-            xcrs: self.fd.get_xcrs().map_err(e("XCRs"))?,
-            debugregs: self.fd.get_debug_regs().map_err(e("debug registers"))?,
-            lapic: self.fd.get_lapic().map_err(e("LAPIC"))?,
-            mp_state: self.fd.get_mp_state().map_err(e("MP state"))?,
-            events: self.fd.get_vcpu_events().map_err(e("events"))?,
-            tsc_khz: self.fd.get_tsc_khz().ok(),
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            mp_state,
+            events,
+            tsc_khz,
         })
     }
 

@@ -187,7 +187,6 @@ impl MmioTransport {
             }
             self.device.activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features).map_err(|e| e.to_string())?;
             self.activated = true;
-            self.device.restored();
         } else {
             self.queues = queues;
         }
@@ -204,6 +203,20 @@ impl MmioTransport {
     }
 
     /// Called when queue `index` is notified (ioeventfd or a QueueNotify write).
+    /// After a restore, once the vCPUs exist: tells the device it was restored (vsock sends
+    /// its reset event), serves what the guest made available just before the pause, and raises the interrupt again if the guest had not acknowledged it. KVM
+    /// injects an irqfd interrupt asynchronously, so one signalled just before the pause may be
+    /// in neither the saved IOAPIC nor the saved LAPIC; a second one is harmless (the driver
+    /// reads a zero status and ignores it).
+    pub fn resume_after_restore(&mut self) {
+        if !self.activated {
+            return;
+        }
+        self.device.restored();
+        (0..self.device.queue_max_sizes().len()).for_each(|q| self.notify(q));
+        self.irq.resignal();
+    }
+
     pub fn notify(&mut self, index: usize) {
         if self.activated && index < self.device.queue_max_sizes().len() {
             self.device.process_queue(index);
@@ -367,6 +380,7 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::INT_USED_RING;
     use crate::devices::virtio::rng::VirtioRng;
     use crate::devices::virtio::testing::{memory, TestQueue};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -477,6 +491,30 @@ mod tests {
         let mut bad = saved;
         bad.acked_features |= 1 << 40;
         assert!(other.restore(&bad).is_err());
+    }
+
+    #[test]
+    fn a_restored_transport_interrupts_and_serves_pending_requests_only_once_resumed() {
+        let (mut t, _) = transport();
+        let mem = t.mem.clone();
+        let q = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, &q, 1);
+        // One request served and signalled but not yet acknowledged by the driver, and one made
+        // available when the pause came, before its notify.
+        q.add_chain(&mem, &[(0x20000, 16, true)]);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        q.add_chain(&mem, &[(0x20000, 16, true)]);
+        let saved = t.save();
+        assert_eq!(saved.interrupt_status, INT_USED_RING);
+        let (mut back, evt) = transport();
+        back.mem = mem.clone();
+        back.restore(&saved).unwrap();
+        assert_eq!(q.used_idx(&mem), 1, "nothing is served before the vCPUs are restored");
+        assert!(evt.read().is_err(), "no interrupt before the vCPUs are restored");
+        back.resume_after_restore();
+        assert_eq!(q.used_idx(&mem), 2, "the pending request is served");
+        assert!(evt.read().is_ok(), "the unacknowledged interrupt is raised again");
+        assert_eq!(rd(&mut back, 0x60), INT_USED_RING);
     }
 
     #[test]

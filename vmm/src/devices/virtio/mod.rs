@@ -67,6 +67,13 @@ impl IrqLine {
         self.status.fetch_or(bits, Ordering::SeqCst);
     }
 
+    /// Injects the interrupt again if any status bit is set (after a snapshot restore).
+    pub fn resignal(&self) {
+        if self.status() != 0 && self.evt.write(1).is_err() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
