@@ -25,8 +25,15 @@ use std::time::{Duration, Instant};
 const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 shoal.test=counter";
 
 /// Console bytes with the time the first one arrived, and whether the VMM closed it (exited).
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    first: Option<Instant>,
+    closed: bool,
+}
+
 #[derive(Clone, Default)]
-struct Console(Arc<Mutex<(Vec<u8>, Option<Instant>, bool)>>);
+struct Console(Arc<Mutex<Captured>>);
 
 impl Console {
     fn capture(child: &mut Child) -> Console {
@@ -40,21 +47,21 @@ impl Console {
                         break;
                     }
                     let mut g = c.0.lock().unwrap_or_else(|p| p.into_inner());
-                    g.1.get_or_insert_with(Instant::now);
-                    g.0.extend_from_slice(&chunk[..n]);
+                    g.first.get_or_insert_with(Instant::now);
+                    g.bytes.extend_from_slice(&chunk[..n]);
                 }
-                c.0.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
+                c.0.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
             });
         }
         console
     }
 
     fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner()).0).into_owned()
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner()).bytes).into_owned()
     }
 
     fn first_byte(&self) -> Option<Instant> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).1
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).first
     }
 
     fn counts(&self) -> Vec<u64> {
@@ -71,7 +78,7 @@ impl Console {
     }
 
     fn closed(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).2
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).closed
     }
 
     /// Waits until `done` holds, `limit` passes or the VMM exits (nothing more can come).
