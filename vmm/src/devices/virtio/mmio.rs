@@ -466,18 +466,26 @@ mod tests {
         assert_eq!(t.device().counters().spurious.load(Ordering::Relaxed), 1);
     }
 
-    #[test]
-    fn an_active_transport_saved_and_restored_keeps_serving_its_queue() {
+    /// A transport brought up with one queue that has served one request (signalled, not yet
+    /// acknowledged), its queue, and a fresh transport on the same memory to restore into.
+    fn served_one_and_a_fresh_one() -> (MmioTransport, TestQueue, MmioTransport, EventFd) {
         let (mut t, _) = transport();
         let mem = t.mem.clone();
         let q = TestQueue::new(&mem, 0x10000, 8);
         bring_up(&mut t, &q, 1);
         q.add_chain(&mem, &[(0x20000, 16, true)]);
         wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        let (mut back, evt) = transport();
+        back.mem = mem;
+        (t, q, back, evt)
+    }
+
+    #[test]
+    fn an_active_transport_saved_and_restored_keeps_serving_its_queue() {
+        let (t, q, mut back, _) = served_one_and_a_fresh_one();
+        let mem = t.mem.clone();
         let saved = t.save();
         assert!(saved.activated && saved.queues[0].next_used == 1);
-        let (mut back, _) = transport();
-        back.mem = mem.clone();
         back.restore(&saved).unwrap();
         assert_eq!(back.save(), saved);
         q.add_chain(&mem, &[(0x20000, 16, true)]);
@@ -495,19 +503,13 @@ mod tests {
 
     #[test]
     fn a_restored_transport_interrupts_and_serves_pending_requests_only_once_resumed() {
-        let (mut t, _) = transport();
-        let mem = t.mem.clone();
-        let q = TestQueue::new(&mem, 0x10000, 8);
-        bring_up(&mut t, &q, 1);
         // One request served and signalled but not yet acknowledged by the driver, and one made
         // available when the pause came, before its notify.
-        q.add_chain(&mem, &[(0x20000, 16, true)]);
-        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        let (t, q, mut back, evt) = served_one_and_a_fresh_one();
+        let mem = t.mem.clone();
         q.add_chain(&mem, &[(0x20000, 16, true)]);
         let saved = t.save();
         assert_eq!(saved.interrupt_status, INT_USED_RING);
-        let (mut back, evt) = transport();
-        back.mem = mem.clone();
         back.restore(&saved).unwrap();
         assert_eq!(q.used_idx(&mem), 1, "nothing is served before the vCPUs are restored");
         assert!(evt.read().is_err(), "no interrupt before the vCPUs are restored");
