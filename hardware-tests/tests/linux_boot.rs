@@ -201,6 +201,10 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
     }
+    // Restarted servers and retried cases (the emulator's faults) show in passing runs too.
+    for line in run.lines.iter().filter(|l| l.text.starts_with("SHOAL-HARNESS attempt") || l.text.starts_with("SHOAL-HWTEST-RETRY")) {
+        println!("{}", line.text);
+    }
     for line in run.case("jail-v2").output.iter().filter(|l| l.starts_with("SHOAL-JAIL")) {
         println!("{line} ({mode:?})");
     }
