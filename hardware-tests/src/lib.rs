@@ -290,3 +290,57 @@ fn run_once(cmd: &mut Command, deadline: Instant, mode: Mode) -> Result<Attempt,
     let _ = child.wait();
     Ok(Attempt { lines, finished, stalled })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `script` after job-lib.sh with a fake fault trace file; returns its output.
+    fn job_lib_run(script: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("shoal-joblib-{}-{}", std::process::id(), script.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let trace = dir.join("trace");
+        std::fs::write(&trace, "").unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{}\n{script}", job_lib().unwrap()))
+            .env("SHOAL_EMULATOR_FAULT_TRACE", &trace)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn a_case_that_failed_after_an_emulator_fault_is_run_again_and_only_the_second_run_counts() {
+        // First run: the "server" records a guest exit at a host address, the case fails.
+        let out = job_lib_run(
+            r#"run_case flaky sh -c 'if [ -e ran ]; then echo second; else touch ran; echo "vcpu0 kvm_exit: reason npf rip 0xffffffffc03f9dcc" >> "$SHOAL_EMULATOR_FAULT_TRACE"; echo first; exit 2; fi'"#,
+        );
+        assert!(out.contains("SHOAL-HWTEST-RETRY flaky (the emulator ran a guest at a host address: vcpu0 kvm_exit"), "{out}");
+        assert!(out.contains("[flaky] second") && !out.contains("[flaky] first"), "{out}");
+        assert!(out.contains("SHOAL-HWTEST flaky exit=0"), "{out}");
+    }
+
+    #[test]
+    fn a_case_that_failed_without_an_emulator_fault_is_not_run_again() {
+        let out = job_lib_run("run_case broken sh -c 'echo once >> runs; exit 2'; cat runs");
+        assert!(!out.contains("SHOAL-HWTEST-RETRY"), "{out}");
+        assert!(out.contains("SHOAL-HWTEST broken exit=2"), "{out}");
+        assert_eq!(out.matches("once").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn a_server_that_ends_before_its_last_line_counts_as_reset_not_finished() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let reset = run_once(Command::new("sh").args(["-c", "echo SHOAL-SERVER kvm=yes"]), deadline, Mode::Emulated).unwrap();
+        assert!(!reset.finished);
+        assert!(reset.stalled.is_some_and(|why| why.contains("reset")));
+        let done = run_once(Command::new("sh").args(["-c", "echo job; echo 'SHOAL-SERVER done'"]), deadline, Mode::Emulated).unwrap();
+        assert!(done.finished && done.stalled.is_none());
+        // On a VMX/SVM host the job is job.sh itself, which has no such line.
+        let direct = run_once(Command::new("sh").args(["-c", "echo job"]), deadline, Mode::Direct).unwrap();
+        assert!(direct.finished && direct.stalled.is_none());
+    }
+}

@@ -201,7 +201,8 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
     }
-    // Restarted servers and retried cases (the emulator's faults) show in passing runs too.
+    // Restarted servers and retried cases (the emulator's faults), for runs with --nocapture
+    // (libtest hides a passing test's output; a failing one prints the whole console below).
     for line in run.lines.iter().filter(|l| l.text.starts_with("SHOAL-HARNESS attempt") || l.text.starts_with("SHOAL-HWTEST-RETRY")) {
         println!("{}", line.text);
     }

@@ -371,11 +371,8 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     // Only now, with the LAPICs in their saved state, may a device interrupt: one raised
     // earlier would be delivered to no vCPU, or overwritten by the LAPIC's restore, and the
     // guest would wait for it for ever.
-    for (slot, (_, saved)) in virtio.iter().zip(&state.devices) {
-        if saved.activated {
-            let mut t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
-            t.resume_after_restore();
-        }
+    for slot in &virtio {
+        slot.transport.lock().unwrap_or_else(|p| p.into_inner()).resume_after_restore();
     }
     tracing::info!(vcpus = vcpus.len(), mem_mib = state.machine.mem_mib, generation = state.generation + 1, "microvm restored");
     Ok(MicroVm {

@@ -204,10 +204,11 @@ impl MmioTransport {
 
     /// Called when queue `index` is notified (ioeventfd or a QueueNotify write).
     /// After a restore, once the vCPUs exist: tells the device it was restored (vsock sends
-    /// its reset event), serves what the guest made available just before the pause, and raises the interrupt again if the guest had not acknowledged it. KVM
-    /// injects an irqfd interrupt asynchronously, so one signalled just before the pause may be
-    /// in neither the saved IOAPIC nor the saved LAPIC; a second one is harmless (the driver
-    /// reads a zero status and ignores it).
+    /// its reset event), serves what the guest made available just before the pause, and
+    /// raises the interrupt again if the guest had not acknowledged it. KVM injects an irqfd
+    /// interrupt asynchronously, so one signalled just before the pause may be in neither the
+    /// saved IOAPIC nor the saved LAPIC; a second one is harmless (the driver reads a zero
+    /// status and ignores it). Does nothing for a device the driver never activated.
     pub fn resume_after_restore(&mut self) {
         if !self.activated {
             return;
