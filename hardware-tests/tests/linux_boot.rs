@@ -93,7 +93,8 @@ fn boot_job() -> Job {
     // A Linux guest counting in a shell loop is snapshotted and restored in new processes.
     script.push_str("run_case snapshot ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot 5; rm -rf /tmp/snapshot\n");
     // The same with an ext4 root on virtio-blk, the rng and virtio-net on tap0: the disk and
-    // the network work after the restore, where eth0 is moved to tap1 (network overrides).
+    // the network work after the restore, where eth0 is moved to tap1 with a new MAC (network
+    // overrides), which the guest takes when told to probe its NIC again.
     script.push_str("run_case snapshot-disk ./shoal-snapshot-job ./shoal-vmm vmlinux initramfs.cpio /tmp/snapshot-disk 2 root.img tap0 tap1; rm -rf /tmp/snapshot-disk\n");
     script.push_str("cat > jail-case.sh <<'EOF'\n");
     script.push_str(JAIL_CASE);
@@ -166,7 +167,9 @@ fn check(run: &Run) -> Vec<String> {
     let snapshot_disk = run.case("snapshot-disk");
     let synced = snapshot_disk.output.iter().any(|l| l.strip_prefix("snapshot_job disk_sync_after_restore=").is_some_and(|v| !v.is_empty()));
     let pinged = snapshot_disk.has_line("snapshot_job ping_after_restore=ok");
-    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged {
+    // The restore gave eth0 a new MAC: the guest takes it when its driver probes the NIC again.
+    let new_mac = snapshot_disk.has_line("snapshot_job guest_mac_after_reprobe=02:00:00:00:00:12 host_sees=02:00:00:00:00:12");
+    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged || !new_mac {
         failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
     }
     let jail = run.case("jail-v2");

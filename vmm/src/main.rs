@@ -72,8 +72,8 @@ struct Cli {
     metrics_flush_secs: u64,
     /// Start from the snapshot in DIR (files `state` and `memory`, as PUT /snapshot/create
     /// writes them when given those names) instead of booting a kernel. With it, `--vsock`
-    /// gives the guest another CID and socket and `--net id=ID,tap=NAME` moves interface ID
-    /// (eth0 if no id) to another tap.
+    /// gives the guest another CID and socket and `--net id=ID,tap=NAME[,mac=MAC]` moves
+    /// interface ID (eth0 if no id) to another tap, with another MAC if given.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config", "api_sock", "disk", "rng"])]
     restore: Option<PathBuf>,
     /// Merge the diff snapshot in this DIR into the snapshot in --into DIR (its memory file is
@@ -244,8 +244,8 @@ fn main() -> ExitCode {
     let vm = match (&cli.api_sock, &cli.restore) {
         (None, Some(dir)) => {
             let vsock_override = cli.vsock.as_ref().map(|v| snapshot::VsockOverride { guest_cid: Some(v.guest_cid), uds_path: Some(v.uds_path.clone()) });
-            // --net id=ID,tap=NAME gives the snapshot's interface ID another tap.
-            let net_overrides = cli.net.iter().map(|n| snapshot::NetOverride { iface_id: n.id.clone().unwrap_or_else(|| "eth0".into()), host_dev_name: n.tap.clone() }).collect();
+            // --net id=ID,tap=NAME[,mac=MAC] gives the snapshot's interface ID another tap (and MAC).
+            let net_overrides = cli.net.iter().map(|n| snapshot::NetOverride { iface_id: n.id.clone().unwrap_or_else(|| "eth0".into()), host_dev_name: n.tap.clone(), guest_mac: n.mac.clone() }).collect();
             let options = snapshot::RestoreOptions { resume: true, track_dirty_pages: false, vsock_override, net_overrides };
             match snapshot::restore(&dir.join(snapshot::STATE_FILE), &dir.join(snapshot::MEMORY_FILE), Box::new(std::io::stdout()), options) {
                 Ok(vm) => vm,

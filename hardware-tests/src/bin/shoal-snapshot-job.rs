@@ -3,7 +3,8 @@
 //! (`shoal.test=counter`) under `VMM --api-sock` (with ROOT_IMAGE: from that ext4 image on
 //! virtio-blk, plus the rng, and the loop syncs a file to the disk every 10 counts; with TAP,
 //! also virtio-net on that tap, the guest at 10.0.2.2, pinged after the first restore; with
-//! RESTORE_TAP, the restored guests' eth0 is moved to that tap),
+//! RESTORE_TAP, the restored guests' eth0 is moved to that tap with a new MAC, which the first
+//! restored guest takes when told to probe its NIC again),
 //! pauses it, takes a full snapshot through the API, kills it, then
 //! restores the snapshot RESTORES times (default 5) in new `VMM --restore` processes. Checks
 //! that the first restored guest's console carries on the count (no reset, no skip), and
@@ -119,6 +120,57 @@ fn ping_guest() -> bool {
     Command::new("ping").args(["-c", "2", "-W", "10", "10.0.2.2"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
+/// The MAC the restores give the guest's eth0 (it booted with 02:00:00:00:00:02).
+const RESTORE_MAC: &str = "02:00:00:00:00:12";
+
+/// The MAC in this host's neighbour entry for the guest (10.0.2.2).
+fn guest_neighbour_mac() -> Option<String> {
+    let out = Command::new("ip").args(["neigh", "show", "10.0.2.2"]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words.iter().position(|w| *w == "lladdr").and_then(|i| words.get(i + 1)).map(|w| w.to_string())
+}
+
+/// The restored guest answers a ping; told to probe its NIC again (the `rebind` command of
+/// the guest init), it takes the MAC the restore gave it, and this host reaches it there.
+fn check_restored_network(console: &Console, new_mac: bool) -> Result<(), String> {
+    if !ping_guest() {
+        return Err("the guest does not answer ping on 10.0.2.2".into());
+    }
+    println!("snapshot_job ping_after_restore=ok");
+    if !new_mac {
+        return Ok(());
+    }
+    let mut agent = std::net::TcpStream::connect_timeout(&"10.0.2.2:7".parse().expect("address"), Duration::from_secs(10)).map_err(|e| format!("connect to the guest's port 7: {e}"))?;
+    agent.write_all(b"rebind").map_err(|e| format!("send rebind: {e}"))?;
+    drop(agent);
+    let reported = |c: &Console| {
+        let text = c.text();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix("net: eth0 mac=").map(str::to_string))
+    };
+    if !console.wait(Duration::from_secs(30), |c| reported(c).is_some()) {
+        return Err("the guest did not report its MAC after probing its NIC again".into());
+    }
+    let mac = reported(console).unwrap_or_default();
+    if mac != RESTORE_MAC {
+        return Err(format!("after probing its NIC again the guest has MAC {mac}, not {RESTORE_MAC}"));
+    }
+    // Forget the old MAC (the guest's announcement may fall in the neighbour entry's lock
+    // time), then reach the guest again: ARP must answer with the new one.
+    let _ = Command::new("ip").args(["neigh", "flush", "to", "10.0.2.2"]).stdout(Stdio::null()).status();
+    if !ping_guest() {
+        return Err(format!("the guest does not answer ping with its new MAC {mac}"));
+    }
+    match guest_neighbour_mac() {
+        Some(seen) if seen == RESTORE_MAC => {
+            println!("snapshot_job guest_mac_after_reprobe={mac} host_sees={seen}");
+            Ok(())
+        }
+        other => Err(format!("this host's neighbour entry for the guest is {other:?}, not {RESTORE_MAC}")),
+    }
+}
+
 /// Starts `VMM --api-sock WORK/SOCK_NAME` with its console captured; the socket is ready when
 /// `wait_for_socket` returns.
 fn spawn_api_vmm(vmm: &Path, work: &Path, sock_name: &str) -> Result<(Child, Console, PathBuf), String> {
@@ -187,15 +239,16 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         let mut cmd = Command::new(vmm);
         cmd.arg("--restore").arg(work);
         if let Some(t) = restore_tap {
-            // The restored guest's eth0 moves to another tap (network_overrides).
-            cmd.arg("--net").arg(format!("id=eth0,tap={t}"));
+            // The restored guest's eth0 moves to another tap, with another MAC (network_overrides).
+            cmd.arg("--net").arg(format!("id=eth0,tap={t},mac={RESTORE_MAC}"));
         }
         let mut child = cmd.stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
         let restored = Console::capture(&mut child);
         // With a disk, wait for a sync to it after the restore as well.
         let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3 && (root.is_none() || c.disk_sync().is_some()));
-        // With a network interface, the restored guest answers a ping (first restore only).
-        let pinged = run > 0 || tap.is_none() || !ok || ping_guest();
+        // With a network interface, the restored guest's network works, with its new MAC once
+        // it probes the NIC again (first restore only).
+        let network = if run == 0 && ok && tap.is_some() { check_restored_network(&restored, restore_tap.is_some()) } else { Ok(()) };
         // A VMM that ended by itself says how (a restored guest should run until killed).
         let ended = child.try_wait().ok().flatten();
         let _ = child.kill();
@@ -207,11 +260,8 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         if let Some(first) = restored.first_byte() {
             to_output.push(first.duration_since(t).as_secs_f64() * 1000.0);
         }
-        if !pinged {
-            return Err(format!("restore {run}: the guest does not answer ping on 10.0.2.2: {:?}", restored.text()));
-        }
-        if run == 0 && tap.is_some() {
-            println!("snapshot_job ping_after_restore=ok");
+        if let Err(why) = network {
+            return Err(format!("restore {run}: {why}: {:?}", restored.text()));
         }
         if run == 0 {
             // The console up to the snapshot, then the restored guest's: one unbroken count.

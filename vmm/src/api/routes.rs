@@ -150,6 +150,11 @@ impl SnapshotLoadParams {
         if self.snapshot_path.is_empty() || mem_path.is_empty() {
             return Err("snapshot_path and the memory file path must not be empty.".into());
         }
+        for o in &self.network_overrides {
+            if let Some(mac) = &o.guest_mac {
+                crate::devices::virtio::net::parse_mac(mac).map_err(|e| format!("network_overrides `{}`: {e}", o.iface_id))?;
+            }
+        }
         Ok(SnapshotLoad {
             state_path: self.snapshot_path.into(),
             mem_path: mem_path.into(),
@@ -587,9 +592,16 @@ mod tests {
         }
         let moved = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#;
         match s.handle(&req("PUT", "/snapshot/load", moved)) {
-            Outcome::LoadSnapshot(l) => assert_eq!(l.net_overrides, [crate::snapshot::NetOverride { iface_id: "eth0".into(), host_dev_name: "tap1".into() }]),
+            Outcome::LoadSnapshot(l) => assert_eq!(l.net_overrides, [crate::snapshot::NetOverride { iface_id: "eth0".into(), host_dev_name: "tap1".into(), guest_mac: None }]),
             _ => panic!("network_overrides accepted"),
         }
+        let new_mac = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1", "guest_mac": "02:00:00:00:00:12"}]}"#;
+        match s.handle(&req("PUT", "/snapshot/load", new_mac)) {
+            Outcome::LoadSnapshot(l) => assert_eq!(l.net_overrides[0].guest_mac.as_deref(), Some("02:00:00:00:00:12")),
+            _ => panic!("a guest_mac override accepted"),
+        }
+        let bad_mac = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1", "guest_mac": "03:00:00:00:00:12"}]}"#;
+        assert!(fault(&reply(&mut s, "PUT", "/snapshot/load", bad_mac)).contains("network_overrides `eth0`"));
         // After configuring boot resources, or after a start, loading is refused.
         let mut configured = ApiState::default();
         assert_eq!(reply(&mut configured, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64}"#).status, 204);

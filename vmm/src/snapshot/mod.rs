@@ -288,12 +288,17 @@ pub struct RestoreOptions {
     pub net_overrides: Vec<NetOverride>,
 }
 
-/// A network interface of the snapshot (by `iface_id`) that gets another host tap.
+/// A network interface of the snapshot (by `iface_id`) that gets another host tap and,
+/// optionally, another guest MAC (Shoal's extension to Firecracker's `network_overrides`).
+/// The device reports the new MAC from the restore on; a Linux guest reads it when its driver
+/// probes the device again (unbind and bind `virtio_net`), e.g. when told it was cloned.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetOverride {
     pub iface_id: String,
     pub host_dev_name: String,
+    #[serde(default)]
+    pub guest_mac: Option<String>,
 }
 
 /// What a restore changes of the vsock device; the guest learns the new CID from the
@@ -341,6 +346,9 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
             return Err(SnapshotError::Override(format!("the snapshot has no network interface `{}`", o.iface_id)));
         };
         n.tap = o.host_dev_name.clone();
+        if let Some(mac) = &o.guest_mac {
+            n.mac = crate::devices::virtio::net::parse_mac(mac).map_err(|e| SnapshotError::Override(format!("network interface `{}`: {e}", o.iface_id)))?;
+        }
     }
     if let Some(o) = &options.vsock_override {
         let Some(DeviceSpec::Vsock(v)) = specs.iter_mut().find(|s| matches!(s, DeviceSpec::Vsock(_))) else {
