@@ -206,9 +206,15 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
     }
     // Restarted servers and retried cases (the emulator's faults), for runs with --nocapture
     // (libtest hides a passing test's output; a failing one prints the whole console below).
-    for line in run.lines.iter().filter(|l| l.text.starts_with("SHOAL-HARNESS attempt") || l.text.starts_with("SHOAL-HWTEST-RETRY")) {
-        println!("{}", line.text);
+    let faults: Vec<&str> = run.lines.iter().map(|l| l.text.as_str()).filter(|t| t.starts_with("SHOAL-HARNESS attempt") || t.starts_with("SHOAL-HWTEST-RETRY")).collect();
+    for line in &faults {
+        println!("{line}");
     }
+    // And one line that every run shows, passing or not: libtest captures print! and eprint!,
+    // not writes to the stderr handle, so CI logs keep a count of the emulator's faults.
+    let restarts = faults.iter().filter(|t| t.starts_with("SHOAL-HARNESS attempt")).count();
+    let retried = faults.len() - restarts;
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("linux_boot ({mode:?}): server restarts={restarts} retried cases={retried}\n").as_bytes());
     for line in run.case("jail-v2").output.iter().filter(|l| l.starts_with("SHOAL-JAIL")) {
         println!("{line} ({mode:?})");
     }
