@@ -393,7 +393,8 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
     // Let the vCPU threads run first. A new thread starts on its parent's CPU, and where the
     // scheduler packs threads onto few CPUs (this dev machine's VM does) it only runs once
     // this thread blocks: after the rest of the setup and the seccomp filter below, about
-    // 0.3-0.9 ms later (make bench-snapshot: spawn to first output 4.1 -> 3.2 ms at 2 GiB).
+    // 0.3-0.9 ms later (make bench-snapshot, spawn to first output at 2 GiB: 4.1-4.3 ms before,
+    // 3.3-3.7 ms after).
     // Until the event loop starts this thread serves no guest request, so nothing the guest
     // does reaches it before its own filter is in place. With an idle CPU at hand this
     // returns at once.
