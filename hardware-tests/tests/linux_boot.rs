@@ -169,7 +169,9 @@ fn check(run: &Run) -> Vec<String> {
     let pinged = snapshot_disk.has_line("snapshot_job ping_after_restore=ok");
     // The restore gave eth0 a new MAC: the guest takes it when its driver probes the NIC again.
     let new_mac = snapshot_disk.has_line("snapshot_job guest_mac_after_reprobe=02:00:00:00:00:12 host_sees=02:00:00:00:00:12");
-    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged || !new_mac {
+    // Both clones learned their own vsock CID and answered on their own socket.
+    let clones = snapshot_disk.has_line("snapshot_job clone_vsock=cid=42") && snapshot_disk.has_line("snapshot_job clone_vsock=cid=43");
+    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged || !new_mac || !clones {
         failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
     }
     let jail = run.case("jail-v2");

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the microVM guest initramfs (static busybox + /init), cached outside the checkout and
-# keyed by the init scripts, this recipe's version and the busybox-static package version.
+# Builds the microVM guest initramfs (static busybox + /init + the vsock agent), cached outside
+# the checkout and keyed by the init scripts, the agent's source, this recipe's version, the
+# busybox-static package version and the C compiler's.
 # Usage: build-initramfs.sh OUT_DIR   (leaves OUT_DIR/initramfs.cpio.gz and OUT_DIR/initramfs.cpio,
 # links into the cache). The uncompressed one boots faster where guest code is slow (gunzip of
 # the 1 MB archive took the guest 5 s in the emulated server).
@@ -10,11 +11,12 @@ out=${1:?usage: build-initramfs.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
 
-"$here/../../ci/ensure-packages.sh" busybox-static cpio gzip e2fsprogs
+"$here/../../ci/ensure-packages.sh" busybox-static cpio gzip e2fsprogs build-essential
 
 RECIPE=3
 bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
-key=$(cat "$here/init" "$here/poweroff" <(echo "recipe=$RECIPE busybox=$bb_version") | sha256sum | cut -c1-16)
+cc_version=$(cc --version | head -n 1)
+key=$(cat "$here/init" "$here/poweroff" "$here/vsock-agent.c" <(echo "recipe=$RECIPE busybox=$bb_version cc=$cc_version") | sha256sum | cut -c1-16)
 dest="$cache/guest-initramfs/$key"
 if [ ! -f "$dest/initramfs.cpio.gz" ] || [ ! -f "$dest/initramfs.cpio" ] || [ ! -f "$dest/rootfs.ext4" ]; then
   work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-initramfs.XXXXXX")
@@ -30,6 +32,7 @@ if [ ! -f "$dest/initramfs.cpio.gz" ] || [ ! -f "$dest/initramfs.cpio" ] || [ ! 
     install -m 0755 "$here/poweroff" "$root/sbin/$cmd"
   done
   install -m 0755 "$here/init" "$root/init"
+  cc -static -Os -Wall -Werror -o "$root/bin/vsock-agent" "$here/vsock-agent.c"
   echo 'root:x:0:0:root:/root:/bin/sh' > "$root/etc/passwd"
   echo 'PS1="# "' > "$root/etc/profile"
   mkdir -p "$dest.tmp"

@@ -4,7 +4,8 @@
 //! virtio-blk, plus the rng, and the loop syncs a file to the disk every 10 counts; with TAP,
 //! also virtio-net on that tap, the guest at 10.0.2.2, pinged after the first restore; with
 //! RESTORE_TAP, the restored guests' eth0 is moved to that tap with a new MAC, which the first
-//! restored guest takes when told to probe its NIC again),
+//! restored guest takes when told to probe its NIC again; with ROOT_IMAGE also a vsock device,
+//! each restore a clone with its own CID and socket, which the guest learns and answers on),
 //! pauses it, takes a full snapshot through the API, kills it, then
 //! restores the snapshot RESTORES times (default 5) in new `VMM --restore` processes. Checks
 //! that the first restored guest's console carries on the count (no reset, no skip), and
@@ -171,6 +172,32 @@ fn check_restored_network(console: &Console, new_mac: bool) -> Result<(), String
     }
 }
 
+/// The guest's vsock CID at boot, and the first clone's (each later clone's is one more).
+const BOOT_CID: u32 = 3;
+const CLONE_CID_BASE: u32 = 42;
+
+/// The restored clone learned its new CID (the guest's vsock agent prints it when it changes,
+/// which it does on the device's TRANSPORT_RESET event), and a host program that connects to
+/// the clone's socket reaches the agent, which answers with that CID.
+fn check_clone_vsock(console: &Console, cid: u32, uds: &Path) -> Result<(), String> {
+    let line = format!("vsock: cid={cid}");
+    if !console.wait(Duration::from_secs(30), |c| c.text().lines().any(|l| l.trim_end_matches('\r') == line)) {
+        return Err(format!("the clone's vsock agent never printed `{line}`"));
+    }
+    let mut host = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
+    host.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    host.write_all(b"CONNECT 52\n").map_err(|e| format!("vsock CONNECT: {e}"))?;
+    let mut reply = String::new();
+    host.read_to_string(&mut reply).map_err(|e| format!("vsock reply: {e} (got {reply:?})"))?;
+    // `OK <host port>` from the VMM, then the agent's line; the agent closes the connection.
+    let answer = reply.lines().nth(1).unwrap_or_default();
+    if !reply.starts_with("OK ") || answer != format!("cid={cid}") {
+        return Err(format!("the clone's vsock port 52 answered {reply:?}, not OK and cid={cid}"));
+    }
+    println!("snapshot_job clone_vsock={answer}");
+    Ok(())
+}
+
 /// Starts `VMM --api-sock WORK/SOCK_NAME` with its console captured; the socket is ready when
 /// `wait_for_socket` returns.
 fn spawn_api_vmm(vmm: &Path, work: &Path, sock_name: &str) -> Result<(Child, Console, PathBuf), String> {
@@ -206,6 +233,8 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
                 let drive = format!(r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#, image.display());
                 call(&sock, "PUT", "/drives/rootfs", &drive)?;
                 call(&sock, "PUT", "/entropy", "{}")?;
+                let vsock = format!(r#"{{"guest_cid": {BOOT_CID}, "uds_path": "{}"}}"#, work.join("vsock.sock").display());
+                call(&sock, "PUT", "/vsock", &vsock)?;
                 if let Some(tap) = tap {
                     let net = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}", "guest_mac": "02:00:00:00:00:02"}}"#);
                     call(&sock, "PUT", "/network-interfaces/eth0", &net)?;
@@ -242,6 +271,12 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
             // The restored guest's eth0 moves to another tap, with another MAC (network_overrides).
             cmd.arg("--net").arg(format!("id=eth0,tap={t},mac={RESTORE_MAC}"));
         }
+        // With a disk there is a vsock device too: each clone gets its own CID and socket.
+        let clone_cid = CLONE_CID_BASE + run as u32;
+        let clone_uds = work.join(format!("clone-{run}.sock"));
+        if root.is_some() {
+            cmd.arg("--vsock").arg(format!("cid={clone_cid},uds={}", clone_uds.display()));
+        }
         let mut child = cmd.stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
         let restored = Console::capture(&mut child);
         // With a disk, wait for a sync to it after the restore as well.
@@ -249,6 +284,8 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         // With a network interface, the restored guest's network works, with its new MAC once
         // it probes the NIC again (first restore only).
         let network = if run == 0 && ok && tap.is_some() { check_restored_network(&restored, restore_tap.is_some()) } else { Ok(()) };
+        // With vsock, the clone knows its new CID and answers on its new socket.
+        let vsock = if ok && root.is_some() { check_clone_vsock(&restored, clone_cid, &clone_uds) } else { Ok(()) };
         // A VMM that ended by itself says how (a restored guest should run until killed).
         let ended = child.try_wait().ok().flatten();
         let _ = child.kill();
@@ -260,7 +297,7 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         if let Some(first) = restored.first_byte() {
             to_output.push(first.duration_since(t).as_secs_f64() * 1000.0);
         }
-        if let Err(why) = network {
+        if let Err(why) = network.and(vsock) {
             return Err(format!("restore {run}: {why}: {:?}", restored.text()));
         }
         if run == 0 {
