@@ -51,6 +51,10 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot write the ACPI tables or the VM generation ID into guest memory")]
+    Acpi,
+    #[error("cannot read random bytes for the VM generation ID: {0}")]
+    VmGenId(String),
     #[error("cannot open kernel {path}")]
     KernelOpen { path: PathBuf, #[source] source: std::io::Error },
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
@@ -231,6 +235,24 @@ fn random_mac() -> [u8; 6] {
     let _ = crate::devices::virtio::rng::Entropy::fill(&mut crate::devices::virtio::rng::HostEntropy, &mut mac);
     mac[0] = (mac[0] & 0xfc) | 0x02;
     mac
+}
+
+/// Gives an ACPI guest a new random VM Generation ID (at boot, and on every restore: then
+/// `notify_vmgenid` tells the guest to read it).
+pub fn renew_vmgenid(mem: &GuestMemoryMmap) -> Result<(), BuildError> {
+    use crate::arch::x86_64::acpi;
+    let mut id = [0u8; acpi::VMGENID_LEN];
+    crate::devices::virtio::rng::Entropy::fill(&mut crate::devices::virtio::rng::HostEntropy, &mut id).map_err(|e| BuildError::VmGenId(e.to_string()))?;
+    acpi::write_vmgenid(mem, &id).map_err(|_| BuildError::Acpi)
+}
+
+/// Raises the Generic Event Device's interrupt, whose handler makes an ACPI guest re-read its
+/// VM Generation ID (Linux then reseeds its RNG). Call once the vCPUs and irqchip are in
+/// their restored state, or the interrupt is lost.
+pub fn notify_vmgenid(vm: &Vm) -> Result<(), BuildError> {
+    let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irq(&evt, crate::arch::x86_64::acpi::GED_IRQ)?;
+    evt.write(1).map_err(BuildError::EventFd)
 }
 
 /// A disk's configuration in a `DeviceSpec`.
@@ -418,8 +440,13 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
         vcpus.push(Vcpu::new(&vm.fd, index, count, &supported, wiring.clone())?);
     }
     vcpus[0].setup_boot(&mem, kernel.entry)?;
+    if config.acpi {
+        let layout = crate::arch::x86_64::acpi::AcpiLayout { vcpus: count, virtio_devices: config.device_count() };
+        crate::arch::x86_64::acpi::write_tables(&mem, &layout).map_err(|_| BuildError::Acpi)?;
+        renew_vmgenid(&mem)?;
+    }
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
-    let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages };
+    let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages, acpi: config.acpi };
     Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, mmio, virtio, guest_panicked, reset_requested, i8042, machine, backing: MemoryBacking::Anonymous, generation: 0 })
 }
 

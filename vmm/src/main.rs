@@ -38,6 +38,11 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, value_name = "M", default_value_t = shoal_vmm::api::config::DEFAULT_MEM_MIB)]
     mem_mib: u64,
+    /// Describe the machine to the guest with ACPI tables, with a VM Generation ID device that
+    /// every restore changes (a Linux guest reseeds its RNG). The guest kernel needs
+    /// CONFIG_ACPI: it finds its virtio devices in the DSDT, not on the command line.
+    #[arg(long)]
+    acpi: bool,
     /// A virtio-blk disk: `path=FILE[,ro][,id=ID][,rate=bw=BYTES/MS[+BURST][;ops=N/MS[+BURST]]]`.
     /// Repeatable; the first is /dev/vda in a Linux guest.
     #[arg(long, value_name = "SPEC", value_parser = shoal_vmm::api::config::DiskConfig::parse)]
@@ -59,12 +64,12 @@ struct Cli {
     vsock: Option<shoal_vmm::api::config::VsockConfig>,
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags),
     /// or a Firecracker --config-file (boot-source, machine-config).
-    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "disk", "net", "rng", "rng_rate", "vsock"])]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "acpi", "disk", "net", "rng", "rng_rate", "vsock"])]
     config: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket and wait for
     /// PUT /machine-config, PUT /boot-source and PUT /actions {"action_type": "InstanceStart"}
     /// (instead of the VM flags). The socket must not exist; it is removed at exit.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "acpi", "config"])]
     api_sock: Option<PathBuf>,
     /// Seconds between automatic flushes to the metrics file set by PUT /metrics (Firecracker
     /// flushes every 60 s); 0 flushes only on the FlushMetrics action.
@@ -74,7 +79,7 @@ struct Cli {
     /// writes them when given those names) instead of booting a kernel. With it, `--vsock`
     /// gives the guest another CID and socket and `--net id=ID,tap=NAME[,mac=MAC]` moves
     /// interface ID (eth0 if no id) to another tap, with another MAC if given.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "config", "api_sock", "disk", "rng"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "acpi", "config", "api_sock", "disk", "rng"])]
     restore: Option<PathBuf>,
     /// Merge the diff snapshot in this DIR into the snapshot in --into DIR (its memory file is
     /// updated in place and its state replaced by the diff's), then exit.
@@ -274,6 +279,7 @@ fn main() -> ExitCode {
                     vcpus: cli.vcpus,
                     mem_mib: cli.mem_mib,
                     track_dirty_pages: false,
+                    acpi: cli.acpi,
                     disks: cli.disk.clone(),
                     nets: cli.net.clone(),
                     rng: cli.rng,

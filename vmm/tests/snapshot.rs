@@ -1,7 +1,8 @@
 //! Snapshots on KVM with the counter probe (its count lives in guest memory): a restored guest
 //! carries on counting from the snapshot in a new process; a diff snapshot merged into its
 //! base carries the later writes; ten clones of one snapshot run side by side, each with its
-//! own vsock CID (the guest is told to read it again); damaged or
+//! own vsock CID (the guest is told to read it again); a guest with ACPI gets a new VM
+//! generation ID on every load; damaged or
 //! foreign snapshots are refused with an error that says what is wrong.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
@@ -36,10 +37,15 @@ impl Counter {
 
     /// Boots the counter probe, with a vsock device (guest CID 3 on `vsock_uds`) if given.
     fn boot_with(tag: &str, track_dirty: bool, vsock_uds: Option<&Path>) -> Counter {
+        Counter::boot_machine(tag, &format!(r#""track_dirty_pages": {track_dirty}"#), vsock_uds)
+    }
+
+    /// Boots the counter probe with `extra` fields in its machine config.
+    fn boot_machine(tag: &str, extra: &str, vsock_uds: Option<&Path>) -> Counter {
         let mut vm = Vmm::start(tag);
         let console = Console::capture(&mut vm.child);
         let mut s = vm.connect();
-        let machine = format!(r#"{{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": {track_dirty}}}"#);
+        let machine = format!(r#"{{"vcpu_count": 1, "mem_size_mib": 64, {extra}}}"#);
         assert_eq!(call(&mut s, "PUT", "/machine-config", &machine).0, 204);
         let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display());
         assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
@@ -212,6 +218,59 @@ fn ten_clones_of_one_snapshot_run_at_once() {
     let (status, body) = call(&mut other.connect(), "PUT", "/snapshot/load", &bad);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("guest CID 2 is reserved"), "{body}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `len` bytes at guest physical `addr` of a snapshot's memory file (guest memory starts at 0).
+fn guest_bytes(memory: &Path, addr: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(memory).unwrap();
+    f.seek(SeekFrom::Start(addr)).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+#[test]
+fn an_acpi_guest_has_tables_and_every_load_gives_it_a_new_generation_id() {
+    use shoal_vmm::arch::x86_64::acpi::{RSDP_ADDR, VMGENID_ADDR, VMGENID_LEN};
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("vmgenid");
+    let guest = Counter::boot_machine("snap-vmgenid", r#""acpi": true"#, None);
+    guest.console.wait_count(1);
+    let first = dir.join("boot");
+    std::fs::create_dir_all(&first).unwrap();
+    guest.snapshot("Full", &first);
+    drop(guest);
+    assert_eq!(guest_bytes(&first.join("memory"), RSDP_ADDR, 8), b"RSD PTR ");
+    let mut ids = vec![guest_bytes(&first.join("memory"), VMGENID_ADDR, VMGENID_LEN)];
+    assert_ne!(ids[0], vec![0; VMGENID_LEN], "the boot wrote no generation ID");
+
+    // Each load (through the API, not resumed) has a new ID, seen in a snapshot taken of it.
+    for n in 1..=2 {
+        let vm = Vmm::start(&format!("snap-vmgenid-{n}"));
+        let load = format!(r#"{{"snapshot_path": "{0}/state", "mem_file_path": "{0}/memory"}}"#, first.display());
+        assert_eq!(call(&mut vm.connect(), "PUT", "/snapshot/load", &load), (204, String::new()));
+        let again = dir.join(format!("load-{n}"));
+        std::fs::create_dir_all(&again).unwrap();
+        let create = format!(r#"{{"snapshot_type": "Full", "snapshot_path": "{0}/state", "mem_file_path": "{0}/memory"}}"#, again.display());
+        assert_eq!(call(&mut vm.connect(), "PUT", "/snapshot/create", &create), (204, String::new()));
+        let id = guest_bytes(&again.join("memory"), VMGENID_ADDR, VMGENID_LEN);
+        assert!(!ids.contains(&id), "load {n} kept generation ID {id:02x?}");
+        ids.push(id);
+    }
+
+    // Without ACPI the guest's memory there is left alone: no tables, no ID.
+    let plain = Counter::boot("snap-no-acpi", false);
+    plain.console.wait_count(1);
+    let none = dir.join("plain");
+    std::fs::create_dir_all(&none).unwrap();
+    plain.snapshot("Full", &none);
+    drop(plain);
+    assert_eq!(guest_bytes(&none.join("memory"), RSDP_ADDR, 8), vec![0; 8]);
+    assert_eq!(guest_bytes(&none.join("memory"), VMGENID_ADDR, VMGENID_LEN), vec![0; VMGENID_LEN]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -45,6 +45,11 @@ pub struct VmConfig {
     /// Log the pages the guest writes, so that diff snapshots can be taken.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Describe the machine with ACPI tables (hardware-reduced), including a VM Generation ID
+    /// device that every restore changes. The guest kernel then finds its virtio devices in
+    /// the DSDT rather than on its command line, so it needs CONFIG_ACPI.
+    #[serde(default)]
+    pub acpi: bool,
     /// virtio-blk disks, in order: the first is /dev/vda in a Linux guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
@@ -245,7 +250,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
-        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, disks: Vec::new(), nets: Vec::new(), rng: false, rng_rate_limiter: None, vsock: None }
+        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, acpi: false, disks: Vec::new(), nets: Vec::new(), rng: false, rng_rate_limiter: None, vsock: None }
     }
 
     /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
@@ -311,6 +316,7 @@ impl VmConfig {
         config.vcpus = machine.vcpu_count;
         config.mem_mib = machine.mem_size_mib;
         config.track_dirty_pages = machine.track_dirty_pages;
+        config.acpi = machine.acpi;
         config.rng = rng;
         config.rng_rate_limiter = rng_rate;
         config.nets = net_configs;
@@ -391,7 +397,10 @@ impl VmConfig {
     pub fn full_cmdline(&self) -> String {
         use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
         let mut c = self.cmdline.clone();
-        for i in 0..self.device_count() {
+        // With ACPI the devices are in the DSDT; on the command line as well, a guest would
+        // find each twice.
+        let on_cmdline = if self.acpi { 0 } else { self.device_count() };
+        for i in 0..on_cmdline {
             c.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + i as u32));
         }
         c
@@ -481,6 +490,12 @@ mod tests {
         let c = VmConfig::from_firecracker(j).unwrap();
         assert_eq!(c.vsock.as_ref().map(|v| (v.guest_cid, v.uds_path.clone())), Some((3, "./v.sock".into())));
         assert!(c.full_cmdline().contains("virtio_mmio.device=4K@0xd0000000:5"));
+        // With ACPI the guest finds its devices in the DSDT: on its command line too, it
+        // would find each twice.
+        let mut acpi = serde_json::json!({"boot-source": {"kernel_image_path": "k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "acpi": true}});
+        acpi["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "./v.sock"});
+        let a = VmConfig::from_firecracker(acpi).unwrap();
+        assert!(a.acpi && a.device_count() == 1 && !a.full_cmdline().contains("virtio_mmio"), "{}", a.full_cmdline());
         assert!(VmConfig { vsock: Some(VsockConfig { guest_cid: 2, ..c.vsock.clone().unwrap() }), ..c.clone() }.validate().is_err());
         assert_eq!(VsockConfig::parse("cid=9,uds=/run/v.sock").map(|v| v.guest_cid), Ok(9));
         for bad in ["cid=9", "uds=/x", "cid=x,uds=/x", "cid=9,uds=/x,port=3"] {

@@ -22,11 +22,14 @@ pub struct MachineConfig {
     pub smt: bool,
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Shoal's extension: ACPI tables with a VM Generation ID device (see `VmConfig::acpi`).
+    #[serde(default)]
+    pub acpi: bool,
 }
 
 impl Default for MachineConfig {
     fn default() -> Self {
-        MachineConfig { vcpu_count: 1, mem_size_mib: 128, smt: false, track_dirty_pages: false }
+        MachineConfig { vcpu_count: 1, mem_size_mib: 128, smt: false, track_dirty_pages: false, acpi: false }
     }
 }
 
@@ -283,6 +286,7 @@ impl ApiState {
         config.vcpus = self.machine.vcpu_count;
         config.mem_mib = self.machine.mem_size_mib;
         config.track_dirty_pages = self.machine.track_dirty_pages;
+        config.acpi = self.machine.acpi;
         config.rng = self.entropy;
         config.rng_rate_limiter = self.entropy_rate_limiter;
         config.vsock = self.vsock.clone();

@@ -43,6 +43,8 @@ pub struct MachineState {
     pub vcpus: u32,
     pub mem_mib: u64,
     pub track_dirty_pages: bool,
+    /// The guest has ACPI tables, with the VM Generation ID device a restore changes.
+    pub acpi: bool,
 }
 
 /// Which CPU a snapshot was taken on: vendor and family/model/stepping (CPUID leaves 0 and 1).
@@ -381,6 +383,11 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     // guest would wait for it for ever.
     for slot in &virtio {
         slot.transport.lock().unwrap_or_else(|p| p.into_inner()).resume_after_restore();
+    }
+    // An ACPI guest is told it is a new generation (a clone): a new ID, then its interrupt.
+    if state.machine.acpi {
+        crate::builder::renew_vmgenid(&mem)?;
+        crate::builder::notify_vmgenid(&vm)?;
     }
     tracing::info!(vcpus = vcpus.len(), mem_mib = state.machine.mem_mib, generation = state.generation + 1, "microvm restored");
     Ok(MicroVm {

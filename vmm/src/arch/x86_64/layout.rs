@@ -38,5 +38,6 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// First IOAPIC line for virtio-mmio devices (COM1 has 4); one line per device.
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
-/// Lines 5..=23 of the IOAPIC: at most this many virtio devices.
-pub const VIRTIO_MAX_DEVICES: usize = 19;
+/// Lines 5..=22 of the IOAPIC: at most this many virtio devices (23 is the ACPI Generic
+/// Event Device's).
+pub const VIRTIO_MAX_DEVICES: usize = 18;

@@ -3,6 +3,7 @@
 //! structures; nothing here touches a vCPU or the VM file descriptor directly, so it is all
 //! testable without KVM.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
