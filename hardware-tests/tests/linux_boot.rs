@@ -170,7 +170,10 @@ fn check(run: &Run) -> Vec<String> {
     // The restore gave eth0 a new MAC: the guest takes it when its driver probes the NIC again.
     let new_mac = snapshot_disk.has_line("snapshot_job guest_mac_after_reprobe=02:00:00:00:00:12 host_sees=02:00:00:00:00:12");
     // Both clones learned their own vsock CID and answered on their own socket.
-    let clones = snapshot_disk.has_line("snapshot_job clone_vsock=cid=42") && snapshot_disk.has_line("snapshot_job clone_vsock=cid=43");
+    // ... and, described by ACPI, learned from the VM Generation ID that they were forked.
+    let clones = snapshot_disk.has_line("snapshot_job clone_vsock=cid=42")
+        && snapshot_disk.has_line("snapshot_job clone_vsock=cid=43")
+        && snapshot_disk.output.iter().filter(|l| *l == "snapshot_job clone_vm_fork=reseeded").count() == 2;
     if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged || !new_mac || !clones {
         failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
     }

@@ -198,6 +198,23 @@ fn check_clone_vsock(console: &Console, cid: u32, uds: &Path) -> Result<(), Stri
     Ok(())
 }
 
+/// The guest's VM Generation ID driver was bound at boot, did not report a fork before the
+/// snapshot, and the restored clone reports one (Linux reseeds its RNG on the notification).
+fn check_vm_fork(before: &str, console: &Console) -> Result<(), String> {
+    const FORKED: &str = "vmgenid: crng reseeded after a VM fork";
+    if !before.lines().any(|l| l.trim_end_matches('\r') == "vmgenid: driver bound") {
+        return Err("the guest's VM Generation ID driver was not bound at boot".into());
+    }
+    if before.contains(FORKED) {
+        return Err("the guest reported a VM fork before any restore".into());
+    }
+    if !console.wait(Duration::from_secs(30), |c| c.text().contains(FORKED)) {
+        return Err("the restored clone never reported the VM fork (no reseed after the VM Generation ID changed)".into());
+    }
+    println!("snapshot_job clone_vm_fork=reseeded");
+    Ok(())
+}
+
 /// Starts `VMM --api-sock WORK/SOCK_NAME` with its console captured; the socket is ready when
 /// `wait_for_socket` returns.
 fn spawn_api_vmm(vmm: &Path, work: &Path, sock_name: &str) -> Result<(Child, Console, PathBuf), String> {
@@ -226,7 +243,10 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
     let (mut child, console, sock) = spawn_api_vmm(vmm, work, "api.sock")?;
     let result = (|| {
         wait_for_socket(&sock)?;
-        call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
+        // With a disk, the machine is described by ACPI (its devices too), with a VM Generation
+        // ID: the restored clones must learn they were forked.
+        let acpi = root.is_some();
+        call(&sock, "PUT", "/machine-config", &format!(r#"{{"vcpu_count": 1, "mem_size_mib": 256, "acpi": {acpi}}}"#))?;
         let boot = match root {
             None => format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display()),
             Some(image) => {
@@ -286,6 +306,8 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         let network = if run == 0 && ok && tap.is_some() { check_restored_network(&restored, restore_tap.is_some()) } else { Ok(()) };
         // With vsock, the clone knows its new CID and answers on its new socket.
         let vsock = if ok && root.is_some() { check_clone_vsock(&restored, clone_cid, &clone_uds) } else { Ok(()) };
+        // With ACPI, the clone's kernel was told it is a new VM generation and reseeded its RNG.
+        let forked = if ok && root.is_some() { check_vm_fork(&before, &restored) } else { Ok(()) };
         // A VMM that ended by itself says how (a restored guest should run until killed).
         let ended = child.try_wait().ok().flatten();
         let _ = child.kill();
@@ -297,7 +319,7 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         if let Some(first) = restored.first_byte() {
             to_output.push(first.duration_since(t).as_secs_f64() * 1000.0);
         }
-        if let Err(why) = network.and(vsock) {
+        if let Err(why) = network.and(vsock).and(forked) {
             return Err(format!("restore {run}: {why}: {:?}", restored.text()));
         }
         if run == 0 {
