@@ -102,6 +102,8 @@ fn boot_job() -> Job {
     script.push_str("run_case jail-v2 sh jail-case.sh\n");
     // Ctrl+Alt+Del through the API reboots the guest, which ends the VMM with status 0.
     script.push_str("run_case cad ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad\n");
+    // The same with ACPI: the keyboard controller is found through the DSDT.
+    script.push_str("run_case cad-acpi ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad-acpi acpi\n");
     script.push_str("echo \"SHOAL-SERVER-MEMORY $(free -m | grep Mem:)\"\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.
@@ -188,9 +190,11 @@ fn check(run: &Run) -> Vec<String> {
     if !counting || !missing.is_empty() {
         failures.push(format!("jail-v2: counting {counting}, missing {missing:?}, output {:?}", jail.output));
     }
-    let cad = run.case("cad");
-    if cad.exit != Some(0) || !cad.has_line("cad_job result=ok") {
-        failures.push(format!("cad: exit {:?}, output {:?}", cad.exit, cad.output));
+    for name in ["cad", "cad-acpi"] {
+        let cad = run.case(name);
+        if cad.exit != Some(0) || !cad.has_line("cad_job result=ok") {
+            failures.push(format!("{name}: exit {:?}, output {:?}", cad.exit, cad.output));
+        }
     }
     let panic = run.case("panic");
     if !panic.has("boot_timer exit=2") || !panic.has("shoal-vmm: guest kernel panicked") {
@@ -223,7 +227,7 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
     for line in run.case("jail-v2").output.iter().filter(|l| l.starts_with("SHOAL-JAIL")) {
         println!("{line} ({mode:?})");
     }
-    for line in run.case("cad").output.iter().filter(|l| l.starts_with("cad_job")) {
+    for line in run.case("cad").output.iter().chain(run.case("cad-acpi").output.iter()).filter(|l| l.starts_with("cad_job")) {
         println!("{line} ({mode:?})");
     }
     for line in run.case("snapshot").output.iter().chain(run.case("snapshot-disk").output.iter()).filter(|l| l.starts_with("snapshot_job")) {

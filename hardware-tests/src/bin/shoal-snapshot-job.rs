@@ -12,7 +12,8 @@
 //! prints `snapshot_job ...` figures: create time, spawn -> the restored guest's next output.
 //! Last line: `snapshot_job result=ok` or `snapshot_job result=FAIL: why`.
 //!
-//! `shoal-snapshot-job cad VMM KERNEL INITRD WORKDIR`: boots the same guest under the API,
+//! `shoal-snapshot-job cad VMM KERNEL INITRD WORKDIR [acpi]`: boots the same guest under the API
+//! (described by ACPI with `acpi`),
 //! presses Ctrl+Alt+Del through `PUT /actions {"action_type": "SendCtrlAltDel"}` and expects
 //! the guest kernel to reboot, which ends the VMM with status 0. Last line: `cad_job result=ok`
 //! or `cad_job result=FAIL: why`.
@@ -347,11 +348,11 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
 }
 
 /// Boots the counter guest, sends Ctrl+Alt+Del, and waits for the VMM to exit 0.
-fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path) -> Result<(), String> {
+fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, acpi: bool) -> Result<(), String> {
     let (mut child, console, sock) = spawn_api_vmm(vmm, work, "cad.sock")?;
     let result = (|| {
         wait_for_socket(&sock)?;
-        call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
+        call(&sock, "PUT", "/machine-config", &format!(r#"{{"vcpu_count": 1, "mem_size_mib": 256, "acpi": {acpi}}}"#))?;
         let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display());
         call(&sock, "PUT", "/boot-source", &boot)?;
         call(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
@@ -378,12 +379,13 @@ fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path) -> Result<(), 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("cad") {
-        if args.len() != 5 {
-            eprintln!("usage: shoal-snapshot-job cad VMM KERNEL INITRD WORKDIR");
+        let acpi = args.get(5).map(String::as_str) == Some("acpi");
+        if args.len() != 5 && !acpi {
+            eprintln!("usage: shoal-snapshot-job cad VMM KERNEL INITRD WORKDIR [acpi]");
             return ExitCode::from(2);
         }
         let p = |i: usize| PathBuf::from(&args[i]);
-        return match cad_job(&p(1), &p(2), &p(3), &p(4)) {
+        return match cad_job(&p(1), &p(2), &p(3), &p(4), acpi) {
             Ok(()) => {
                 println!("cad_job result=ok");
                 ExitCode::SUCCESS
