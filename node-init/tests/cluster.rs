@@ -427,4 +427,61 @@ fn api_requests_are_checked_and_conditional_writes_and_settings_work() {
     assert_eq!((code, body["kvs"][0]["value"].as_str()), (200, Some("zone")));
     // The node is alive and consistent after all that.
     assert_eq!(n.read("app/config").unwrap().as_deref(), Some("v2"));
+    // The API document claims no more than the node does: every documented operation answers
+    // with a status it documents, in the documented shape.
+    check_openapi_document(&n);
+}
+
+/// Follows a `$ref` into the document's components.
+fn deref<'a>(doc: &'a serde_json::Value, v: &'a serde_json::Value) -> &'a serde_json::Value {
+    match v["$ref"].as_str().and_then(|r| r.strip_prefix("#/")) {
+        Some(path) => deref(doc, path.split('/').fold(doc, |at, part| &at[part])),
+        None => v,
+    }
+}
+
+/// `value` has every required field of `schema`, recursively through objects and arrays.
+fn conforms(doc: &serde_json::Value, schema: &serde_json::Value, value: &serde_json::Value, at: &str) -> Result<(), String> {
+    let schema = deref(doc, schema);
+    if let Some(required) = schema["required"].as_array() {
+        let obj = value.as_object().ok_or(format!("{at}: not an object: {value}"))?;
+        for r in required.iter().filter_map(|r| r.as_str()) {
+            if !obj.contains_key(r) {
+                return Err(format!("{at}: no `{r}` in {value}"));
+            }
+        }
+        for (name, sub) in schema["properties"].as_object().into_iter().flatten() {
+            if let Some(v) = obj.get(name).filter(|v| !v.is_null()) {
+                conforms(doc, sub, v, &format!("{at}.{name}"))?;
+            }
+        }
+    }
+    if let (Some(items), Some(values)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in values.iter().enumerate() {
+            conforms(doc, items, v, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_openapi_document(n: &Node) {
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../api/openapi.json")).unwrap();
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        // A stream that stays open; its statuses are the watch tests' business.
+        if path == "/v1/watch" {
+            continue;
+        }
+        for (method, op) in ops.as_object().unwrap().iter().filter(|(m, _)| *m != "parameters") {
+            let url = path.replace("{key}", "doc/check").replace("{name}", "doc.check");
+            let (code, body) = n.call(&method.to_uppercase(), &url, (method == "put").then_some("v")).unwrap();
+            let response = deref(&doc, &op["responses"][code.to_string()]);
+            assert!(!response.is_null(), "{method} {path} answered {code}, which the document does not list: {body}");
+            if let Some(schema) = response["content"]["application/json"].get("schema") {
+                conforms(&doc, schema, &body, &format!("{method} {path} {code}")).unwrap();
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 10, "documented operations checked");
 }
