@@ -213,17 +213,17 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
     }
-    // Restarted servers and retried cases (the emulator's faults), for runs with --nocapture
-    // (libtest hides a passing test's output; a failing one prints the whole console below).
+    // Restarted servers and retried cases (the emulator's faults), with why, on every run,
+    // passing or not: libtest captures print! and eprint!, not writes to the stderr handle, so
+    // CI logs keep the emulator's fault rate.
     let faults: Vec<&str> = run.lines.iter().map(|l| l.text.as_str()).filter(|t| t.starts_with("SHOAL-HARNESS attempt") || t.starts_with("SHOAL-HWTEST-RETRY")).collect();
-    for line in &faults {
-        println!("{line}");
-    }
-    // And one line that every run shows, passing or not: libtest captures print! and eprint!,
-    // not writes to the stderr handle, so CI logs keep a count of the emulator's faults.
     let restarts = faults.iter().filter(|t| t.starts_with("SHOAL-HARNESS attempt")).count();
     let retried = faults.len() - restarts;
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("linux_boot ({mode:?}): server restarts={restarts} retried cases={retried}\n").as_bytes());
+    let mut summary = format!("linux_boot ({mode:?}): server restarts={restarts} retried cases={retried}\n");
+    for line in &faults {
+        summary.push_str(&format!("  {line}\n"));
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), summary.as_bytes());
     for line in run.case("jail-v2").output.iter().filter(|l| l.starts_with("SHOAL-JAIL")) {
         println!("{line} ({mode:?})");
     }
