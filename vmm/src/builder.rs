@@ -51,10 +51,10 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot write the ACPI tables or the VM generation ID into guest memory")]
-    Acpi,
-    #[error("cannot read random bytes for the VM generation ID: {0}")]
-    VmGenId(String),
+    #[error(transparent)]
+    Acpi(#[from] crate::arch::x86_64::acpi::AcpiError),
+    #[error("cannot read random bytes for the VM generation ID")]
+    VmGenId(#[source] std::io::Error),
     #[error("cannot open kernel {path}")]
     KernelOpen { path: PathBuf, #[source] source: std::io::Error },
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
@@ -242,8 +242,8 @@ fn random_mac() -> [u8; 6] {
 pub fn renew_vmgenid(mem: &GuestMemoryMmap) -> Result<(), BuildError> {
     use crate::arch::x86_64::acpi;
     let mut id = [0u8; acpi::VMGENID_LEN];
-    crate::devices::virtio::rng::Entropy::fill(&mut crate::devices::virtio::rng::HostEntropy, &mut id).map_err(|e| BuildError::VmGenId(e.to_string()))?;
-    acpi::write_vmgenid(mem, &id).map_err(|_| BuildError::Acpi)
+    crate::devices::virtio::rng::Entropy::fill(&mut crate::devices::virtio::rng::HostEntropy, &mut id).map_err(BuildError::VmGenId)?;
+    Ok(acpi::write_vmgenid(mem, &id)?)
 }
 
 /// Raises the Generic Event Device's interrupt, whose handler makes an ACPI guest re-read its
@@ -442,7 +442,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     vcpus[0].setup_boot(&mem, kernel.entry)?;
     if config.acpi {
         let layout = crate::arch::x86_64::acpi::AcpiLayout { vcpus: count, virtio_devices: config.device_count() };
-        crate::arch::x86_64::acpi::write_tables(&mem, &layout).map_err(|_| BuildError::Acpi)?;
+        crate::arch::x86_64::acpi::write_tables(&mem, &layout)?;
         renew_vmgenid(&mem)?;
     }
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::vstate::memory::GuestMemoryMmap;
 
+use super::mptable::checksum;
 use super::layout::{APIC_DEFAULT_PHYS_BASE, IOAPIC_ADDR, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 
 /// Where the RSDP goes (Linux scans 0xe0000..0x100000 for it).
@@ -29,6 +30,14 @@ pub const GED_IRQ: u32 = 23;
 const OEM_ID: &[u8; 6] = b"SHOAL ";
 const CREATOR_ID: &[u8; 4] = b"SHOL";
 
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("the ACPI tables ({0} bytes) do not fit below the VM generation ID")]
+    TooLarge(u64),
+    #[error("cannot write the ACPI tables or the VM generation ID into guest memory")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
 /// What the tables describe.
 #[derive(Debug, Clone, Copy)]
 pub struct AcpiLayout {
@@ -36,8 +45,8 @@ pub struct AcpiLayout {
     pub virtio_devices: usize,
 }
 
-/// Writes every table into guest memory and returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemoryMmap, layout: &AcpiLayout) -> Result<u64, vm_memory::GuestMemoryError> {
+/// Writes every table into guest memory (the RSDP at `RSDP_ADDR`).
+pub fn write_tables(mem: &GuestMemoryMmap, layout: &AcpiLayout) -> Result<(), AcpiError> {
     let dsdt_addr = TABLES_ADDR;
     let dsdt = dsdt(layout.virtio_devices);
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
@@ -46,26 +55,23 @@ pub fn write_tables(mem: &GuestMemoryMmap, layout: &AcpiLayout) -> Result<u64, v
     let madt = madt(layout.vcpus);
     let xsdt_addr = align8(madt_addr + madt.len() as u64);
     let xsdt = table(b"XSDT", 1, b"SHOALXSD", &[fadt_addr.to_le_bytes(), madt_addr.to_le_bytes()].concat());
-    assert!(xsdt_addr + xsdt.len() as u64 <= VMGENID_ADDR, "ACPI tables overlap the VM generation ID");
-    for (addr, bytes) in [(dsdt_addr, &dsdt), (fadt_addr, &fadt), (madt_addr, &madt), (xsdt_addr, &xsdt)] {
-        mem.write_slice(bytes, GuestAddress(addr))?;
+    let end = xsdt_addr + xsdt.len() as u64;
+    if end > VMGENID_ADDR {
+        return Err(AcpiError::TooLarge(end - RSDP_ADDR));
     }
-    mem.write_slice(&rsdp(xsdt_addr), GuestAddress(RSDP_ADDR))?;
-    Ok(RSDP_ADDR)
+    for (addr, bytes) in [(dsdt_addr, &dsdt), (fadt_addr, &fadt), (madt_addr, &madt), (xsdt_addr, &xsdt)] {
+        mem.write_slice(bytes, GuestAddress(addr)).map_err(AcpiError::Write)?;
+    }
+    mem.write_slice(&rsdp(xsdt_addr), GuestAddress(RSDP_ADDR)).map_err(AcpiError::Write)
 }
 
 /// Writes a new VM Generation ID.
-pub fn write_vmgenid(mem: &GuestMemoryMmap, id: &[u8; VMGENID_LEN]) -> Result<(), vm_memory::GuestMemoryError> {
-    mem.write_slice(id, GuestAddress(VMGENID_ADDR))
+pub fn write_vmgenid(mem: &GuestMemoryMmap, id: &[u8; VMGENID_LEN]) -> Result<(), AcpiError> {
+    mem.write_slice(id, GuestAddress(VMGENID_ADDR)).map_err(AcpiError::Write)
 }
 
 fn align8(a: u64) -> u64 {
     (a + 7) & !7
-}
-
-/// The byte that makes `bytes` sum to zero.
-fn checksum(bytes: &[u8]) -> u8 {
-    0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
 }
 
 /// A table: the 36-byte system description header, then `body`.
@@ -325,7 +331,8 @@ mod tests {
     #[test]
     fn tables_have_valid_checksums_and_point_at_each_other() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let rsdp_at = write_tables(&mem, &AcpiLayout { vcpus: 2, virtio_devices: 3 }).unwrap();
+        write_tables(&mem, &AcpiLayout { vcpus: 2, virtio_devices: 3 }).unwrap();
+        let rsdp_at = RSDP_ADDR;
         let read = |addr: u64, len: usize| {
             let mut b = vec![0u8; len];
             mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
@@ -357,6 +364,8 @@ mod tests {
             assert!(dsdt.windows(want.len()).any(|w| w == want), "{}", String::from_utf8_lossy(want));
         }
         assert!(!dsdt.windows(4).any(|w| w == b"V003"));
+        // Tables that would run into the generation ID are an error, not a panic or overlap.
+        assert!(matches!(write_tables(&mem, &AcpiLayout { vcpus: 1, virtio_devices: 1000 }), Err(AcpiError::TooLarge(_))));
         assert_eq!(dsdt[36], 0x10);
         let scope_len = pkg_length(dsdt.len() - 37 - 1).len();
         assert_eq!(pkg_length(dsdt.len() - 37 - scope_len), dsdt[37..37 + scope_len]);

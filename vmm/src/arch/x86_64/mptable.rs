@@ -34,7 +34,8 @@ pub enum MpTableError {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
-fn checksum(bytes: &[u8]) -> u8 {
+/// The byte that makes `bytes` sum to zero (MP and ACPI tables both use it).
+pub(super) fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
 
