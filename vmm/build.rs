@@ -9,7 +9,8 @@ fn main() {
     let src = "seccomp/x86_64.json";
     println!("cargo:rerun-if-changed={src}");
     let json = std::fs::File::open(src).expect("open the seccomp filter file");
-    let filters = seccompiler::compile_from_json(json, seccompiler::TargetArch::x86_64).expect("compile the seccomp filters");
+    let filters =
+        seccompiler::compile_from_json(json, seccompiler::TargetArch::x86_64).expect("compile the seccomp filters");
     let mut names: Vec<_> = filters.keys().cloned().collect();
     names.sort();
     let mut blob = Vec::new();

@@ -29,7 +29,10 @@ impl Mode {
             return Mode::Emulated;
         }
         let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let hw = flags.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        let hw = flags
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
         if hw && Path::new("/dev/kvm").exists() {
             Mode::Direct
         } else {
@@ -66,8 +69,10 @@ impl Run {
     pub fn case(&self, name: &str) -> Case {
         let prefix = format!("[{name}] ");
         let exit_prefix = format!("SHOAL-HWTEST {name} exit=");
-        let output = self.lines.iter().filter_map(|l| l.text.strip_prefix(&prefix).map(|s| s.trim_end().to_string())).collect();
-        let exit = self.lines.iter().find_map(|l| l.text.strip_prefix(&exit_prefix).and_then(|v| v.trim().parse().ok()));
+        let output =
+            self.lines.iter().filter_map(|l| l.text.strip_prefix(&prefix).map(|s| s.trim_end().to_string())).collect();
+        let exit =
+            self.lines.iter().find_map(|l| l.text.strip_prefix(&exit_prefix).and_then(|v| v.trim().parse().ok()));
         Case { name: name.to_string(), exit, output }
     }
 
@@ -107,7 +112,12 @@ pub fn repo_root() -> PathBuf {
 }
 
 fn run_script(script: &Path, args: &[&str]) -> Result<String, HarnessError> {
-    let out = Command::new("bash").arg(script).args(args).stderr(Stdio::inherit()).output().map_err(|e| err(format!("cannot run {}: {e}", script.display())))?;
+    let out = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| err(format!("cannot run {}: {e}", script.display())))?;
     if !out.status.success() {
         return Err(err(format!("{} failed ({})", script.display(), out.status)));
     }
@@ -133,16 +143,22 @@ fn job_lib() -> Result<String, HarnessError> {
 }
 
 fn stage(job: &Job) -> Result<PathBuf, HarnessError> {
-    let dir = std::env::temp_dir().join(format!("shoal-hwtest-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+    let dir = std::env::temp_dir().join(format!(
+        "shoal-hwtest-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
     let payload = dir.join("payload");
     std::fs::create_dir_all(&payload).map_err(|e| err(format!("cannot create {}: {e}", payload.display())))?;
     for (src, name) in &job.files {
         std::fs::copy(src, payload.join(name)).map_err(|e| err(format!("cannot stage {}: {e}", src.display())))?;
     }
-    std::fs::write(payload.join("job.sh"), format!("{}\n{}\n", job_lib()?, job.script)).map_err(|e| err(format!("cannot write job.sh: {e}")))?;
+    std::fs::write(payload.join("job.sh"), format!("{}\n{}\n", job_lib()?, job.script))
+        .map_err(|e| err(format!("cannot write job.sh: {e}")))?;
     if !job.interactive {
         // Tells the emulated server's /init to print a heartbeat line the watchdog listens for.
-        std::fs::write(payload.join("heartbeat"), "").map_err(|e| err(format!("cannot write the heartbeat flag: {e}")))?;
+        std::fs::write(payload.join("heartbeat"), "")
+            .map_err(|e| err(format!("cannot write the heartbeat flag: {e}")))?;
     }
     Ok(dir)
 }
@@ -161,7 +177,10 @@ pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
             let server = repo_root().join("hardware-tests/emulated-server");
             let kernel_dir = run_script(&server.join("fetch-kernel.sh"), &[])?;
             let initrd = dir.join("server.cpio.gz");
-            run_script(&server.join("mkinitramfs.sh"), &[&kernel_dir, payload.to_str().unwrap_or_default(), initrd.to_str().unwrap_or_default()])?;
+            run_script(
+                &server.join("mkinitramfs.sh"),
+                &[&kernel_dir, payload.to_str().unwrap_or_default(), initrd.to_str().unwrap_or_default()],
+            )?;
             let mut c = Command::new("qemu-system-x86_64");
             // One CPU. In loops of guest boots and snapshot restores, guests hit QEMU's AMD-V
             // emulation fault (see outer-init) 3 times in about 330 runs with two server CPUs
@@ -172,7 +191,17 @@ pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
                 .arg(Path::new(&kernel_dir).join("vmlinuz"))
                 .arg("-initrd")
                 .arg(&initrd)
-                .args(["-append", "console=ttyS0 quiet panic=-1", "-nographic", "-no-reboot", "-monitor", "none", "-nodefaults", "-serial", "stdio"]);
+                .args([
+                    "-append",
+                    "console=ttyS0 quiet panic=-1",
+                    "-nographic",
+                    "-no-reboot",
+                    "-monitor",
+                    "none",
+                    "-nodefaults",
+                    "-serial",
+                    "stdio",
+                ]);
             c
         }
     };
@@ -187,13 +216,24 @@ pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
     let result = loop {
         let outcome = run_once(&mut cmd, deadline, mode)?;
         match outcome.stalled {
-            Some(why) if mode == Mode::Emulated && attempt < MAX_ATTEMPTS && Instant::now() + Duration::from_secs(120) < deadline => {
+            Some(why)
+                if mode == Mode::Emulated
+                    && attempt < MAX_ATTEMPTS
+                    && Instant::now() + Duration::from_secs(120) < deadline =>
+            {
                 // The emulated server (QEMU TCG running a nested KVM) now and then hangs or
                 // resets as a whole; the job is run again in a fresh server, and the console
                 // says so.
-                notes.push(Line { at: Duration::ZERO, text: format!("SHOAL-HARNESS attempt {attempt} abandoned: {why}; its last lines:") });
+                notes.push(Line {
+                    at: Duration::ZERO,
+                    text: format!("SHOAL-HARNESS attempt {attempt} abandoned: {why}; its last lines:"),
+                });
                 let tail = outcome.lines.len().saturating_sub(8);
-                notes.extend(outcome.lines[tail..].iter().map(|l| Line { at: l.at, text: format!("SHOAL-HARNESS (attempt {attempt}) {}", l.text) }));
+                notes.extend(
+                    outcome.lines[tail..]
+                        .iter()
+                        .map(|l| Line { at: l.at, text: format!("SHOAL-HARNESS (attempt {attempt}) {}", l.text) }),
+                );
                 attempt += 1;
             }
             _ => break outcome,
@@ -225,10 +265,21 @@ struct Attempt {
 }
 
 fn run_once(cmd: &mut Command, deadline: Instant, mode: Mode) -> Result<Attempt, HarnessError> {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| err(format!("cannot start the job: {e}")))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(format!("cannot start the job: {e}")))?;
     let start = Instant::now();
     let (tx, rx) = channel();
-    for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).split(b'\n') {
@@ -318,7 +369,10 @@ mod tests {
         let out = job_lib_run(
             r#"run_case flaky sh -c 'if [ -e ran ]; then echo second; else touch ran; echo "vcpu0 kvm_exit: reason npf rip 0xffffffffc03f9dcc" >> "$SHOAL_EMULATOR_FAULT_TRACE"; echo first; exit 2; fi'"#,
         );
-        assert!(out.contains("SHOAL-HWTEST-RETRY flaky (the emulator ran a guest at a host address: vcpu0 kvm_exit"), "{out}");
+        assert!(
+            out.contains("SHOAL-HWTEST-RETRY flaky (the emulator ran a guest at a host address: vcpu0 kvm_exit"),
+            "{out}"
+        );
         assert!(out.contains("[flaky] second") && !out.contains("[flaky] first"), "{out}");
         assert!(out.contains("SHOAL-HWTEST flaky exit=0"), "{out}");
     }
@@ -334,10 +388,13 @@ mod tests {
     #[test]
     fn a_server_that_ends_before_its_last_line_counts_as_reset_not_finished() {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let reset = run_once(Command::new("sh").args(["-c", "echo SHOAL-SERVER kvm=yes"]), deadline, Mode::Emulated).unwrap();
+        let reset =
+            run_once(Command::new("sh").args(["-c", "echo SHOAL-SERVER kvm=yes"]), deadline, Mode::Emulated).unwrap();
         assert!(!reset.finished);
         assert!(reset.stalled.is_some_and(|why| why.contains("reset")));
-        let done = run_once(Command::new("sh").args(["-c", "echo job; echo 'SHOAL-SERVER done'"]), deadline, Mode::Emulated).unwrap();
+        let done =
+            run_once(Command::new("sh").args(["-c", "echo job; echo 'SHOAL-SERVER done'"]), deadline, Mode::Emulated)
+                .unwrap();
         assert!(done.finished && done.stalled.is_none());
         // On a VMX/SVM host the job is job.sh itself, which has no such line.
         let direct = run_once(Command::new("sh").args(["-c", "echo job"]), deadline, Mode::Direct).unwrap();

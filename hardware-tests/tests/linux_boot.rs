@@ -16,13 +16,16 @@ use shoal_hardware_tests::{repo_root, run, Job, Mode, Run};
 const CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 shoal.test=1";
 
 fn vmm_binary() -> PathBuf {
-    let p = std::env::var_os("SHOAL_VMM").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/x86_64-unknown-linux-gnu/release/shoal-vmm"));
+    let p = std::env::var_os("SHOAL_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/x86_64-unknown-linux-gnu/release/shoal-vmm"));
     assert!(p.exists(), "{} is missing: run `make test` (it builds shoal-vmm first)", p.display());
     p
 }
 
 fn guest(name: &str) -> PathBuf {
-    let dir = std::env::var_os("SHOAL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"));
+    let dir =
+        std::env::var_os("SHOAL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"));
     let p = dir.join(name);
     assert!(p.exists(), "{} is missing: run `make guest-kernel`", p.display());
     p
@@ -103,7 +106,8 @@ fn boot_job() -> Job {
     // Ctrl+Alt+Del through the API reboots the guest, which ends the VMM with status 0.
     script.push_str("run_case cad ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad\n");
     // The same with ACPI: the keyboard controller is found through the DSDT.
-    script.push_str("run_case cad-acpi ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad-acpi acpi\n");
+    script
+        .push_str("run_case cad-acpi ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad-acpi acpi\n");
     script.push_str("echo \"SHOAL-SERVER-MEMORY $(free -m | grep Mem:)\"\n");
     // panic=-1 reboots at once: panic=N's N-second wait is a guest busy-loop, which can run far
     // longer than N seconds where guest code is emulated.
@@ -130,7 +134,12 @@ fn check(run: &Run) -> Vec<String> {
     for (kernel, vcpus) in [("vmlinux", 1), ("vmlinux", 2), ("bzImage", 1), ("bzImage", 2)] {
         let name = format!("{kernel}-{vcpus}");
         let c = run.case(&name);
-        let mut want = vec!["SHOAL-GUEST-INIT ok".to_string(), format!("nproc: {vcpus}"), format!("cmdline: {CMDLINE}"), "boot_timer exit=0".to_string()];
+        let mut want = vec![
+            "SHOAL-GUEST-INIT ok".to_string(),
+            format!("nproc: {vcpus}"),
+            format!("cmdline: {CMDLINE}"),
+            "boot_timer exit=0".to_string(),
+        ];
         want.retain(|w| !(c.has_line(w) || (w.starts_with("boot_timer") && c.has(w))));
         if c.exit.is_none() || !want.is_empty() {
             failures.push(format!("{name}: missing {want:?} (case exit {:?})", c.exit));
@@ -167,16 +176,26 @@ fn check(run: &Run) -> Vec<String> {
         failures.push(format!("snapshot: exit {:?}, output {:?}", snapshot.exit, snapshot.output));
     }
     let snapshot_disk = run.case("snapshot-disk");
-    let synced = snapshot_disk.output.iter().any(|l| l.strip_prefix("snapshot_job disk_sync_after_restore=").is_some_and(|v| !v.is_empty()));
+    let synced = snapshot_disk
+        .output
+        .iter()
+        .any(|l| l.strip_prefix("snapshot_job disk_sync_after_restore=").is_some_and(|v| !v.is_empty()));
     let pinged = snapshot_disk.has_line("snapshot_job ping_after_restore=ok");
     // The restore gave eth0 a new MAC: the guest takes it when its driver probes the NIC again.
-    let new_mac = snapshot_disk.has_line("snapshot_job guest_mac_after_reprobe=02:00:00:00:00:12 host_sees=02:00:00:00:00:12");
+    let new_mac =
+        snapshot_disk.has_line("snapshot_job guest_mac_after_reprobe=02:00:00:00:00:12 host_sees=02:00:00:00:00:12");
     // Both clones learned their own vsock CID and answered on their own socket.
     // ... and, described by ACPI, learned from the VM Generation ID that they were forked.
     let clones = snapshot_disk.has_line("snapshot_job clone_vsock=cid=42")
         && snapshot_disk.has_line("snapshot_job clone_vsock=cid=43")
         && snapshot_disk.output.iter().filter(|l| *l == "snapshot_job clone_vm_fork=reseeded").count() == 2;
-    if snapshot_disk.exit != Some(0) || !snapshot_disk.has_line("snapshot_job result=ok") || !synced || !pinged || !new_mac || !clones {
+    if snapshot_disk.exit != Some(0)
+        || !snapshot_disk.has_line("snapshot_job result=ok")
+        || !synced
+        || !pinged
+        || !new_mac
+        || !clones
+    {
         failures.push(format!("snapshot-disk: exit {:?}, output {:?}", snapshot_disk.exit, snapshot_disk.output));
     }
     let jail = run.case("jail-v2");
@@ -185,8 +204,14 @@ fn check(run: &Run) -> Vec<String> {
         "uid=65534 root=dev,initramfs.cpio,proc,vmlinux,",
         "exit=143 cgroup=removed",
     ];
-    let counting = jail.output.iter().any(|l| l.strip_prefix("SHOAL-JAIL counting=").and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n >= 3));
-    let missing: Vec<_> = want.iter().filter(|w| !jail.output.iter().any(|l| l.starts_with("SHOAL-JAIL ") && l.contains(*w))).collect();
+    let counting = jail.output.iter().any(|l| {
+        l.strip_prefix("SHOAL-JAIL counting=")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n >= 3)
+    });
+    let missing: Vec<_> =
+        want.iter().filter(|w| !jail.output.iter().any(|l| l.starts_with("SHOAL-JAIL ") && l.contains(*w))).collect();
     if !counting || !missing.is_empty() {
         failures.push(format!("jail-v2: counting {counting}, missing {missing:?}, output {:?}", jail.output));
     }
@@ -209,14 +234,21 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
     let run = run(&boot_job(), mode).expect("run the job");
     let failures = check(&run);
     for name in ["vmlinux-1", "vmlinux-2", "bzImage-1", "bzImage-2", "panic"] {
-        if let Some(ms) = run.case(name).output.iter().find_map(|l| l.strip_prefix("boot_timer marker_ms=").map(str::to_string)) {
+        if let Some(ms) =
+            run.case(name).output.iter().find_map(|l| l.strip_prefix("boot_timer marker_ms=").map(str::to_string))
+        {
             println!("{name}: spawn to /init marker {ms} ms ({mode:?})");
         }
     }
     // Restarted servers and retried cases (the emulator's faults), with why, on every run,
     // passing or not: libtest captures print! and eprint!, not writes to the stderr handle, so
     // CI logs keep the emulator's fault rate.
-    let faults: Vec<&str> = run.lines.iter().map(|l| l.text.as_str()).filter(|t| t.starts_with("SHOAL-HARNESS attempt") || t.starts_with("SHOAL-HWTEST-RETRY")).collect();
+    let faults: Vec<&str> = run
+        .lines
+        .iter()
+        .map(|l| l.text.as_str())
+        .filter(|t| t.starts_with("SHOAL-HARNESS attempt") || t.starts_with("SHOAL-HWTEST-RETRY"))
+        .collect();
     let restarts = faults.iter().filter(|t| t.starts_with("SHOAL-HARNESS attempt")).count();
     let retried = faults.len() - restarts;
     let mut summary = format!("linux_boot ({mode:?}): server restarts={restarts} retried cases={retried}\n");
@@ -227,12 +259,26 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
     for line in run.case("jail-v2").output.iter().filter(|l| l.starts_with("SHOAL-JAIL")) {
         println!("{line} ({mode:?})");
     }
-    for line in run.case("cad").output.iter().chain(run.case("cad-acpi").output.iter()).filter(|l| l.starts_with("cad_job")) {
+    for line in
+        run.case("cad").output.iter().chain(run.case("cad-acpi").output.iter()).filter(|l| l.starts_with("cad_job"))
+    {
         println!("{line} ({mode:?})");
     }
-    for line in run.case("snapshot").output.iter().chain(run.case("snapshot-disk").output.iter()).filter(|l| l.starts_with("snapshot_job")) {
+    for line in run
+        .case("snapshot")
+        .output
+        .iter()
+        .chain(run.case("snapshot-disk").output.iter())
+        .filter(|l| l.starts_with("snapshot_job"))
+    {
         println!("{line} ({mode:?})");
     }
     assert!(run.finished, "the job did not finish in time; console:\n{}", run.text());
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}\n\nconsole ({mode:?}):\n{}", failures.len(), failures.join("\n"), run.text());
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}\n\nconsole ({mode:?}):\n{}",
+        failures.len(),
+        failures.join("\n"),
+        run.text()
+    );
 }

@@ -35,16 +35,26 @@ fn wait_for(session: &str, limit: Duration, what: &str, done: impl Fn(&str) -> b
 
 #[test]
 fn make_run_gives_a_guest_shell_and_poweroff_returns() {
-    let vmm = std::env::var_os("SHOAL_VMM").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/x86_64-unknown-linux-gnu/release/shoal-vmm"));
-    let guest = std::env::var_os("SHOAL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"));
+    let vmm = std::env::var_os("SHOAL_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/x86_64-unknown-linux-gnu/release/shoal-vmm"));
+    let guest =
+        std::env::var_os("SHOAL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"));
     assert!(vmm.exists() && guest.join("vmlinux").exists(), "build first: `make test` does");
     let name = format!("shoal-make-run-{}", std::process::id());
-    let cmd = format!("{} {} {}; echo MAKE-RUN-EXITED-$?; sleep 600", env!("CARGO_BIN_EXE_shoal-run-linux"), vmm.display(), guest.display());
+    let cmd = format!(
+        "{} {} {}; echo MAKE-RUN-EXITED-$?; sleep 600",
+        env!("CARGO_BIN_EXE_shoal-run-linux"),
+        vmm.display(),
+        guest.display()
+    );
     tmux(&["new-session", "-d", "-s", &name, "-x", "160", "-y", "50", &cmd]);
     let _session = Session(name.clone());
 
     let limit = Duration::from_secs(15 * 60);
-    let screen = wait_for(&name, limit, "guest shell prompt", |s| s.contains("Shoal microVM shell") && s.lines().any(|l| l.trim_end() == "#"));
+    let screen = wait_for(&name, limit, "guest shell prompt", |s| {
+        s.contains("Shoal microVM shell") && s.lines().any(|l| l.trim_end() == "#")
+    });
     assert!(screen.contains("make run: booting a Linux microVM"), "{screen}");
     tmux(&["send-keys", "-t", &name, "echo guest-says-$((6*7)) && uname -s", "Enter"]);
     wait_for(&name, limit, "command output from the guest", |s| s.contains("guest-says-42") && s.contains("Linux"));

@@ -125,7 +125,10 @@ fn main() {
     for w in workers {
         w.join().unwrap();
     }
-    println!("write_throughput_16_clients_per_s={:.0}", done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64());
+    println!(
+        "write_throughput_16_clients_per_s={:.0}",
+        done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+    );
 
     // Gossip detection of a dead node: kill a follower, watch another node's member list.
     let mut detect = Vec::new();
@@ -139,7 +142,11 @@ fn main() {
         let t = Instant::now();
         wait_for(Duration::from_secs(30), "gossip to report the node dead", || {
             let s = n[observer].status()?;
-            s["members"].as_array()?.iter().any(|m| m["id_hex"] == victim_id.as_str() && m["state"] == "dead").then_some(())
+            s["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id_hex"] == victim_id.as_str() && m["state"] == "dead")
+                .then_some(())
         });
         detect.push(t.elapsed().as_secs_f64() * 1000.0);
         n[victim].start();

@@ -116,8 +116,8 @@ fn detect_capacity() -> Resources {
 }
 
 fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -195,7 +195,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             snapshot_every: args.snapshot_every.max(1),
             ..RaftTiming::default()
         },
-        gossip: GossipTiming { interval: Duration::from_millis(args.gossip_interval_ms.max(1)), ..GossipTiming::default() },
+        gossip: GossipTiming {
+            interval: Duration::from_millis(args.gossip_interval_ms.max(1)),
+            ..GossipTiming::default()
+        },
     };
     let http = tokio::net::TcpListener::bind(config.listen)
         .await

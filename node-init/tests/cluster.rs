@@ -38,7 +38,11 @@ fn three_nodes_form_one_cluster_more_join_and_a_wrong_secret_is_refused() {
         agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3))
     });
     let cluster_id = st["cluster_id"].as_str().unwrap().to_string();
-    assert_eq!(sorted(&st["voters"]), { let mut ids: Vec<String> = n.iter().map(|x| x.id()).collect(); ids.sort(); ids });
+    assert_eq!(sorted(&st["voters"]), {
+        let mut ids: Vec<String> = n.iter().map(|x| x.id()).collect();
+        ids.sort();
+        ids
+    });
     assert!(sorted(&st["learners"]).is_empty());
     // Exactly one node bootstrapped.
     let bootstraps = n.iter().filter(|x| x.log().contains("bootstrapped a new cluster")).count();
@@ -61,7 +65,8 @@ fn three_nodes_form_one_cluster_more_join_and_a_wrong_secret_is_refused() {
     let stranger = net.node_with_secret(5, "some-other-secret", &[]);
     std::thread::sleep(Duration::from_secs(4));
     let st = n[0].status().unwrap();
-    let ids: Vec<String> = st["members"].as_array().unwrap().iter().map(|m| m["id_hex"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> =
+        st["members"].as_array().unwrap().iter().map(|m| m["id_hex"].as_str().unwrap().to_string()).collect();
     assert!(!ids.contains(&stranger.id()), "the stranger appears in the cluster: {ids:?}");
     assert_eq!(ids.len(), 5);
     let own = stranger.status().unwrap();
@@ -151,7 +156,9 @@ fn a_partitioned_minority_cannot_commit_and_catches_up_after_healing() {
         agreed_status(&majority).filter(|s| s["leader_id"].as_str().is_some_and(|l| l != minority.id()))
     });
     for i in 10..20 {
-        wait_for(Duration::from_secs(10), "majority writes", || majority[i % 2].put(&format!("k{i}"), &format!("v{i}")).ok());
+        wait_for(Duration::from_secs(10), "majority writes", || {
+            majority[i % 2].put(&format!("k{i}"), &format!("v{i}")).ok()
+        });
     }
     net.partition(li, &others, false);
     wait_for(Duration::from_secs(20), "the minority to catch up", || {
@@ -199,7 +206,9 @@ fn stopping_every_node_and_starting_again_keeps_state_and_identity() {
         assert_eq!(n[(i + 1) % 3].read(&format!("key{i}")).unwrap(), Some(format!("value{i}")));
     }
     assert!(after["revision"].as_u64().unwrap() >= 60);
-    assert!(n.iter().all(|x| !x.log().contains("bootstrapped a new cluster") || x.log().matches("bootstrapped").count() == 1));
+    assert!(n
+        .iter()
+        .all(|x| !x.log().contains("bootstrapped a new cluster") || x.log().matches("bootstrapped").count() == 1));
     n[0].put("after-restart", "yes").expect("writes after the restart");
 }
 
@@ -244,7 +253,9 @@ fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_chan
     n[li].kill9();
     for i in 21..=40 {
         let key = format!("w{i}");
-        let rev = wait_for(Duration::from_secs(20), "writes after the leader change", || n[writer].put(&key, &i.to_string()).ok());
+        let rev = wait_for(Duration::from_secs(20), "writes after the leader change", || {
+            n[writer].put(&key, &i.to_string()).ok()
+        });
         written.push((rev, key));
     }
     let last_rev = written.last().unwrap().0;
@@ -255,7 +266,8 @@ fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_chan
     let revisions: Vec<u64> = got.iter().map(|e| e["revision"].as_u64().unwrap()).collect();
     assert!(revisions.windows(2).all(|w| w[1] == w[0] + 1), "gaps or disorder: {revisions:?}");
     assert_eq!(revisions.first().copied(), Some(start_rev + 1));
-    let by_rev: BTreeMap<u64, String> = got.iter().map(|e| (e["revision"].as_u64().unwrap(), e["key"].as_str().unwrap().to_string())).collect();
+    let by_rev: BTreeMap<u64, String> =
+        got.iter().map(|e| (e["revision"].as_u64().unwrap(), e["key"].as_str().unwrap().to_string())).collect();
     for (rev, key) in &written {
         assert_eq!(by_rev.get(rev), Some(key), "change at revision {rev}");
     }
@@ -285,7 +297,8 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
     let keys = ["x", "y", "z"];
     let clients: Vec<_> = (0..4)
         .map(|c| {
-            let (stop, history, addrs, token, hub) = (stop.clone(), history.clone(), addrs.clone(), token.clone(), hub.clone());
+            let (stop, history, addrs, token, hub) =
+                (stop.clone(), history.clone(), addrs.clone(), token.clone(), hub.clone());
             std::thread::spawn(move || {
                 support::enter_netns(&hub);
                 let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
@@ -302,7 +315,12 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
                         let res = http.put(&url).set("Authorization", &auth).send_string(&value);
                         let completed = origin.elapsed().as_nanos();
                         match res {
-                            Ok(_) => Some(Operation { client: c, kind: Kind::Write(value), invoked, completed: Some(completed) }),
+                            Ok(_) => Some(Operation {
+                                client: c,
+                                kind: Kind::Write(value),
+                                invoked,
+                                completed: Some(completed),
+                            }),
                             // 409 cannot happen (no conditions); anything else leaves the outcome unknown.
                             Err(_) => Some(Operation { client: c, kind: Kind::Write(value), invoked, completed: None }),
                         }
@@ -313,11 +331,19 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
                             Ok(r) => {
                                 let v: serde_json::Value = r.into_json().unwrap();
                                 let value = v["kv"]["value"].as_str().map(str::to_string);
-                                Some(Operation { client: c, kind: Kind::Read(value), invoked, completed: Some(completed) })
+                                Some(Operation {
+                                    client: c,
+                                    kind: Kind::Read(value),
+                                    invoked,
+                                    completed: Some(completed),
+                                })
                             }
-                            Err(ureq::Error::Status(404, _)) => {
-                                Some(Operation { client: c, kind: Kind::Read(None), invoked, completed: Some(completed) })
-                            }
+                            Err(ureq::Error::Status(404, _)) => Some(Operation {
+                                client: c,
+                                kind: Kind::Read(None),
+                                invoked,
+                                completed: Some(completed),
+                            }),
                             Err(_) => None,
                         }
                     };
@@ -354,9 +380,13 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
         c.join().unwrap();
     }
     let history = history.lock().unwrap();
-    let completed_writes = history.iter().filter(|(_, o)| matches!(o.kind, Kind::Write(_)) && o.completed.is_some()).count();
+    let completed_writes =
+        history.iter().filter(|(_, o)| matches!(o.kind, Kind::Write(_)) && o.completed.is_some()).count();
     let reads = history.iter().filter(|(_, o)| matches!(o.kind, Kind::Read(_))).count();
-    assert!(completed_writes > 50 && reads > 50, "too little traffic to judge: {completed_writes} writes, {reads} reads");
+    assert!(
+        completed_writes > 50 && reads > 50,
+        "too little traffic to judge: {completed_writes} writes, {reads} reads"
+    );
     for key in keys {
         let ops: Vec<Operation> = history.iter().filter(|(k, _)| k == key).map(|(_, o)| o.clone()).collect();
         if let Err(e) = linearizability::check(&ops) {
@@ -380,7 +410,8 @@ fn leadership_settles_on_the_voter_with_the_most_free_memory() {
     let refs: Vec<&Node> = n.iter().collect();
     let roomiest = n[1].id();
     wait_for(FORM, "the leader to be the node with 16 GiB free", || {
-        agreed_status(&refs).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3) && s["leader_id"] == roomiest.as_str())
+        agreed_status(&refs)
+            .filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3) && s["leader_id"] == roomiest.as_str())
     });
     // It stays there.
     std::thread::sleep(Duration::from_secs(3));
@@ -412,7 +443,10 @@ fn api_requests_are_checked_and_conditional_writes_and_settings_work() {
     let huge = "x".repeat(2 << 20);
     // Refused with 413, or the connection closed while the client was still sending.
     let res = n.call("PUT", "/v1/kv/app/huge", Some(&huge));
-    assert!(matches!(res, Ok((413, _))) || matches!(&res, Err(e) if e.contains("Broken pipe") || e.contains("reset")), "{res:?}");
+    assert!(
+        matches!(res, Ok((413, _))) || matches!(&res, Err(e) if e.contains("Broken pipe") || e.contains("reset")),
+        "{res:?}"
+    );
     assert_eq!(n.call("GET", "/v1/kv/app/missing", None).unwrap().0, 404);
     assert_eq!(n.call("DELETE", "/v1/kv/app/missing", None).unwrap().0, 404);
     assert_eq!(n.call("GET", "/v1/watch?from_revision=abc", None).unwrap().0, 400);
@@ -441,7 +475,12 @@ fn deref<'a>(doc: &'a serde_json::Value, v: &'a serde_json::Value) -> &'a serde_
 }
 
 /// `value` has every required field of `schema`, recursively through objects and arrays.
-fn conforms(doc: &serde_json::Value, schema: &serde_json::Value, value: &serde_json::Value, at: &str) -> Result<(), String> {
+fn conforms(
+    doc: &serde_json::Value,
+    schema: &serde_json::Value,
+    value: &serde_json::Value,
+    at: &str,
+) -> Result<(), String> {
     let schema = deref(doc, schema);
     if let Some(required) = schema["required"].as_array() {
         let obj = value.as_object().ok_or(format!("{at}: not an object: {value}"))?;

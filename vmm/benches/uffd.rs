@@ -57,7 +57,9 @@ fn map(len: usize, file: Option<&File>) -> *mut u8 {
         None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
     };
     // SAFETY: a fresh mapping at an address of the kernel's choosing.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags | libc::MAP_NORESERVE, fd, 0) };
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags | libc::MAP_NORESERVE, fd, 0)
+    };
     assert_ne!(p, libc::MAP_FAILED);
     p.cast()
 }
@@ -70,7 +72,9 @@ fn unmap(p: *mut u8, len: usize) {
 fn touch(base: *mut u8, pages: &[usize]) {
     for &p in pages {
         // SAFETY: every page index is inside the mapping.
-        unsafe { std::ptr::write_volatile(base.add(p * PAGE), std::ptr::read_volatile(base.add(p * PAGE)).wrapping_add(1)) };
+        unsafe {
+            std::ptr::write_volatile(base.add(p * PAGE), std::ptr::read_volatile(base.add(p * PAGE)).wrapping_add(1))
+        };
     }
 }
 

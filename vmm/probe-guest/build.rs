@@ -17,10 +17,26 @@ fn main() {
         let elf = out.join(format!("{probe}.elf"));
         let status = Command::new(&rustc)
             .args(["--edition", "2021", "--crate-type", "bin", "--crate-name", &format!("probe_{probe}")])
-            .args(["-C", "panic=abort", "-C", "opt-level=2", "-C", "relocation-model=static", "-C", "debuginfo=0", "-C", "strip=symbols"])
+            .args([
+                "-C",
+                "panic=abort",
+                "-C",
+                "opt-level=2",
+                "-C",
+                "relocation-model=static",
+                "-C",
+                "debuginfo=0",
+                "-C",
+                "strip=symbols",
+            ])
             // No SSE: the nested KVM of the development machines cannot execute it in guest
             // supervisor mode (rustc warns that this changes the float ABI; probes use no floats).
-            .args(["-C", "target-cpu=x86-64", "-C", "target-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2"])
+            .args([
+                "-C",
+                "target-cpu=x86-64",
+                "-C",
+                "target-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2",
+            ])
             .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-static", "-C", "link-arg=-nostdlib"])
             .args(["-C", "link-arg=-Wl,--image-base=0x1000000", "-C", "link-arg=-Wl,--build-id=none"])
             .arg("-o")

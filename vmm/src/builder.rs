@@ -9,25 +9,24 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
-use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::{ConfigError, VmConfig};
 use crate::arch::x86_64::boot::{self, BootError, BootInfo};
+use crate::arch::x86_64::e820_map;
 use crate::arch::x86_64::layout::{CMDLINE_START, HIMEM_START};
+use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::regs::EntryMode;
-use crate::arch::x86_64::e820_map;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042_BASE, I8042_KBD_IRQ, I8042_LEN};
-use crate::devices::legacy::{SerialConsole, SerialSaved, I8042, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::EventFdTrigger;
-use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::devices::legacy::{SerialConsole, SerialSaved, COM1_BASE, COM1_IRQ, COM1_LEN, I8042};
 use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::block::handler::FileDisk;
 use crate::devices::virtio::block::VirtioBlock;
@@ -37,11 +36,12 @@ use crate::devices::virtio::net::VirtioNet;
 use crate::devices::virtio::rng::VirtioRng;
 use crate::devices::virtio::vsock::{VirtioVsock, VsockError};
 use crate::devices::virtio::{IrqLine, VirtioDevice};
+use crate::devices::EventFdTrigger;
 use crate::snapshot::MachineState;
-use kvm_ioctls::IoEventAddress;
 use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError, VcpuWiring};
 use crate::vstate::vm::{Vm, VmError};
+use kvm_ioctls::IoEventAddress;
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -56,27 +56,55 @@ pub enum BuildError {
     #[error("cannot read random bytes for the VM generation ID")]
     VmGenId(#[source] std::io::Error),
     #[error("cannot open kernel {path}")]
-    KernelOpen { path: PathBuf, #[source] source: std::io::Error },
+    KernelOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
     KernelFormat(PathBuf),
     #[error("cannot load kernel {path}: {source}")]
-    KernelLoad { path: PathBuf, #[source] source: linux_loader::loader::Error },
+    KernelLoad {
+        path: PathBuf,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
     #[error("kernel {path}: {source}")]
-    KernelHeader { path: PathBuf, #[source] source: BootError },
+    KernelHeader {
+        path: PathBuf,
+        #[source]
+        source: BootError,
+    },
     #[error("cannot open initrd {path}")]
-    InitrdOpen { path: PathBuf, #[source] source: std::io::Error },
+    InitrdOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("initrd {path}: {source}")]
-    InitrdPlace { path: PathBuf, #[source] source: BootError },
+    InitrdPlace {
+        path: PathBuf,
+        #[source]
+        source: BootError,
+    },
     #[error("cannot read initrd {0} into guest memory")]
     InitrdLoad(PathBuf),
     #[error("cannot restore the serial port: {0}")]
     Serial(String),
     #[error("cannot open tap {tap}")]
-    TapOpen { tap: String, #[source] source: std::io::Error },
+    TapOpen {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("vsock")]
     Vsock(#[source] VsockError),
     #[error("cannot open disk {path}")]
-    DiskOpen { path: PathBuf, #[source] source: std::io::Error },
+    DiskOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write the command line to guest memory")]
     Cmdline,
     #[error(transparent)]
@@ -135,7 +163,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
         return Err(BuildError::KernelFormat(path.to_owned()));
     }
-    let format = detect_kernel_format(&mut file).map_err(|source| BuildError::KernelOpen { path: path.to_owned(), source })?;
+    let format =
+        detect_kernel_format(&mut file).map_err(|source| BuildError::KernelOpen { path: path.to_owned(), source })?;
     let load_err = |source| BuildError::KernelLoad { path: path.to_owned(), source };
     match format {
         Some(KernelFormat::Elf) => {
@@ -149,16 +178,26 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         Some(KernelFormat::BzImage) => {
             let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
             let hdr = r.setup_header.ok_or(BuildError::KernelFormat(path.to_owned()))?;
-            boot::check_bzimage_header(&hdr).map_err(|source| BuildError::KernelHeader { path: path.to_owned(), source })?;
+            boot::check_bzimage_header(&hdr)
+                .map_err(|source| BuildError::KernelHeader { path: path.to_owned(), source })?;
             let address = r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET;
-            Ok(LoadedKernel { entry: BootEntry { mode: EntryMode::Linux64, address }, end: r.kernel_end, setup_header: Some(hdr) })
+            Ok(LoadedKernel {
+                entry: BootEntry { mode: EntryMode::Linux64, address },
+                end: r.kernel_end,
+                setup_header: Some(hdr),
+            })
         }
         None => Err(BuildError::KernelFormat(path.to_owned())),
     }
 }
 
 /// Places and reads the initrd; returns its (address, size).
-pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel: &LoadedKernel, mem_size: u64) -> Result<(u64, u64), BuildError> {
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel: &LoadedKernel,
+    mem_size: u64,
+) -> Result<(u64, u64), BuildError> {
     let mut file = File::open(path).map_err(|source| BuildError::InitrdOpen { path: path.to_owned(), source })?;
     let size = file.metadata().map_err(|source| BuildError::InitrdOpen { path: path.to_owned(), source })?.len();
     let addr_max = kernel.setup_header.map(|h| h.initrd_addr_max);
@@ -171,7 +210,12 @@ pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel: &LoadedKernel, me
 }
 
 /// Writes the boot information for the loaded kernel.
-pub fn write_boot_info(mem: &GuestMemoryMmap, config: &VmConfig, kernel: &LoadedKernel, initrd: Option<(u64, u64)>) -> Result<(), BuildError> {
+pub fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    kernel: &LoadedKernel,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BuildError> {
     let full = config.full_cmdline();
     let mut cmdline = full.as_bytes().to_vec();
     cmdline.push(0);
@@ -242,7 +286,8 @@ fn random_mac() -> [u8; 6] {
 pub fn renew_vmgenid(mem: &GuestMemoryMmap) -> Result<(), BuildError> {
     use crate::arch::x86_64::acpi;
     let mut id = [0u8; acpi::VMGENID_LEN];
-    crate::devices::virtio::rng::Entropy::fill(&mut crate::devices::virtio::rng::HostEntropy, &mut id).map_err(BuildError::VmGenId)?;
+    crate::devices::virtio::rng::Entropy::fill(&mut crate::devices::virtio::rng::HostEntropy, &mut id)
+        .map_err(BuildError::VmGenId)?;
     Ok(acpi::write_vmgenid(mem, &id)?)
 }
 
@@ -270,13 +315,30 @@ impl DeviceSpec {
         let mut specs: Vec<DeviceSpec> = config
             .disks
             .iter()
-            .map(|d| DeviceSpec::Block(DiskSpec { path: d.path.clone(), read_only: d.read_only, id: d.id.clone(), rate_limiter: d.rate_limiter }))
+            .map(|d| {
+                DeviceSpec::Block(DiskSpec {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    id: d.id.clone(),
+                    rate_limiter: d.rate_limiter,
+                })
+            })
             .collect();
         for (i, n) in config.nets.iter().enumerate() {
             // validate() has checked the MAC.
-            let mac = n.mac.as_deref().and_then(|m| crate::devices::virtio::net::parse_mac(m).ok()).unwrap_or_else(random_mac);
+            let mac = n
+                .mac
+                .as_deref()
+                .and_then(|m| crate::devices::virtio::net::parse_mac(m).ok())
+                .unwrap_or_else(random_mac);
             let id = n.id.clone().unwrap_or_else(|| format!("eth{i}"));
-            specs.push(DeviceSpec::Net(NetSpec { id, tap: n.tap.clone(), mac, rx_rate_limiter: n.rx_rate_limiter, tx_rate_limiter: n.tx_rate_limiter }));
+            specs.push(DeviceSpec::Net(NetSpec {
+                id,
+                tap: n.tap.clone(),
+                mac,
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
+            }));
         }
         if config.rng {
             specs.push(DeviceSpec::Rng(RngSpec { rate_limiter: config.rng_rate_limiter }));
@@ -318,13 +380,18 @@ pub struct LegacyDevices {
 
 /// Creates COM1 (fresh, or continuing from `serial_state`) and the i8042 on the port bus, with
 /// the serial interrupt wired to the in-kernel irqchip.
-pub fn attach_legacy(vm: &Vm, console: Box<dyn Write + Send>, serial_state: Option<&SerialSaved>) -> Result<LegacyDevices, BuildError> {
+pub fn attach_legacy(
+    vm: &Vm,
+    console: Box<dyn Write + Send>,
+    serial_state: Option<&SerialSaved>,
+) -> Result<LegacyDevices, BuildError> {
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irq(&serial_irq, COM1_IRQ)?;
     let guest_panicked = Arc::new(AtomicBool::new(false));
     let serial = match serial_state {
         None => SerialConsole::new(EventFdTrigger(serial_irq), console, guest_panicked.clone()),
-        Some(saved) => SerialConsole::restore(EventFdTrigger(serial_irq), console, guest_panicked.clone(), saved).map_err(BuildError::Serial)?,
+        Some(saved) => SerialConsole::restore(EventFdTrigger(serial_irq), console, guest_panicked.clone(), saved)
+            .map_err(BuildError::Serial)?,
     };
     let serial = Arc::new(Mutex::new(serial));
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -332,7 +399,8 @@ pub fn attach_legacy(vm: &Vm, console: Box<dyn Write + Send>, serial_state: Opti
     let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
     let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irq(&kbd_irq, I8042_KBD_IRQ)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone()).with_kbd_irq(EventFdTrigger(kbd_irq))));
+    let i8042 =
+        Arc::new(Mutex::new(I8042::new(i8042_evt, reset_requested.clone()).with_kbd_irq(EventFdTrigger(kbd_irq))));
     let mut bus = Bus::new();
     bus.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     bus.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
@@ -341,13 +409,19 @@ pub fn attach_legacy(vm: &Vm, console: Box<dyn Write + Send>, serial_state: Opti
 
 /// Creates the virtio devices `specs` describes, each in its own MMIO window (in order) with
 /// its own interrupt line, and wires the queue notifications through ioeventfds.
-pub fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, specs: &[DeviceSpec], mmio: &mut Bus) -> Result<Vec<VirtioSlot>, BuildError> {
+pub fn attach_virtio(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    specs: &[DeviceSpec],
+    mmio: &mut Bus,
+) -> Result<Vec<VirtioSlot>, BuildError> {
     let mut slots = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         let (name, device): (String, Box<dyn VirtioDevice>) = match spec {
             DeviceSpec::Block(d) => {
                 let open_err = |source| BuildError::DiskOpen { path: d.path.clone(), source };
-                let file = std::fs::OpenOptions::new().read(true).write(!d.read_only).open(&d.path).map_err(open_err)?;
+                let file =
+                    std::fs::OpenOptions::new().read(true).write(!d.read_only).open(&d.path).map_err(open_err)?;
                 let disk = FileDisk::new(file).map_err(open_err)?;
                 let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
                 let limiter = d.rate_limiter.as_ref().map(RateLimiter::new);
@@ -355,11 +429,21 @@ pub fn attach_virtio(vm: &Vm, mem: &GuestMemoryMmap, specs: &[DeviceSpec], mmio:
             }
             DeviceSpec::Net(n) => {
                 let tap = Tap::open(&n.tap).map_err(|source| BuildError::TapOpen { tap: n.tap.clone(), source })?;
-                let limiters = (n.rx_rate_limiter.as_ref().map(RateLimiter::new), n.tx_rate_limiter.as_ref().map(RateLimiter::new));
-                (format!("net {}", n.tap), Box::new(VirtioNet::new(Box::new(tap), n.mac).with_limiters(limiters.0, limiters.1)))
+                let limiters = (
+                    n.rx_rate_limiter.as_ref().map(RateLimiter::new),
+                    n.tx_rate_limiter.as_ref().map(RateLimiter::new),
+                );
+                (
+                    format!("net {}", n.tap),
+                    Box::new(VirtioNet::new(Box::new(tap), n.mac).with_limiters(limiters.0, limiters.1)),
+                )
             }
-            DeviceSpec::Rng(r) => ("rng".into(), Box::new(VirtioRng::new().with_limiter(r.rate_limiter.as_ref().map(RateLimiter::new)))),
-            DeviceSpec::Vsock(v) => ("vsock".into(), Box::new(VirtioVsock::new(v.cid, &v.uds_path).map_err(BuildError::Vsock)?)),
+            DeviceSpec::Rng(r) => {
+                ("rng".into(), Box::new(VirtioRng::new().with_limiter(r.rate_limiter.as_ref().map(RateLimiter::new))))
+            }
+            DeviceSpec::Vsock(v) => {
+                ("vsock".into(), Box::new(VirtioVsock::new(v.cid, &v.uds_path).map_err(BuildError::Vsock)?))
+            }
         };
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
@@ -427,13 +511,19 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     };
     write_boot_info(&mem, config, &kernel, initrd)?;
 
-    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio, i8042 } = attach_legacy(&vm, console, None)?;
+    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio, i8042 } =
+        attach_legacy(&vm, console, None)?;
     let mut mmio = Bus::new();
     let virtio = attach_virtio(&vm, &mem, &DeviceSpec::from_config(config), &mut mmio)?;
 
     let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     let mmio = Arc::new(mmio);
-    let wiring = VcpuWiring { pio: pio.clone(), mmio: mmio.clone(), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
+    let wiring = VcpuWiring {
+        pio: pio.clone(),
+        mmio: mmio.clone(),
+        reset_requested: reset_requested.clone(),
+        msr_list: Arc::new(vm.msrs_to_save()?),
+    };
     let count = config.vcpus as u8; // validated: 1..=254
     let mut vcpus = Vec::with_capacity(usize::from(count));
     for index in 0..count {
@@ -446,8 +536,28 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
         renew_vmgenid(&mem)?;
     }
     tracing::info!(entry = format_args!("{:#x}", kernel.entry.address), mode = ?kernel.entry.mode, vcpus = count, mem_mib = config.mem_mib, "microvm built");
-    let machine = MachineState { vcpus: config.vcpus, mem_mib: config.mem_mib, track_dirty_pages: config.track_dirty_pages, acpi: config.acpi };
-    Ok(MicroVm { vm, mem, vcpus, serial, reset_evt, pio, mmio, virtio, guest_panicked, reset_requested, i8042, machine, backing: MemoryBacking::Anonymous, generation: 0 })
+    let machine = MachineState {
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        track_dirty_pages: config.track_dirty_pages,
+        acpi: config.acpi,
+    };
+    Ok(MicroVm {
+        vm,
+        mem,
+        vcpus,
+        serial,
+        reset_evt,
+        pio,
+        mmio,
+        virtio,
+        guest_panicked,
+        reset_requested,
+        i8042,
+        machine,
+        backing: MemoryBacking::Anonymous,
+        generation: 0,
+    })
 }
 
 #[cfg(test)]
@@ -459,12 +569,20 @@ mod tests {
     fn device_specs_survive_the_snapshot_encoding() {
         use crate::devices::rate_limiter::{BucketConfig, RateLimitConfig};
         let specs = vec![
-            DeviceSpec::Block(DiskSpec { path: "/img/root.ext4".into(), read_only: false, id: None, rate_limiter: None }),
+            DeviceSpec::Block(DiskSpec {
+                path: "/img/root.ext4".into(),
+                read_only: false,
+                id: None,
+                rate_limiter: None,
+            }),
             DeviceSpec::Block(DiskSpec {
                 path: "d.raw".into(),
                 read_only: true,
                 id: Some("data".into()),
-                rate_limiter: Some(RateLimitConfig { bandwidth: None, ops: Some(BucketConfig { size: 10, one_time_burst: 0, refill_time: 100 }) }),
+                rate_limiter: Some(RateLimitConfig {
+                    bandwidth: None,
+                    ops: Some(BucketConfig { size: 10, one_time_burst: 0, refill_time: 100 }),
+                }),
             }),
             DeviceSpec::Rng(RngSpec { rate_limiter: None }),
         ];

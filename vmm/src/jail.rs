@@ -50,9 +50,20 @@ impl CgroupLimits {
         for part in spec.split(',').filter(|p| !p.is_empty()) {
             let bad = || format!("--cgroup: bad value in `{part}`");
             match part.split_once('=') {
-                Some(("cpus", v)) => l.cpus = Some(v.parse::<f64>().ok().filter(|c| c.is_finite() && *c >= 0.01 && *c <= 1024.0).ok_or_else(bad)?),
-                Some(("mem-mib", v)) => l.mem_mib = Some(v.parse::<u64>().ok().filter(|m| (1..=1 << 24).contains(m)).ok_or_else(bad)?),
-                Some(("pids", v)) => l.pids = Some(v.parse::<u64>().ok().filter(|p| (1..=1 << 22).contains(p)).ok_or_else(bad)?),
+                Some(("cpus", v)) => {
+                    l.cpus = Some(
+                        v.parse::<f64>()
+                            .ok()
+                            .filter(|c| c.is_finite() && *c >= 0.01 && *c <= 1024.0)
+                            .ok_or_else(bad)?,
+                    )
+                }
+                Some(("mem-mib", v)) => {
+                    l.mem_mib = Some(v.parse::<u64>().ok().filter(|m| (1..=1 << 24).contains(m)).ok_or_else(bad)?)
+                }
+                Some(("pids", v)) => {
+                    l.pids = Some(v.parse::<u64>().ok().filter(|p| (1..=1 << 22).contains(p)).ok_or_else(bad)?)
+                }
                 _ => return Err(format!("--cgroup: unknown part `{part}` (cpus=N, mem-mib=M, pids=P)")),
             }
         }
@@ -86,15 +97,25 @@ fn check(ret: libc::c_int, what: &str) -> Result<(), JailError> {
 
 fn cstr(p: &Path) -> Result<CString, JailError> {
     use std::os::unix::ffi::OsStrExt;
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::Sys { what: format!("use path {}", p.display()), source: io::ErrorKind::InvalidInput.into() })
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::Sys {
+        what: format!("use path {}", p.display()),
+        source: io::ErrorKind::InvalidInput.into(),
+    })
 }
 
-fn mount(src: Option<&str>, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> Result<(), JailError> {
+fn mount(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), JailError> {
     let owned = |s: Option<&str>| s.map(|s| CString::new(s).unwrap_or_default());
     let (src_c, fs_c, data_c, target_c) = (owned(src), owned(fstype), owned(data), cstr(target)?);
     let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
-    let ret = unsafe { libc::mount(ptr(&src_c), target_c.as_ptr(), ptr(&fs_c), flags, ptr(&data_c) as *const libc::c_void) };
+    let ret =
+        unsafe { libc::mount(ptr(&src_c), target_c.as_ptr(), ptr(&fs_c), flags, ptr(&data_c) as *const libc::c_void) };
     check(ret, &format!("mount {} on {}", src.or(fstype).unwrap_or("?"), target.display()))
 }
 
@@ -114,7 +135,8 @@ impl Cgroups {
     fn create(id: &str, limits: &CgroupLimits) -> Result<Cgroups, JailError> {
         let root = Path::new("/sys/fs/cgroup");
         let v2_root = [root.to_path_buf(), root.join("unified")].into_iter().find(|r| {
-            std::fs::read_to_string(r.join("cgroup.controllers")).is_ok_and(|c| ["cpu", "memory", "pids"].iter().all(|w| c.split_whitespace().any(|x| x == *w)))
+            std::fs::read_to_string(r.join("cgroup.controllers"))
+                .is_ok_and(|c| ["cpu", "memory", "pids"].iter().all(|w| c.split_whitespace().any(|x| x == *w)))
         });
         let cg = match v2_root {
             Some(r) => {
@@ -122,11 +144,16 @@ impl Cgroups {
                 let _ = std::fs::write(r.join("cgroup.subtree_control"), "+cpu +memory +pids");
                 let parent = r.join("shoal-vmm");
                 std::fs::create_dir_all(&parent).map_err(sys(format!("create {}", parent.display())))?;
-                std::fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory +pids").map_err(sys("enable cgroup controllers"))?;
+                std::fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory +pids")
+                    .map_err(sys("enable cgroup controllers"))?;
                 Cgroups { dirs: vec![("", parent.join(id))], v2: true }
             }
             None => {
-                let dirs = ["cpu", "memory", "pids"].into_iter().filter(|c| root.join(c).join("cgroup.procs").exists()).map(|c| (c, root.join(c).join("shoal-vmm").join(id))).collect();
+                let dirs = ["cpu", "memory", "pids"]
+                    .into_iter()
+                    .filter(|c| root.join(c).join("cgroup.procs").exists())
+                    .map(|c| (c, root.join(c).join("shoal-vmm").join(id)))
+                    .collect();
                 Cgroups { dirs, v2: false }
             }
         };
@@ -148,7 +175,10 @@ impl Cgroups {
                 return Ok(());
             }
         }
-        Err(JailError::Sys { what: format!("limit {controller}"), source: io::Error::other(format!("the {controller} cgroup controller is not available on this host")) })
+        Err(JailError::Sys {
+            what: format!("limit {controller}"),
+            source: io::Error::other(format!("the {controller} cgroup controller is not available on this host")),
+        })
     }
 
     fn set_limits(&self, l: &CgroupLimits) -> Result<(), JailError> {
@@ -291,10 +321,16 @@ fn confine(cfg: &JailConfig, root: &Path, cgroups: &Cgroups) -> Result<(), JailE
     if let Some(ns) = &cfg.netns {
         let f = std::fs::File::open(ns).map_err(sys(format!("open network namespace {}", ns.display())))?;
         // SAFETY: f is an open namespace file.
-        check(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, "join the network namespace")?;
+        check(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
+            "join the network namespace",
+        )?;
     }
     // SAFETY: unshare with namespace flags only changes this process's namespaces.
-    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) }, "create mount, IPC and UTS namespaces")?;
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) },
+        "create mount, IPC and UTS namespaces",
+    )?;
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     mount(Some(&root.to_string_lossy()), root, None, libc::MS_BIND | libc::MS_REC, None)?;
     populate(root, cfg.uid, cfg.gid)?;
@@ -327,7 +363,10 @@ fn populate(root: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
     for (path, major, minor) in [(dev.join("kvm"), 10, 232), (dev.join("net/tun"), 10, 200)] {
         let c = cstr(&path)?;
         // SAFETY: c is a NUL-terminated path; makedev only packs numbers.
-        check(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o660, libc::makedev(major, minor)) }, &format!("create {}", path.display()))?;
+        check(
+            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o660, libc::makedev(major, minor)) },
+            &format!("create {}", path.display()),
+        )?;
         // SAFETY: as above.
         check(unsafe { libc::chown(c.as_ptr(), uid, gid) }, &format!("chown {}", path.display()))?;
     }
@@ -405,7 +444,10 @@ mod tests {
 
     #[test]
     fn cgroup_limits_parse_and_refuse_nonsense() {
-        assert_eq!(CgroupLimits::parse("cpus=1.5,mem-mib=256,pids=64"), Ok(CgroupLimits { cpus: Some(1.5), mem_mib: Some(256), pids: Some(64) }));
+        assert_eq!(
+            CgroupLimits::parse("cpus=1.5,mem-mib=256,pids=64"),
+            Ok(CgroupLimits { cpus: Some(1.5), mem_mib: Some(256), pids: Some(64) })
+        );
         assert_eq!(CgroupLimits::parse(""), Ok(CgroupLimits::default()));
         for bad in ["cpus=0", "cpus=nan", "mem-mib=0", "pids=-1", "disk=5", "cpus"] {
             assert!(CgroupLimits::parse(bad).is_err(), "{bad}");

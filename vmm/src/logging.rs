@@ -13,7 +13,15 @@ use tracing_subscriber::reload;
 
 /// Where log lines go: stderr until a log file is set.
 static SINK: Mutex<Option<std::fs::File>> = Mutex::new(None);
-type Handle = reload::Handle<LevelFilter, tracing_subscriber::fmt::Subscriber<tracing_subscriber::fmt::format::DefaultFields, tracing_subscriber::fmt::format::Format, LevelFilter, fn() -> LogWriter>>;
+type Handle = reload::Handle<
+    LevelFilter,
+    tracing_subscriber::fmt::Subscriber<
+        tracing_subscriber::fmt::format::DefaultFields,
+        tracing_subscriber::fmt::format::Format,
+        LevelFilter,
+        fn() -> LogWriter,
+    >,
+>;
 static LEVEL: OnceLock<Handle> = OnceLock::new();
 
 /// Writes one log line to the current sink.
@@ -40,7 +48,11 @@ fn writer() -> LogWriter {
 
 /// Installs the process's logger at `level` (once, at start-up).
 pub fn init(level: tracing::Level) {
-    let fmt = tracing_subscriber::fmt().with_writer(writer as fn() -> LogWriter).with_max_level(LevelFilter::TRACE).with_target(false).finish();
+    let fmt = tracing_subscriber::fmt()
+        .with_writer(writer as fn() -> LogWriter)
+        .with_max_level(LevelFilter::TRACE)
+        .with_target(false)
+        .finish();
     let (filter, handle) = reload::Layer::new(LevelFilter::from_level(level));
     if tracing::subscriber::set_global_default(filter.with_subscriber(fmt)).is_ok() {
         let _ = LEVEL.set(handle);
@@ -50,7 +62,11 @@ pub fn init(level: tracing::Level) {
 /// Changes the level and/or sends lines to `path` (appended to) from now on.
 pub fn configure(level: Option<LevelFilter>, path: Option<&std::path::Path>) -> Result<(), String> {
     if let Some(path) = path {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("Cannot open the log file {}: {e}", path.display()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("Cannot open the log file {}: {e}", path.display()))?;
         *SINK.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
     }
     if let (Some(level), Some(handle)) = (level, LEVEL.get()) {

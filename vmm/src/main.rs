@@ -127,7 +127,11 @@ use shoal_vmm::api::error_chain;
 
 /// Serves the API until an InstanceStart builds a microVM; a failed start is answered with its
 /// error and the API keeps waiting. The API thread keeps serving after the start.
-fn start_from_api(sock: &std::path::Path, seccomp: Seccomp, metrics_flush_secs: u64) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
+fn start_from_api(
+    sock: &std::path::Path,
+    seccomp: Seccomp,
+    metrics_flush_secs: u64,
+) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
     use shoal_vmm::api::server::{self, ApiRequest, VmmLink};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let listener = server::bind(sock).map_err(|e| error_chain(&e))?;
@@ -139,9 +143,16 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp, metrics_flush_secs: 
     loop {
         let Ok(request) = rx.recv() else { return Err("the API thread stopped".into()) };
         let (built, reply) = match request {
-            ApiRequest::Start { config, reply } => (builder::build_microvm(&config, Box::new(std::io::stdout())).map_err(|e| error_chain(&e)), reply),
+            ApiRequest::Start { config, reply } => {
+                (builder::build_microvm(&config, Box::new(std::io::stdout())).map_err(|e| error_chain(&e)), reply)
+            }
             ApiRequest::LoadSnapshot { load, reply } => {
-                let options = snapshot::RestoreOptions { resume: load.resume, track_dirty_pages: load.track_dirty_pages, vsock_override: load.vsock_override.clone(), net_overrides: load.net_overrides.clone() };
+                let options = snapshot::RestoreOptions {
+                    resume: load.resume,
+                    track_dirty_pages: load.track_dirty_pages,
+                    vsock_override: load.vsock_override.clone(),
+                    net_overrides: load.net_overrides.clone(),
+                };
                 let vm = snapshot::restore(&load.state_path, &load.mem_path, Box::new(std::io::stdout()), options);
                 (vm.map_err(|e| format!("Cannot load the snapshot: {}", error_chain(&e))), reply)
             }
@@ -154,7 +165,10 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp, metrics_flush_secs: 
                 continue;
             }
             ApiRequest::Metrics { reply } => {
-                let _ = reply.send(MetricsSnapshot { utc_timestamp_ms: MetricsSnapshot::now_ms(), ..MetricsSnapshot::default() });
+                let _ = reply.send(MetricsSnapshot {
+                    utc_timestamp_ms: MetricsSnapshot::now_ms(),
+                    ..MetricsSnapshot::default()
+                });
                 continue;
             }
             ApiRequest::MetricsFile { path, reply } => {
@@ -184,7 +198,8 @@ fn start_from_api(sock: &std::path::Path, seccomp: Seccomp, metrics_flush_secs: 
                 if reply.send(Ok(written_tx)).is_ok() {
                     let _ = written_rx.recv_timeout(std::time::Duration::from_secs(2));
                 }
-                let metrics_flush_every = (metrics_flush_secs > 0).then(|| std::time::Duration::from_secs(metrics_flush_secs));
+                let metrics_flush_every =
+                    (metrics_flush_secs > 0).then(|| std::time::Duration::from_secs(metrics_flush_secs));
                 return Ok((vm, runner::Control { requests: rx, wake, metrics_file, metrics_flush_every }));
             }
             Err(e) => {
@@ -208,7 +223,9 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
         Err(e) => {
             // One line: clap's message up to its usage block, without its "error: " prefix
             // (a list of missing arguments is on the lines after the first).
@@ -248,50 +265,67 @@ fn main() -> ExitCode {
     let mut control = None;
     let vm = match (&cli.api_sock, &cli.restore) {
         (None, Some(dir)) => {
-            let vsock_override = cli.vsock.as_ref().map(|v| snapshot::VsockOverride { guest_cid: Some(v.guest_cid), uds_path: Some(v.uds_path.clone()) });
+            let vsock_override = cli
+                .vsock
+                .as_ref()
+                .map(|v| snapshot::VsockOverride { guest_cid: Some(v.guest_cid), uds_path: Some(v.uds_path.clone()) });
             // --net id=ID,tap=NAME[,mac=MAC] gives the snapshot's interface ID another tap (and MAC).
-            let net_overrides = cli.net.iter().map(|n| snapshot::NetOverride { iface_id: n.id.clone().unwrap_or_else(|| "eth0".into()), host_dev_name: n.tap.clone(), guest_mac: n.mac.clone() }).collect();
-            let options = snapshot::RestoreOptions { resume: true, track_dirty_pages: false, vsock_override, net_overrides };
-            match snapshot::restore(&dir.join(snapshot::STATE_FILE), &dir.join(snapshot::MEMORY_FILE), Box::new(std::io::stdout()), options) {
+            let net_overrides = cli
+                .net
+                .iter()
+                .map(|n| snapshot::NetOverride {
+                    iface_id: n.id.clone().unwrap_or_else(|| "eth0".into()),
+                    host_dev_name: n.tap.clone(),
+                    guest_mac: n.mac.clone(),
+                })
+                .collect();
+            let options =
+                snapshot::RestoreOptions { resume: true, track_dirty_pages: false, vsock_override, net_overrides };
+            match snapshot::restore(
+                &dir.join(snapshot::STATE_FILE),
+                &dir.join(snapshot::MEMORY_FILE),
+                Box::new(std::io::stdout()),
+                options,
+            ) {
                 Ok(vm) => vm,
                 Err(e) => return fail(error_chain(&e)),
             }
         }
         (sock, _) => match sock {
-        Some(sock) => match start_from_api(sock, seccomp, cli.metrics_flush_secs) {
-            Ok((vm, c)) => {
-                control = Some(c);
-                vm
-            }
-            Err(e) => return fail(e),
-        },
-        None => {
-            let config = match &cli.config {
-                Some(path) => match VmConfig::from_file(path) {
-                    Ok(c) => c,
+            Some(sock) => match start_from_api(sock, seccomp, cli.metrics_flush_secs) {
+                Ok((vm, c)) => {
+                    control = Some(c);
+                    vm
+                }
+                Err(e) => return fail(e),
+            },
+            None => {
+                let config = match &cli.config {
+                    Some(path) => match VmConfig::from_file(path) {
+                        Ok(c) => c,
+                        Err(e) => return fail(error_chain(&e)),
+                    },
+                    None => VmConfig {
+                        // clap guarantees --kernel when neither --config nor --api-sock is given.
+                        kernel: cli.kernel.clone().unwrap_or_default(),
+                        initrd: cli.initrd.clone(),
+                        cmdline: cli.cmdline.clone(),
+                        vcpus: cli.vcpus,
+                        mem_mib: cli.mem_mib,
+                        track_dirty_pages: false,
+                        acpi: cli.acpi,
+                        disks: cli.disk.clone(),
+                        nets: cli.net.clone(),
+                        rng: cli.rng,
+                        rng_rate_limiter: cli.rng_rate,
+                        vsock: cli.vsock.clone(),
+                    },
+                };
+                match builder::build_microvm(&config, Box::new(std::io::stdout())) {
+                    Ok(vm) => vm,
                     Err(e) => return fail(error_chain(&e)),
-                },
-                None => VmConfig {
-                    // clap guarantees --kernel when neither --config nor --api-sock is given.
-                    kernel: cli.kernel.clone().unwrap_or_default(),
-                    initrd: cli.initrd.clone(),
-                    cmdline: cli.cmdline.clone(),
-                    vcpus: cli.vcpus,
-                    mem_mib: cli.mem_mib,
-                    track_dirty_pages: false,
-                    acpi: cli.acpi,
-                    disks: cli.disk.clone(),
-                    nets: cli.net.clone(),
-                    rng: cli.rng,
-                    rng_rate_limiter: cli.rng_rate,
-                    vsock: cli.vsock.clone(),
-                },
-            };
-            match builder::build_microvm(&config, Box::new(std::io::stdout())) {
-                Ok(vm) => vm,
-                Err(e) => return fail(error_chain(&e)),
+                }
             }
-        }
         },
     };
 
@@ -305,7 +339,11 @@ fn main() -> ExitCode {
     let mem = vm.mem.clone();
     // vCPU threads may still hold the devices when main returns, so the vsock socket is
     // removed here rather than left to the device's Drop.
-    let vsock_sockets: Vec<PathBuf> = vm.virtio.iter().filter_map(|s| if let builder::DeviceSpec::Vsock(v) = &s.spec { Some(v.uds_path.clone()) } else { None }).collect();
+    let vsock_sockets: Vec<PathBuf> = vm
+        .virtio
+        .iter()
+        .filter_map(|s| if let builder::DeviceSpec::Vsock(v) = &s.spec { Some(v.uds_path.clone()) } else { None })
+        .collect();
     let counters: Vec<_> = vm.vcpus.iter().map(|v| v.counters.clone()).collect();
     let result = runner::run(vm, interactive, control, seccomp);
     if interactive {

@@ -57,22 +57,48 @@ impl MetricsSnapshot {
                 out.push_str(&format!("{name}{labels} {v}\n"));
             }
         };
-        let per_vcpu = |f: fn(&VcpuMetrics) -> u64| self.vcpus.iter().enumerate().map(|(i, v)| (format!("{{vcpu=\"{i}\"}}"), f(v))).collect();
+        let per_vcpu = |f: fn(&VcpuMetrics) -> u64| {
+            self.vcpus.iter().enumerate().map(|(i, v)| (format!("{{vcpu=\"{i}\"}}"), f(v))).collect()
+        };
         family("shoal_vcpu_exits_total", "VM exits per vCPU.", per_vcpu(|v| v.exits));
         family("shoal_vcpu_io_in_total", "Port reads handled per vCPU.", per_vcpu(|v| v.io_in));
         family("shoal_vcpu_io_out_total", "Port writes handled per vCPU.", per_vcpu(|v| v.io_out));
         family("shoal_vcpu_mmio_total", "MMIO accesses handled per vCPU.", per_vcpu(|v| v.mmio));
         let per_dev = |f: fn(&DeviceMetrics) -> u64| {
-            self.devices.iter().enumerate().map(|(i, d)| (format!("{{device=\"{i}\",name=\"{}\"}}", escape(&d.name)), f(d))).collect()
+            self.devices
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (format!("{{device=\"{i}\",name=\"{}\"}}", escape(&d.name)), f(d)))
+                .collect()
         };
-        family("shoal_device_requests_total", "Requests (descriptor chains) served per device.", per_dev(|d| d.requests));
+        family(
+            "shoal_device_requests_total",
+            "Requests (descriptor chains) served per device.",
+            per_dev(|d| d.requests),
+        );
         family("shoal_device_bytes_total", "Payload bytes moved per device.", per_dev(|d| d.bytes));
         family("shoal_device_errors_total", "Malformed or failed requests per device.", per_dev(|d| d.errors));
-        family("shoal_device_spurious_total", "Notifications before activation or for unknown queues.", per_dev(|d| d.spurious));
+        family(
+            "shoal_device_spurious_total",
+            "Notifications before activation or for unknown queues.",
+            per_dev(|d| d.spurious),
+        );
         family("shoal_device_throttled_total", "Times the rate limiter held requests back.", per_dev(|d| d.throttled));
-        family("shoal_serial_errors_total", "Console writes that failed and input bytes dropped.", vec![(String::new(), self.serial_errors)]);
-        family("shoal_pio_unclaimed_total", "Guest port accesses no device claims.", vec![(String::new(), self.pio_unclaimed)]);
-        family("shoal_mmio_unclaimed_total", "Guest MMIO accesses no device claims.", vec![(String::new(), self.mmio_unclaimed)]);
+        family(
+            "shoal_serial_errors_total",
+            "Console writes that failed and input bytes dropped.",
+            vec![(String::new(), self.serial_errors)],
+        );
+        family(
+            "shoal_pio_unclaimed_total",
+            "Guest port accesses no device claims.",
+            vec![(String::new(), self.pio_unclaimed)],
+        );
+        family(
+            "shoal_mmio_unclaimed_total",
+            "Guest MMIO accesses no device claims.",
+            vec![(String::new(), self.mmio_unclaimed)],
+        );
         out
     }
 }
@@ -91,7 +117,14 @@ mod tests {
         let m = MetricsSnapshot {
             utc_timestamp_ms: 1,
             vcpus: vec![VcpuMetrics { exits: 10, io_in: 2, io_out: 7, mmio: 1 }],
-            devices: vec![DeviceMetrics { name: "block \"root\"".into(), requests: 5, bytes: 2560, errors: 1, spurious: 0, throttled: 3 }],
+            devices: vec![DeviceMetrics {
+                name: "block \"root\"".into(),
+                requests: 5,
+                bytes: 2560,
+                errors: 1,
+                spurious: 0,
+                throttled: 3,
+            }],
             serial_errors: 0,
             pio_unclaimed: 4,
             mmio_unclaimed: 0,

@@ -18,17 +18,19 @@ use vmm_sys_util::signal::Killable;
 
 use crate::api::server::ApiRequest;
 use crate::builder::{DeviceSpec, MicroVm, VirtioSlot};
-use crate::devices::virtio::mmio::MmioTransport;
-use vmm_sys_util::timerfd::TimerFd;
+use crate::devices::bus::Bus;
 use crate::devices::legacy::{SerialConsole, I8042};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::metrics::{DeviceMetrics, MetricsSnapshot, VcpuMetrics};
 use crate::seccomp::{Seccomp, SeccompError, ThreadKind};
 use crate::snapshot::{self, MachineState, SnapshotKind, SnapshotSource};
-use crate::vstate::memory::MemoryBacking;
-use crate::devices::bus::Bus;
-use crate::metrics::{DeviceMetrics, MetricsSnapshot, VcpuMetrics};
-use crate::vstate::vcpu::{VcpuCounters, register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuError, VcpuState, VcpuStop};
-use crate::vstate::vm::Vm;
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::memory::MemoryBacking;
+use crate::vstate::vcpu::{
+    register_kick_handler, vcpu_kick_signal, VcpuCommand, VcpuCounters, VcpuError, VcpuState, VcpuStop,
+};
+use crate::vstate::vm::Vm;
+use vmm_sys_util::timerfd::TimerFd;
 
 /// How long a vCPU may take to acknowledge a pause or resume.
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -80,7 +82,8 @@ fn save_all(vcpus: &[VcpuHandle]) -> Result<Vec<VcpuState>, String> {
     for (index, v) in vcpus.iter().enumerate() {
         let (reply, answer) = channel();
         v.commands.send(VcpuCommand::Save { reply }).map_err(|_| format!("vCPU {index} is not running"))?;
-        states.push(answer.recv_timeout(VCPU_ACK_TIMEOUT).map_err(|_| format!("vCPU {index} did not answer in time"))??);
+        states
+            .push(answer.recv_timeout(VCPU_ACK_TIMEOUT).map_err(|_| format!("vCPU {index} did not answer in time"))??);
     }
     Ok(states)
 }
@@ -114,7 +117,12 @@ impl ControlHandler {
             vcpus: self
                 .vcpu_counters
                 .iter()
-                .map(|c| VcpuMetrics { exits: load(&c.exits), io_in: load(&c.io_in), io_out: load(&c.io_out), mmio: load(&c.mmio) })
+                .map(|c| VcpuMetrics {
+                    exits: load(&c.exits),
+                    io_in: load(&c.io_in),
+                    io_out: load(&c.io_out),
+                    mmio: load(&c.mmio),
+                })
                 .collect(),
             devices: self
                 .devices
@@ -128,7 +136,14 @@ impl ControlHandler {
                         DeviceSpec::Rng(_) => "rng".into(),
                         DeviceSpec::Vsock(v) => format!("vsock {}", v.cid),
                     };
-                    DeviceMetrics { name, requests: load(&c.requests), bytes: load(&c.bytes), errors: load(&c.errors), spurious: load(&c.spurious), throttled: load(&c.throttled) }
+                    DeviceMetrics {
+                        name,
+                        requests: load(&c.requests),
+                        bytes: load(&c.bytes),
+                        errors: load(&c.errors),
+                        spurious: load(&c.spurious),
+                        throttled: load(&c.throttled),
+                    }
                 })
                 .collect(),
             serial_errors: load(&self.serial.lock().unwrap_or_else(|p| p.into_inner()).errors),
@@ -137,13 +152,22 @@ impl ControlHandler {
         }
     }
 
-    fn create_snapshot(&self, kind: SnapshotKind, state_path: &std::path::Path, mem_path: &std::path::Path) -> Result<(), String> {
+    fn create_snapshot(
+        &self,
+        kind: SnapshotKind,
+        state_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<(), String> {
         if !self.paused {
             return Err("Cannot create a snapshot: the microVM is not paused.".into());
         }
         let started = std::time::Instant::now();
         let vcpus = save_all(&self.vcpus)?;
-        let devices = self.devices.iter().map(|(spec, t)| (spec.clone(), t.lock().unwrap_or_else(|p| p.into_inner()).save())).collect();
+        let devices = self
+            .devices
+            .iter()
+            .map(|(spec, t)| (spec.clone(), t.lock().unwrap_or_else(|p| p.into_inner()).save()))
+            .collect();
         let source = SnapshotSource {
             vm: &self.vm,
             devices,
@@ -153,7 +177,8 @@ impl ControlHandler {
             machine: &self.machine,
             generation: self.generation,
         };
-        snapshot::create(&source, vcpus, kind, state_path, mem_path).map_err(|e| format!("Cannot create a snapshot: {}", crate::api::error_chain(&e)))?;
+        snapshot::create(&source, vcpus, kind, state_path, mem_path)
+            .map_err(|e| format!("Cannot create a snapshot: {}", crate::api::error_chain(&e)))?;
         tracing::info!(?kind, elapsed_us = started.elapsed().as_micros() as u64, state = %state_path.display(), "snapshot created");
         Ok(())
     }
@@ -212,7 +237,8 @@ impl MutEventSubscriber for ControlHandler {
                     let _ = reply.send(result.map_err(|e| format!("Cannot send Ctrl+Alt+Del: {e}.")));
                 }
                 ApiRequest::MetricsFile { reply, .. } => {
-                    let _ = reply.send(Err("The requested operation is not supported after starting the microVM.".into()));
+                    let _ =
+                        reply.send(Err("The requested operation is not supported after starting the microVM.".into()));
                 }
                 ApiRequest::Start { reply, .. } | ApiRequest::LoadSnapshot { reply, .. } => {
                     let _ = reply.send(Err("The microVM is already running.".into()));
@@ -364,7 +390,23 @@ impl MutEventSubscriber for StdinForwarder {
 /// Runs `vm` until the guest stops and returns why. `forward_stdin` feeds the host's stdin to
 /// the guest's serial port; `control` connects the control API.
 pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: Seccomp) -> Result<VcpuStop, RunError> {
-    let MicroVm { vm, mem, vcpus, serial, reset_evt, guest_panicked, reset_requested, i8042, machine, backing, generation, virtio, pio, mmio, .. } = vm;
+    let MicroVm {
+        vm,
+        mem,
+        vcpus,
+        serial,
+        reset_evt,
+        guest_panicked,
+        reset_requested,
+        i8042,
+        machine,
+        backing,
+        generation,
+        virtio,
+        pio,
+        mmio,
+        ..
+    } = vm;
     let vcpu_counters: Vec<_> = vcpus.iter().map(|v| v.counters.clone()).collect();
     let devices: Vec<_> = virtio.iter().map(|s| (s.spec.clone(), s.transport.clone())).collect();
     let start_paused = vcpus.iter().any(|v| v.start_paused);
@@ -372,7 +414,12 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
     let (tx, rx) = channel();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(RunError::EventFd)?;
     let outcome: Outcome = Rc::new(RefCell::new(None));
-    em.add_subscriber(Box::new(StopWatcher { reset_evt, wake: wake.try_clone().map_err(RunError::EventFd)?, stopped: rx, outcome: outcome.clone() }));
+    em.add_subscriber(Box::new(StopWatcher {
+        reset_evt,
+        wake: wake.try_clone().map_err(RunError::EventFd)?,
+        stopped: rx,
+        outcome: outcome.clone(),
+    }));
     for slot in virtio {
         // Only a device with a rate limiter needs a timer; a failure to make one only loses
         // the limiter's wake-up (the next notification still serves the queue).
@@ -407,7 +454,9 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
             // A timer only where there is a file to flush to; failing to make one loses only the
             // periodic flush (FlushMetrics still works).
             let flush_timer = match (&control.metrics_file, control.metrics_flush_every) {
-                (Some(_), Some(every)) => TimerFd::new().ok().and_then(|mut t| t.reset(every, Some(every)).ok().map(|_| t)),
+                (Some(_), Some(every)) => {
+                    TimerFd::new().ok().and_then(|mut t| t.reset(every, Some(every)).ok().map(|_| t))
+                }
                 _ => None,
             };
             em.add_subscriber(Box::new(ControlHandler {

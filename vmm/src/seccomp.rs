@@ -56,7 +56,12 @@ pub fn filter(kind: ThreadKind) -> Result<Vec<sock_filter>, SeccompError> {
         if name == kind.name().as_bytes() {
             return Ok(prog
                 .chunks_exact(8)
-                .map(|c| sock_filter { code: u16::from_le_bytes([c[0], c[1]]), jt: c[2], jf: c[3], k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]) })
+                .map(|c| sock_filter {
+                    code: u16::from_le_bytes([c[0], c[1]]),
+                    jt: c[2],
+                    jf: c[3],
+                    k: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                })
                 .collect());
         }
         rest = tail;

@@ -4,9 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::vstate::vcpu::VcpuCounters;
 

@@ -212,7 +212,10 @@ fn firecracker_snapshot_guide_sequence_continues_the_guest_in_a_second_vmm() {
     let console = Console::capture(&mut vm.child);
     let mut s = vm.connect();
     assert_eq!(call(&mut s, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#).0, 204);
-    let boot = format!(r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}}"#, probe("counter").display());
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}}"#,
+        probe("counter").display()
+    );
     assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
     assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
     console.wait_count(3);
@@ -226,9 +229,17 @@ fn firecracker_snapshot_guide_sequence_continues_the_guest_in_a_second_vmm() {
     assert_eq!(st, 400);
     assert!(fault(&body).contains("not paused"), "{body}");
 
-    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{
+    assert_eq!(
+        call(
+            &mut s,
+            "PATCH",
+            "/vm",
+            r#"{
             "state": "Paused"
-    }"#), (204, String::new()));
+    }"#
+        ),
+        (204, String::new())
+    );
     let at_snapshot = console.settle(Duration::from_millis(400));
     assert_eq!(call(&mut s, "PUT", "/snapshot/create", create), (204, String::new()));
     assert!(dir.join("snapshot_file").exists() && dir.join("mem_file").exists());
@@ -290,21 +301,28 @@ fn metrics_are_flushed_to_the_metrics_file_and_served_as_prometheus_text() {
     assert_eq!(call(&mut s, "PUT", "/metrics", &format!(r#"{{"metrics_path": "{}"}}"#, file.display())).0, 204);
     let drive = format!(r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false}}"#, disk.display());
     assert_eq!(call(&mut s, "PUT", "/drives/data", &drive).0, 204);
-    assert_eq!(call(&mut s, "PUT", "/boot-source", &format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display())).0, 204);
+    assert_eq!(
+        call(&mut s, "PUT", "/boot-source", &format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display())).0,
+        204
+    );
     assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
     console.wait_count(2);
     assert_eq!(call(&mut s, "PUT", "/metrics", r#"{"metrics_path": "/tmp/x"}"#).0, 400, "only before the start");
     assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#), (204, String::new()));
     console.wait_count(4);
     assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#).0, 204);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     let exits = |m: &serde_json::Value| m["vcpus"][0]["exits"].as_u64().unwrap();
     assert!(exits(&lines[0]) > 0 && exits(&lines[1]) > exits(&lines[0]), "{lines:?}");
     assert_eq!(lines[1]["devices"][0]["name"], "block data");
     let (st, text) = call(&mut s, "GET", "/shoal/metrics", "");
     assert_eq!(st, 200);
-    let sample = text.lines().find_map(|l| l.strip_prefix("shoal_vcpu_io_out_total{vcpu=\"0\"} ")).unwrap_or_else(|| panic!("{text}"));
+    let sample = text
+        .lines()
+        .find_map(|l| l.strip_prefix("shoal_vcpu_io_out_total{vcpu=\"0\"} "))
+        .unwrap_or_else(|| panic!("{text}"));
     assert!(sample.parse::<u64>().unwrap() > 0, "the guest's console writes are port writes");
     assert!(text.contains("shoal_device_requests_total{device=\"0\",name=\"block data\"} 0"), "{text}");
     let (st, json) = call(&mut s, "GET", "/shoal/metrics.json", "");
@@ -329,9 +347,15 @@ fn the_logger_writes_to_the_file_at_the_level_asked_for() {
     let (st, body) = call(&mut s, "PUT", "/logger", r#"{"level": "Chatty"}"#);
     assert_eq!(st, 400);
     assert!(fault(&body).contains("Invalid log level"), "{body}");
-    let logger = format!(r#"{{"log_path": "{}", "level": "Info", "show_level": true, "show_log_origin": false}}"#, log.display());
+    let logger = format!(
+        r#"{{"log_path": "{}", "level": "Info", "show_level": true, "show_log_origin": false}}"#,
+        log.display()
+    );
     assert_eq!(call(&mut s, "PUT", "/logger", &logger), (204, String::new()));
-    assert_eq!(call(&mut s, "PUT", "/boot-source", &format!(r#"{{"kernel_image_path": "{}"}}"#, probe("boot").display())).0, 204);
+    assert_eq!(
+        call(&mut s, "PUT", "/boot-source", &format!(r#"{{"kernel_image_path": "{}"}}"#, probe("boot").display())).0,
+        204
+    );
     assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
     let (code, _, stderr) = vm.wait();
     assert_eq!(code, Some(0));

@@ -47,7 +47,10 @@ fn refused(args: &[&str], expect: &str) {
 
 #[test]
 fn missing_kernel() {
-    refused(&["--kernel", "/nonexistent/vmlinux"], "cannot open kernel /nonexistent/vmlinux: No such file or directory");
+    refused(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "cannot open kernel /nonexistent/vmlinux: No such file or directory",
+    );
 }
 
 #[test]
@@ -84,12 +87,18 @@ fn initrd_larger_than_memory() {
     let f = std::fs::File::create(&initrd).unwrap();
     f.set_len(48 << 20).unwrap(); // sparse: costs no disk
     let kernel = probe("boot").to_str().unwrap();
-    refused(&["--kernel", kernel, "--initrd", initrd.to_str().unwrap(), "--mem-mib", "32"], "initrd of 50331648 bytes does not fit in guest memory");
+    refused(
+        &["--kernel", kernel, "--initrd", initrd.to_str().unwrap(), "--mem-mib", "32"],
+        "initrd of 50331648 bytes does not fit in guest memory",
+    );
 }
 
 #[test]
 fn missing_initrd() {
-    refused(&["--kernel", probe("boot").to_str().unwrap(), "--initrd", "/nonexistent/initrd"], "cannot open initrd /nonexistent/initrd");
+    refused(
+        &["--kernel", probe("boot").to_str().unwrap(), "--initrd", "/nonexistent/initrd"],
+        "cannot open initrd /nonexistent/initrd",
+    );
 }
 
 #[test]
@@ -114,7 +123,10 @@ fn vcpus_over_kvms_own_limit() {
         refused(&["--kernel", probe("boot").to_str().unwrap(), "--vcpus", "255"], "vcpus 255 is over the limit of 254");
     } else {
         let n = (max + 1).to_string();
-        refused(&["--kernel", probe("boot").to_str().unwrap(), "--vcpus", &n], &format!("vcpus {n} is over the limit of {max} on this host"));
+        refused(
+            &["--kernel", probe("boot").to_str().unwrap(), "--vcpus", &n],
+            &format!("vcpus {n} is over the limit of {max} on this host"),
+        );
     }
 }
 
@@ -132,7 +144,10 @@ fn memory_too_small_for_the_kernel() {
 #[test]
 fn command_line_over_the_limit() {
     let long = "x".repeat(3000);
-    refused(&["--kernel", probe("boot").to_str().unwrap(), "--cmdline", &long], "command line is 3000 bytes; at most 2047 are allowed");
+    refused(
+        &["--kernel", probe("boot").to_str().unwrap(), "--cmdline", &long],
+        "command line is 3000 bytes; at most 2047 are allowed",
+    );
 }
 
 #[test]
@@ -161,5 +176,8 @@ fn config_file_with_flags_is_refused_rather_than_half_applied() {
     let s = Scratch::new("cfg3");
     let kernel = probe("boot").to_str().unwrap().to_string();
     let cfg = s.file("vm.json", serde_json::json!({"kernel": kernel}).to_string().as_bytes());
-    refused(&["--config", &cfg, "--vcpus", "4"], "the argument '--config <FILE.json>' cannot be used with '--vcpus <N>'");
+    refused(
+        &["--config", &cfg, "--vcpus", "4"],
+        "the argument '--config <FILE.json>' cannot be used with '--vcpus <N>'",
+    );
 }

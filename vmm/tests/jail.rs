@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use common::{kvm_available, probe, run_vmm, spawn_vmm, text};
 
 fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 /// The jail needs KVM and root; without them the test fails unless SHOAL_SKIP_KVM_TESTS=1
@@ -23,7 +26,10 @@ fn jail_possible() -> bool {
     if !kvm_available() {
         return false;
     }
-    assert!(is_root() || std::env::var_os("SHOAL_SKIP_KVM_TESTS").is_some(), "the jail tests need root (make test runs as root)");
+    assert!(
+        is_root() || std::env::var_os("SHOAL_SKIP_KVM_TESTS").is_some(),
+        "the jail tests need root (make test runs as root)"
+    );
     is_root()
 }
 
@@ -36,7 +42,10 @@ fn jail_dir(tag: &str) -> PathBuf {
 
 fn status_field(pid: u32, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))).unwrap_or_default()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .unwrap_or_default()
 }
 
 fn ns(pid: &str, kind: &str) -> PathBuf {
@@ -46,10 +55,16 @@ fn ns(pid: &str, kind: &str) -> PathBuf {
 /// The cgroup directory of `controller` (v1) or the v2 one, for the jail `id`.
 fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
-    [root.join("shoal-vmm").join(id), root.join("unified/shoal-vmm").join(id), root.join("memory/shoal-vmm").join(id), root.join("pids/shoal-vmm").join(id), root.join("cpu/shoal-vmm").join(id)]
-        .into_iter()
-        .filter(|d| d.exists())
-        .collect()
+    [
+        root.join("shoal-vmm").join(id),
+        root.join("unified/shoal-vmm").join(id),
+        root.join("memory/shoal-vmm").join(id),
+        root.join("pids/shoal-vmm").join(id),
+        root.join("cpu/shoal-vmm").join(id),
+    ]
+    .into_iter()
+    .filter(|d| d.exists())
+    .collect()
 }
 
 #[test]
@@ -60,7 +75,20 @@ fn a_jailed_vmm_runs_its_guest_unprivileged_in_its_own_namespaces_and_cgroup() {
     let dir = jail_dir("run");
     std::fs::copy(probe("counter"), dir.join("counter.elf")).unwrap();
     let id = format!("jail-test-{}", std::process::id());
-    let vm = spawn_vmm(&["--jail", dir.to_str().unwrap(), "--uid", "65534", "--gid", "65534", "--jail-id", &id, "--cgroup", "cpus=1,mem-mib=512,pids=64", "--kernel", "/counter.elf"]);
+    let vm = spawn_vmm(&[
+        "--jail",
+        dir.to_str().unwrap(),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--jail-id",
+        &id,
+        "--cgroup",
+        "cpus=1,mem-mib=512,pids=64",
+        "--kernel",
+        "/counter.elf",
+    ]);
     let (ok, lines) = vm.wait_for(Duration::from_secs(30), |l| l.iter().any(|l| l == "count=2"));
     assert!(ok, "the jailed guest runs: {lines:?}");
 
@@ -78,10 +106,16 @@ fn a_jailed_vmm_runs_its_guest_unprivileged_in_its_own_namespaces_and_cgroup() {
         assert_ne!(ns(&child.to_string(), kind), ns("self", kind), "{kind} namespace");
     }
     // Its whole filesystem: the jail directory's file, /dev with kvm and net/tun, /proc.
-    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{child}/root")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{child}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     root.sort();
     assert_eq!(root, ["counter.elf", "dev", "proc"]);
-    let mut devs: Vec<String> = std::fs::read_dir(format!("/proc/{child}/root/dev")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut devs: Vec<String> = std::fs::read_dir(format!("/proc/{child}/root/dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     devs.sort();
     assert_eq!(devs, ["kvm", "net"]);
     assert!(!Path::new(&format!("/proc/{child}/root/etc")).exists());
@@ -90,10 +124,13 @@ fn a_jailed_vmm_runs_its_guest_unprivileged_in_its_own_namespaces_and_cgroup() {
     assert!(cgroup.contains(&format!("shoal-vmm/{id}")), "{cgroup}");
     let dirs = cgroup_dirs(&id);
     assert!(!dirs.is_empty());
-    let read = |file: &str| dirs.iter().find_map(|d| std::fs::read_to_string(d.join(file)).ok()).map(|v| v.trim().to_string());
+    let read =
+        |file: &str| dirs.iter().find_map(|d| std::fs::read_to_string(d.join(file)).ok()).map(|v| v.trim().to_string());
     assert_eq!(read("memory.max").or_else(|| read("memory.limit_in_bytes")).as_deref(), Some("536870912"));
     assert_eq!(read("pids.max").as_deref(), Some("64"));
-    assert!(read("cpu.max").as_deref() == Some("100000 100000") || read("cpu.cfs_quota_us").as_deref() == Some("100000"));
+    assert!(
+        read("cpu.max").as_deref() == Some("100000 100000") || read("cpu.cfs_quota_us").as_deref() == Some("100000")
+    );
 
     // SIGTERM to the VMM reaches the jailed child; the cgroup goes away with it.
     // SAFETY: signalling our own child process.
@@ -118,16 +155,45 @@ fn the_host_filesystem_is_not_visible_from_the_jail() {
     let dir = jail_dir("hidden");
     // The kernel exists on the host, at this absolute path, but not inside the jail.
     let host_kernel = probe("boot");
-    let out = run_vmm(&["--jail", dir.to_str().unwrap(), "--uid", "65534", "--gid", "65534", "--kernel", host_kernel.to_str().unwrap()], Duration::from_secs(30));
+    let out = run_vmm(
+        &[
+            "--jail",
+            dir.to_str().unwrap(),
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--kernel",
+            host_kernel.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("No such file or directory"), "{}", text(&out.stderr));
     // Put inside the jail, the same kernel boots.
     std::fs::copy(host_kernel, dir.join("boot.elf")).unwrap();
-    let out = run_vmm(&["--jail", dir.to_str().unwrap(), "--uid", "65534", "--gid", "65534", "--kernel", "/boot.elf"], Duration::from_secs(30));
+    let out = run_vmm(
+        &["--jail", dir.to_str().unwrap(), "--uid", "65534", "--gid", "65534", "--kernel", "/boot.elf"],
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("SHOAL-PROBE boot: ok"));
     // Bad jail options are refused with a clear error.
-    let out = run_vmm(&["--jail", dir.to_str().unwrap(), "--uid", "65534", "--gid", "65534", "--jail-id", "../escape", "--kernel", "/boot.elf"], Duration::from_secs(30));
+    let out = run_vmm(
+        &[
+            "--jail",
+            dir.to_str().unwrap(),
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--jail-id",
+            "../escape",
+            "--kernel",
+            "/boot.elf",
+        ],
+        Duration::from_secs(30),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("jail id `../escape` must be"), "{}", text(&out.stderr));
     let out = run_vmm(&["--jail", dir.to_str().unwrap(), "--kernel", "/boot.elf"], Duration::from_secs(30));
@@ -145,14 +211,28 @@ fn a_jailed_vmm_joins_the_network_namespace_it_is_given_and_opens_its_tap_there(
         return;
     }
     let netns = format!("shoal-jail-{}", std::process::id());
-    let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+    let ip =
+        |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
     let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).status();
     ip(&["netns", "add", &netns]);
     ip(&["-n", &netns, "tuntap", "add", "dev", "jtap0", "mode", "tap", "user", "65534", "group", "65534"]);
     let dir = jail_dir("netns");
     std::fs::copy(probe("counter"), dir.join("counter.elf")).unwrap();
     let ns_path = format!("/run/netns/{netns}");
-    let vm = spawn_vmm(&["--jail", dir.to_str().unwrap(), "--uid", "65534", "--gid", "65534", "--netns", &ns_path, "--net", "tap=jtap0", "--kernel", "/counter.elf"]);
+    let vm = spawn_vmm(&[
+        "--jail",
+        dir.to_str().unwrap(),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--netns",
+        &ns_path,
+        "--net",
+        "tap=jtap0",
+        "--kernel",
+        "/counter.elf",
+    ]);
     let (ok, lines) = vm.wait_for(Duration::from_secs(30), |l| l.iter().any(|l| l == "count=2"));
     let parent = vm.child.id();
     let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap_or_default();
@@ -164,6 +244,10 @@ fn a_jailed_vmm_joins_the_network_namespace_it_is_given_and_opens_its_tap_there(
     let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).status();
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(ok, "the jailed guest runs with a tap from the namespace: {lines:?}");
-    assert_eq!(child_net.map(|p| p.to_string_lossy().into_owned()), Some(format!("net:[{want}]")), "the jailed VMM's network namespace");
+    assert_eq!(
+        child_net.map(|p| p.to_string_lossy().into_owned()),
+        Some(format!("net:[{want}]")),
+        "the jailed VMM's network namespace"
+    );
     assert_ne!(ns("self", "net").to_string_lossy(), format!("net:[{want}]"));
 }

@@ -70,7 +70,12 @@ fn bzimage_setup_header_is_honoured_in_boot_params() {
     let hdr = file_header(&bz);
     assert!(hdr.version >= 0x020c, "guest kernel speaks boot protocol {:#x}", hdr.version);
 
-    let config = VmConfig { initrd: Some(initrd.clone()), cmdline: "console=ttyS0 bz-test".into(), mem_mib: 256, ..VmConfig::new(&bzimage) };
+    let config = VmConfig {
+        initrd: Some(initrd.clone()),
+        cmdline: "console=ttyS0 bz-test".into(),
+        mem_mib: 256,
+        ..VmConfig::new(&bzimage)
+    };
     let mem = create_guest_memory(config.mem_bytes()).unwrap();
     let kernel = load_kernel(&mem, &bzimage).unwrap();
     let (initrd_addr, initrd_size) = load_initrd(&mem, &initrd, &kernel, config.mem_bytes()).unwrap();

@@ -42,7 +42,10 @@ fn conforms(schema: &Value, value: &Value) -> Result<(), String> {
 }
 
 fn ready_state() -> ApiState {
-    ApiState { boot: Some(BootSource { kernel_image_path: "/k".into(), boot_args: None, initrd_path: None }), ..ApiState::default() }
+    ApiState {
+        boot: Some(BootSource { kernel_image_path: "/k".into(), boot_args: None, initrd_path: None }),
+        ..ApiState::default()
+    }
 }
 
 #[test]
@@ -73,15 +76,28 @@ fn every_documented_operation_is_served_as_documented() {
             let response = match state.handle(&req) {
                 Outcome::Reply(r) => r,
                 // Handed to the VMM thread, which answers 204 when it succeeds.
-                Outcome::SetPaused(_) | Outcome::CreateSnapshot { .. } | Outcome::LoadSnapshot(_) | Outcome::MetricsFile(_) | Outcome::FlushMetrics | Outcome::SendCtrlAltDel | Outcome::Logger { .. } => {
-                    shoal_vmm::api::http::Response::no_content()
+                Outcome::SetPaused(_)
+                | Outcome::CreateSnapshot { .. }
+                | Outcome::LoadSnapshot(_)
+                | Outcome::MetricsFile(_)
+                | Outcome::FlushMetrics
+                | Outcome::SendCtrlAltDel
+                | Outcome::Logger { .. } => shoal_vmm::api::http::Response::no_content(),
+                Outcome::Metrics { prometheus: true } => {
+                    shoal_vmm::api::http::Response::prometheus(MetricsSnapshot::default().to_prometheus())
                 }
-                Outcome::Metrics { prometheus: true } => shoal_vmm::api::http::Response::prometheus(MetricsSnapshot::default().to_prometheus()),
-                Outcome::Metrics { prometheus: false } => shoal_vmm::api::http::Response::json(200, MetricsSnapshot::default().to_json()),
+                Outcome::Metrics { prometheus: false } => {
+                    shoal_vmm::api::http::Response::json(200, MetricsSnapshot::default().to_json())
+                }
                 Outcome::Start(_) => panic!("the examples do not start the VM"),
             };
             let documented = &op["responses"][response.status.to_string()];
-            assert!(documented.is_object(), "{method} {path}: status {} is not documented ({:?})", response.status, response.body);
+            assert!(
+                documented.is_object(),
+                "{method} {path}: status {} is not documented ({:?})",
+                response.status,
+                response.body
+            );
             assert!(response.status < 400, "{method} {path}: its example is refused: {:?}", response.body);
             if let Some(reference) = documented["content"]["application/json"]["schema"]["$ref"].as_str() {
                 let value: Value = serde_json::from_str(response.body.as_deref().unwrap()).unwrap();

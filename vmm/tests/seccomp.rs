@@ -14,7 +14,14 @@ use std::time::{Duration, Instant};
 use common::{kvm_available, probe, vmm};
 
 fn killed_by_sigsys(kind: &str, args: &[&str]) {
-    let mut child = Command::new(vmm()).args(args).env("SHOAL_VMM_SECCOMP_SELFTEST", kind).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(vmm())
+        .args(args)
+        .env("SHOAL_VMM_SECCOMP_SELFTEST", kind)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -51,6 +58,10 @@ fn without_the_hook_the_same_runs_end_normally_and_no_seccomp_turns_filters_off(
     let boot = probe("boot").to_str().unwrap();
     let out = Command::new(vmm()).args(["--kernel", boot]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
-    let out = Command::new(vmm()).args(["--kernel", boot, "--no-seccomp"]).env("SHOAL_VMM_SECCOMP_SELFTEST", "vcpu").output().unwrap();
+    let out = Command::new(vmm())
+        .args(["--kernel", boot, "--no-seccomp"])
+        .env("SHOAL_VMM_SECCOMP_SELFTEST", "vcpu")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "no filter, so the hook's call is harmless");
 }

@@ -94,7 +94,15 @@ fn restore(dir: &Path) -> Restored {
 }
 
 fn restore_with(dir: &Path, args: &[&str]) -> Restored {
-    let mut child = Command::new(vmm()).arg("--restore").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(vmm())
+        .arg("--restore")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let console = Console::capture(&mut child);
     Restored { child, console }
 }
@@ -187,7 +195,11 @@ fn ten_clones_of_one_snapshot_run_at_once() {
 
     // Each clone gets its own vsock CID and socket; the guest is told to read its CID again.
     let socks: Vec<PathBuf> = (0..10).map(|i| dir.join(format!("clone-{i}.sock"))).collect();
-    let clones: Vec<_> = socks.iter().enumerate().map(|(i, sock)| restore_with(&dir, &["--vsock", &format!("cid={},uds={}", 100 + i, sock.display())])).collect();
+    let clones: Vec<_> = socks
+        .iter()
+        .enumerate()
+        .map(|(i, sock)| restore_with(&dir, &["--vsock", &format!("cid={},uds={}", 100 + i, sock.display())]))
+        .collect();
     for (i, clone) in clones.iter().enumerate() {
         let n = clone.console.wait_count(last + 2);
         assert!(n >= last + 2, "clone {i}");
@@ -213,7 +225,11 @@ fn ten_clones_of_one_snapshot_run_at_once() {
     console.wait_count(last + 2);
     assert!(console.text().contains("vsock reset event=0 cid=77\n"), "{}", console.text());
     // A CID the guest cannot have is refused before anything is built.
-    let bad = format!(r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "vsock_override": {{"guest_cid": 2}}}}"#, dir.join("state").display(), dir.join("memory").display());
+    let bad = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "vsock_override": {{"guest_cid": 2}}}}"#,
+        dir.join("state").display(),
+        dir.join("memory").display()
+    );
     let other = Vmm::start("snap-clone-bad");
     let (status, body) = call(&mut other.connect(), "PUT", "/snapshot/load", &bad);
     assert_eq!(status, 400, "{body}");
@@ -255,7 +271,10 @@ fn an_acpi_guest_has_tables_and_every_load_gives_it_a_new_generation_id() {
         assert_eq!(call(&mut vm.connect(), "PUT", "/snapshot/load", &load), (204, String::new()));
         let again = dir.join(format!("load-{n}"));
         std::fs::create_dir_all(&again).unwrap();
-        let create = format!(r#"{{"snapshot_type": "Full", "snapshot_path": "{0}/state", "mem_file_path": "{0}/memory"}}"#, again.display());
+        let create = format!(
+            r#"{{"snapshot_type": "Full", "snapshot_path": "{0}/state", "mem_file_path": "{0}/memory"}}"#,
+            again.display()
+        );
         assert_eq!(call(&mut vm.connect(), "PUT", "/snapshot/create", &create), (204, String::new()));
         let id = guest_bytes(&again.join("memory"), VMGENID_ADDR, VMGENID_LEN);
         assert!(!ids.contains(&id), "load {n} kept generation ID {id:02x?}");
@@ -322,7 +341,11 @@ fn damaged_and_foreign_snapshots_are_refused_with_clear_errors() {
 
     // The same through the API: a 400 with the reason, and the VMM keeps serving.
     let api = Vmm::start("snap-load-bad");
-    let body = format!(r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#, bad.join("state").display(), bad.join("memory").display());
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+        bad.join("state").display(),
+        bad.join("memory").display()
+    );
     let (st, reply) = call(&mut api.connect(), "PUT", "/snapshot/load", &body);
     assert_eq!(st, 400);
     assert!(reply.contains("snapshot was taken on a OtherVendor!"), "{reply}");

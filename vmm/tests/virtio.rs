@@ -127,7 +127,10 @@ impl NetNs {
         let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
         let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         if !ip(&["netns", "add", &name]) {
-            assert!(std::env::var_os("SHOAL_SKIP_NETNS_TESTS").is_some(), "cannot create a network namespace (run as root, or set SHOAL_SKIP_NETNS_TESTS=1)");
+            assert!(
+                std::env::var_os("SHOAL_SKIP_NETNS_TESTS").is_some(),
+                "cannot create a network namespace (run as root, or set SHOAL_SKIP_NETNS_TESTS=1)"
+            );
             return None;
         }
         let ns = NetNs { name };
@@ -193,7 +196,8 @@ fn a_frame_from_the_guest_reaches_the_tap_and_one_written_to_the_tap_reaches_the
     assert!(stdout.lines().any(|l| l == "net rx len=72 payload=SHOAL-HOST-RX"), "{stdout}");
 
     // A tap that does not exist is an error: shoal-vmm never creates one.
-    let out = ns.exec(vmm()).args(["--kernel", probe("boot").to_str().unwrap(), "--net", "tap=nosuchtap"]).output().unwrap();
+    let out =
+        ns.exec(vmm()).args(["--kernel", probe("boot").to_str().unwrap(), "--net", "tap=nosuchtap"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("tap nosuchtap does not exist"), "{}", text(&out.stderr));
 }
@@ -217,7 +221,8 @@ fn vsock_streams_go_both_ways_between_guest_and_host_programs() {
         s.write_all(b"host-reply").unwrap();
         got
     });
-    let vm = spawn_vmm(&["--kernel", probe("virtio").to_str().unwrap(), "--vsock", &format!("cid=7,uds={}", uds.display())]);
+    let vm =
+        spawn_vmm(&["--kernel", probe("virtio").to_str().unwrap(), "--vsock", &format!("cid=7,uds={}", uds.display())]);
     let (ok, lines) = vm.wait_for(Duration::from_secs(60), |l| l.iter().any(|l| l.starts_with("vsock g2h")));
     assert!(ok, "{lines:?}");
     assert_eq!(&server.join().unwrap(), b"SHOAL-VSOCK-G2H", "the guest's bytes reached the host program");
@@ -235,7 +240,8 @@ fn vsock_streams_go_both_ways_between_guest_and_host_programs() {
         ok_line.push(byte[0]);
     }
     let ok_line = String::from_utf8(ok_line).unwrap();
-    let port: u32 = ok_line.strip_prefix("OK ").and_then(|p| p.trim_end().parse().ok()).unwrap_or_else(|| panic!("{ok_line:?}"));
+    let port: u32 =
+        ok_line.strip_prefix("OK ").and_then(|p| p.trim_end().parse().ok()).unwrap_or_else(|| panic!("{ok_line:?}"));
     host.write_all(b"ping-from-host").unwrap();
     let mut reply = [0u8; 19];
     host.read_exact(&mut reply).unwrap();

@@ -44,10 +44,14 @@ fn main() -> ExitCode {
         }
     };
     let case = result.case("restore");
-    let figure = |key: &str| case.output.iter().find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(key).map(str::to_string)));
-    let (Some(restore), Some(create), true) =
-        (figure("restore_spawn_to_output_ms_median="), figure("snapshot_create_ms="), case.has_line("snapshot_job result=ok"))
-    else {
+    let figure = |key: &str| {
+        case.output.iter().find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(key).map(str::to_string)))
+    };
+    let (Some(restore), Some(create), true) = (
+        figure("restore_spawn_to_output_ms_median="),
+        figure("snapshot_create_ms="),
+        case.has_line("snapshot_job result=ok"),
+    ) else {
         eprintln!("shoal-bench-linux-restore: the job failed:\n{}", result.text());
         return ExitCode::from(1);
     };

@@ -49,7 +49,10 @@ fn main() -> ExitCode {
     let mut ms: Vec<f64> = Vec::new();
     for i in 1..=runs {
         let case = result.case(&format!("boot-{i}"));
-        let marker = case.output.iter().find_map(|l| l.strip_prefix("boot_timer marker_ms=").and_then(|v| v.parse::<f64>().ok()));
+        let marker = case
+            .output
+            .iter()
+            .find_map(|l| l.strip_prefix("boot_timer marker_ms=").and_then(|v| v.parse::<f64>().ok()));
         match marker {
             Some(v) if case.has("boot_timer exit=0") => ms.push(v),
             _ => {
@@ -62,7 +65,10 @@ fn main() -> ExitCode {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
     let where_ = if mode == Mode::Emulated { "emulated" } else { "direct" };
-    println!("linux boot (vmlinux, 1 vCPU, 128 MiB) spawn to /init marker, {runs} runs ({where_}): {}", ms.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "linux boot (vmlinux, 1 vCPU, 128 MiB) spawn to /init marker, {runs} runs ({where_}): {}",
+        ms.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" ")
+    );
     println!("linux_boot_ms_median_{where_}={median:.0}");
     ExitCode::SUCCESS
 }

@@ -26,9 +26,15 @@ fn main() -> ExitCode {
     let mode = Mode::detect();
     let how = match mode {
         Mode::Direct => "directly on this host's KVM (the CPU has vmx/svm)",
-        Mode::Emulated => "inside the emulated server (QEMU TCG with a KVM inside: this CPU has no vmx/svm); the server boots first",
+        Mode::Emulated => {
+            "inside the emulated server (QEMU TCG with a KVM inside: this CPU has no vmx/svm); the server boots first"
+        }
     };
-    let what = if interactive { "to a shell; `poweroff` ends it" } else { "(no terminal: it prints its /init lines and reboots)" };
+    let what = if interactive {
+        "to a shell; `poweroff` ends it"
+    } else {
+        "(no terminal: it prints its /init lines and reboots)"
+    };
     println!("make run: booting a Linux microVM {how}, {what}");
 
     let vmm_args = ["--kernel", "vmlinux", "--initrd", "initramfs.cpio", "--cmdline", &cmdline];
@@ -44,7 +50,9 @@ fn main() -> ExitCode {
         };
     }
     let job = Job {
-        script: format!("./shoal-vmm --kernel vmlinux --initrd initramfs.cpio --cmdline '{cmdline}'; echo \"shoal-vmm exited $?\""),
+        script: format!(
+            "./shoal-vmm --kernel vmlinux --initrd initramfs.cpio --cmdline '{cmdline}'; echo \"shoal-vmm exited $?\""
+        ),
         files: vec![
             (vmm.clone(), "shoal-vmm".into()),
             (guest_dir.join("vmlinux"), "vmlinux".into()),

@@ -119,7 +119,12 @@ fn median(xs: &mut [f64]) -> f64 {
 
 /// Pings the guest (10.0.2.2) from this host: the guest's network works.
 fn ping_guest() -> bool {
-    Command::new("ping").args(["-c", "2", "-W", "10", "10.0.2.2"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("ping")
+        .args(["-c", "2", "-W", "10", "10.0.2.2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The MAC the restores give the guest's eth0 (it booted with 02:00:00:00:00:02).
@@ -143,7 +148,9 @@ fn check_restored_network(console: &Console, new_mac: bool) -> Result<(), String
     if !new_mac {
         return Ok(());
     }
-    let mut agent = std::net::TcpStream::connect_timeout(&"10.0.2.2:7".parse().expect("address"), Duration::from_secs(10)).map_err(|e| format!("connect to the guest's port 7: {e}"))?;
+    let mut agent =
+        std::net::TcpStream::connect_timeout(&"10.0.2.2:7".parse().expect("address"), Duration::from_secs(10))
+            .map_err(|e| format!("connect to the guest's port 7: {e}"))?;
     agent.write_all(b"rebind").map_err(|e| format!("send rebind: {e}"))?;
     drop(agent);
     let reported = |c: &Console| {
@@ -210,7 +217,9 @@ fn check_vm_fork(before: &str, console: &Console) -> Result<(), String> {
         return Err("the guest reported a VM fork before any restore".into());
     }
     if !console.wait(Duration::from_secs(30), |c| c.text().contains(FORKED)) {
-        return Err("the restored clone never reported the VM fork (no reseed after the VM Generation ID changed)".into());
+        return Err(
+            "the restored clone never reported the VM fork (no reseed after the VM Generation ID changed)".into()
+        );
     }
     println!("snapshot_job clone_vm_fork=reseeded");
     Ok(())
@@ -222,7 +231,12 @@ fn spawn_api_vmm(vmm: &Path, work: &Path, sock_name: &str) -> Result<(Child, Con
     std::fs::create_dir_all(work).map_err(|e| e.to_string())?;
     let sock = work.join(sock_name);
     let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(vmm).arg("--api-sock").arg(&sock).stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
+    let mut child = Command::new(vmm)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
     let console = Console::capture(&mut child);
     Ok((child, console, sock))
 }
@@ -238,7 +252,15 @@ fn wait_for_socket(sock: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, root: Option<&Path>, taps: (Option<&str>, Option<&str>)) -> Result<(), String> {
+fn job(
+    vmm: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    work: &Path,
+    restores: usize,
+    root: Option<&Path>,
+    taps: (Option<&str>, Option<&str>),
+) -> Result<(), String> {
     // The tap the guest boots on, and the one its restores are moved to.
     let (tap, restore_tap) = taps;
     let (mut child, console, sock) = spawn_api_vmm(vmm, work, "api.sock")?;
@@ -249,15 +271,25 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         let acpi = root.is_some();
         call(&sock, "PUT", "/machine-config", &format!(r#"{{"vcpu_count": 1, "mem_size_mib": 256, "acpi": {acpi}}}"#))?;
         let boot = match root {
-            None => format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display()),
+            None => format!(
+                r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#,
+                kernel.display(),
+                initrd.display()
+            ),
             Some(image) => {
-                let drive = format!(r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#, image.display());
+                let drive = format!(
+                    r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
+                    image.display()
+                );
                 call(&sock, "PUT", "/drives/rootfs", &drive)?;
                 call(&sock, "PUT", "/entropy", "{}")?;
-                let vsock = format!(r#"{{"guest_cid": {BOOT_CID}, "uds_path": "{}"}}"#, work.join("vsock.sock").display());
+                let vsock =
+                    format!(r#"{{"guest_cid": {BOOT_CID}, "uds_path": "{}"}}"#, work.join("vsock.sock").display());
                 call(&sock, "PUT", "/vsock", &vsock)?;
                 if let Some(tap) = tap {
-                    let net = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}", "guest_mac": "02:00:00:00:00:02"}}"#);
+                    let net = format!(
+                        r#"{{"iface_id": "eth0", "host_dev_name": "{tap}", "guest_mac": "02:00:00:00:00:02"}}"#
+                    );
                     call(&sock, "PUT", "/network-interfaces/eth0", &net)?;
                 }
                 format!(r#"{{"kernel_image_path": "{}", "boot_args": "{CMDLINE} init=/init"}}"#, kernel.display())
@@ -271,7 +303,10 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         call(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
         std::thread::sleep(Duration::from_millis(500));
         let t = Instant::now();
-        let create = format!(r#"{{"snapshot_type": "Full", "snapshot_path": "{0}/state", "mem_file_path": "{0}/memory"}}"#, work.display());
+        let create = format!(
+            r#"{{"snapshot_type": "Full", "snapshot_path": "{0}/state", "mem_file_path": "{0}/memory"}}"#,
+            work.display()
+        );
         call(&sock, "PUT", "/snapshot/create", &create)?;
         println!("snapshot_job snapshot_create_ms={:.1}", t.elapsed().as_secs_f64() * 1000.0);
         Ok(())
@@ -301,10 +336,15 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
         let mut child = cmd.stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
         let restored = Console::capture(&mut child);
         // With a disk, wait for a sync to it after the restore as well.
-        let ok = restored.wait(Duration::from_secs(60), |c| c.counts().len() >= 3 && (root.is_none() || c.disk_sync().is_some()));
+        let ok = restored
+            .wait(Duration::from_secs(60), |c| c.counts().len() >= 3 && (root.is_none() || c.disk_sync().is_some()));
         // With a network interface, the restored guest's network works, with its new MAC once
         // it probes the NIC again (first restore only).
-        let network = if run == 0 && ok && tap.is_some() { check_restored_network(&restored, restore_tap.is_some()) } else { Ok(()) };
+        let network = if run == 0 && ok && tap.is_some() {
+            check_restored_network(&restored, restore_tap.is_some())
+        } else {
+            Ok(())
+        };
         // With vsock, the clone knows its new CID and answers on its new socket.
         let vsock = if ok && root.is_some() { check_clone_vsock(&restored, clone_cid, &clone_uds) } else { Ok(()) };
         // With ACPI, the clone's kernel was told it is a new VM generation and reseeded its RNG.
@@ -327,7 +367,10 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
             // The console up to the snapshot, then the restored guest's: one unbroken count.
             let joined = format!("{before}{}", restored.text());
             let complete = &joined[..joined.rfind('\n').map_or(0, |i| i + 1)];
-            let counts: Vec<u64> = complete.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("count=")?.parse().ok()).collect();
+            let counts: Vec<u64> = complete
+                .lines()
+                .filter_map(|l| l.trim_end_matches('\r').strip_prefix("count=")?.parse().ok())
+                .collect();
             let after: Vec<u64> = counts.iter().copied().skip_while(|n| *n <= last).collect();
             let continues = after.first() == Some(&(last + 1)) && after.windows(2).all(|w| w[1] == w[0] + 1);
             if !continues {
@@ -343,7 +386,11 @@ fn job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, restores: usize, r
             }
         }
     }
-    println!("snapshot_job restores={} restore_spawn_to_output_ms_median={:.1}", to_output.len(), median(&mut to_output));
+    println!(
+        "snapshot_job restores={} restore_spawn_to_output_ms_median={:.1}",
+        to_output.len(),
+        median(&mut to_output)
+    );
     Ok(())
 }
 
@@ -353,7 +400,11 @@ fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, acpi: bool) ->
     let result = (|| {
         wait_for_socket(&sock)?;
         call(&sock, "PUT", "/machine-config", &format!(r#"{{"vcpu_count": 1, "mem_size_mib": 256, "acpi": {acpi}}}"#))?;
-        let boot = format!(r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#, kernel.display(), initrd.display());
+        let boot = format!(
+            r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{CMDLINE}"}}"#,
+            kernel.display(),
+            initrd.display()
+        );
         call(&sock, "PUT", "/boot-source", &boot)?;
         call(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
         if !console.wait(Duration::from_secs(120), |c| c.counts().len() >= 3) {
@@ -369,7 +420,10 @@ fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, acpi: bool) ->
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("the guest did not reboot within 120 s; console tail: {}", console.text().lines().rev().take(5).collect::<Vec<_>>().join(" | ")))
+        Err(format!(
+            "the guest did not reboot within 120 s; console tail: {}",
+            console.text().lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        ))
     })();
     let _ = child.kill();
     let _ = child.wait();

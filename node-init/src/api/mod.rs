@@ -165,7 +165,10 @@ fn check_key(key: &str) -> Result<(), Box<Response>> {
         return Err(Box::new(error(StatusCode::BAD_REQUEST, "keys are 1 to 1024 bytes")));
     }
     if key.starts_with(RESERVED_PREFIX) {
-        return Err(Box::new(error(StatusCode::FORBIDDEN, format!("keys under {RESERVED_PREFIX:?} are managed by the cluster"))));
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            format!("keys under {RESERVED_PREFIX:?} are managed by the cluster"),
+        )));
     }
     Ok(())
 }
@@ -195,7 +198,11 @@ async fn put_key(
     write(&agent, Op::Put { key, value: body, prev_revision: p.prev_revision }).await
 }
 
-async fn delete_key(State(agent): State<Arc<Agent>>, Path(key): Path<String>, Query(p): Query<WriteParams>) -> Response {
+async fn delete_key(
+    State(agent): State<Arc<Agent>>,
+    Path(key): Path<String>,
+    Query(p): Query<WriteParams>,
+) -> Response {
     if let Err(r) = check_key(&key) {
         return *r;
     }
@@ -226,7 +233,11 @@ async fn list_settings(State(agent): State<Arc<Agent>>, Query(p): Query<ReadPara
     Json(json!({ "settings": settings, "revision": s.revision })).into_response()
 }
 
-async fn get_setting(State(agent): State<Arc<Agent>>, Path(name): Path<String>, Query(p): Query<ReadParams>) -> Response {
+async fn get_setting(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Query(p): Query<ReadParams>,
+) -> Response {
     match setting_key(&name) {
         Ok(key) => get_key(State(agent), Path(key), Query(p)).await,
         Err(r) => *r,
@@ -256,11 +267,13 @@ struct WatchParams {
 }
 
 fn sse_event(e: &WatchEvent) -> Result<Event, Infallible> {
-    Ok(Event::default().id(e.revision.to_string()).event(match e.kind {
-        crate::cluster::state::EventKind::Put => "put",
-        crate::cluster::state::EventKind::Delete => "delete",
-    })
-    .data(serde_json::to_string(e).unwrap_or_default()))
+    Ok(Event::default()
+        .id(e.revision.to_string())
+        .event(match e.kind {
+            crate::cluster::state::EventKind::Put => "put",
+            crate::cluster::state::EventKind::Delete => "delete",
+        })
+        .data(serde_json::to_string(e).unwrap_or_default()))
 }
 
 /// Server-sent events: every committed change after `from_revision`, in order. Subscribes before

@@ -13,7 +13,7 @@ use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, Proto
 use tracing::info;
 
 use super::gossip::{self, GossipTiming, PeerInfo, Resources, SignedUdpTransport};
-use super::policy::{self, FormingPeer, Formation, MemberView, VoterChange};
+use super::policy::{self, Formation, FormingPeer, MemberView, VoterChange};
 use super::raft_node::{Input, MembershipChange, RaftParts, RaftThread, RaftTiming, Shared};
 use super::secret::ClusterSecret;
 use super::state::{KvState, NodeRecord};
@@ -102,8 +102,12 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
         .await
         .with_context(|| format!("binding the raft listener on {}", config.raft_addr()))?;
     tokio::spawn(transport::serve(raft_listener, config.secret.key("raft"), inbox_tx.clone()));
-    let transport =
-        RaftTransport::new(config.secret.key("raft"), addrs.clone(), tokio::runtime::Handle::current(), inbox_tx.clone());
+    let transport = RaftTransport::new(
+        config.secret.key("raft"),
+        addrs.clone(),
+        tokio::runtime::Handle::current(),
+        inbox_tx.clone(),
+    );
     let priority = config.capacity.mem_mib as i64;
     let raft = RaftThread::new(RaftParts {
         id,
@@ -161,7 +165,8 @@ async fn read_gossip(chitchat: &tokio::sync::Mutex<chitchat::Chitchat>) -> Vec<(
     for (cid, st) in c.node_states() {
         let Some(info) = PeerInfo::from_state(cid, st) else { continue };
         let is_live = live.contains(cid);
-        let newer = by_id.get(&info.id).is_none_or(|(_, l, generation)| (is_live, cid.generation_id) > (*l, *generation));
+        let newer =
+            by_id.get(&info.id).is_none_or(|(_, l, generation)| (is_live, cid.generation_id) > (*l, *generation));
         if newer {
             by_id.insert(info.id, (info, is_live, cid.generation_id));
         }

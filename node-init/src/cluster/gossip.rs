@@ -116,7 +116,9 @@ impl SignedUdpTransport {
 impl Transport for SignedUdpTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
         let outer = Arc::new(
-            UdpSocket::bind(listen_addr).await.with_context(|| format!("failed to bind {listen_addr}/UDP for gossip"))?,
+            UdpSocket::bind(listen_addr)
+                .await
+                .with_context(|| format!("failed to bind {listen_addr}/UDP for gossip"))?,
         );
         let codec = Arc::new(Mutex::new(Codec::open().await?));
         let (tx, rx) = mpsc::channel(1024);
@@ -171,7 +173,9 @@ async fn receive_loop(outer: Arc<UdpSocket>, mut codec: Codec, key: PurposeKey, 
     loop {
         let (n, from) = match outer.recv_from(&mut buf).await {
             Ok(r) => r,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset) => {
+            Err(e)
+                if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset) =>
+            {
                 continue
             }
             Err(e) => {
@@ -286,7 +290,10 @@ mod tests {
         assert_eq!(live_count(&stranger).await, 1, "the stranger sees only itself");
         let seen_value = b
             .with_chitchat(|c| {
-                c.node_states().iter().find(|(id, _)| id.node_id == a.chitchat_id().node_id).and_then(|(_, st)| st.get("k").map(str::to_string))
+                c.node_states()
+                    .iter()
+                    .find(|(id, _)| id.node_id == a.chitchat_id().node_id)
+                    .and_then(|(_, st)| st.get("k").map(str::to_string))
             })
             .await;
         assert_eq!(seen_value.as_deref(), Some("s"));

@@ -113,10 +113,7 @@ pub fn plan_voters(members: &[MemberView], leader: u64, dead_timeout: Duration) 
             return Some(VoterChange::Remove(m.id));
         }
     }
-    members
-        .iter()
-        .find(|m| m.learner && !m.live && m.dead_for >= dead_timeout * 2)
-        .map(|m| VoterChange::Remove(m.id))
+    members.iter().find(|m| m.learner && !m.live && m.dead_for >= dead_timeout * 2).map(|m| VoterChange::Remove(m.id))
 }
 
 /// The voter the leader should hand leadership to, if any: a live, caught-up voter with clearly
@@ -166,8 +163,7 @@ mod tests {
         // node backs exactly one candidate.
         let backs = [1u64, 1, 1, 4, 4, 6];
         let peers: Vec<_> = (1..=6).map(|id| fresh(id, Some(backs[id as usize - 1]))).collect();
-        let bootstrappers: Vec<u64> =
-            (1..=6).filter(|&id| formation(id, 3, &peers) == Formation::Bootstrap).collect();
+        let bootstrappers: Vec<u64> = (1..=6).filter(|&id| formation(id, 3, &peers) == Formation::Bootstrap).collect();
         assert_eq!(bootstrappers, vec![1]);
     }
 

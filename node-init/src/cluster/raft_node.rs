@@ -62,15 +62,26 @@ pub enum MembershipChange {
 
 pub enum Input {
     Message(Message),
-    Propose { op: Op, reply: oneshot::Sender<Result<ApplyOutcome, RequestError>> },
+    Propose {
+        op: Op,
+        reply: oneshot::Sender<Result<ApplyOutcome, RequestError>>,
+    },
     /// Answered once a linearizable read may be served from the local state.
-    Read { reply: oneshot::Sender<Result<(), RequestError>> },
+    Read {
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
     Membership(MembershipChange),
     /// Hand leadership to this voter (only acted on by the leader).
     TransferLeader(u64),
-    Bootstrap { cluster_id: String, me: NodeRecord },
+    Bootstrap {
+        cluster_id: String,
+        me: NodeRecord,
+    },
     Unreachable(u64),
-    SnapshotStatus { to: u64, ok: bool },
+    SnapshotStatus {
+        to: u64,
+        ok: bool,
+    },
     Shutdown,
 }
 
@@ -168,7 +179,13 @@ pub struct RaftThread {
     applied_term: u64,
 }
 
-fn new_raw_node(id: u64, priority: i64, timing: &RaftTiming, store: &RaftStore, applied: u64) -> raft::Result<RawNode<RaftStore>> {
+fn new_raw_node(
+    id: u64,
+    priority: i64,
+    timing: &RaftTiming,
+    store: &RaftStore,
+    applied: u64,
+) -> raft::Result<RawNode<RaftStore>> {
     let cfg = raft::Config {
         id,
         election_tick: timing.election_ticks,
@@ -279,7 +296,8 @@ impl RaftThread {
                 let data = serde_json::to_vec(&p).unwrap_or_default();
                 match self.node.propose(vec![], data) {
                     Ok(()) => {
-                        self.proposals.insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT, self.node.raft.leader_id));
+                        self.proposals
+                            .insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT, self.node.raft.leader_id));
                     }
                     Err(_) => {
                         let _ = reply.send(Err(RequestError::NoLeader));

@@ -33,8 +33,15 @@ pub struct Proposal {
 pub enum Op {
     /// Sets `key`. With `prev_revision`, only if the key's current `mod_revision` equals it
     /// (0: only if the key does not exist).
-    Put { key: String, value: String, prev_revision: Option<u64> },
-    Delete { key: String, prev_revision: Option<u64> },
+    Put {
+        key: String,
+        value: String,
+        prev_revision: Option<u64>,
+    },
+    Delete {
+        key: String,
+        prev_revision: Option<u64>,
+    },
 }
 
 /// What a client learns when its command is applied.

@@ -77,7 +77,11 @@ impl RaftStore {
             conf_state: engine.get_message::<ConfState>(META, KEY_CONF_STATE)?.unwrap_or_default(),
             snapshot: engine.get_message::<Snapshot>(META, KEY_SNAPSHOT)?.unwrap_or_default(),
         };
-        Ok(RaftStore { engine, cached: Arc::new(RwLock::new(cached)), snapshot_wanted: Arc::new(AtomicBool::new(false)) })
+        Ok(RaftStore {
+            engine,
+            cached: Arc::new(RwLock::new(cached)),
+            snapshot_wanted: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Cached> {

@@ -316,7 +316,8 @@ pub fn agreed_status(nodes: &[&Node]) -> Option<Value> {
 }
 
 pub fn sorted(v: &Value) -> Vec<String> {
-    let mut out: Vec<String> = v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    let mut out: Vec<String> =
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
     out.sort();
     out
 }

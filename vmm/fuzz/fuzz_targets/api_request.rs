@@ -9,7 +9,11 @@ use shoal_vmm::api::routes::{ApiState, InstanceState, Outcome};
 fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     // Several requests on one connection, against each instance state.
-    let mut states = [ApiState::default(), ApiState { state: InstanceState::Running, ..ApiState::default() }, ApiState { state: InstanceState::Paused, ..ApiState::default() }];
+    let mut states = [
+        ApiState::default(),
+        ApiState { state: InstanceState::Running, ..ApiState::default() },
+        ApiState { state: InstanceState::Paused, ..ApiState::default() },
+    ];
     for _ in 0..4 {
         match http::parse(rest) {
             Ok(Some((req, used))) => {

@@ -2,8 +2,8 @@
 //! table at 0x0 (16 entries), avail ring at 0x100, used ring at 0x200. Descriptors, ring
 //! indexes, and buffer contents are all attacker-chosen.
 
-use virtio_queue::{Queue, QueueT};
 use shoal_vmm::vstate::memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 pub const QUEUE_SIZE: u16 = 16;

@@ -20,7 +20,15 @@ fuzz_target!(|data: &[u8]| {
     common::load(mem, data);
     let path = std::env::temp_dir().join(format!("shoal-fuzz-vsock-{}.sock", std::process::id()));
     let Ok(mut dev) = VirtioVsock::new(3, &path) else { return };
-    if dev.activate(mem.clone(), vec![common::queue(), common::queue(), common::queue()], common::irq(), VIRTIO_F_VERSION_1).is_err() {
+    if dev
+        .activate(
+            mem.clone(),
+            vec![common::queue(), common::queue(), common::queue()],
+            common::irq(),
+            VIRTIO_F_VERSION_1,
+        )
+        .is_err()
+    {
         return;
     }
     let mut host = UnixStream::connect(&path).ok();

@@ -28,8 +28,16 @@ pub const SPIN: &str = env!("SHOAL_PROBE_SPIN");
 pub const VIRTIO: &str = env!("SHOAL_PROBE_VIRTIO");
 
 /// Every probe by name.
-pub const ALL: &[(&str, &str)] =
-    &[("boot", BOOT), ("smp", SMP), ("timer", TIMER), ("fault", FAULT), ("panic", PANIC), ("counter", COUNTER), ("spin", SPIN), ("virtio", VIRTIO)];
+pub const ALL: &[(&str, &str)] = &[
+    ("boot", BOOT),
+    ("smp", SMP),
+    ("timer", TIMER),
+    ("fault", FAULT),
+    ("panic", PANIC),
+    ("counter", COUNTER),
+    ("spin", SPIN),
+    ("virtio", VIRTIO),
+];
 
 /// The path of a probe by name.
 pub fn path(name: &str) -> Option<&'static Path> {

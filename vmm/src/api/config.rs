@@ -87,12 +87,18 @@ impl VsockConfig {
         let (mut cid, mut uds) = (None, None);
         for part in spec.split(',') {
             match part.split_once('=') {
-                Some(("cid", c)) => cid = Some(c.parse::<u64>().map_err(|_| format!("--vsock: cid `{c}` is not a number"))?),
+                Some(("cid", c)) => {
+                    cid = Some(c.parse::<u64>().map_err(|_| format!("--vsock: cid `{c}` is not a number"))?)
+                }
                 Some(("uds", u)) if !u.is_empty() => uds = Some(PathBuf::from(u)),
                 _ => return Err(format!("--vsock: unknown part `{part}` (cid=N, uds=PATH)")),
             }
         }
-        Ok(VsockConfig { guest_cid: cid.ok_or("--vsock: cid=N is required")?, uds_path: uds.ok_or("--vsock: uds=PATH is required")?, vsock_id: None })
+        Ok(VsockConfig {
+            guest_cid: cid.ok_or("--vsock: cid=N is required")?,
+            uds_path: uds.ok_or("--vsock: uds=PATH is required")?,
+            vsock_id: None,
+        })
     }
 }
 
@@ -121,7 +127,8 @@ impl NetConfig {
     /// Parses the CLI form `tap=NAME[,id=ID][,mac=MAC][,rate=R][,rx-rate=R][,tx-rate=R]` (`rate` limits
     /// each direction; R as for --disk).
     pub fn parse(spec: &str) -> Result<NetConfig, String> {
-        let mut net = NetConfig { id: None, tap: String::new(), mac: None, rx_rate_limiter: None, tx_rate_limiter: None };
+        let mut net =
+            NetConfig { id: None, tap: String::new(), mac: None, rx_rate_limiter: None, tx_rate_limiter: None };
         for part in spec.split(',') {
             match part.split_once('=') {
                 Some(("tap", t)) => net.tap = t.to_string(),
@@ -133,7 +140,11 @@ impl NetConfig {
                 }
                 Some(("rx-rate", r)) => net.rx_rate_limiter = Some(RateLimitConfig::parse(r)?),
                 Some(("tx-rate", r)) => net.tx_rate_limiter = Some(RateLimitConfig::parse(r)?),
-                _ => return Err(format!("--net: unknown part `{part}` (tap=NAME, id=ID, mac=MAC, rate=, rx-rate=, tx-rate=)")),
+                _ => {
+                    return Err(format!(
+                        "--net: unknown part `{part}` (tap=NAME, id=ID, mac=MAC, rate=, rx-rate=, tx-rate=)"
+                    ))
+                }
             }
         }
         if net.tap.is_empty() {
@@ -200,7 +211,12 @@ pub struct FirecrackerDrive {
 
 impl FirecrackerDrive {
     pub fn into_disk(self) -> DiskConfig {
-        DiskConfig { path: self.path_on_host.into(), read_only: self.is_read_only, id: Some(self.drive_id), rate_limiter: self.rate_limiter }
+        DiskConfig {
+            path: self.path_on_host.into(),
+            read_only: self.is_read_only,
+            id: Some(self.drive_id),
+            rate_limiter: self.rate_limiter,
+        }
     }
 }
 
@@ -220,7 +236,13 @@ pub struct FirecrackerNet {
 
 impl FirecrackerNet {
     pub fn into_net(self) -> NetConfig {
-        NetConfig { id: Some(self.iface_id), tap: self.host_dev_name, mac: self.guest_mac, rx_rate_limiter: self.rx_rate_limiter, tx_rate_limiter: self.tx_rate_limiter }
+        NetConfig {
+            id: Some(self.iface_id),
+            tap: self.host_dev_name,
+            mac: self.guest_mac,
+            rx_rate_limiter: self.rx_rate_limiter,
+            tx_rate_limiter: self.tx_rate_limiter,
+        }
     }
 }
 
@@ -228,9 +250,17 @@ impl FirecrackerNet {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {source}")]
-    Parse { path: PathBuf, #[source] source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("config file {path}: {message}")]
     Firecracker { path: PathBuf, message: String },
     #[error("vcpus must be at least 1")]
@@ -250,16 +280,31 @@ pub enum ConfigError {
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
-        VmConfig { kernel: kernel.into(), initrd: None, cmdline: default_cmdline(), vcpus: DEFAULT_VCPUS, mem_mib: DEFAULT_MEM_MIB, track_dirty_pages: false, acpi: false, disks: Vec::new(), nets: Vec::new(), rng: false, rng_rate_limiter: None, vsock: None }
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            vcpus: DEFAULT_VCPUS,
+            mem_mib: DEFAULT_MEM_MIB,
+            track_dirty_pages: false,
+            acpi: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            rng_rate_limiter: None,
+            vsock: None,
+        }
     }
 
     /// Reads a JSON configuration file, ours or Firecracker's; unknown fields are an error.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let parse_err = |source| ConfigError::Parse { path: path.to_owned(), source };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(parse_err)?;
         if value.get("boot-source").is_some() {
-            return Self::from_firecracker(value).map_err(|message| ConfigError::Firecracker { path: path.to_owned(), message });
+            return Self::from_firecracker(value)
+                .map_err(|message| ConfigError::Firecracker { path: path.to_owned(), message });
         }
         serde_json::from_value(value).map_err(parse_err)
     }
@@ -294,13 +339,15 @@ impl VmConfig {
                 }
                 "drives" => drives = serde_json::from_value(section).map_err(|e| format!("drives: {e}"))?,
                 "entropy" if !section.is_null() => {
-                    let e: super::routes::EntropyConfig = serde_json::from_value(section).map_err(|e| format!("entropy: {e}"))?;
+                    let e: super::routes::EntropyConfig =
+                        serde_json::from_value(section).map_err(|e| format!("entropy: {e}"))?;
                     rng = true;
                     rng_rate = e.rate_limiter;
                 }
                 "entropy" => {}
                 "network-interfaces" => {
-                    let nets: Vec<FirecrackerNet> = serde_json::from_value(section).map_err(|e| format!("network-interfaces: {e}"))?;
+                    let nets: Vec<FirecrackerNet> =
+                        serde_json::from_value(section).map_err(|e| format!("network-interfaces: {e}"))?;
                     net_configs = nets.into_iter().map(FirecrackerNet::into_net).collect();
                 }
                 "vsock" => vsock = serde_json::from_value(section).map_err(|e| format!("vsock: {e}"))?,
@@ -355,7 +402,8 @@ impl VmConfig {
         }
         let devices = self.device_count();
         if let Some(v) = &self.vsock {
-            crate::devices::virtio::vsock::check_cid(v.guest_cid).map_err(|e| ConfigError::Device(format!("vsock: {e}")))?;
+            crate::devices::virtio::vsock::check_cid(v.guest_cid)
+                .map_err(|e| ConfigError::Device(format!("vsock: {e}")))?;
             if v.uds_path.as_os_str().is_empty() {
                 return Err(ConfigError::Device("vsock: uds_path is empty".into()));
             }
@@ -376,7 +424,10 @@ impl VmConfig {
             }
         }
         if devices > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
-            return Err(ConfigError::Device(format!("{devices} virtio devices, more than the {} interrupt lines allow", crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES)));
+            return Err(ConfigError::Device(format!(
+                "{devices} virtio devices, more than the {} interrupt lines allow",
+                crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES
+            )));
         }
         for d in &self.disks {
             if d.id.as_ref().is_some_and(|id| id.len() > 20) {
@@ -401,7 +452,11 @@ impl VmConfig {
         // find each twice.
         let on_cmdline = if self.acpi { 0 } else { self.device_count() };
         for i in 0..on_cmdline {
-            c.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + i as u32));
+            c.push_str(&format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE,
+                VIRTIO_FIRST_IRQ + i as u32
+            ));
         }
         c
     }
@@ -452,7 +507,15 @@ mod tests {
             "network-interfaces": []
         });
         let c = VmConfig::from_firecracker(fc).unwrap();
-        assert_eq!(c, VmConfig { vcpus: 2, mem_mib: 1024, cmdline: "console=ttyS0 reboot=k panic=1 pci=off".into(), ..VmConfig::new("vmlinux.bin") });
+        assert_eq!(
+            c,
+            VmConfig {
+                vcpus: 2,
+                mem_mib: 1024,
+                cmdline: "console=ttyS0 reboot=k panic=1 pci=off".into(),
+                ..VmConfig::new("vmlinux.bin")
+            }
+        );
         // Firecracker's rootfs drive: /dev/vda, named on the command line; entropy: an rng.
         let with_disks = serde_json::json!({
             "boot-source": {"kernel_image_path": "k", "boot_args": "console=ttyS0"},
@@ -464,7 +527,10 @@ mod tests {
         });
         let c = VmConfig::from_firecracker(with_disks).unwrap();
         assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro");
-        assert_eq!(c.disks.iter().map(|d| d.path.to_str().unwrap()).collect::<Vec<_>>(), ["rootfs.ext4", "scratch.img"]);
+        assert_eq!(
+            c.disks.iter().map(|d| d.path.to_str().unwrap()).collect::<Vec<_>>(),
+            ["rootfs.ext4", "scratch.img"]
+        );
         assert!(c.disks[0].read_only && c.rng);
         let only_boot = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
         assert_eq!(VmConfig::from_firecracker(only_boot).unwrap(), VmConfig::new("k"));
@@ -496,14 +562,20 @@ mod tests {
         acpi["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "./v.sock"});
         let a = VmConfig::from_firecracker(acpi).unwrap();
         assert!(a.acpi && a.device_count() == 1 && !a.full_cmdline().contains("virtio_mmio"), "{}", a.full_cmdline());
-        assert!(VmConfig { vsock: Some(VsockConfig { guest_cid: 2, ..c.vsock.clone().unwrap() }), ..c.clone() }.validate().is_err());
+        assert!(VmConfig { vsock: Some(VsockConfig { guest_cid: 2, ..c.vsock.clone().unwrap() }), ..c.clone() }
+            .validate()
+            .is_err());
         assert_eq!(VsockConfig::parse("cid=9,uds=/run/v.sock").map(|v| v.guest_cid), Ok(9));
         for bad in ["cid=9", "uds=/x", "cid=x,uds=/x", "cid=9,uds=/x,port=3"] {
             assert!(VsockConfig::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(with("frobnicator", serde_json::json!({})), "unknown section `frobnicator`");
         assert!(with("machine-config", serde_json::json!({"vcpu_count": 1})).contains("missing field `mem_size_mib`"));
-        assert!(VmConfig::from_firecracker(serde_json::json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}})).unwrap_err().contains("boot-source is required"));
+        assert!(VmConfig::from_firecracker(
+            serde_json::json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}})
+        )
+        .unwrap_err()
+        .contains("boot-source is required"));
     }
 
     #[test]
@@ -512,8 +584,14 @@ mod tests {
         assert!(matches!(VmConfig { vcpus: 0, ..base.clone() }.validate(), Err(ConfigError::NoVcpus)));
         assert!(matches!(VmConfig { vcpus: 255, ..base.clone() }.validate(), Err(ConfigError::TooManyVcpus { .. })));
         assert!(matches!(VmConfig { mem_mib: 0, ..base.clone() }.validate(), Err(ConfigError::NoMemory)));
-        assert!(matches!(VmConfig { mem_mib: u64::MAX, ..base.clone() }.validate(), Err(ConfigError::TooMuchMemory(_))));
-        assert!(matches!(VmConfig { cmdline: "x".repeat(4096), ..base.clone() }.validate(), Err(ConfigError::Cmdline(_))));
+        assert!(matches!(
+            VmConfig { mem_mib: u64::MAX, ..base.clone() }.validate(),
+            Err(ConfigError::TooMuchMemory(_))
+        ));
+        assert!(matches!(
+            VmConfig { cmdline: "x".repeat(4096), ..base.clone() }.validate(),
+            Err(ConfigError::Cmdline(_))
+        ));
         let err = VmConfig { vcpus: 64, ..base }.validate_for_host(8).unwrap_err();
         assert_eq!(err.to_string(), "vcpus 64 is over the limit of 8 on this host");
     }

@@ -64,7 +64,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
     let mut lines = head.split("\r\n");
     let request_line = lines.next().ok_or(HttpError::BadRequestLine)?;
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(path), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(path), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(HttpError::BadRequestLine);
     };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) || !path.starts_with('/') {
@@ -95,7 +96,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
     if buf.len() < end {
         return Ok(None);
     }
-    Ok(Some((Request { method: method.to_string(), path: path.to_string(), body: buf[body_start..end].to_vec(), close }, end)))
+    Ok(Some((
+        Request { method: method.to_string(), path: path.to_string(), body: buf[body_start..end].to_vec(), close },
+        end,
+    )))
 }
 
 const JSON: &str = "application/json";
@@ -146,7 +150,12 @@ impl Response {
         };
         let mut out = format!("HTTP/1.1 {} {}\r\nServer: shoal-vmm\r\n", self.status, reason);
         match &self.body {
-            Some(b) => out.push_str(&format!("Content-Type: {}\r\nContent-Length: {}\r\n\r\n{}", self.content_type, b.len(), b)),
+            Some(b) => out.push_str(&format!(
+                "Content-Type: {}\r\nContent-Length: {}\r\n\r\n{}",
+                self.content_type,
+                b.len(),
+                b
+            )),
             None => out.push_str("Content-Length: 0\r\n\r\n"),
         }
         out.into_bytes()
@@ -161,7 +170,10 @@ mod tests {
     fn a_put_with_a_body_parses_and_reports_its_length() {
         let raw = b"PUT /machine-config HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"vcpu_count\": 2}GET";
         let (req, used) = parse(raw).unwrap().unwrap();
-        assert_eq!((req.method.as_str(), req.path.as_str(), req.body.as_slice(), req.close), ("PUT", "/machine-config", &b"{\"vcpu_count\": 2}"[..], false));
+        assert_eq!(
+            (req.method.as_str(), req.path.as_str(), req.body.as_slice(), req.close),
+            ("PUT", "/machine-config", &b"{\"vcpu_count\": 2}"[..], false)
+        );
         assert_eq!(&raw[used..], b"GET", "pipelined bytes are left for the next request");
     }
 
@@ -201,6 +213,9 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(text.ends_with("{\"fault_message\":\"bad \\\"thing\\\"\"}"));
         assert!(text.contains("Content-Length: 33\r\n"), "{text}");
-        assert_eq!(Response::no_content().to_bytes(), b"HTTP/1.1 204 No Content\r\nServer: shoal-vmm\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            Response::no_content().to_bytes(),
+            b"HTTP/1.1 204 No Content\r\nServer: shoal-vmm\r\nContent-Length: 0\r\n\r\n"
+        );
     }
 }

@@ -5,10 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{Request, Response};
-use crate::snapshot::SnapshotKind;
 use super::config::{FirecrackerDrive, FirecrackerNet};
+use super::http::{Request, Response};
 use super::VmConfig;
+use crate::snapshot::SnapshotKind;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
 
@@ -145,7 +145,8 @@ impl SnapshotLoadParams {
         let mem_path = match (self.mem_file_path, self.mem_backend) {
             (Some(_), Some(_)) => return Err("Only one of mem_file_path and mem_backend may be given.".into()),
             (None, None) => return Err("Missing mem_backend (or mem_file_path).".into()),
-            (Some(path), None) | (None, Some(MemBackend { backend_type: MemBackendType::File, backend_path: path })) => path,
+            (Some(path), None)
+            | (None, Some(MemBackend { backend_type: MemBackendType::File, backend_path: path })) => path,
             (None, Some(MemBackend { backend_type: MemBackendType::Uffd, .. })) => {
                 return Err("The Uffd memory backend is not supported by shoal-vmm; use File.".into())
             }
@@ -155,7 +156,8 @@ impl SnapshotLoadParams {
         }
         for o in &self.network_overrides {
             if let Some(mac) = &o.guest_mac {
-                crate::devices::virtio::net::parse_mac(mac).map_err(|e| format!("network_overrides `{}`: {e}", o.iface_id))?;
+                crate::devices::virtio::net::parse_mac(mac)
+                    .map_err(|e| format!("network_overrides `{}`: {e}", o.iface_id))?;
             }
         }
         Ok(SnapshotLoad {
@@ -216,7 +218,18 @@ pub struct ApiState {
 
 impl Default for ApiState {
     fn default() -> Self {
-        ApiState { id: "anonymous-instance".into(), machine: MachineConfig::default(), boot: None, state: InstanceState::NotStarted, configured: false, drives: Vec::new(), nets: Vec::new(), entropy: false, entropy_rate_limiter: None, vsock: None }
+        ApiState {
+            id: "anonymous-instance".into(),
+            machine: MachineConfig::default(),
+            boot: None,
+            state: InstanceState::NotStarted,
+            configured: false,
+            drives: Vec::new(),
+            nets: Vec::new(),
+            entropy: false,
+            entropy_rate_limiter: None,
+            vsock: None,
+        }
     }
 }
 
@@ -277,7 +290,10 @@ fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response
 impl ApiState {
     /// The configuration the instance would start with now.
     pub fn vm_config(&self) -> Result<VmConfig, Response> {
-        let boot = self.boot.as_ref().ok_or_else(|| Response::fault(400, "Cannot start microvm without kernel configuration."))?;
+        let boot = self
+            .boot
+            .as_ref()
+            .ok_or_else(|| Response::fault(400, "Cannot start microvm without kernel configuration."))?;
         let mut config = VmConfig::new(&boot.kernel_image_path);
         config.initrd = boot.initrd_path.as_ref().map(Into::into);
         if let Some(args) = &boot.boot_args {
@@ -312,7 +328,9 @@ impl ApiState {
             ("GET", "/machine-config") => Response::json(200, serde_json::to_string(&self.machine).unwrap_or_default()),
             ("PUT", "/machine-config") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/machine-config") => match parse_body::<MachineConfig>(req) {
-                Ok(m) if m.vcpu_count == 0 || m.vcpu_count > 254 => Response::fault(400, format!("Invalid vCPU count: {} (1 to 254)", m.vcpu_count)),
+                Ok(m) if m.vcpu_count == 0 || m.vcpu_count > 254 => {
+                    Response::fault(400, format!("Invalid vCPU count: {} (1 to 254)", m.vcpu_count))
+                }
                 Ok(m) if m.mem_size_mib == 0 => Response::fault(400, "Invalid memory size: 0 MiB"),
                 Ok(m) if m.smt => Response::fault(400, "Simultaneous multithreading is not supported by shoal-vmm."),
                 Ok(m) => {
@@ -360,11 +378,20 @@ impl ApiState {
                 Ok(d) if d.drive_id != p["/drives/".len()..] => {
                     Response::fault(400, "The id from the path does not match the id from the body!")
                 }
-                Ok(d) if d.drive_id.is_empty() || d.path_on_host.is_empty() => Response::fault(400, "drive_id and path_on_host must not be empty."),
-                Ok(d) if d.rate_limiter.iter().flat_map(|r| r.bandwidth.iter().chain(r.ops.iter())).any(|b| b.validate().is_err()) => {
+                Ok(d) if d.drive_id.is_empty() || d.path_on_host.is_empty() => {
+                    Response::fault(400, "drive_id and path_on_host must not be empty.")
+                }
+                Ok(d)
+                    if d.rate_limiter
+                        .iter()
+                        .flat_map(|r| r.bandwidth.iter().chain(r.ops.iter()))
+                        .any(|b| b.validate().is_err()) =>
+                {
                     Response::fault(400, "Invalid rate limiter: size and refill_time must be above zero.")
                 }
-                Ok(d) if d.is_root_device && self.drives.iter().any(|o| o.is_root_device && o.drive_id != d.drive_id) => {
+                Ok(d)
+                    if d.is_root_device && self.drives.iter().any(|o| o.is_root_device && o.drive_id != d.drive_id) =>
+                {
                     Response::fault(400, "A root block device already exists!")
                 }
                 Ok(d) => {
@@ -379,7 +406,9 @@ impl ApiState {
             },
             ("PUT", "/logger") => match parse_body::<LoggerConfig>(req) {
                 Ok(c) => match c.level.as_deref().map(crate::logging::parse_level).transpose() {
-                    Ok(level) => return Outcome::Logger { level, path: c.log_path.filter(|p| !p.is_empty()).map(Into::into) },
+                    Ok(level) => {
+                        return Outcome::Logger { level, path: c.log_path.filter(|p| !p.is_empty()).map(Into::into) }
+                    }
                     Err(e) => Response::fault(400, e),
                 },
                 Err(r) => r,
@@ -397,8 +426,15 @@ impl ApiState {
                 Ok(n) if n.iface_id != p["/network-interfaces/".len()..] => {
                     Response::fault(400, "The id from the path does not match the id from the body!")
                 }
-                Ok(n) if n.iface_id.is_empty() || n.host_dev_name.is_empty() => Response::fault(400, "iface_id and host_dev_name must not be empty."),
-                Ok(n) if n.guest_mac.as_deref().map(crate::devices::virtio::net::parse_mac).is_some_and(|r| r.is_err()) => {
+                Ok(n) if n.iface_id.is_empty() || n.host_dev_name.is_empty() => {
+                    Response::fault(400, "iface_id and host_dev_name must not be empty.")
+                }
+                Ok(n)
+                    if n.guest_mac
+                        .as_deref()
+                        .map(crate::devices::virtio::net::parse_mac)
+                        .is_some_and(|r| r.is_err()) =>
+                {
                     Response::fault(400, format!("Invalid guest_mac: {}", n.guest_mac.as_deref().unwrap_or("")))
                 }
                 Ok(n) => {
@@ -415,7 +451,9 @@ impl ApiState {
             ("PUT", "/vsock") => match parse_body::<crate::api::config::VsockConfig>(req) {
                 Ok(v) => match crate::devices::virtio::vsock::check_cid(v.guest_cid) {
                     Err(e) => Response::fault(400, format!("Invalid vsock configuration: {e}")),
-                    Ok(()) if v.uds_path.as_os_str().is_empty() => Response::fault(400, "Invalid vsock configuration: uds_path is empty"),
+                    Ok(()) if v.uds_path.as_os_str().is_empty() => {
+                        Response::fault(400, "Invalid vsock configuration: uds_path is empty")
+                    }
                     Ok(()) => {
                         self.vsock = Some(v);
                         self.configured = true;
@@ -446,16 +484,21 @@ impl ApiState {
                         SnapshotTypeName::Full => SnapshotKind::Full,
                         SnapshotTypeName::Diff => SnapshotKind::Diff,
                     };
-                    return Outcome::CreateSnapshot { kind, state_path: p.snapshot_path.into(), mem_path: p.mem_file_path.into() };
+                    return Outcome::CreateSnapshot {
+                        kind,
+                        state_path: p.snapshot_path.into(),
+                        mem_path: p.mem_file_path.into(),
+                    };
                 }
                 Err(r) => r,
             },
             ("PUT", "/snapshot/load") if started => {
                 Response::fault(400, "Loading a microVM snapshot not allowed after starting the microVM.")
             }
-            ("PUT", "/snapshot/load") if self.configured => {
-                Response::fault(400, "Loading a microVM snapshot not allowed after configuring boot-specific resources.")
-            }
+            ("PUT", "/snapshot/load") if self.configured => Response::fault(
+                400,
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            ),
             ("PUT", "/snapshot/load") => match parse_body::<SnapshotLoadParams>(req) {
                 Ok(p) => match p.check() {
                     Ok(load) => return Outcome::LoadSnapshot(load),
@@ -497,12 +540,23 @@ mod tests {
         let mut s = ApiState::default();
         let info = reply(&mut s, "GET", "/", "");
         assert!(info.body.unwrap().contains("\"state\":\"Not started\""));
-        let r = reply(&mut s, "PUT", "/boot-source", r#"{"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}"#);
+        let r = reply(
+            &mut s,
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/k/vmlinux", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}"#,
+        );
         assert_eq!(r.status, 204);
-        assert_eq!(reply(&mut s, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false}"#).status, 204);
+        assert_eq!(
+            reply(&mut s, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false}"#).status,
+            204
+        );
         match s.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) {
             Outcome::Start(c) => {
-                assert_eq!((c.vcpus, c.mem_mib, c.cmdline.as_str()), (2, 1024, "console=ttyS0 reboot=k panic=1 pci=off"));
+                assert_eq!(
+                    (c.vcpus, c.mem_mib, c.cmdline.as_str()),
+                    (2, 1024, "console=ttyS0 reboot=k panic=1 pci=off")
+                );
                 assert_eq!(c.kernel.to_str(), Some("/k/vmlinux"));
             }
             other => panic!("{other:?}"),
@@ -540,7 +594,10 @@ mod tests {
     #[test]
     fn after_start_configuration_is_frozen_and_start_is_refused() {
         let mut s = ApiState { state: InstanceState::Running, ..ApiState::default() };
-        for (p, b) in [("/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64}"#), ("/boot-source", r#"{"kernel_image_path": "/k"}"#)] {
+        for (p, b) in [
+            ("/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64}"#),
+            ("/boot-source", r#"{"kernel_image_path": "/k"}"#),
+        ] {
             let r = reply(&mut s, "PUT", p, b);
             assert_eq!((r.status, fault(&r).as_str()), (400, NOT_AFTER_START));
         }
@@ -562,10 +619,17 @@ mod tests {
         s.state = InstanceState::Paused;
         assert_eq!(
             s.handle(&req("PUT", "/snapshot/create", body)),
-            Outcome::CreateSnapshot { kind: SnapshotKind::Full, state_path: "./snapshot_file".into(), mem_path: "./mem_file".into() }
+            Outcome::CreateSnapshot {
+                kind: SnapshotKind::Full,
+                state_path: "./snapshot_file".into(),
+                mem_path: "./mem_file".into()
+            }
         );
         let diff = r#"{"snapshot_type": "Diff", "snapshot_path": "s", "mem_file_path": "m", "version": "1.0.0"}"#;
-        assert!(matches!(s.handle(&req("PUT", "/snapshot/create", diff)), Outcome::CreateSnapshot { kind: SnapshotKind::Diff, .. }));
+        assert!(matches!(
+            s.handle(&req("PUT", "/snapshot/create", diff)),
+            Outcome::CreateSnapshot { kind: SnapshotKind::Diff, .. }
+        ));
         for bad in [
             r#"{"snapshot_type": "Partial", "snapshot_path": "s", "mem_file_path": "m"}"#,
             r#"{"snapshot_path": "s"}"#,
@@ -582,10 +646,20 @@ mod tests {
         let body = r#"{"snapshot_path": "./snapshot_file", "mem_backend": {"backend_path": "./mem_file", "backend_type": "File"}, "enable_diff_snapshots": true, "resume_vm": false}"#;
         assert_eq!(
             s.handle(&req("PUT", "/snapshot/load", body)),
-            Outcome::LoadSnapshot(SnapshotLoad { state_path: "./snapshot_file".into(), mem_path: "./mem_file".into(), resume: false, track_dirty_pages: true, vsock_override: None, net_overrides: vec![] })
+            Outcome::LoadSnapshot(SnapshotLoad {
+                state_path: "./snapshot_file".into(),
+                mem_path: "./mem_file".into(),
+                resume: false,
+                track_dirty_pages: true,
+                vsock_override: None,
+                net_overrides: vec![]
+            })
         );
         let old = r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#;
-        assert!(matches!(s.handle(&req("PUT", "/snapshot/load", old)), Outcome::LoadSnapshot(SnapshotLoad { resume: true, .. })));
+        assert!(matches!(
+            s.handle(&req("PUT", "/snapshot/load", old)),
+            Outcome::LoadSnapshot(SnapshotLoad { resume: true, .. })
+        ));
         for bad in [
             r#"{"snapshot_path": "s"}"#,
             r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_path": "m", "backend_type": "File"}}"#,
@@ -596,7 +670,14 @@ mod tests {
         }
         let moved = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#;
         match s.handle(&req("PUT", "/snapshot/load", moved)) {
-            Outcome::LoadSnapshot(l) => assert_eq!(l.net_overrides, [crate::snapshot::NetOverride { iface_id: "eth0".into(), host_dev_name: "tap1".into(), guest_mac: None }]),
+            Outcome::LoadSnapshot(l) => assert_eq!(
+                l.net_overrides,
+                [crate::snapshot::NetOverride {
+                    iface_id: "eth0".into(),
+                    host_dev_name: "tap1".into(),
+                    guest_mac: None
+                }]
+            ),
             _ => panic!("network_overrides accepted"),
         }
         let new_mac = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1", "guest_mac": "02:00:00:00:00:12"}]}"#;
@@ -608,7 +689,10 @@ mod tests {
         assert!(fault(&reply(&mut s, "PUT", "/snapshot/load", bad_mac)).contains("network_overrides `eth0`"));
         // After configuring boot resources, or after a start, loading is refused.
         let mut configured = ApiState::default();
-        assert_eq!(reply(&mut configured, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64}"#).status, 204);
+        assert_eq!(
+            reply(&mut configured, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64}"#).status,
+            204
+        );
         assert!(fault(&reply(&mut configured, "PUT", "/snapshot/load", old)).contains("after configuring"));
         let mut running = ApiState { state: InstanceState::Running, ..ApiState::default() };
         assert!(fault(&reply(&mut running, "PUT", "/snapshot/load", old)).contains("after starting"));
@@ -623,8 +707,13 @@ mod tests {
         assert_eq!(reply(&mut s, "PUT", "/drives/data", data).status, 204);
         assert_eq!(reply(&mut s, "PUT", "/drives/rootfs", rootfs).status, 204);
         assert_eq!(reply(&mut s, "PUT", "/entropy", "{}").status, 204);
-        assert_eq!(reply(&mut s, "PUT", "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#).status, 204);
-        let Outcome::Start(c) = s.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else { panic!() };
+        assert_eq!(
+            reply(&mut s, "PUT", "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#).status,
+            204
+        );
+        let Outcome::Start(c) = s.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else {
+            panic!()
+        };
         assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(c.disks.iter().map(|d| d.id.as_deref().unwrap()).collect::<Vec<_>>(), ["rootfs", "data"]);
         assert!(c.disks[1].read_only && c.disks[1].rate_limiter.is_some() && c.rng);
@@ -635,12 +724,17 @@ mod tests {
         assert_eq!(reply(&mut n, "PUT", "/network-interfaces/eth0", eth0).status, 204);
         assert_eq!(reply(&mut n, "PUT", "/network-interfaces/eth1", eth0).status, 400, "path and body ids differ");
         assert_eq!(reply(&mut n, "PUT", "/boot-source", r#"{"kernel_image_path": "/k"}"#).status, 204);
-        let Outcome::Start(c) = n.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else { panic!() };
+        let Outcome::Start(c) = n.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else {
+            panic!()
+        };
         assert_eq!((c.nets[0].tap.as_str(), c.nets[0].mac.as_deref()), ("tap0", Some("06:00:AC:10:00:02")));
         for (path, body) in [
             ("/drives/other", rootfs),
             ("/drives/second-root", r#"{"drive_id": "second-root", "path_on_host": "/x", "is_root_device": true}"#),
-            ("/drives/x", r#"{"drive_id": "x", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"ops": {"size": 0, "refill_time": 100}}}"#),
+            (
+                "/drives/x",
+                r#"{"drive_id": "x", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"ops": {"size": 0, "refill_time": 100}}}"#,
+            ),
             ("/drives/x", r#"{"drive_id": "x", "path_on_host": "/x"}"#),
             ("/entropy", r#"{"bogus": 1}"#),
         ] {

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use super::http::{self, Response};
 use super::routes::{ApiState, InstanceState, Outcome, SnapshotLoad};
-use crate::seccomp::{Seccomp, ThreadKind};
+use super::VmConfig;
 use crate::metrics::MetricsSnapshot;
+use crate::seccomp::{Seccomp, ThreadKind};
 use crate::snapshot::SnapshotKind;
 use std::path::PathBuf;
-use super::VmConfig;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more are answered 503 and closed.
@@ -30,7 +30,11 @@ pub enum ApiError {
     #[error("API socket {0} already exists (remove it, or pick another path)")]
     SocketExists(String),
     #[error("cannot listen on API socket {path}")]
-    Bind { path: String, #[source] source: std::io::Error },
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
 }
@@ -53,7 +57,11 @@ pub enum ApiRequest {
     /// Collect the counters.
     Metrics { reply: Sender<MetricsSnapshot> },
     /// Change the log level and/or send logs to a file.
-    Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<PathBuf>, reply: Sender<Result<(), String>> },
+    Logger {
+        level: Option<tracing_subscriber::filter::LevelFilter>,
+        path: Option<PathBuf>,
+        reply: Sender<Result<(), String>>,
+    },
     /// Open the metrics file (before the start).
     MetricsFile { path: PathBuf, reply: Sender<Result<(), String>> },
     /// Append the counters to the metrics file.
@@ -232,13 +240,17 @@ fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &Vm
                     Outcome::Reply(r) => (r, None),
                     Outcome::Start(config) => start(&mut st, config, starts),
                     Outcome::SetPaused(paused) => (set_paused(&mut st, paused, starts), None),
-                    Outcome::CreateSnapshot { kind, state_path, mem_path } => (create_snapshot(kind, state_path, mem_path, starts), None),
+                    Outcome::CreateSnapshot { kind, state_path, mem_path } => {
+                        (create_snapshot(kind, state_path, mem_path, starts), None)
+                    }
                     Outcome::LoadSnapshot(load) => load_snapshot(&mut st, load, starts),
                     Outcome::Metrics { prometheus } => (metrics(prometheus, starts), None),
                     Outcome::MetricsFile(path) => (ask(starts, |reply| ApiRequest::MetricsFile { path, reply }), None),
                     Outcome::FlushMetrics => (ask(starts, |reply| ApiRequest::FlushMetrics { reply }), None),
                     Outcome::SendCtrlAltDel => (ask(starts, |reply| ApiRequest::SendCtrlAltDel { reply }), None),
-                    Outcome::Logger { level, path } => (ask(starts, |reply| ApiRequest::Logger { level, path, reply }), None),
+                    Outcome::Logger { level, path } => {
+                        (ask(starts, |reply| ApiRequest::Logger { level, path, reply }), None)
+                    }
                 };
                 drop(st);
                 tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");

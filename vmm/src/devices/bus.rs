@@ -140,10 +140,22 @@ mod tests {
     fn overlapping_or_empty_ranges_are_refused() {
         let mut bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x60, 5).unwrap();
-        assert!(matches!(bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x64, 1), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x5c, 5), Err(BusError::Overlap { .. })));
+        assert!(matches!(
+            bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x64, 1),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x5c, 5),
+            Err(BusError::Overlap { .. })
+        ));
         assert!(bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x65, 1).is_ok());
-        assert!(matches!(bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0), Err(BusError::BadRange { .. })));
-        assert!(matches!(bus.insert(Arc::new(Mutex::new(Recorder::default())), u64::MAX, 2), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x100, 0),
+            Err(BusError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(Arc::new(Mutex::new(Recorder::default())), u64::MAX, 2),
+            Err(BusError::BadRange { .. })
+        ));
     }
 }

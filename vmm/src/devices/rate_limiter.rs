@@ -41,7 +41,11 @@ impl RateLimitConfig {
             let (rate, burst) = value.split_once('+').map_or((value, None), |(r, b)| (r, Some(b)));
             let (size, ms) = rate.split_once('/').ok_or(format!("rate `{part}`: expected TOKENS/MILLISECONDS"))?;
             let num = |s: &str| s.parse::<u64>().map_err(|_| format!("rate `{part}`: `{s}` is not a number"));
-            let bucket = BucketConfig { size: num(size)?, one_time_burst: burst.map(num).transpose()?.unwrap_or(0), refill_time: num(ms)? };
+            let bucket = BucketConfig {
+                size: num(size)?,
+                one_time_burst: burst.map(num).transpose()?.unwrap_or(0),
+                refill_time: num(ms)?,
+            };
             bucket.validate()?;
             match key {
                 "bw" => c.bandwidth = Some(bucket),
@@ -74,7 +78,13 @@ struct Bucket {
 
 impl Bucket {
     fn new(c: &BucketConfig, now: Instant) -> Bucket {
-        Bucket { size: c.size, refill: Duration::from_millis(c.refill_time), tokens: c.size as f64, burst: c.one_time_burst as f64, last: now }
+        Bucket {
+            size: c.size,
+            refill: Duration::from_millis(c.refill_time),
+            tokens: c.size as f64,
+            burst: c.one_time_burst as f64,
+            last: now,
+        }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -109,7 +119,10 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(c: &RateLimitConfig) -> RateLimiter {
         let now = Instant::now();
-        RateLimiter { bandwidth: c.bandwidth.as_ref().map(|b| Bucket::new(b, now)), ops: c.ops.as_ref().map(|b| Bucket::new(b, now)) }
+        RateLimiter {
+            bandwidth: c.bandwidth.as_ref().map(|b| Bucket::new(b, now)),
+            ops: c.ops.as_ref().map(|b| Bucket::new(b, now)),
+        }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -138,7 +151,10 @@ impl RateLimiter {
 
     /// How long until `has_room` can be true, if it is not now.
     pub fn blocked_for(&self) -> Option<Duration> {
-        let mut copy = RateLimiter { bandwidth: self.bandwidth.as_ref().map(clone_bucket), ops: self.ops.as_ref().map(clone_bucket) };
+        let mut copy = RateLimiter {
+            bandwidth: self.bandwidth.as_ref().map(clone_bucket),
+            ops: self.ops.as_ref().map(clone_bucket),
+        };
         copy.refill(Instant::now());
         copy.blocked_for_now()
     }
@@ -164,7 +180,10 @@ mod tests {
 
     #[test]
     fn a_drained_bucket_blocks_until_it_refills() {
-        let c = RateLimitConfig { bandwidth: Some(BucketConfig { size: 1000, one_time_burst: 500, refill_time: 100 }), ops: None };
+        let c = RateLimitConfig {
+            bandwidth: Some(BucketConfig { size: 1000, one_time_burst: 500, refill_time: 100 }),
+            ops: None,
+        };
         let mut l = RateLimiter::new(&c);
         assert!(l.has_room());
         l.consume(1, 1500); // burst, then the whole bucket

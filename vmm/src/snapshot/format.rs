@@ -115,7 +115,10 @@ mod tests {
         v[8] = 9;
         assert_eq!(decode::<Sample>(&v).unwrap_err(), FormatError::Version { found: 9, supported: FORMAT_VERSION });
         for cut in [10, HEADER_LEN, good.len() - 1] {
-            assert!(matches!(decode::<Sample>(&good[..cut]).unwrap_err(), FormatError::Truncated { .. }), "cut at {cut}");
+            assert!(
+                matches!(decode::<Sample>(&good[..cut]).unwrap_err(), FormatError::Truncated { .. }),
+                "cut at {cut}"
+            );
         }
         let mut flipped = good.clone();
         flipped[HEADER_LEN] ^= 0x40;

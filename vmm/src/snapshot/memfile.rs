@@ -18,8 +18,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::vstate::memory::{total_size, MemoryBacking};
 
@@ -35,9 +35,17 @@ const PAGEMAP_BATCH: usize = 8192;
 #[derive(Debug, thiserror::Error)]
 pub enum MemFileError {
     #[error("cannot write memory file {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read this process's page map")]
     Pagemap(#[source] std::io::Error),
     #[error("memory files differ in size: {base} is {base_len} bytes, {diff} is {diff_len}")]
@@ -89,9 +97,20 @@ impl Staged {
             let chunk = (len - done).min(1 << 30) as usize;
             // The vCPUs are paused, and [host, host+len) lies inside one mapped guest region.
             // SAFETY: pwrite only reads that range of our own mapping.
-            let n = unsafe { libc::pwrite(self.file.as_raw_fd(), host.add(done as usize).cast(), chunk, (offset + done) as libc::off_t) };
+            let n = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    host.add(done as usize).cast(),
+                    chunk,
+                    (offset + done) as libc::off_t,
+                )
+            };
             if n <= 0 {
-                let e = if n == 0 { std::io::Error::from(std::io::ErrorKind::WriteZero) } else { std::io::Error::last_os_error() };
+                let e = if n == 0 {
+                    std::io::Error::from(std::io::ErrorKind::WriteZero)
+                } else {
+                    std::io::Error::last_os_error()
+                };
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -116,7 +135,13 @@ impl Drop for Staged {
 
 /// Calls `f(first_page, count)` for each run of pages of [host, host+len) whose pagemap entry
 /// satisfies `keep`.
-fn pagemap_runs(pagemap: &File, host: *const u8, len: u64, keep: impl Fn(u64) -> bool, mut f: impl FnMut(u64, u64) -> Result<(), MemFileError>) -> Result<(), MemFileError> {
+fn pagemap_runs(
+    pagemap: &File,
+    host: *const u8,
+    len: u64,
+    keep: impl Fn(u64) -> bool,
+    mut f: impl FnMut(u64, u64) -> Result<(), MemFileError>,
+) -> Result<(), MemFileError> {
     let pages = len / PAGE;
     let first = host as u64 / PAGE;
     let mut buf = vec![0u8; PAGEMAP_BATCH * 8];
@@ -233,7 +258,11 @@ pub fn write_diff(mem: &GuestMemoryMmap, dirty: &[Vec<u64>], path: &Path) -> Res
 /// Copies `ranges` of the diff memory file into the base memory file, in place. After this the
 /// base memory file goes with the diff's state file.
 pub fn merge_diff(base: &Path, diff: &Path, ranges: &[Range]) -> Result<(), MemFileError> {
-    let base_file = OpenOptions::new().read(true).write(true).open(base).map_err(|source| MemFileError::Read { path: base.to_owned(), source })?;
+    let base_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(base)
+        .map_err(|source| MemFileError::Read { path: base.to_owned(), source })?;
     let diff_file = File::open(diff).map_err(|source| MemFileError::Read { path: diff.to_owned(), source })?;
     let base_len = base_file.metadata().map_err(|source| MemFileError::Read { path: base.to_owned(), source })?.len();
     let diff_len = diff_file.metadata().map_err(|source| MemFileError::Read { path: diff.to_owned(), source })?.len();
@@ -251,8 +280,12 @@ pub fn merge_diff(base: &Path, diff: &Path, ranges: &[Range]) -> Result<(), MemF
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(buf.len() as u64) as usize;
-            diff_file.read_exact_at(&mut buf[..n], at).map_err(|source| MemFileError::Read { path: diff.to_owned(), source })?;
-            base_file.write_all_at(&buf[..n], at).map_err(|source| MemFileError::Write { path: base.to_owned(), source })?;
+            diff_file
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(|source| MemFileError::Read { path: diff.to_owned(), source })?;
+            base_file
+                .write_all_at(&buf[..n], at)
+                .map_err(|source| MemFileError::Write { path: base.to_owned(), source })?;
             at += n as u64;
         }
     }
@@ -289,17 +322,23 @@ mod tests {
         assert_eq!(back.read_obj::<u32>(GuestAddress(32 << 20)).unwrap(), 0);
         // The file stays sparse: far less than 64 MiB of blocks (THP may round writes up to 2 MiB).
         use std::os::unix::fs::MetadataExt;
-        assert!(f.metadata().unwrap().blocks() * 512 <= 8 << 20, "{} bytes allocated", f.metadata().unwrap().blocks() * 512);
+        assert!(
+            f.metadata().unwrap().blocks() * 512 <= 8 << 20,
+            "{} bytes allocated",
+            f.metadata().unwrap().blocks() * 512
+        );
 
         // A restored guest writes more; a full snapshot of it has the file's pages and the new ones.
         back.write_obj(0xaabb_ccddu32, GuestAddress(0x9000)).unwrap();
         let again = d.join("mem2");
-        write_full(&back, &MemoryBacking::File { path: path.clone(), file: File::open(&path).unwrap() }, &again).unwrap();
+        write_full(&back, &MemoryBacking::File { path: path.clone(), file: File::open(&path).unwrap() }, &again)
+            .unwrap();
         let third = map_guest_memory_file(64 << 20, &File::open(&again).unwrap()).unwrap();
         assert_eq!(third.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0x1122_3344);
         assert_eq!(third.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 0xaabb_ccdd);
         // Writing over the file a guest is mapped from does not change what that guest sees.
-        write_full(&third, &MemoryBacking::File { path: again.clone(), file: File::open(&again).unwrap() }, &again).unwrap();
+        write_full(&third, &MemoryBacking::File { path: again.clone(), file: File::open(&again).unwrap() }, &again)
+            .unwrap();
         assert_eq!(third.read_obj::<u32>(GuestAddress(0x9000)).unwrap(), 0xaabb_ccdd);
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 2, "no temporary files left behind");
         std::fs::remove_dir_all(&d).unwrap();

@@ -17,13 +17,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use crate::vstate::memory::GuestMemoryMmap;
+use serde::{Deserialize, Serialize};
 
 use crate::builder::{DeviceSpec, LegacyDevices, MicroVm};
-use crate::devices::virtio::mmio::TransportSaved;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{SerialConsole, SerialSaved};
+use crate::devices::virtio::mmio::TransportSaved;
 use crate::vstate::memory::{map_guest_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuState, VcpuWiring};
 use crate::vstate::vm::{Vm, VmError, VmState};
@@ -66,7 +66,10 @@ impl CpuSignature {
 
     fn from_leaves(vendor: [u32; 3], leaf1_eax: u32) -> CpuSignature {
         let bytes: Vec<u8> = vendor.iter().flat_map(|r| r.to_le_bytes()).collect();
-        CpuSignature { vendor: String::from_utf8_lossy(&bytes).into_owned(), family_model_stepping: leaf1_eax & 0x0fff_3fff }
+        CpuSignature {
+            vendor: String::from_utf8_lossy(&bytes).into_owned(),
+            family_model_stepping: leaf1_eax & 0x0fff_3fff,
+        }
     }
 
     /// The signature in a CPUID table.
@@ -112,13 +115,29 @@ pub struct SnapshotState {
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("cannot read snapshot state file {path}")]
-    ReadState { path: PathBuf, #[source] source: std::io::Error },
+    ReadState {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("snapshot state file {path}: {source}")]
-    Format { path: PathBuf, #[source] source: FormatError },
+    Format {
+        path: PathBuf,
+        #[source]
+        source: FormatError,
+    },
     #[error("cannot write snapshot state file {path}")]
-    WriteState { path: PathBuf, #[source] source: std::io::Error },
+    WriteState {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open snapshot memory file {path}")]
-    MemoryOpen { path: PathBuf, #[source] source: std::io::Error },
+    MemoryOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("snapshot memory file {path} is {have} bytes but the snapshot's guest has {want} bytes of memory")]
     MemorySize { path: PathBuf, have: u64, want: u64 },
     #[error("snapshot was taken on a {snapshot}; this host is a {host}")]
@@ -162,7 +181,13 @@ pub struct SnapshotSource<'a> {
 /// Writes a snapshot of a paused microVM: memory file first, then the state file (each under a
 /// temporary name, renamed into place), so a state file never names a memory file that is not
 /// complete.
-pub fn create(src: &SnapshotSource, vcpus: Vec<VcpuState>, kind: SnapshotKind, state_path: &Path, mem_path: &Path) -> Result<(), SnapshotError> {
+pub fn create(
+    src: &SnapshotSource,
+    vcpus: Vec<VcpuState>,
+    kind: SnapshotKind,
+    state_path: &Path,
+    mem_path: &Path,
+) -> Result<(), SnapshotError> {
     if kind == SnapshotKind::Diff && !src.machine.track_dirty_pages {
         return Err(SnapshotError::DiffWithoutTracking);
     }
@@ -202,7 +227,8 @@ pub fn create(src: &SnapshotSource, vcpus: Vec<VcpuState>, kind: SnapshotKind, s
         devices: src.devices.clone(),
         generation: src.generation,
     };
-    let bytes = format::encode(&state).map_err(|source| SnapshotError::Format { path: state_path.to_owned(), source })?;
+    let bytes =
+        format::encode(&state).map_err(|source| SnapshotError::Format { path: state_path.to_owned(), source })?;
     write_atomically(state_path, &bytes)
 }
 
@@ -226,7 +252,8 @@ pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
         return Err(SnapshotError::Format { path: path.to_owned(), source: FormatError::TooLarge(len) });
     }
     let bytes = std::fs::read(path).map_err(err)?;
-    let state: SnapshotState = format::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.to_owned(), source })?;
+    let state: SnapshotState =
+        format::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.to_owned(), source })?;
     check_consistent(&state)?;
     Ok(state)
 }
@@ -239,7 +266,10 @@ fn check_consistent(state: &SnapshotState) -> Result<(), SnapshotError> {
     }
     let want = m.mem_mib.checked_mul(1 << 20).filter(|&b| b <= crate::api::config::MAX_MEM_MIB << 20);
     if want != Some(state.memory_bytes) {
-        return Err(SnapshotError::Inconsistent(format!("{} bytes of memory for {} MiB", state.memory_bytes, m.mem_mib)));
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} bytes of memory for {} MiB",
+            state.memory_bytes, m.mem_mib
+        )));
     }
     if state.serial.in_buffer.len() > 64 {
         return Err(SnapshotError::Inconsistent("serial receive FIFO over its size".into()));
@@ -261,12 +291,17 @@ pub fn merge(diff_state: &Path, diff_mem: &Path, base_state: &Path, base_mem: &P
     }
     let base = read_state(base_state)?;
     if base.memory_bytes != state.memory_bytes || base.machine.vcpus != state.machine.vcpus {
-        return Err(SnapshotError::Inconsistent(format!("{} and {} are snapshots of different machines", diff_state.display(), base_state.display())));
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} and {} are snapshots of different machines",
+            diff_state.display(),
+            base_state.display()
+        )));
     }
     memfile::merge_diff(base_mem, diff_mem, &state.dirty)?;
     state.kind = SnapshotKind::Full;
     state.dirty.clear();
-    let bytes = format::encode(&state).map_err(|source| SnapshotError::Format { path: base_state.to_owned(), source })?;
+    let bytes =
+        format::encode(&state).map_err(|source| SnapshotError::Format { path: base_state.to_owned(), source })?;
     write_atomically(base_state, &bytes)
 }
 
@@ -315,13 +350,19 @@ pub struct VsockOverride {
 }
 
 /// Builds a microVM from a snapshot, ready to run. The guest console goes to `console`.
-pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send>, options: RestoreOptions) -> Result<MicroVm, SnapshotError> {
+pub fn restore(
+    state_path: &Path,
+    mem_path: &Path,
+    console: Box<dyn Write + Send>,
+    options: RestoreOptions,
+) -> Result<MicroVm, SnapshotError> {
     let mut state = read_state(state_path)?;
     if state.kind == SnapshotKind::Diff {
         return Err(SnapshotError::UnmergedDiff { path: state_path.to_owned() });
     }
     state.machine.track_dirty_pages |= options.track_dirty_pages;
-    let file = File::open(mem_path).map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?;
+    let file =
+        File::open(mem_path).map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?;
     let have = file.metadata().map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?.len();
     if have != state.memory_bytes {
         return Err(SnapshotError::MemorySize { path: mem_path.to_owned(), have, want: state.memory_bytes });
@@ -340,16 +381,19 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
     vm.setup_irqchip()?;
     vm.restore_state(&state.vm)?;
 
-    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio, i8042 } = crate::builder::attach_legacy(&vm, console, Some(&state.serial))?;
+    let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio, i8042 } =
+        crate::builder::attach_legacy(&vm, console, Some(&state.serial))?;
 
     let mut specs: Vec<DeviceSpec> = state.devices.iter().map(|(spec, _)| spec.clone()).collect();
     for o in &options.net_overrides {
-        let Some(DeviceSpec::Net(n)) = specs.iter_mut().find(|s| matches!(s, DeviceSpec::Net(n) if n.id == o.iface_id)) else {
+        let Some(DeviceSpec::Net(n)) = specs.iter_mut().find(|s| matches!(s, DeviceSpec::Net(n) if n.id == o.iface_id))
+        else {
             return Err(SnapshotError::Override(format!("the snapshot has no network interface `{}`", o.iface_id)));
         };
         n.tap = o.host_dev_name.clone();
         if let Some(mac) = &o.guest_mac {
-            n.mac = crate::devices::virtio::net::parse_mac(mac).map_err(|e| SnapshotError::Override(format!("network interface `{}`: {e}", o.iface_id)))?;
+            n.mac = crate::devices::virtio::net::parse_mac(mac)
+                .map_err(|e| SnapshotError::Override(format!("network interface `{}`: {e}", o.iface_id)))?;
         }
     }
     if let Some(o) = &options.vsock_override {
@@ -357,7 +401,8 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
             return Err(SnapshotError::Override("the snapshot has no vsock device".into()));
         };
         if let Some(cid) = o.guest_cid {
-            crate::devices::virtio::vsock::check_cid(cid).map_err(|e| SnapshotError::Override(format!("vsock: {e}")))?;
+            crate::devices::virtio::vsock::check_cid(cid)
+                .map_err(|e| SnapshotError::Override(format!("vsock: {e}")))?;
             v.cid = cid;
         }
         if let Some(p) = &o.uds_path {
@@ -371,7 +416,12 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
         t.restore(saved).map_err(|why| SnapshotError::Device { index, why })?;
     }
     let mmio = Arc::new(mmio);
-    let wiring = VcpuWiring { pio: pio.clone(), mmio: mmio.clone(), reset_requested: reset_requested.clone(), msr_list: Arc::new(vm.msrs_to_save()?) };
+    let wiring = VcpuWiring {
+        pio: pio.clone(),
+        mmio: mmio.clone(),
+        reset_requested: reset_requested.clone(),
+        msr_list: Arc::new(vm.msrs_to_save()?),
+    };
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, vs) in state.vcpus.iter().enumerate() {
         let mut vcpu = Vcpu::restore(&vm.fd, index as u8, vs, wiring.clone())?;
@@ -389,7 +439,12 @@ pub fn restore(state_path: &Path, mem_path: &Path, console: Box<dyn Write + Send
         crate::builder::renew_vmgenid(&mem)?;
         crate::builder::notify_vmgenid(&vm)?;
     }
-    tracing::info!(vcpus = vcpus.len(), mem_mib = state.machine.mem_mib, generation = state.generation + 1, "microvm restored");
+    tracing::info!(
+        vcpus = vcpus.len(),
+        mem_mib = state.machine.mem_mib,
+        generation = state.generation + 1,
+        "microvm restored"
+    );
     Ok(MicroVm {
         vm,
         mem,

@@ -24,7 +24,11 @@ pub enum MemoryError {
     #[error("guest memory of {0} MiB is too large for this host's address space")]
     TooLarge(u64),
     #[error("cannot map {size} bytes of guest memory")]
-    Mmap { size: u64, #[source] source: std::io::Error },
+    Mmap {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot describe guest memory region")]
     Region(#[source] vm_memory::mmap::MmapRegionError),
     #[error("guest memory regions are invalid")]
@@ -59,7 +63,14 @@ fn map_guarded(size: usize, file: Option<(std::os::fd::RawFd, u64)>) -> Result<*
     let total = size.checked_add(HUGE_PAGE + 2 * page).ok_or(MemoryError::TooLarge((size >> 20) as u64))?;
     // SAFETY: a fresh anonymous reservation; no existing mapping is affected.
     let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
     };
     if base == libc::MAP_FAILED {
         return Err(MemoryError::Mmap { size: size as u64, source: std::io::Error::last_os_error() });
@@ -75,7 +86,16 @@ fn map_guarded(size: usize, file: Option<(std::os::fd::RawFd, u64)>) -> Result<*
         }
     };
     // SAFETY: MAP_FIXED replaces only part of the reservation just made, known to nobody else.
-    let mem = unsafe { libc::mmap(base.cast::<u8>().add(offset).cast(), size, libc::PROT_READ | libc::PROT_WRITE, flags, fd, file_offset) };
+    let mem = unsafe {
+        libc::mmap(
+            base.cast::<u8>().add(offset).cast(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            file_offset,
+        )
+    };
     if mem == libc::MAP_FAILED {
         let err = std::io::Error::last_os_error();
         // The reservation made above is referenced by nothing.
@@ -162,7 +182,9 @@ mod tests {
         mem.write_obj(0xabu8, GuestAddress(0x5000)).unwrap();
         mem.write_slice(&[1u8; 8192], GuestAddress(0x10_0ff8)).unwrap();
         let dirty = take_device_dirty(&mem);
-        let pages: Vec<u64> = (0..64 * 64).filter(|p| dirty[0].get((p / 64) as usize).is_some_and(|w| w & (1 << (p % 64)) != 0)).collect();
+        let pages: Vec<u64> = (0..64 * 64)
+            .filter(|p| dirty[0].get((p / 64) as usize).is_some_and(|w| w & (1 << (p % 64)) != 0))
+            .collect();
         assert_eq!(pages, vec![5, 0x100, 0x101, 0x102]);
         assert!(take_device_dirty(&mem).iter().flatten().all(|w| *w == 0), "taken means cleared");
     }

@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
-};
-use serde::{Deserialize, Serialize};
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use crate::vstate::memory::GuestMemoryMmap;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, setup_sregs, EntryMode};
@@ -59,10 +59,16 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
 /// A command for a running vCPU; `ack` gets one message once it is done.
 #[derive(Debug)]
 pub enum VcpuCommand {
-    Pause { ack: Sender<u8> },
-    Resume { ack: Sender<u8> },
+    Pause {
+        ack: Sender<u8>,
+    },
+    Resume {
+        ack: Sender<u8>,
+    },
     /// Read the vCPU's whole state; only while paused.
-    Save { reply: Sender<Result<VcpuState, String>> },
+    Save {
+        reply: Sender<Result<VcpuState, String>>,
+    },
 }
 
 /// Everything KVM holds for one vCPU, as a snapshot keeps it.
@@ -86,7 +92,12 @@ pub struct VcpuState {
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("cannot {what} of vCPU {index}")]
-    Ioctl { what: &'static str, index: u8, #[source] source: kvm_ioctls::Error },
+    Ioctl {
+        what: &'static str,
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU {index} accepted {set} of {want} boot MSRs")]
     Msrs { index: u8, set: usize, want: usize },
     #[error("cannot build the boot MSR list")]
@@ -139,11 +150,15 @@ impl std::fmt::Display for VcpuStop {
             VcpuStop::InternalError { suberror, rip: r } if *suberror == KVM_INTERNAL_ERROR_EMULATION => {
                 write!(f, "KVM emulation failure{}", rip(r))
             }
-            VcpuStop::InternalError { suberror, rip: r } => write!(f, "KVM internal error (suberror {suberror}){}", rip(r)),
+            VcpuStop::InternalError { suberror, rip: r } => {
+                write!(f, "KVM internal error (suberror {suberror}){}", rip(r))
+            }
             VcpuStop::FailEntry { reason } => write!(f, "KVM failed to enter the guest (hardware reason {reason:#x})"),
             VcpuStop::Unhandled(what) => write!(f, "unhandled vCPU exit: {what}"),
             VcpuStop::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
-            VcpuStop::GuestPanic => f.write_str("guest kernel panicked (\"Kernel panic - not syncing\" on its console), then reset"),
+            VcpuStop::GuestPanic => {
+                f.write_str("guest kernel panicked (\"Kernel panic - not syncing\" on its console), then reset")
+            }
         }
     }
 }
@@ -220,12 +235,7 @@ impl Vcpu {
     }
 
     /// Creates vCPU `index` with the state a snapshot saved.
-    pub fn restore(
-        vm: &VmFd,
-        index: u8,
-        state: &VcpuState,
-        wiring: VcpuWiring,
-    ) -> Result<Vcpu, VcpuError> {
+    pub fn restore(vm: &VmFd, index: u8, state: &VcpuState, wiring: VcpuWiring) -> Result<Vcpu, VcpuError> {
         let io = |what| move |source| VcpuError::Ioctl { what, index, source };
         let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::MsrList)?;
@@ -263,7 +273,8 @@ impl Vcpu {
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
         let index = self.index;
-        let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("cannot read the {what} of vCPU {index}: {err}");
+        let e =
+            |what: &'static str| move |err: kvm_ioctls::Error| format!("cannot read the {what} of vCPU {index}: {err}");
         // The order is KVM's (and Firecracker's): KVM_GET_MP_STATE first, as it accepts pending
         // INIT/SIPI events and may change the registers and the LAPIC; the LAPIC before the
         // MSRs; the events (a pending interrupt or exception) last.
@@ -278,19 +289,7 @@ impl Vcpu {
         let cpuid = self.fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(e("CPUID"))?.as_slice().to_vec();
         let msrs = self.save_msrs().map_err(e("MSRs"))?;
         let events = self.fd.get_vcpu_events().map_err(e("events"))?;
-        Ok(VcpuState {
-            cpuid,
-            msrs,
-            regs,
-            sregs,
-            xsave,
-            xcrs,
-            debugregs,
-            lapic,
-            mp_state,
-            events,
-            tsc_khz,
-        })
+        Ok(VcpuState { cpuid, msrs, regs, sregs, xsave, xcrs, debugregs, lapic, mp_state, events, tsc_khz })
     }
 
     /// Reads every MSR on KVM's save list that this vCPU has; KVM stops a batch at the first
@@ -300,7 +299,8 @@ impl Vcpu {
         let mut rest: &[u32] = &self.wiring.msr_list;
         while !rest.is_empty() {
             let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
-            let entries: Vec<kvm_msr_entry> = batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let entries: Vec<kvm_msr_entry> =
+                batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
             let mut msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
             let n = self.fd.get_msrs(&mut msrs)?;
             saved.extend_from_slice(&msrs.as_slice()[..n.min(batch.len())]);

@@ -1,14 +1,14 @@
 //! The KVM VM: creation with the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, guest memory
 //! slots, and irqfds for device interrupt lines.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use serde::{Deserialize, Serialize};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
@@ -74,7 +74,8 @@ impl Vm {
     pub fn setup_irqchip(&self) -> Result<(), VmError> {
         let fd = &self.fd;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(|e| VmError::Ioctl("set the TSS address", e))?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS).map_err(|e| VmError::Ioctl("set the identity map address", e))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| VmError::Ioctl("set the identity map address", e))?;
         fd.create_irq_chip().map_err(|e| VmError::Ioctl("create the in-kernel irqchip", e))?;
         // The PC speaker port is a no-op rather than an exit to user space.
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
@@ -114,7 +115,11 @@ impl Vm {
         // KVM refuses flags it reports but does not take (e.g. KVM_CLOCK_TSC_STABLE).
         let clock = kvm_clock_data { flags: 0, ..state.clock };
         self.fd.set_clock(&clock).map_err(|e| VmError::Ioctl("restore the KVM clock", e))?;
-        for (chip, id) in [(&state.pic_master, KVM_IRQCHIP_PIC_MASTER), (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE), (&state.ioapic, KVM_IRQCHIP_IOAPIC)] {
+        for (chip, id) in [
+            (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
             let chip = kvm_irqchip { chip_id: id, ..*chip };
             self.fd.set_irqchip(&chip).map_err(|e| VmError::Ioctl("restore the irqchip", e))?;
         }
@@ -137,7 +142,9 @@ impl Vm {
     /// `track_dirty` (needed for diff snapshots; it costs a fault per first write to a page).
     pub fn register_memory(&self, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
-            let host = mem.get_host_address(region.start_addr()).map_err(|_| VmError::Capability("host address of guest memory"))?;
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|_| VmError::Capability("host address of guest memory"))?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,

@@ -90,7 +90,11 @@ pub fn read_response(s: &mut UnixStream) -> (u16, String) {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
             let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-            let len: usize = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
             if buf.len() >= end + 4 + len {
                 return (status, String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string());
             }
@@ -138,7 +142,6 @@ pub fn wait_count(lines: &std::sync::mpsc::Receiver<String>, at_least: u64) -> u
     }
     panic!("no count >= {at_least} within 30 s");
 }
-
 
 /// A guest console captured byte by byte (partial lines included), as it arrives.
 #[derive(Clone)]

@@ -23,7 +23,10 @@ pub fn kvm_available() -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    assert!(std::env::var_os("SHOAL_SKIP_KVM_TESTS").is_some(), "/dev/kvm is missing (set SHOAL_SKIP_KVM_TESTS=1 to skip KVM tests)");
+    assert!(
+        std::env::var_os("SHOAL_SKIP_KVM_TESTS").is_some(),
+        "/dev/kvm is missing (set SHOAL_SKIP_KVM_TESTS=1 to skip KVM tests)"
+    );
     false
 }
 

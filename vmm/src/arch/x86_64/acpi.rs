@@ -14,8 +14,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::vstate::memory::GuestMemoryMmap;
 
-use super::mptable::checksum;
 use super::layout::{APIC_DEFAULT_PHYS_BASE, IOAPIC_ADDR, VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use super::mptable::checksum;
 
 /// Where the RSDP goes (Linux scans 0xe0000..0x100000 for it).
 pub const RSDP_ADDR: u64 = 0xe_0000;
@@ -150,21 +150,56 @@ fn madt(vcpus: u8) -> Vec<u8> {
 /// DSDT: the devices under \_SB.
 fn dsdt(virtio_devices: usize) -> Vec<u8> {
     let mut sb = Vec::new();
-    sb.extend(device("COM1", &[name("_HID", &string("PNP0501")), name("_UID", &int(1)), name("_CRS", &resources(&[io_port(0x3f8, 8), irq_isa(4)]))].concat()));
-    sb.extend(device("PS2K", &[name("_HID", &string("PNP0303")), name("_CRS", &resources(&[io_port(0x60, 1), io_port(0x64, 1), irq_isa(1)]))].concat()));
+    sb.extend(device(
+        "COM1",
+        &[
+            name("_HID", &string("PNP0501")),
+            name("_UID", &int(1)),
+            name("_CRS", &resources(&[io_port(0x3f8, 8), irq_isa(4)])),
+        ]
+        .concat(),
+    ));
+    sb.extend(device(
+        "PS2K",
+        &[
+            name("_HID", &string("PNP0303")),
+            name("_CRS", &resources(&[io_port(0x60, 1), io_port(0x64, 1), irq_isa(1)])),
+        ]
+        .concat(),
+    ));
     for i in 0..virtio_devices {
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-        let crs = resources(&[memory32_fixed(base as u32, VIRTIO_MMIO_SIZE as u32), interrupt(VIRTIO_FIRST_IRQ + i as u32)]);
-        sb.extend(device(&format!("V{i:03}"), &[name("_HID", &string("LNRO0005")), name("_UID", &int(i as u64)), name("_CRS", &crs)].concat()));
+        let crs =
+            resources(&[memory32_fixed(base as u32, VIRTIO_MMIO_SIZE as u32), interrupt(VIRTIO_FIRST_IRQ + i as u32)]);
+        sb.extend(device(
+            &format!("V{i:03}"),
+            &[name("_HID", &string("LNRO0005")), name("_UID", &int(i as u64)), name("_CRS", &crs)].concat(),
+        ));
     }
     let addr = package(&[int(VMGENID_ADDR & 0xffff_ffff), int(VMGENID_ADDR >> 32)]);
     sb.extend(device(
         "VGEN",
-        &[name("_HID", &string("VMGENCTR")), name("_CID", &string("VM_Gen_Counter")), name("_DDN", &string("VM_Gen_Counter")), name("ADDR", &addr)].concat(),
+        &[
+            name("_HID", &string("VMGENCTR")),
+            name("_CID", &string("VM_Gen_Counter")),
+            name("_DDN", &string("VM_Gen_Counter")),
+            name("ADDR", &addr),
+        ]
+        .concat(),
     ));
     // _EVT(gsi): the generation ID changed.
-    let evt = method("_EVT", 1, &if_(&[&[0x93, 0x68][..], &int(u64::from(GED_IRQ))].concat(), &notify("\\_SB_VGEN", 0x80)));
-    sb.extend(device("GED_", &[name("_HID", &string("ACPI0013")), name("_UID", &int(0)), name("_CRS", &resources(&[interrupt(GED_IRQ)])), evt].concat()));
+    let evt =
+        method("_EVT", 1, &if_(&[&[0x93, 0x68][..], &int(u64::from(GED_IRQ))].concat(), &notify("\\_SB_VGEN", 0x80)));
+    sb.extend(device(
+        "GED_",
+        &[
+            name("_HID", &string("ACPI0013")),
+            name("_UID", &int(0)),
+            name("_CRS", &resources(&[interrupt(GED_IRQ)])),
+            evt,
+        ]
+        .concat(),
+    ));
     let mut aml = vec![0x10];
     aml.extend(pkg_length(name_path("\\_SB_").len() + sb.len()));
     aml.extend(name_path("\\_SB_"));
@@ -205,7 +240,8 @@ fn name_path(path: &str) -> Vec<u8> {
         Some(r) => (true, r),
         None => (false, path),
     };
-    let segs: Vec<[u8; 4]> = rest.as_bytes().chunks(4).map(|c| name_seg(std::str::from_utf8(c).unwrap_or("____"))).collect();
+    let segs: Vec<[u8; 4]> =
+        rest.as_bytes().chunks(4).map(|c| name_seg(std::str::from_utf8(c).unwrap_or("____"))).collect();
     let mut v = Vec::new();
     if root {
         v.push(b'\\');
@@ -365,7 +401,10 @@ mod tests {
         }
         assert!(!dsdt.windows(4).any(|w| w == b"V003"));
         // Tables that would run into the generation ID are an error, not a panic or overlap.
-        assert!(matches!(write_tables(&mem, &AcpiLayout { vcpus: 1, virtio_devices: 1000 }), Err(AcpiError::TooLarge(_))));
+        assert!(matches!(
+            write_tables(&mem, &AcpiLayout { vcpus: 1, virtio_devices: 1000 }),
+            Err(AcpiError::TooLarge(_))
+        ));
         assert_eq!(dsdt[36], 0x10);
         let scope_len = pkg_length(dsdt.len() - 37 - 1).len();
         assert_eq!(pkg_length(dsdt.len() - 37 - scope_len), dsdt[37..37 + scope_len]);

@@ -2,13 +2,13 @@
 //! (`boot_params`, 64-bit boot protocol) and the PVH `hvm_start_info`. Also where the
 //! command line and initrd go. Pure data building plus guest-memory writes; no KVM.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::GuestAddress;
-use crate::vstate::memory::GuestMemoryMmap;
 
 use super::layout::{CMDLINE_MAX_SIZE, PVH_INFO_START, PVH_MEMMAP_START, ZERO_PAGE_START};
 use super::{low_memory_end, E820Entry};
@@ -30,7 +30,9 @@ pub enum BootError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("command line contains a NUL byte")]
     CmdlineNul,
-    #[error("initrd of {size} bytes does not fit in guest memory ({room} bytes free between the kernel and {ceiling:#x})")]
+    #[error(
+        "initrd of {size} bytes does not fit in guest memory ({room} bytes free between the kernel and {ceiling:#x})"
+    )]
     InitrdTooLarge { size: u64, room: u64, ceiling: u64 },
     #[error("bzImage uses boot protocol {0:#06x}; 2.12 (0x020c) or later is needed for a 64-bit entry")]
     BzImageTooOld(u16),
@@ -162,10 +164,8 @@ pub fn write_pvh_start_info(
         .collect();
     // The module list goes right after the memory map.
     let modlist_addr = PVH_MEMMAP_START + (memmap.len() * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
-    let modules: Vec<hvm_modlist_entry> = initrd
-        .map(|(paddr, size)| hvm_modlist_entry { paddr, size, ..Default::default() })
-        .into_iter()
-        .collect();
+    let modules: Vec<hvm_modlist_entry> =
+        initrd.map(|(paddr, size)| hvm_modlist_entry { paddr, size, ..Default::default() }).into_iter().collect();
     if !modules.is_empty() {
         start_info.nr_modules = modules.len() as u32;
         start_info.modlist_paddr = modlist_addr;
@@ -219,11 +219,25 @@ mod tests {
 
     #[test]
     fn bzimage_header_is_kept_and_only_loader_fields_change() {
-        let mut hdr = setup_header { version: 0x020f, xloadflags: 0x7f, loadflags: 0x01, code32_start: 0x10_0000, cmdline_size: 2047, ..Default::default() };
+        let mut hdr = setup_header {
+            version: 0x020f,
+            xloadflags: 0x7f,
+            loadflags: 0x01,
+            code32_start: 0x10_0000,
+            cmdline_size: 2047,
+            ..Default::default()
+        };
         hdr.header = KERNEL_HDR_MAGIC;
         check_bzimage_header(&hdr).unwrap();
         let e820 = e820_map(64 << 20);
-        let params = build_boot_params(&BootInfo { setup_header: Some(hdr), cmdline_addr: CMDLINE_START, cmdline_len: 5, initrd: None, e820: &e820 }).unwrap();
+        let params = build_boot_params(&BootInfo {
+            setup_header: Some(hdr),
+            cmdline_addr: CMDLINE_START,
+            cmdline_len: 5,
+            initrd: None,
+            e820: &e820,
+        })
+        .unwrap();
         assert_eq!({ params.hdr.version }, 0x020f);
         assert_eq!({ params.hdr.loadflags }, 0x01);
         assert_eq!({ params.hdr.code32_start }, 0x10_0000);
@@ -257,7 +271,14 @@ mod tests {
     fn zero_page_and_pvh_info_land_in_guest_memory() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let e820 = e820_map(2 << 20);
-        let params = build_boot_params(&BootInfo { setup_header: None, cmdline_addr: CMDLINE_START, cmdline_len: 3, initrd: None, e820: &e820 }).unwrap();
+        let params = build_boot_params(&BootInfo {
+            setup_header: None,
+            cmdline_addr: CMDLINE_START,
+            cmdline_len: 3,
+            initrd: None,
+            e820: &e820,
+        })
+        .unwrap();
         write_boot_params(&mem, &params).unwrap();
         let magic: u32 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x202)).unwrap();
         assert_eq!(magic, KERNEL_HDR_MAGIC);

@@ -149,7 +149,13 @@ mod tests {
 
     #[test]
     fn each_vcpu_reports_its_own_apic_id_and_the_count() {
-        let base = vec![vendor_leaf(b"GenuineIntel"), entry(1, 0, 0x906ea, 0x0010_0800 | (7 << 24), ECX_MONITOR, 0), entry(0xb, 0, 1, 2, 0x100, 9), entry(0xb, 1, 4, 16, 0x201, 9), entry(0xb, 2, 0, 0, 2, 9)];
+        let base = vec![
+            vendor_leaf(b"GenuineIntel"),
+            entry(1, 0, 0x906ea, 0x0010_0800 | (7 << 24), ECX_MONITOR, 0),
+            entry(0xb, 0, 1, 2, 0x100, 9),
+            entry(0xb, 1, 4, 16, 0x201, 9),
+            entry(0xb, 2, 0, 0, 2, 9),
+        ];
         for idx in 0..4u8 {
             let mut e = base.clone();
             normalize(&mut e, idx, 4);
@@ -171,7 +177,8 @@ mod tests {
 
     #[test]
     fn single_vcpu_has_no_htt_and_pmu_is_hidden() {
-        let mut e = vec![vendor_leaf(b"GenuineIntel"), entry(1, 0, 0, 0, 0, EDX_HTT), entry(0xa, 0, 0x0703_0402, 0, 0, 0x603)];
+        let mut e =
+            vec![vendor_leaf(b"GenuineIntel"), entry(1, 0, 0, 0, 0, EDX_HTT), entry(0xa, 0, 0x0703_0402, 0, 0, 0x603)];
         normalize(&mut e, 0, 1);
         assert_eq!(find(&e, 1, 0).edx & EDX_HTT, 0);
         let pmu = find(&e, 0xa, 0);
@@ -181,7 +188,11 @@ mod tests {
     #[test]
     fn intel_cache_leaf_reports_cores_and_sharing() {
         // L1d (type 1, level 1) and L3 (type 3, level 3).
-        let mut e = vec![vendor_leaf(b"GenuineIntel"), entry(4, 0, 0x21 | (1 << 14), 0, 0, 0), entry(4, 3, 0x63 | (15 << 14), 0, 0, 0)];
+        let mut e = vec![
+            vendor_leaf(b"GenuineIntel"),
+            entry(4, 0, 0x21 | (1 << 14), 0, 0, 0),
+            entry(4, 3, 0x63 | (15 << 14), 0, 0, 0),
+        ];
         normalize(&mut e, 1, 8);
         let l1 = find(&e, 4, 0);
         let l3 = find(&e, 4, 3);
@@ -191,7 +202,12 @@ mod tests {
 
     #[test]
     fn amd_leaves_follow_the_same_topology() {
-        let mut e = vec![vendor_leaf(b"AuthenticAMD"), entry(0x8000_0001, 0, 0, 0, 0, 0), entry(0x8000_0008, 0, 0x3030, 0, 0x7007, 0), entry(0x8000_001e, 0, 0, 0, 0, 0)];
+        let mut e = vec![
+            vendor_leaf(b"AuthenticAMD"),
+            entry(0x8000_0001, 0, 0, 0, 0, 0),
+            entry(0x8000_0008, 0, 0x3030, 0, 0x7007, 0),
+            entry(0x8000_001e, 0, 0, 0, 0, 0),
+        ];
         normalize(&mut e, 2, 3);
         assert_ne!(find(&e, 0x8000_0001, 0).ecx & EXT_ECX_CMP_LEGACY, 0);
         let sizes = find(&e, 0x8000_0008, 0);

@@ -33,10 +33,7 @@ pub fn memory_regions(mem_size: u64) -> Vec<(GuestAddress, u64)> {
     if mem_size <= MMIO_GAP_START {
         vec![(GuestAddress(0), mem_size)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START),
-            (GuestAddress(MMIO_GAP_END), mem_size - MMIO_GAP_START),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), mem_size - MMIO_GAP_START)]
     }
 }
 
@@ -77,7 +74,10 @@ mod tests {
     fn large_guest_is_split_around_the_mmio_gap() {
         let gib4 = 4u64 << 30;
         let regions = memory_regions(gib4);
-        assert_eq!(regions, vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), gib4 - MMIO_GAP_START)]);
+        assert_eq!(
+            regions,
+            vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), gib4 - MMIO_GAP_START)]
+        );
         let total: u64 = regions.iter().map(|r| r.1).sum();
         assert_eq!(total, gib4, "no guest RAM is lost to the gap");
         let map = e820_map(gib4);

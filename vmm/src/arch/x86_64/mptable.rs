@@ -1,8 +1,8 @@
 //! Intel MultiProcessor Specification 1.4 table: how a guest without ACPI finds its vCPUs,
 //! its IOAPIC and its interrupt routing. Built as bytes (no packed structs), written at the EBDA.
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, EBDA_START, IOAPIC_ADDR};
 
@@ -50,7 +50,12 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
 
     let mut entries = Vec::new();
     for cpu in 0..num_cpus {
-        entries.extend_from_slice(&[ENTRY_PROCESSOR, cpu, APIC_VERSION, CPU_ENABLED | if cpu == 0 { CPU_BSP } else { 0 }]);
+        entries.extend_from_slice(&[
+            ENTRY_PROCESSOR,
+            cpu,
+            APIC_VERSION,
+            CPU_ENABLED | if cpu == 0 { CPU_BSP } else { 0 },
+        ]);
         entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
         entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
         entries.extend_from_slice(&[0; 8]);

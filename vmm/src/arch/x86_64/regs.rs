@@ -2,11 +2,14 @@
 //! come from, identity-mapped page tables and the FPU. Linux's 64-bit entry and PVH's 32-bit
 //! entry need different states; both are built here from plain data.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
-use crate::vstate::memory::GuestMemoryMmap;
 
-use super::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START, ZERO_PAGE_START};
+use super::layout::{
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START,
+    ZERO_PAGE_START,
+};
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
@@ -69,7 +72,12 @@ pub fn boot_gdt(mode: EntryMode) -> [u64; 4] {
         EntryMode::Linux64 => 0xa09b, // 64-bit code, present, granular
         EntryMode::Pvh => 0xc09b,     // 32-bit code
     };
-    [gdt_entry(0, 0, 0), gdt_entry(code_flags, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
+    [
+        gdt_entry(0, 0, 0),
+        gdt_entry(code_flags, 0, 0xfffff),
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x808b, 0, 0xfffff),
+    ]
 }
 
 /// Writes identity page tables mapping the first GiB with 2 MiB pages.
@@ -188,7 +196,10 @@ mod tests {
         let mut s = kvm_sregs::default();
         setup_sregs(&m, EntryMode::Linux64, &mut s).unwrap();
         assert_eq!(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE | X86_CR0_PG);
-        assert_eq!((s.cr3, s.cr4 & X86_CR4_PAE, s.efer & (EFER_LME | EFER_LMA)), (PML4_START, X86_CR4_PAE, EFER_LME | EFER_LMA));
+        assert_eq!(
+            (s.cr3, s.cr4 & X86_CR4_PAE, s.efer & (EFER_LME | EFER_LMA)),
+            (PML4_START, X86_CR4_PAE, EFER_LME | EFER_LMA)
+        );
         assert_eq!((s.cs.selector, s.ds.selector, s.tr.selector), (0x08, 0x10, 0x18));
         let gdt0: u64 = m.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();
         assert_eq!(gdt0, boot_gdt(EntryMode::Linux64)[1]);

@@ -110,11 +110,19 @@ impl std::fmt::Debug for SerialConsole {
 impl SerialConsole {
     /// A console writing to `out`; `panic_seen` is set when the guest prints a kernel panic.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>, panic_seen: Arc<AtomicBool>) -> Self {
-        SerialConsole { serial: Serial::new(irq, Flushing(PanicWatch::new(out, panic_seen))), errors: AtomicU64::new(0) }
+        SerialConsole {
+            serial: Serial::new(irq, Flushing(PanicWatch::new(out, panic_seen))),
+            errors: AtomicU64::new(0),
+        }
     }
 
     /// A console continuing from `saved`; an invalid state (FIFO over its size) is an error.
-    pub fn restore(irq: EventFdTrigger, out: Box<dyn Write + Send>, panic_seen: Arc<AtomicBool>, saved: &SerialSaved) -> Result<Self, String> {
+    pub fn restore(
+        irq: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+        panic_seen: Arc<AtomicBool>,
+        saved: &SerialSaved,
+    ) -> Result<Self, String> {
         let state = SerialState {
             baud_divisor_low: saved.baud_divisor_low,
             baud_divisor_high: saved.baud_divisor_high,
@@ -238,7 +246,8 @@ mod tests {
     #[test]
     fn a_kernel_panic_line_is_noticed_and_plain_output_is_not() {
         let seen = Arc::new(AtomicBool::new(false));
-        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), seen.clone());
+        let mut s =
+            SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), seen.clone());
         let mut say = |text: &[u8]| text.iter().for_each(|b| s.write(0, &[*b]));
         say(b"[    1.0] Kernel command line: panic=1\nKernel panic - not\nsyncing\n");
         assert!(!seen.load(Ordering::SeqCst), "split across lines is not a panic line");
@@ -248,21 +257,35 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_a_bad_fifo_is_refused() {
-        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default());
+        let mut s =
+            SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default());
         s.write(3, &[0x83]); // LCR with DLAB
         s.write(7, &[0x5a]); // scratch
         s.enqueue_input(b"ab");
         let saved = s.save();
         assert_eq!((saved.line_control, saved.scratch, saved.in_buffer.as_slice()), (0x83, 0x5a, &b"ab"[..]));
-        let back = SerialConsole::restore(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default(), &saved).unwrap();
+        let back = SerialConsole::restore(
+            EventFdTrigger(EventFd::new(0).unwrap()),
+            Box::new(Shared::default()),
+            Arc::default(),
+            &saved,
+        )
+        .unwrap();
         assert_eq!(back.save(), saved);
         let bad = SerialSaved { in_buffer: vec![0; 100_000], ..saved };
-        assert!(SerialConsole::restore(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default(), &bad).is_err());
+        assert!(SerialConsole::restore(
+            EventFdTrigger(EventFd::new(0).unwrap()),
+            Box::new(Shared::default()),
+            Arc::default(),
+            &bad
+        )
+        .is_err());
     }
 
     #[test]
     fn input_beyond_the_fifo_is_dropped_and_counted() {
-        let mut s = SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default());
+        let mut s =
+            SerialConsole::new(EventFdTrigger(EventFd::new(0).unwrap()), Box::new(Shared::default()), Arc::default());
         let big = vec![b'x'; 1000];
         let n = s.enqueue_input(&big);
         assert!(n < 1000);

@@ -10,8 +10,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
 use crate::vstate::memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
 
 use serde::{Deserialize, Serialize};
 
@@ -161,7 +161,11 @@ impl MmioTransport {
     /// with its queues where they were. Every value is checked as if the guest had written it.
     pub fn restore(&mut self, saved: &TransportSaved) -> Result<(), String> {
         if saved.queues.len() != self.device.queue_max_sizes().len() {
-            return Err(format!("{} queues saved for a device with {}", saved.queues.len(), self.device.queue_max_sizes().len()));
+            return Err(format!(
+                "{} queues saved for a device with {}",
+                saved.queues.len(),
+                self.device.queue_max_sizes().len()
+            ));
         }
         let mut queues = Vec::with_capacity(saved.queues.len());
         for (q, &max) in saved.queues.iter().zip(self.device.queue_max_sizes()) {
@@ -185,7 +189,9 @@ impl MmioTransport {
             if queues.iter().any(|q| !q.is_valid(&self.mem)) {
                 return Err("a saved queue lies outside guest memory".into());
             }
-            self.device.activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features).map_err(|e| e.to_string())?;
+            self.device
+                .activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features)
+                .map_err(|e| e.to_string())?;
             self.activated = true;
         } else {
             self.queues = queues;
@@ -274,7 +280,11 @@ impl MmioTransport {
     fn activate(&mut self) {
         for (i, q) in self.queues.iter().enumerate() {
             if !q.ready() || !q.is_valid(&self.mem) {
-                crate::guest_warn!(queue = i, device = self.device.device_type(), "virtio queue not valid at DRIVER_OK");
+                crate::guest_warn!(
+                    queue = i,
+                    device = self.device.device_type(),
+                    "virtio queue not valid at DRIVER_OK"
+                );
                 self.status |= STATUS_NEEDS_RESET;
                 return;
             }
@@ -317,7 +327,10 @@ impl MmioTransport {
                 let offered = self.device.features();
                 match self.driver_features_select {
                     // Features the device does not offer are dropped.
-                    0 => self.acked_features = (self.acked_features & !0xffff_ffff) | (u64::from(v) & offered & 0xffff_ffff),
+                    0 => {
+                        self.acked_features =
+                            (self.acked_features & !0xffff_ffff) | (u64::from(v) & offered & 0xffff_ffff)
+                    }
                     1 => self.acked_features = (self.acked_features & 0xffff_ffff) | ((u64::from(v) << 32) & offered),
                     _ => {}
                 }
@@ -381,9 +394,9 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::INT_USED_RING;
     use crate::devices::virtio::rng::VirtioRng;
     use crate::devices::virtio::testing::{memory, TestQueue};
+    use crate::devices::virtio::INT_USED_RING;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn rd(t: &mut MmioTransport, off: u64) -> u32 {

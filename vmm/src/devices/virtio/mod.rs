@@ -14,14 +14,14 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-pub mod vsock;
 #[cfg(test)]
 pub mod testing;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use virtio_queue::Queue;
 use crate::vstate::memory::GuestMemoryMmap;
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device IDs (virtio 1.2, 5).
@@ -129,7 +129,13 @@ pub trait VirtioDevice: Send {
     /// Writes to config space; ignored unless the device has writable fields.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// The driver set DRIVER_OK: the device takes its queues and starts working.
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: std::sync::Arc<IrqLine>, acked_features: u64) -> Result<(), ActivateError>;
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        irq: std::sync::Arc<IrqLine>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
     /// Queue `index` was notified: process what the driver made available.
     fn process_queue(&mut self, index: usize);
     /// The driver reset the device: drop the queues. Returns false if it cannot be reset.

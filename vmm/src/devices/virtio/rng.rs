@@ -6,9 +6,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
-use crate::vstate::memory::GuestMemoryMmap;
 
 use crate::devices::rate_limiter::RateLimiter;
 
@@ -105,7 +105,13 @@ impl VirtioDevice for VirtioRng {
         data.fill(0);
     }
 
-    fn activate(&mut self, mem: GuestMemoryMmap, mut queues: Vec<Queue>, irq: Arc<IrqLine>, _acked: u64) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        irq: Arc<IrqLine>,
+        _acked: u64,
+    ) -> Result<(), ActivateError> {
         let queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
         self.active = Some(Active { mem, queue, irq });
         Ok(())
@@ -227,7 +233,10 @@ mod tests {
         let mem = memory();
         let q = TestQueue::new(&mem, 0x1000, 16);
         // 32 bytes per minute: the first request overdraws the bucket, the next waits.
-        let limit = RateLimitConfig { bandwidth: Some(BucketConfig { size: 32, one_time_burst: 0, refill_time: 60_000 }), ops: None };
+        let limit = RateLimitConfig {
+            bandwidth: Some(BucketConfig { size: 32, one_time_burst: 0, refill_time: 60_000 }),
+            ops: None,
+        };
         let mut dev = VirtioRng::with_entropy(Box::new(Pattern)).with_limiter(Some(RateLimiter::new(&limit)));
         let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         dev.activate(mem.clone(), vec![q.queue(QUEUE_SIZE)], irq, VIRTIO_F_VERSION_1).unwrap();

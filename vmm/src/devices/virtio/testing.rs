@@ -3,8 +3,8 @@
 
 use std::cell::Cell;
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;

@@ -121,14 +121,20 @@ impl DiskBackend for MemDisk {
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let src = start.checked_add(buf.len()).and_then(|end| self.data.get(start..end)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| self.data.get(start..end))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
         buf.copy_from_slice(src);
         Ok(())
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let dst = start.checked_add(buf.len()).and_then(|end| self.data.get_mut(start..end)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let dst = start
+            .checked_add(buf.len())
+            .and_then(|end| self.data.get_mut(start..end))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
         dst.copy_from_slice(buf);
         Ok(())
     }
@@ -145,7 +151,10 @@ impl DiskBackend for MemDisk {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
         let len = usize::try_from(len).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let dst = start.checked_add(len).and_then(|end| self.data.get_mut(start..end)).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let dst = start
+            .checked_add(len)
+            .and_then(|end| self.data.get_mut(start..end))
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
         dst.fill(0);
         Ok(())
     }
@@ -198,7 +207,12 @@ fn range(sector: u64, bytes: u64, disk_len: u64) -> Option<u64> {
 }
 
 /// Executes one request chain against `disk`.
-pub fn handle_chain<M>(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<M>, disk: &mut dyn DiskBackend, info: &DiskInfo) -> Outcome
+pub fn handle_chain<M>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    disk: &mut dyn DiskBackend,
+    info: &DiskInfo,
+) -> Outcome
 where
     M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
 {
@@ -292,10 +306,13 @@ fn execute<B: vm_memory::bitmap::BitmapSlice>(
                 ranges.push((offset, bytes));
             }
             for (offset, bytes) in ranges {
-                let r = if h.kind == T_DISCARD { disk.discard(offset, bytes) } else { disk.write_zeroes(offset, bytes) };
+                let r =
+                    if h.kind == T_DISCARD { disk.discard(offset, bytes) } else { disk.write_zeroes(offset, bytes) };
                 match r {
                     Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Unsupported && h.kind == T_DISCARD => return (S_UNSUPP, 0),
+                    Err(e) if e.kind() == std::io::ErrorKind::Unsupported && h.kind == T_DISCARD => {
+                        return (S_UNSUPP, 0)
+                    }
                     Err(_) => return (S_IOERR, 0),
                 }
             }

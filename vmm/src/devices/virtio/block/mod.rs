@@ -8,8 +8,8 @@ pub mod handler;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
 use crate::vstate::memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
 
 use super::{read_config_bytes, ActivateError, DeviceCounters, IrqLine, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::RateLimiter;
@@ -41,7 +41,10 @@ pub struct VirtioBlock {
 
 impl std::fmt::Debug for VirtioBlock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtioBlock").field("read_only", &self.info.read_only).field("counters", &self.counters).finish()
+        f.debug_struct("VirtioBlock")
+            .field("read_only", &self.info.read_only)
+            .field("counters", &self.counters)
+            .finish()
     }
 }
 
@@ -66,7 +69,14 @@ impl VirtioBlock {
         c.extend_from_slice(&u32::MAX.to_le_bytes()); // max_write_zeroes_sectors
         c.extend_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
         c.extend_from_slice(&[1, 0, 0, 0]); // write_zeroes_may_unmap
-        VirtioBlock { disk, info: DiskInfo { read_only, id: serial }, config: c, active: None, counters: DeviceCounters::default(), limiter }
+        VirtioBlock {
+            disk,
+            info: DiskInfo { read_only, id: serial },
+            config: c,
+            active: None,
+            counters: DeviceCounters::default(),
+            limiter,
+        }
     }
 
     /// When the rate limiter holds requests back: how long until it has room again.
@@ -97,7 +107,13 @@ impl VirtioDevice for VirtioBlock {
         read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, mem: GuestMemoryMmap, mut queues: Vec<Queue>, irq: Arc<IrqLine>, _acked: u64) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        irq: Arc<IrqLine>,
+        _acked: u64,
+    ) -> Result<(), ActivateError> {
         let queue = queues.pop().ok_or(ActivateError::BadQueue(0))?;
         self.active = Some(Active { mem, queue, irq });
         Ok(())
@@ -122,7 +138,8 @@ impl VirtioDevice for VirtioBlock {
             }
             let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else { break };
             let head = chain.head_index();
-            let Outcome { used_len, status, bytes } = handler::handle_chain(&a.mem, chain, self.disk.as_mut(), &self.info);
+            let Outcome { used_len, status, bytes } =
+                handler::handle_chain(&a.mem, chain, self.disk.as_mut(), &self.info);
             if let Some(l) = self.limiter.as_mut() {
                 l.consume(1, bytes);
             }
@@ -247,7 +264,11 @@ mod tests {
         dev.process_queue(0);
         let mut b = vec![0u8; 4 * 512];
         mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
-        assert!(b[..512].iter().all(|&x| x == 0xee) && b[512..1536].iter().all(|&x| x == 0) && b[1536..].iter().all(|&x| x == 0xee));
+        assert!(
+            b[..512].iter().all(|&x| x == 0xee)
+                && b[512..1536].iter().all(|&x| x == 0)
+                && b[1536..].iter().all(|&x| x == 0xee)
+        );
         header(&mem, 99, 0);
         q.add_chain(&mem, &[(HDR, 16, false), (STATUS, 1, true)]);
         dev.process_queue(0);

@@ -11,12 +11,14 @@ pub mod tap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
 use crate::vstate::memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
 
 use crate::devices::rate_limiter::RateLimiter;
 
-use super::{read_config_bytes, ActivateError, ActiveQueues, DeviceCounters, IrqLine, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, ActivateError, ActiveQueues, DeviceCounters, IrqLine, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
+};
 use tap::{NetBackend, VNET_HDR_LEN};
 
 const QUEUE_SIZE: u16 = 256;
@@ -81,7 +83,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
         return Err(format!("MAC `{text}` is not six hex bytes separated by colons"));
     }
     for (i, p) in parts.iter().enumerate() {
-        mac[i] = u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2).ok_or(format!("MAC `{text}`: `{p}` is not a hex byte"))?;
+        mac[i] = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or(format!("MAC `{text}`: `{p}` is not a hex byte"))?;
     }
     if mac[0] & 1 == 1 {
         return Err(format!("MAC `{text}` is a multicast address"));
@@ -91,7 +96,16 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 
 impl VirtioNet {
     pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> VirtioNet {
-        VirtioNet { backend, mac, active: None, pending: None, buf: vec![0; MAX_FRAME], counters: DeviceCounters::default(), rx_limiter: None, tx_limiter: None }
+        VirtioNet {
+            backend,
+            mac,
+            active: None,
+            pending: None,
+            buf: vec![0; MAX_FRAME],
+            counters: DeviceCounters::default(),
+            rx_limiter: None,
+            tx_limiter: None,
+        }
     }
 
     /// Holds frames to the limiters' rates: `rx` into the guest, `tx` out of it.
@@ -242,7 +256,13 @@ impl VirtioDevice for VirtioNet {
         read_config_bytes(&config, offset, data);
     }
 
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>, acked: u64) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        irq: Arc<IrqLine>,
+        acked: u64,
+    ) -> Result<(), ActivateError> {
         if queues.len() != 2 {
             return Err(ActivateError::BadQueue(queues.len()));
         }
@@ -345,7 +365,13 @@ mod tests {
         let mut dev = VirtioNet::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
         let (rxq, txq) = (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16));
         let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        dev.activate(mem.clone(), vec![queue(&rxq), queue(&txq)], irq, VIRTIO_F_VERSION_1 | F_GUEST_CSUM | F_GUEST_TSO4).unwrap();
+        dev.activate(
+            mem.clone(),
+            vec![queue(&rxq), queue(&txq)],
+            irq,
+            VIRTIO_F_VERSION_1 | F_GUEST_CSUM | F_GUEST_TSO4,
+        )
+        .unwrap();
         assert_eq!(*wire.offloads.lock().unwrap(), Some(tap::TUN_F_CSUM | tap::TUN_F_TSO4));
     }
 
@@ -384,7 +410,13 @@ mod tests {
         // Transmit: header and frame reach the wire unchanged.
         let out = frame(b"from-guest");
         mem.write_slice(&out, GuestAddress(0x20000)).unwrap();
-        txq.add_chain(&mem, &[(0x20000, VNET_HDR_LEN as u32, false), (0x20000 + VNET_HDR_LEN as u64, (out.len() - VNET_HDR_LEN) as u32, false)]);
+        txq.add_chain(
+            &mem,
+            &[
+                (0x20000, VNET_HDR_LEN as u32, false),
+                (0x20000 + VNET_HDR_LEN as u64, (out.len() - VNET_HDR_LEN) as u32, false),
+            ],
+        );
         dev.process_queue(TX);
         assert_eq!(wire.from_guest.lock().unwrap().as_slice(), &[out]);
     }
@@ -393,11 +425,15 @@ mod tests {
     fn rate_limiters_hold_frames_back_in_each_direction() {
         use crate::devices::rate_limiter::{BucketConfig, RateLimitConfig};
         // 10 bytes per minute each way: the first frame overdraws the bucket, the next waits.
-        let one = RateLimitConfig { bandwidth: Some(BucketConfig { size: 10, one_time_burst: 0, refill_time: 60_000 }), ops: None };
+        let one = RateLimitConfig {
+            bandwidth: Some(BucketConfig { size: 10, one_time_burst: 0, refill_time: 60_000 }),
+            ops: None,
+        };
         let mem = memory();
         let (rxq, txq) = (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16));
         let wire = Wire::default();
-        let mut dev = VirtioNet::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]).with_limiters(Some(RateLimiter::new(&one)), Some(RateLimiter::new(&one)));
+        let mut dev = VirtioNet::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1])
+            .with_limiters(Some(RateLimiter::new(&one)), Some(RateLimiter::new(&one)));
         let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         dev.activate(mem.clone(), vec![queue(&rxq), queue(&txq)], irq, VIRTIO_F_VERSION_1).unwrap();
         let out = frame(b"out");

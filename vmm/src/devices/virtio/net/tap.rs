@@ -44,12 +44,20 @@ impl Tap {
         }
         // Asked of the kernel, not of /sys: a jailed VMM has no /sys, and the tap lives in the
         // VMM's network namespace, which may not be the one /sys shows.
-        let c_name = std::ffi::CString::new(name).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid tap name `{name}`")))?;
+        let c_name = std::ffi::CString::new(name)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid tap name `{name}`")))?;
         // SAFETY: c_name is a NUL-terminated string.
         if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("tap {name} does not exist (shoal-vmm opens taps, it does not create them)")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("tap {name} does not exist (shoal-vmm opens taps, it does not create them)"),
+            ));
         }
-        let file = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open("/dev/net/tun")?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
         // struct ifreq: the name (16 bytes), then the flags (a short), padded to 40 bytes.
         let mut ifr = [0u8; 40];
         ifr[..name.len()].copy_from_slice(name.as_bytes());

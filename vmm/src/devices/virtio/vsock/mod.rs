@@ -31,11 +31,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use crate::vstate::memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{read_config_bytes, ActivateError, ActiveQueues, DeviceCounters, IrqLine, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, ActivateError, ActiveQueues, DeviceCounters, IrqLine, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
+};
 use packet::*;
 
 const QUEUE_SIZE: u16 = 256;
@@ -104,7 +107,18 @@ struct Conn {
 
 impl Conn {
     fn new(stream: UnixStream, token: u64, state: State) -> Conn {
-        Conn { stream, token, state, peer_buf_alloc: 0, peer_fwd_cnt: 0, tx_cnt: 0, fwd_cnt: 0, fwd_cnt_told: 0, to_host: VecDeque::new(), readable: false }
+        Conn {
+            stream,
+            token,
+            state,
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: 0,
+            tx_cnt: 0,
+            fwd_cnt: 0,
+            fwd_cnt_told: 0,
+            to_host: VecDeque::new(),
+            readable: false,
+        }
     }
 
     /// How many bytes the guest can take now.
@@ -134,7 +148,10 @@ impl Conn {
 /// What an epoll token stands for.
 enum Token {
     /// A host connection still sending its `CONNECT <port>\n` line.
-    Pending { stream: UnixStream, line: Vec<u8> },
+    Pending {
+        stream: UnixStream,
+        line: Vec<u8>,
+    },
     Conn(Key),
 }
 
@@ -159,7 +176,11 @@ pub struct VirtioVsock {
 
 impl std::fmt::Debug for VirtioVsock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtioVsock").field("cid", &self.cid).field("uds_path", &self.uds_path).field("streams", &self.conns.len()).finish()
+        f.debug_struct("VirtioVsock")
+            .field("cid", &self.cid)
+            .field("uds_path", &self.uds_path)
+            .field("streams", &self.conns.len())
+            .finish()
     }
 }
 
@@ -178,7 +199,13 @@ impl VirtioVsock {
         let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
-        epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, LISTENER_TOKEN)).map_err(VsockError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, LISTENER_TOKEN),
+            )
+            .map_err(VsockError::Epoll)?;
         Ok(VirtioVsock {
             cid,
             uds_path: uds_path.to_path_buf(),
@@ -227,7 +254,18 @@ impl VirtioVsock {
             c.fwd_cnt_told = c.fwd_cnt;
             c.fwd_cnt
         });
-        Header { src_cid: HOST_CID, dst_cid: self.cid, src_port: key.0, dst_port: key.1, len, kind: TYPE_STREAM, op, flags, buf_alloc: CONN_BUF, fwd_cnt }
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: CONN_BUF,
+            fwd_cnt,
+        }
     }
 
     fn send_control(&mut self, key: Key, op: u16, flags: u32) {
@@ -242,7 +280,15 @@ impl VirtioVsock {
             self.tokens.remove(&c.token);
         }
         if rst {
-            self.control.push_back(Header { src_cid: HOST_CID, dst_cid: self.cid, src_port: key.0, dst_port: key.1, kind: TYPE_STREAM, op: OP_RST, ..Header::default() });
+            self.control.push_back(Header {
+                src_cid: HOST_CID,
+                dst_cid: self.cid,
+                src_port: key.0,
+                dst_port: key.1,
+                kind: TYPE_STREAM,
+                op: OP_RST,
+                ..Header::default()
+            });
         }
     }
 
@@ -425,7 +471,9 @@ impl VirtioVsock {
                     Some(Token::Pending { .. }) => self.read_connect_line(token),
                     Some(&Token::Conn(key)) => {
                         if let Some(c) = self.conns.get_mut(&key) {
-                            if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+                            if set
+                                .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+                            {
                                 c.readable = true;
                             }
                         }
@@ -550,7 +598,8 @@ impl VirtioVsock {
 
     fn fill_rx(&mut self, a: &mut ActiveQueues) -> bool {
         let mut used_any = false;
-        let mut keys: Vec<Key> = self.conns.iter().filter(|(_, c)| c.readable && c.state == State::Established).map(|(k, _)| *k).collect();
+        let mut keys: Vec<Key> =
+            self.conns.iter().filter(|(_, c)| c.readable && c.state == State::Established).map(|(k, _)| *k).collect();
         keys.sort_unstable();
         let mut next = 0;
         while let Some(chain) = a.queues[RX].pop_descriptor_chain(&a.mem) {
@@ -659,7 +708,13 @@ impl VirtioDevice for VirtioVsock {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, irq: Arc<IrqLine>, _acked: u64) -> Result<(), ActivateError> {
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        irq: Arc<IrqLine>,
+        _acked: u64,
+    ) -> Result<(), ActivateError> {
         if queues.len() != 3 {
             return Err(ActivateError::BadQueue(queues.len()));
         }

@@ -77,7 +77,18 @@ mod tests {
 
     #[test]
     fn header_round_trips_in_the_virtio_layout() {
-        let h = Header { src_cid: 3, dst_cid: 2, src_port: 1024, dst_port: 52, len: 5, kind: TYPE_STREAM, op: OP_RW, flags: 0, buf_alloc: 4096, fwd_cnt: 7 };
+        let h = Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 1024,
+            dst_port: 52,
+            len: 5,
+            kind: TYPE_STREAM,
+            op: OP_RW,
+            flags: 0,
+            buf_alloc: 4096,
+            fwd_cnt: 7,
+        };
         let b = h.bytes();
         assert_eq!(&b[0..8], &3u64.to_le_bytes());
         assert_eq!(&b[30..32], &OP_RW.to_le_bytes());

@@ -25,11 +25,28 @@ impl Guest {
     fn new() -> Guest {
         let dir = tempfile::tempdir().unwrap();
         let mem = memory();
-        let (rxq, txq, evq) = (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16), TestQueue::new(&mem, 0x7000, 16));
+        let (rxq, txq, evq) =
+            (TestQueue::new(&mem, 0x1000, 16), TestQueue::new(&mem, 0x4000, 16), TestQueue::new(&mem, 0x7000, 16));
         let mut dev = VirtioVsock::new(CID, &dir.path().join("v.sock")).unwrap();
         let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        dev.activate(mem.clone(), vec![rxq.queue(QUEUE_SIZE), txq.queue(QUEUE_SIZE), evq.queue(QUEUE_SIZE)], irq, VIRTIO_F_VERSION_1).unwrap();
-        Guest { mem, rxq, txq, evq, dev, dir, rx_seen: Cell::new(0), next_rx_buf: Cell::new(0), next_tx_buf: Cell::new(0) }
+        dev.activate(
+            mem.clone(),
+            vec![rxq.queue(QUEUE_SIZE), txq.queue(QUEUE_SIZE), evq.queue(QUEUE_SIZE)],
+            irq,
+            VIRTIO_F_VERSION_1,
+        )
+        .unwrap();
+        Guest {
+            mem,
+            rxq,
+            txq,
+            evq,
+            dev,
+            dir,
+            rx_seen: Cell::new(0),
+            next_rx_buf: Cell::new(0),
+            next_tx_buf: Cell::new(0),
+        }
     }
 
     fn path(&self, suffix: &str) -> PathBuf {
@@ -82,7 +99,18 @@ impl Guest {
     }
 
     fn packet(&self, src_port: u32, dst_port: u32, op: u16, len: u32) -> Header {
-        Header { src_cid: CID, dst_cid: HOST_CID, src_port, dst_port, len, kind: TYPE_STREAM, op, flags: 0, buf_alloc: 65536, fwd_cnt: 0 }
+        Header {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
     }
 
     /// Lets the device see host socket activity (the event loop's job).
@@ -113,7 +141,10 @@ fn a_host_program_connects_to_a_guest_port_and_both_sides_talk() {
     let got = g.received();
     assert_eq!(got.len(), 1);
     let req = got[0].0;
-    assert_eq!((req.op, req.src_cid, req.dst_cid, req.dst_port, req.src_port), (OP_REQUEST, HOST_CID, CID, 52, FIRST_LOCAL_PORT));
+    assert_eq!(
+        (req.op, req.src_cid, req.dst_cid, req.dst_port, req.src_port),
+        (OP_REQUEST, HOST_CID, CID, 52, FIRST_LOCAL_PORT)
+    );
     // The guest accepts: the host program is told the local port.
     g.send(g.packet(52, FIRST_LOCAL_PORT, OP_RESPONSE, 0), b"");
     assert_eq!(read_exactly(&mut host, 14), format!("OK {FIRST_LOCAL_PORT}\n").as_bytes());
@@ -129,7 +160,10 @@ fn a_host_program_connects_to_a_guest_port_and_both_sides_talk() {
     drop(host);
     g.poll();
     let got = g.received();
-    assert_eq!(got.iter().map(|p| (p.0.op, p.0.flags)).collect::<Vec<_>>(), [(OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)]);
+    assert_eq!(
+        got.iter().map(|p| (p.0.op, p.0.flags)).collect::<Vec<_>>(),
+        [(OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)]
+    );
     g.send(g.packet(52, FIRST_LOCAL_PORT, OP_RST, 0), b"");
     assert_eq!(g.dev.streams(), 0);
     assert_eq!(g.errors(), 0);
@@ -142,7 +176,10 @@ fn a_guest_connects_to_a_host_listener_on_uds_path_port() {
     let listener = UnixListener::bind(g.path("_1234")).unwrap();
     g.send(g.packet(5000, 1234, OP_REQUEST, 0), b"");
     let (mut host, _) = listener.accept().unwrap();
-    assert_eq!(g.received().iter().map(|p| (p.0.op, p.0.src_port, p.0.dst_port)).collect::<Vec<_>>(), [(OP_RESPONSE, 1234, 5000)]);
+    assert_eq!(
+        g.received().iter().map(|p| (p.0.op, p.0.src_port, p.0.dst_port)).collect::<Vec<_>>(),
+        [(OP_RESPONSE, 1234, 5000)]
+    );
     g.send(g.packet(5000, 1234, OP_RW, 5), b"hello");
     assert_eq!(read_exactly(&mut host, 5), b"hello");
     host.write_all(b"world").unwrap();
@@ -199,7 +236,10 @@ fn hostile_packets_are_dropped_or_reset_and_counted() {
     g.send(Header { kind: 2, ..g.packet(1, 7, OP_REQUEST, 0) }, b"");
     g.send(g.packet(2, 7, 42, 0), b"");
     g.send(g.packet(3, 7, OP_RW, 2), b"hi");
-    assert_eq!(g.received().iter().map(|p| (p.0.op, p.0.dst_port)).collect::<Vec<_>>(), [(OP_RST, 1), (OP_RST, 2), (OP_RST, 3)]);
+    assert_eq!(
+        g.received().iter().map(|p| (p.0.op, p.0.dst_port)).collect::<Vec<_>>(),
+        [(OP_RST, 1), (OP_RST, 2), (OP_RST, 3)]
+    );
     // A header that claims more payload than the chain has, one over the limit, a chain
     // shorter than a header, one outside guest memory: dropped, counted.
     let before = g.errors();
@@ -243,7 +283,11 @@ fn bad_connect_lines_close_the_host_connection() {
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         // Closed: EOF, or a reset where the device left part of the line unread.
         let r = host.read_to_end(&mut rest);
-        assert!(matches!(&r, Ok(0)) || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "{:?}: {r:?}", String::from_utf8_lossy(line));
+        assert!(
+            matches!(&r, Ok(0)) || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{:?}: {r:?}",
+            String::from_utf8_lossy(line)
+        );
     }
     assert!(g.received().is_empty(), "the guest was asked nothing");
     assert_eq!(g.errors(), 5);
