@@ -1,9 +1,6 @@
 //! `shoal-node`: the Shoal host agent. `shoal-node agent` runs the cluster agent as an ordinary
 //! process (development, tests, and under the host image's PID 1).
 
-mod api;
-mod cluster;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,10 +9,16 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
-use cluster::agent::AgentConfig;
-use cluster::gossip::{GossipTiming, Resources};
-use cluster::raft_node::RaftTiming;
-use cluster::secret::ClusterSecret;
+use shoal_node::cluster::agent::AgentConfig;
+use shoal_node::cluster::gossip::GossipTiming;
+use shoal_node::cluster::raft_node::RaftTiming;
+use shoal_node::cluster::secret::ClusterSecret;
+use shoal_node::images::ImageStore;
+use shoal_node::local::LocalNode;
+use shoal_node::state::objects::Resources;
+use shoal_node::supervisor::{self, SupervisorConfig};
+use shoal_node::{api, cluster, leader};
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(name = "shoal-node", version, about = "Shoal host agent: gossip membership, Raft-replicated state, HTTP API")]
@@ -28,6 +31,22 @@ struct Cli {
 enum Command {
     /// Run the cluster agent.
     Agent(AgentArgs),
+    /// (Internal) Detach and supervise one shoal-vmm for the agent: `shim --dir DIR --vmm PATH -- ARGS`.
+    #[command(hide = true)]
+    Shim(ShimArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ShimArgs {
+    /// The instance directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The shoal-vmm binary.
+    #[arg(long)]
+    vmm: PathBuf,
+    /// shoal-vmm's arguments.
+    #[arg(last = true)]
+    args: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,6 +91,21 @@ struct AgentArgs {
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     gossip_interval_ms: u64,
+    /// The shoal-vmm binary that runs this node's microVMs (default: the one beside shoal-node,
+    /// else `shoal-vmm` on PATH).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+}
+
+/// shoal-vmm beside this program, else on PATH.
+fn default_vmm() -> PathBuf {
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("shoal-vmm")));
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return p;
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|d| d.join("shoal-vmm")).find(|p| p.is_file()))
+        .unwrap_or_else(|| PathBuf::from("shoal-vmm"))
 }
 
 fn parse_kv(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -200,11 +234,24 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             ..GossipTiming::default()
         },
     };
+    let vmm = args.vmm.clone().unwrap_or_else(default_vmm);
+    let shim_exe = std::env::current_exe().context("finding this program (it runs the shims)")?;
+    let images = ImageStore::open(&args.data_dir.join("images")).context("opening the image store")?;
+    let peer_token = config.secret.peer_token();
     let http = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the API on {}", config.listen))?;
     let (agent, _gossip) = cluster::agent::start(config).await?;
-    let app = api::router(agent.clone());
+    let node = Arc::new(LocalNode {
+        agent: agent.clone(),
+        images,
+        instances_dir: args.data_dir.join("instances"),
+        metrics: Default::default(),
+        peer_token,
+    });
+    tokio::spawn(supervisor::run(node.clone(), SupervisorConfig { vmm, shim_exe }));
+    tokio::spawn(leader::run(node.clone()));
+    let app = api::router(node);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = axum::serve(http, app) => r.context("API server")?,
@@ -216,8 +263,12 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
     let cli = Cli::parse();
+    if let Command::Shim(args) = &cli.command {
+        // Before any thread exists: the shim forks.
+        std::process::exit(supervisor::shim::run(&args.dir, &args.vmm, &args.args));
+    }
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -227,6 +278,7 @@ fn main() {
     };
     let result = match cli.command {
         Command::Agent(args) => rt.block_on(agent(args)),
+        Command::Shim(_) => Ok(()),
     };
     if let Err(e) = result {
         eprintln!("shoal-node: {e:#}");

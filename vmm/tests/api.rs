@@ -197,6 +197,44 @@ fn send_ctrl_alt_del_reaches_the_guest_keyboard() {
     wait_count(&lines, after + 1);
 }
 
+/// The workload probe (what the cluster tests deploy) stops cleanly on Ctrl+Alt+Del, as a Linux
+/// guest reboots: the node supervisor's stop is exactly this request, and the VMM exits 0.
+#[test]
+fn the_workload_probe_prints_its_command_line_and_stops_on_ctrl_alt_del() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = Vmm::start("wl");
+    let lines = stdout_lines(&mut vm.child);
+    let mut s = vm.connect();
+    let boot = format!(r#"{{"kernel_image_path": "{}", "boot_args": "app=web"}}"#, probe("workload").display());
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !seen.iter().any(|l: &String| l == "tick=2") && std::time::Instant::now() < deadline {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(500)) {
+            seen.push(line.trim().to_string());
+        }
+    }
+    assert!(seen.iter().any(|l| l == "SHOAL-PROBE workload: start cmdline=app=web"), "{seen:?}");
+    assert!(seen.iter().any(|l| l == "tick=2"), "{seen:?}");
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#), (204, String::new()));
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = vm.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the VMM did not exit after Ctrl+Alt+Del");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Every line up to the end of its stdout (the reader ends when the VMM closes it).
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(rest.iter().any(|l| l.trim() == "SHOAL-PROBE workload: stopping"), "{rest:?}");
+    assert_eq!(status.code(), Some(0));
+}
+
 /// Firecracker's snapshot guide, request for request (its relative paths, resolved in the
 /// VMM's working directory): pause, create a full snapshot, resume, stop; a second VMM loads
 /// the snapshot paused, resumes, and the guest's counter carries on from the snapshot.

@@ -1,8 +1,17 @@
-//! The node's HTTP API (any node answers): cluster status, the keyed store, and a watch stream of
-//! committed changes (server-sent events). Every `/v1/` request needs `Authorization: Bearer
-//! <token>`. Errors are JSON `{"error": "..."}` with a status a client can act on: 401 bad token,
-//! 404 missing key, 409 failed condition, 410 compacted watch revision, 503 no quorum or outcome
-//! unknown (retry).
+//! The node's HTTP API (any node answers; writes go through the leader, reads are linearizable
+//! unless `?stale=true`): cluster status and settings, the keyed store and its watch stream, and
+//! the workload objects (tenants, images, deployments, instances, nodes).
+//!
+//! Every `/v1/` request needs `Authorization: Bearer <token>`: the cluster token (or the peer
+//! token nodes use among themselves) may do anything; a tenant token only reads and writes its
+//! own tenant's objects. Errors are JSON `{"error": "..."}` with a status a client can act on:
+//! 400 malformed, 401 bad token, 403 not allowed for this token, 404 missing, 409 conflict, 410
+//! compacted watch revision, 413 too large, 422 valid but cannot be honoured, 503 no quorum or
+//! outcome unknown (retry).
+
+mod console;
+mod images;
+mod workloads;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,20 +23,54 @@ use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest as _, Sha256};
 
-use crate::cluster::agent::Agent;
 use crate::cluster::gossip::PeerInfo;
-use crate::cluster::raft_node::{ask, Input, RequestError};
-use crate::cluster::state::{ApplyOutcome, KeyValue, Op, WatchEvent, RESERVED_PREFIX, SETTINGS_PREFIX};
+use crate::cluster::raft_node::RequestError;
+use crate::local::LocalNode;
+use crate::state::{
+    ApplyOutcome, Command, KeyValue, Op, RejectKind, StateError, WatchEvent, RESERVED_PREFIX, SETTINGS_PREFIX,
+};
 
-/// Largest value accepted for one key.
+/// Largest value accepted for one key, and largest JSON body.
 pub const MAX_VALUE: usize = 1 << 20;
 
-pub fn router(agent: Arc<Agent>) -> Router {
+type Node = Arc<LocalNode>;
+
+/// Who is asking, from the bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The cluster token (or a peer's): everything.
+    Cluster,
+    /// A tenant-scoped token: that tenant's objects only.
+    Tenant(String),
+}
+
+impl Principal {
+    fn require_cluster(&self) -> Result<(), Response> {
+        match self {
+            Principal::Cluster => Ok(()),
+            Principal::Tenant(t) => {
+                Err(error(StatusCode::FORBIDDEN, format!("a token of tenant {t:?} cannot do this")))
+            }
+        }
+    }
+
+    fn require_tenant(&self, tenant: &str) -> Result<(), Response> {
+        match self {
+            Principal::Tenant(t) if t != tenant => {
+                Err(error(StatusCode::FORBIDDEN, format!("a token of tenant {t:?} cannot see tenant {tenant:?}")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn router(node: Node) -> Router {
     let v1 = Router::new()
         .route("/v1/cluster/status", get(status))
         .route("/v1/kv", get(list))
@@ -35,13 +78,53 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/watch", get(watch))
         .route("/v1/cluster/settings", get(list_settings))
         .route("/v1/cluster/settings/{name}", get(get_setting).put(put_setting).delete(delete_setting))
-        .layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_VALUE));
-    Router::new().route("/health", get(|| async { "ok\n" })).merge(v1).with_state(agent)
+        .merge(workloads::routes())
+        .merge(console::routes())
+        .merge(images::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_VALUE))
+        .merge(images::upload_routes())
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(node.clone(), auth));
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .merge(v1)
+        .layer(axum::middleware::from_fn(json_errors))
+        .with_state(node)
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+/// Answers that are not JSON already (axum's own rejections: bad path, query or body, no
+/// route, wrong method) become `{"error": ...}` like every other error.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let body = axum::body::to_bytes(res.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_lowercase() } else { text };
+    error(status, message)
+}
+
+/// An error with its causes, on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn request_error(e: RequestError) -> Response {
@@ -53,20 +136,65 @@ fn request_error(e: RequestError) -> Response {
     error(status, e)
 }
 
-async fn auth(State(agent): State<Arc<Agent>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+/// The response for a refused or conditional command; `Ok(revision)` when applied.
+pub(crate) fn outcome(o: Result<ApplyOutcome, RequestError>) -> Result<u64, Response> {
+    match o {
+        Ok(ApplyOutcome::Applied { revision }) => Ok(revision),
+        Ok(ApplyOutcome::Conflict { current_revision }) => Err((
+            StatusCode::CONFLICT,
+            Json(json!({ "error": "revision condition failed", "current_revision": current_revision })),
+        )
+            .into_response()),
+        Ok(ApplyOutcome::NotFound) => Err(error(StatusCode::NOT_FOUND, "not found")),
+        Ok(ApplyOutcome::Rejected { kind, reason }) => {
+            let status = match kind {
+                RejectKind::Invalid => StatusCode::BAD_REQUEST,
+                RejectKind::NotFound => StatusCode::NOT_FOUND,
+                RejectKind::Conflict | RejectKind::Stale => StatusCode::CONFLICT,
+                RejectKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+                RejectKind::Unsupported => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            Err(error(status, reason))
+        }
+        Err(e) => Err(request_error(e)),
+    }
+}
+
+pub(crate) fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+async fn auth(State(node): State<Node>, headers: HeaderMap, mut req: Request, next: Next) -> Response {
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), agent.config.api_token.as_bytes()) {
+    let principal = if constant_time_eq(presented.as_bytes(), node.agent.config.api_token.as_bytes())
+        || constant_time_eq(presented.as_bytes(), node.peer_token.as_bytes())
+    {
+        Some(Principal::Cluster)
+    } else if presented.is_empty() {
+        None
+    } else {
+        node.agent.shared.state().tenant_of_token(&token_hash(presented)).map(|t| Principal::Tenant(t.to_string()))
+    };
+    let Some(principal) = principal else {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
+    };
+    req.extensions_mut().insert(principal);
     next.run(req).await
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(State(node): State<Node>, Extension(who): Extension<Principal>) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render()).into_response()
 }
 
 #[derive(Serialize)]
@@ -80,11 +208,15 @@ struct Member {
     role: &'static str,
 }
 
-async fn status(State(agent): State<Arc<Agent>>) -> Response {
+async fn status(State(node): State<Node>, Extension(who): Extension<Principal>) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
+    let agent = &node.agent;
     let st = agent.shared.status();
-    let (cluster_id, revision) = {
+    let (cluster_id, revision, format) = {
         let s = agent.shared.state();
-        (s.cluster_id.clone(), s.revision)
+        (s.cluster_id.clone(), s.revision, s.format)
     };
     let members: Vec<Member> = agent
         .peers()
@@ -110,6 +242,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Response {
         "commit_index": st.commit_index,
         "applied_index": st.applied_index,
         "revision": revision,
+        "format": format,
         "voters": hex(&st.voters),
         "learners": hex(&st.learners),
         "members": members,
@@ -127,31 +260,45 @@ struct ReadParams {
 }
 
 /// Waits until a linearizable read may be served locally, unless a stale read was asked for.
-async fn read_barrier(agent: &Agent, stale: bool) -> Result<(), Response> {
+pub(crate) async fn read_barrier(node: &LocalNode, stale: bool) -> Result<(), Response> {
     if stale {
         return Ok(());
     }
-    ask(&agent.inbox, |reply| Input::Read { reply }).await.map_err(request_error)
+    node.read_barrier().await.map_err(request_error)
 }
 
-async fn get_key(State(agent): State<Arc<Agent>>, Path(key): Path<String>, Query(p): Query<ReadParams>) -> Response {
-    if let Err(r) = read_barrier(&agent, p.stale).await {
+async fn get_key(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Path(key): Path<String>,
+    Query(p): Query<ReadParams>,
+) -> Response {
+    if let Err(r) = who.require_cluster() {
         return r;
     }
-    let s = agent.shared.state();
+    if let Err(r) = read_barrier(&node, p.stale).await {
+        return r;
+    }
+    let s = node.agent.shared.state();
     match s.get(&key) {
         Some(kv) => Json(json!({ "kv": kv, "revision": s.revision })).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("key {key:?} not found")),
     }
 }
 
-async fn list(State(agent): State<Arc<Agent>>, Query(p): Query<ReadParams>) -> Response {
-    if let Err(r) = read_barrier(&agent, p.stale).await {
+async fn list(State(node): State<Node>, Extension(who): Extension<Principal>, Query(p): Query<ReadParams>) -> Response {
+    if let Err(r) = who.require_cluster() {
         return r;
     }
-    let s = agent.shared.state();
-    let kvs: Vec<&KeyValue> = s.range(&p.prefix).collect();
-    Json(json!({ "kvs": kvs, "revision": s.revision })).into_response()
+    if let Err(r) = read_barrier(&node, p.stale).await {
+        return r;
+    }
+    let body = {
+        let s = node.agent.shared.state();
+        let kvs: Vec<&KeyValue> = s.range(&p.prefix).collect();
+        serde_json::to_vec(&json!({ "kvs": kvs, "revision": s.revision })).unwrap_or_default()
+    };
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[derive(Deserialize, Default)]
@@ -173,40 +320,42 @@ fn check_key(key: &str) -> Result<(), Box<Response>> {
     Ok(())
 }
 
-async fn write(agent: &Agent, op: Op) -> Response {
-    match ask(&agent.inbox, |reply| Input::Propose { op, reply }).await {
-        Ok(ApplyOutcome::Applied { revision }) => Json(json!({ "revision": revision })).into_response(),
-        Ok(ApplyOutcome::Conflict { current_revision }) => (
-            StatusCode::CONFLICT,
-            Json(json!({ "error": "revision condition failed", "current_revision": current_revision })),
-        )
-            .into_response(),
-        Ok(ApplyOutcome::NotFound) => error(StatusCode::NOT_FOUND, "key not found"),
-        Err(e) => request_error(e),
+async fn write(node: &LocalNode, command: Command) -> Response {
+    match outcome(node.propose(command).await) {
+        Ok(revision) => Json(json!({ "revision": revision })).into_response(),
+        Err(r) => r,
     }
 }
 
 async fn put_key(
-    State(agent): State<Arc<Agent>>,
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
     Path(key): Path<String>,
     Query(p): Query<WriteParams>,
     body: String,
 ) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
     if let Err(r) = check_key(&key) {
         return *r;
     }
-    write(&agent, Op::Put { key, value: body, prev_revision: p.prev_revision }).await
+    write(&node, Command::Kv(Op::Put { key, value: body, prev_revision: p.prev_revision })).await
 }
 
 async fn delete_key(
-    State(agent): State<Arc<Agent>>,
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
     Path(key): Path<String>,
     Query(p): Query<WriteParams>,
 ) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
     if let Err(r) = check_key(&key) {
         return *r;
     }
-    write(&agent, Op::Delete { key, prev_revision: p.prev_revision }).await
+    write(&node, Command::Kv(Op::Delete { key, prev_revision: p.prev_revision })).await
 }
 
 /// Cluster settings are keys under `shoal/settings/`: replicated, revisioned and watchable like
@@ -221,11 +370,18 @@ fn setting_key(name: &str) -> Result<String, Box<Response>> {
     Ok(format!("{SETTINGS_PREFIX}{name}"))
 }
 
-async fn list_settings(State(agent): State<Arc<Agent>>, Query(p): Query<ReadParams>) -> Response {
-    if let Err(r) = read_barrier(&agent, p.stale).await {
+async fn list_settings(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Query(p): Query<ReadParams>,
+) -> Response {
+    if let Err(r) = who.require_cluster() {
         return r;
     }
-    let s = agent.shared.state();
+    if let Err(r) = read_barrier(&node, p.stale).await {
+        return r;
+    }
+    let s = node.agent.shared.state();
     let settings: serde_json::Map<String, serde_json::Value> = s
         .range(SETTINGS_PREFIX)
         .map(|kv| (kv.key[SETTINGS_PREFIX.len()..].to_string(), serde_json::Value::String(kv.value.clone())))
@@ -234,26 +390,42 @@ async fn list_settings(State(agent): State<Arc<Agent>>, Query(p): Query<ReadPara
 }
 
 async fn get_setting(
-    State(agent): State<Arc<Agent>>,
+    State(node): State<Node>,
+    who: Extension<Principal>,
     Path(name): Path<String>,
-    Query(p): Query<ReadParams>,
+    q: Query<ReadParams>,
 ) -> Response {
     match setting_key(&name) {
-        Ok(key) => get_key(State(agent), Path(key), Query(p)).await,
+        Ok(key) => get_key(State(node), who, Path(key), q).await,
         Err(r) => *r,
     }
 }
 
-async fn put_setting(State(agent): State<Arc<Agent>>, Path(name): Path<String>, body: String) -> Response {
+async fn put_setting(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+    body: String,
+) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
     match setting_key(&name) {
-        Ok(key) => write(&agent, Op::Put { key, value: body, prev_revision: None }).await,
+        Ok(key) => write(&node, Command::Kv(Op::Put { key, value: body, prev_revision: None })).await,
         Err(r) => *r,
     }
 }
 
-async fn delete_setting(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Response {
+async fn delete_setting(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
     match setting_key(&name) {
-        Ok(key) => write(&agent, Op::Delete { key, prev_revision: None }).await,
+        Ok(key) => write(&node, Command::Kv(Op::Delete { key, prev_revision: None })).await,
         Err(r) => *r,
     }
 }
@@ -270,36 +442,53 @@ fn sse_event(e: &WatchEvent) -> Result<Event, Infallible> {
     Ok(Event::default()
         .id(e.revision.to_string())
         .event(match e.kind {
-            crate::cluster::state::EventKind::Put => "put",
-            crate::cluster::state::EventKind::Delete => "delete",
+            crate::state::EventKind::Put => "put",
+            crate::state::EventKind::Delete => "delete",
         })
         .data(serde_json::to_string(e).unwrap_or_default()))
 }
 
-/// Server-sent events: every committed change after `from_revision`, in order. Subscribes before
-/// reading the history so nothing falls between the two; a watcher too slow for the live channel
-/// catches up from the history again.
-async fn watch(State(agent): State<Arc<Agent>>, Query(p): Query<WatchParams>) -> Response {
-    let mut live = agent.shared.events.subscribe();
-    let after = p.from_revision.unwrap_or_else(|| agent.shared.state().revision);
-    let backlog = match agent.shared.state().changes_after(after) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::GONE, e),
-    };
+async fn watch(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Query(p): Query<WatchParams>,
+) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
     let prefix = p.prefix;
+    watch_stream(&node, p.from_revision, move |e| e.key.starts_with(&prefix).then(|| sse_event(e)))
+}
+
+/// Server-sent events: every committed change after `from` that `pick` turns into an event, in
+/// order. Subscribes before reading the history so nothing falls between the two; a watcher too
+/// slow for the live channel catches up from the history again.
+pub(crate) fn watch_stream<F>(node: &Node, from: Option<u64>, pick: F) -> Response
+where
+    F: Fn(&WatchEvent) -> Option<Result<Event, Infallible>> + Send + 'static,
+{
+    let mut live = node.agent.shared.events.subscribe();
+    let after = from.unwrap_or_else(|| node.agent.shared.state().revision);
+    let backlog = match node.agent.shared.state().changes_after(after) {
+        Ok(b) => b,
+        Err(e @ StateError::Compacted { .. }) => return error(StatusCode::GONE, e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
     let mut last = backlog.last().map(|e| e.revision).unwrap_or(after);
-    let agent2 = agent.clone();
+    let node = node.clone();
     let stream = async_stream(move |tx| async move {
-        for e in backlog.iter().filter(|e| e.key.starts_with(&prefix)) {
-            if tx.send(sse_event(e)).await.is_err() {
-                return;
+        for e in &backlog {
+            if let Some(ev) = pick(e) {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
             }
         }
         loop {
             let events: Vec<WatchEvent> = match live.recv().await {
                 Ok(e) => vec![e],
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    match agent2.shared.state().changes_after(last) {
+                    match node.agent.shared.state().changes_after(last) {
                         Ok(b) => b,
                         Err(_) => return, // Fell behind the retained history: the client resumes.
                     }
@@ -311,8 +500,10 @@ async fn watch(State(agent): State<Arc<Agent>>, Query(p): Query<WatchParams>) ->
                     continue;
                 }
                 last = e.revision;
-                if e.key.starts_with(&prefix) && tx.send(sse_event(&e)).await.is_err() {
-                    return;
+                if let Some(ev) = pick(&e) {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
                 }
             }
         }

@@ -16,9 +16,9 @@ use super::gossip::{self, GossipTiming, PeerInfo, Resources, SignedUdpTransport}
 use super::policy::{self, Formation, FormingPeer, MemberView, VoterChange};
 use super::raft_node::{Input, MembershipChange, RaftParts, RaftThread, RaftTiming, Shared};
 use super::secret::ClusterSecret;
-use super::state::{KvState, NodeRecord};
 use super::storage::RaftStore;
 use super::transport::{self, AddressBook, RaftTransport};
+use crate::state::{NodeRecord, State};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const CONTROL_INTERVAL: Duration = Duration::from_millis(200);
@@ -65,6 +65,7 @@ impl Agent {
             raft_addr: self.config.raft_addr().to_string(),
             api_addr: self.config.listen.to_string(),
             labels: self.config.labels.clone(),
+            capacity: self.config.capacity,
         }
     }
 
@@ -94,7 +95,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let id = node_id(&config.data_dir)?;
     let store = RaftStore::open(&config.data_dir.join("raft")).context("opening the raft log")?;
-    let shared = Shared::new(KvState::default());
+    let shared = Shared::new(State::default());
     let addrs: AddressBook = Arc::new(RwLock::new(HashMap::new()));
     let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
 
@@ -134,6 +135,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
         (gossip::KEY_CAPACITY.to_string(), serde_json::to_string(&config.capacity)?),
         (gossip::KEY_FREE.to_string(), serde_json::to_string(&config.capacity)?),
         (gossip::KEY_VERSION.to_string(), VERSION.to_string()),
+        (gossip::KEY_FORMAT.to_string(), crate::state::command::BINARY_FORMAT.to_string()),
     ];
     let chitchat_config = ChitchatConfig {
         chitchat_id,
@@ -281,6 +283,7 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
                     raft_addr: p.raft_addr.clone(),
                     api_addr: p.api_addr.clone(),
                     labels: p.labels.clone(),
+                    capacity: p.capacity,
                 })
             }),
             Some(VoterChange::Promote(id)) => Some(MembershipChange::Promote(id)),

@@ -14,7 +14,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as ChitchatUdp};
 use chitchat::{ChitchatEnvelope, ChitchatId, NodeState};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use crate::state::objects::Resources;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Mutex};
 use tracing::warn;
@@ -31,12 +33,8 @@ pub const KEY_VERSION: &str = "version";
 pub const KEY_STATUS: &str = "status";
 pub const KEY_CLUSTER: &str = "cluster";
 pub const KEY_CANDIDATE: &str = "candidate";
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resources {
-    pub vcpus: u64,
-    pub mem_mib: u64,
-}
+/// The newest log entry format the node's binary knows (absent: the first release, format 1).
+pub const KEY_FORMAT: &str = "format";
 
 /// One node as gossip describes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -49,6 +47,8 @@ pub struct PeerInfo {
     pub capacity: Resources,
     pub free: Resources,
     pub version: String,
+    /// The newest log entry format its binary knows.
+    pub format: u32,
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
@@ -71,6 +71,7 @@ impl PeerInfo {
             capacity: json(st, KEY_CAPACITY),
             free: json(st, KEY_FREE),
             version: st.get(KEY_VERSION).unwrap_or_default().to_string(),
+            format: st.get(KEY_FORMAT).and_then(|f| f.parse().ok()).unwrap_or(1),
             status: st.get(KEY_STATUS).unwrap_or_default().to_string(),
             cluster: st.get(KEY_CLUSTER).filter(|c| !c.is_empty()).map(str::to_string),
             candidate: st.get(KEY_CANDIDATE).and_then(|c| u64::from_str_radix(c, 16).ok()),
@@ -102,6 +103,7 @@ pub fn failure_detector(timing: &GossipTiming) -> chitchat::FailureDetectorConfi
 }
 
 /// chitchat's UDP transport with every packet signed: `[32-byte HMAC][chitchat packet]`.
+#[derive(Debug)]
 pub struct SignedUdpTransport {
     key: PurposeKey,
 }

@@ -6,6 +6,5 @@ pub mod gossip;
 pub mod policy;
 pub mod raft_node;
 pub mod secret;
-pub mod state;
 pub mod storage;
 pub mod transport;

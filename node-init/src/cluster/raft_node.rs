@@ -18,9 +18,10 @@ use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
 use tracing::{info, warn};
 
-use super::state::{ApplyOutcome, KvState, NodeRecord, Op, Proposal, WatchEvent, NODES_PREFIX};
 use super::storage::RaftStore;
 use super::transport::{AddressBook, RaftTransport};
+use crate::state::command::{self, Command, LogEntry};
+use crate::state::{ApplyOutcome, NodeRecord, State, WatchEvent};
 
 /// How long a client waits for its write or read before it is told the outcome is unknown.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -63,7 +64,7 @@ pub enum MembershipChange {
 pub enum Input {
     Message(Message),
     Propose {
-        op: Op,
+        command: Command,
         reply: oneshot::Sender<Result<ApplyOutcome, RequestError>>,
     },
     /// Answered once a linearizable read may be served from the local state.
@@ -120,13 +121,13 @@ pub struct RaftStatus {
 
 #[derive(Debug)]
 pub struct Shared {
-    pub state: RwLock<KvState>,
+    pub state: RwLock<State>,
     pub status: RwLock<RaftStatus>,
     pub events: broadcast::Sender<WatchEvent>,
 }
 
 impl Shared {
-    pub fn new(state: KvState) -> Arc<Self> {
+    pub fn new(state: State) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
         Arc::new(Shared { state: RwLock::new(state), status: RwLock::new(RaftStatus::default()), events })
     }
@@ -135,7 +136,7 @@ impl Shared {
         self.status.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, KvState> {
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -160,6 +161,18 @@ pub struct RaftParts {
     pub inbox: Receiver<Input>,
 }
 
+impl std::fmt::Debug for RaftParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftParts").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RaftThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftThread").field("id", &self.id).field("applied", &self.applied).finish_non_exhaustive()
+    }
+}
+
 pub struct RaftThread {
     id: u64,
     priority: i64,
@@ -170,6 +183,8 @@ pub struct RaftThread {
     shared: Arc<Shared>,
     addrs: AddressBook,
     inbox: Receiver<Input>,
+    /// Random per process start: with `seq`, names this process's proposals uniquely.
+    boot: u64,
     seq: u64,
     /// Waiting writers: reply, deadline, and the leader the proposal went to.
     proposals: HashMap<u64, (WriteReply, Instant, u64)>,
@@ -208,7 +223,7 @@ impl RaftThread {
         let snap = store.latest_snapshot();
         let applied = snap.get_metadata().index;
         if applied > 0 {
-            let state = KvState::from_bytes(snap.get_data())?;
+            let state = State::from_bytes(snap.get_data())?;
             *shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
         }
         let node = new_raw_node(id, priority, &timing, &store, applied)?;
@@ -222,6 +237,7 @@ impl RaftThread {
             shared,
             addrs,
             inbox,
+            boot: rand::random(),
             seq: 0,
             proposals: HashMap::new(),
             reads_pending: HashMap::new(),
@@ -235,11 +251,12 @@ impl RaftThread {
     }
 
     fn learn_addresses(&self) {
-        let nodes = self.shared.state().nodes();
+        let nodes: Vec<(u64, String)> =
+            self.shared.state().nodes.values().map(|n| (n.id, n.raft_addr.clone())).collect();
         let mut book = self.addrs.write().unwrap_or_else(|e| e.into_inner());
-        for n in nodes {
-            if let Ok(a) = n.raft_addr.parse() {
-                book.entry(n.id).or_insert(a);
+        for (id, raft_addr) in nodes {
+            if let Ok(a) = raft_addr.parse() {
+                book.entry(id).or_insert(a);
             }
         }
     }
@@ -286,14 +303,21 @@ impl RaftThread {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
             }
-            Input::Propose { op, reply } => {
+            Input::Propose { command, reply } => {
                 if self.store.is_empty() {
                     let _ = reply.send(Err(RequestError::NotMember));
                     return;
                 }
                 self.seq += 1;
-                let p = Proposal { origin: self.id, seq: self.seq, op };
-                let data = serde_json::to_vec(&p).unwrap_or_default();
+                let entry = LogEntry {
+                    format: command.format(),
+                    origin: self.id,
+                    boot: self.boot,
+                    seq: self.seq,
+                    at_ms: crate::state::time::now_ms(),
+                    command,
+                };
+                let data = command::encode(&entry);
                 match self.node.propose(vec![], data) {
                     Ok(()) => {
                         self.proposals
@@ -345,8 +369,8 @@ impl RaftThread {
         if !self.store.is_empty() {
             return Ok(());
         }
-        let mut state = KvState::new(cluster_id);
-        state.apply(&node_record_op(&me));
+        let mut state = State::new(cluster_id);
+        state.admit_node(&me, crate::state::time::now_ms());
         let mut snap = Snapshot::default();
         snap.set_data(state.to_bytes().into());
         let meta = snap.mut_metadata();
@@ -449,7 +473,7 @@ impl RaftThread {
     }
 
     fn apply_snapshot(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
-        let state = KvState::from_bytes(snap.get_data())?;
+        let state = State::from_bytes(snap.get_data())?;
         self.store.apply_snapshot(snap)?;
         let meta = snap.get_metadata();
         self.applied = meta.index;
@@ -469,7 +493,9 @@ impl RaftThread {
                 EntryType::EntryNormal => self.apply_normal(&e),
                 EntryType::EntryConfChange => self.apply_conf_change(&e)?,
                 EntryType::EntryConfChangeV2 => {
-                    warn!(index = e.index, "joint membership changes are not proposed by shoal; skipped");
+                    // Shoal never proposes joint changes: one here comes from a binary this one does
+                    // not understand, and skipping it would leave this node's membership wrong.
+                    fatal(e.index, "a joint membership change (ConfChangeV2), which this binary does not apply");
                 }
             }
             self.applied = e.index;
@@ -479,24 +505,29 @@ impl RaftThread {
     }
 
     fn apply_normal(&mut self, e: &Entry) {
+        let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
         if e.data.is_empty() {
-            return; // A new leader's empty entry.
+            state.observe_term(e.term); // A new leader's empty entry.
+            return;
         }
-        let proposal: Proposal = match serde_json::from_slice(&e.data) {
-            Ok(p) => p,
-            Err(err) => {
-                warn!(index = e.index, error = %err, "unreadable log entry skipped");
-                return;
-            }
+        let entry = match command::decode(&e.data) {
+            Ok(entry) => entry,
+            // Applying around an entry would leave this node's state different from the others'.
+            Err(err) => fatal(e.index, &err.to_string()),
         };
-        let (outcome, event) = self.shared.state.write().unwrap_or_else(|e| e.into_inner()).apply(&proposal.op);
-        if let Some(ev) = event {
-            let _ = self.shared.events.send(ev);
-        }
-        if proposal.origin == self.id {
-            if let Some((reply, _, _)) = self.proposals.remove(&proposal.seq) {
+        let (outcome, events) = state.apply(&entry, e.term);
+        drop(state);
+        self.publish(events);
+        if entry.origin == self.id && entry.boot == self.boot {
+            if let Some((reply, _, _)) = self.proposals.remove(&entry.seq) {
                 let _ = reply.send(Ok(outcome));
             }
+        }
+    }
+
+    fn publish(&self, events: Vec<WatchEvent>) {
+        for ev in events {
+            let _ = self.shared.events.send(ev);
         }
     }
 
@@ -504,28 +535,25 @@ impl RaftThread {
         let cc = ConfChange::parse_from_bytes(&e.data)?;
         let cs: ConfState = self.node.apply_conf_change(&cc)?;
         self.store.set_conf_state(&cs)?;
-        let op = match cc.get_change_type() {
+        info!(change = ?cc.get_change_type(), node = %format!("{:016x}", cc.node_id), voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+        let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
+        state.observe_term(e.term);
+        let at = state.last_at;
+        let events = match cc.get_change_type() {
             ConfChangeType::AddLearnerNode => match serde_json::from_slice::<NodeRecord>(&e.context) {
                 Ok(rec) => {
                     if let Ok(a) = rec.raft_addr.parse() {
                         self.addrs.write().unwrap_or_else(|e| e.into_inner()).insert(rec.id, a);
                     }
-                    Some(node_record_op(&rec))
+                    state.admit_node(&rec, at)
                 }
-                Err(_) => None,
+                Err(_) => Vec::new(),
             },
-            ConfChangeType::RemoveNode => {
-                Some(Op::Delete { key: format!("{NODES_PREFIX}{:016x}", cc.node_id), prev_revision: None })
-            }
-            ConfChangeType::AddNode => None,
+            ConfChangeType::RemoveNode => state.remove_node(cc.node_id, at),
+            ConfChangeType::AddNode => Vec::new(),
         };
-        info!(change = ?cc.get_change_type(), node = %format!("{:016x}", cc.node_id), voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-        if let Some(op) = op {
-            let (_, event) = self.shared.state.write().unwrap_or_else(|e| e.into_inner()).apply(&op);
-            if let Some(ev) = event {
-                let _ = self.shared.events.send(ev);
-            }
-        }
+        drop(state);
+        self.publish(events);
         Ok(())
     }
 
@@ -592,12 +620,14 @@ impl RaftThread {
     }
 }
 
-pub fn node_record_op(rec: &NodeRecord) -> Op {
-    Op::Put {
-        key: format!("{NODES_PREFIX}{:016x}", rec.id),
-        value: serde_json::to_string(rec).unwrap_or_default(),
-        prev_revision: None,
-    }
+/// Stops the node on a committed entry it cannot apply: going on would let its state diverge
+/// from the other nodes' (they applied it). The operator upgrades or repairs the node.
+fn fatal(index: u64, what: &str) -> ! {
+    tracing::error!(index, "cannot apply committed log entry {index}: {what}; stopping so as not to diverge");
+    eprintln!(
+        "shoal-node: cannot apply committed log entry {index}: {what}; stopping so as not to diverge from the cluster"
+    );
+    std::process::exit(65);
 }
 
 /// Sends an input to the Raft thread and waits for its answer.

@@ -62,6 +62,11 @@ impl ClusterSecret {
     pub fn default_api_token(&self) -> String {
         hex::encode(self.key("api-token").0)
     }
+
+    /// The token nodes present to one another's APIs (image copies, consoles).
+    pub fn peer_token(&self) -> String {
+        hex::encode(self.key("peer-token").0)
+    }
 }
 
 #[cfg(test)]

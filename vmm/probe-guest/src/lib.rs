@@ -27,6 +27,9 @@ pub const SPIN: &str = env!("SHOAL_PROBE_SPIN");
 /// A minimal virtio-mmio driver: block write/read-back and rng through every device found.
 pub const VIRTIO: &str = env!("SHOAL_PROBE_VIRTIO");
 
+/// Prints its command line, then `tick=N` twice a second until Ctrl+Alt+Del, then resets.
+pub const WORKLOAD: &str = env!("SHOAL_PROBE_WORKLOAD");
+
 /// Every probe by name.
 pub const ALL: &[(&str, &str)] = &[
     ("boot", BOOT),
@@ -37,6 +40,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("counter", COUNTER),
     ("spin", SPIN),
     ("virtio", VIRTIO),
+    ("workload", WORKLOAD),
 ];
 
 /// The path of a probe by name.

@@ -1,0 +1,194 @@
+//! What only the leader does for workloads, in one loop: raise the cluster format once every
+//! voter knows it, declare nodes lost when gossip has called them dead past the grace period
+//! (their instances are then replaced elsewhere), run a scheduling round when instances wait for
+//! a node, and delete images nothing has used for the garbage-collection grace period.
+//!
+//! Every decision is a pure function of the state and gossip's view (tested without sockets);
+//! the loop only feeds them and proposes what they return, one command at a time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::local::LocalNode;
+use crate::state::command::{Command, BINARY_FORMAT};
+use crate::state::objects::Millis;
+use crate::state::{ApplyOutcome, State};
+
+/// Setting: seconds gossip must call a node dead before its instances are declared lost.
+pub const NODE_GRACE_SETTING: &str = "node_grace_seconds";
+pub const NODE_GRACE_DEFAULT: Duration = Duration::from_secs(30);
+/// Setting: seconds an image must go unreferenced before it is deleted.
+pub const IMAGE_GC_SETTING: &str = "image_gc_seconds";
+pub const IMAGE_GC_DEFAULT: Duration = Duration::from_secs(3600);
+
+const PASS: Duration = Duration::from_millis(200);
+
+/// A duration setting in seconds, or the default when unset or not a number.
+pub fn seconds_setting(state: &State, name: &str, default: Duration) -> Duration {
+    state
+        .setting(name)
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(default)
+}
+
+/// The format to raise the cluster to: the highest every voter advertises, if above the current.
+pub fn format_to_raise(current: u32, voters: &[u64], advertised: &BTreeMap<u64, u32>) -> Option<u32> {
+    let lowest = voters.iter().map(|v| advertised.get(v).copied().unwrap_or(1)).min()?;
+    let target = lowest.min(BINARY_FORMAT);
+    (target > current).then_some(target)
+}
+
+/// Nodes with instances still counted as running there that gossip has called dead for longer
+/// than `grace`.
+pub fn lost_nodes(state: &State, dead_for: &BTreeMap<u64, Duration>, grace: Duration) -> Vec<u64> {
+    state
+        .nodes
+        .keys()
+        .filter(|id| dead_for.get(id).is_some_and(|d| *d > grace))
+        .filter(|id| {
+            state.instances_on(**id).any(|i| {
+                i.state != crate::state::objects::InstanceState::Lost
+                    && (i.is_active() || i.desired == crate::state::objects::Desired::Stopped)
+            })
+        })
+        .copied()
+        .collect()
+}
+
+/// Images no deployment or instance has named for longer than `grace`.
+pub fn collectable_images(state: &State, now: Millis, grace: Duration) -> Vec<String> {
+    let grace_ms = grace.as_millis() as u64;
+    state
+        .images
+        .values()
+        .filter(|i| i.unreferenced_since.is_some_and(|t| now.saturating_sub(t) > grace_ms))
+        .filter(|i| !state.index.image_refs.contains_key(&i.digest))
+        .map(|i| i.digest.clone())
+        .collect()
+}
+
+pub async fn run(node: Arc<LocalNode>) {
+    let started = Instant::now();
+    let mut last_seen: HashMap<u64, Instant> = HashMap::new();
+    let mut events = node.agent.shared.events.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PASS) => {}
+            r = events.recv() => {
+                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+        }
+        let status = node.agent.shared.status();
+        let peers = node.agent.peers();
+        let now = Instant::now();
+        let mut alive: BTreeSet<u64> = peers.iter().filter(|(_, live)| *live).map(|(p, _)| p.id).collect();
+        alive.insert(node.id());
+        for id in &alive {
+            last_seen.insert(*id, now);
+        }
+        if status.role != "leader" {
+            continue;
+        }
+        let command = {
+            let state = node.agent.shared.state();
+            let advertised: BTreeMap<u64, u32> =
+                peers.iter().map(|(p, _)| (p.id, p.format)).chain([(node.id(), BINARY_FORMAT)]).collect();
+            let dead_for: BTreeMap<u64, Duration> = state
+                .nodes
+                .keys()
+                .filter(|id| !alive.contains(id))
+                .map(|id| (*id, now - *last_seen.get(id).unwrap_or(&started)))
+                .collect();
+            let grace = seconds_setting(&state, NODE_GRACE_SETTING, NODE_GRACE_DEFAULT);
+            if let Some(format) = format_to_raise(state.format, &status.voters, &advertised) {
+                Some(Command::SetFormat { format })
+            } else if let Some(lost) = lost_nodes(&state, &dead_for, grace).first() {
+                let secs = dead_for.get(lost).map(|d| d.as_secs()).unwrap_or(0);
+                Some(Command::NodeLost {
+                    node: *lost,
+                    term: status.term,
+                    reason: format!("node {lost:016x} has been unreachable for {secs} s"),
+                })
+            } else if let Some(s) = crate::scheduler::schedule(&state, &alive, status.term) {
+                Some(Command::Schedule(s))
+            } else {
+                let gc = seconds_setting(&state, IMAGE_GC_SETTING, IMAGE_GC_DEFAULT);
+                collectable_images(&state, crate::state::time::now_ms(), gc)
+                    .into_iter()
+                    .next()
+                    .map(|digest| Command::DeleteImage { digest })
+            }
+        };
+        let Some(command) = command else { continue };
+        let name = command.name();
+        match node.propose(command.clone()).await {
+            Ok(ApplyOutcome::Applied { .. }) => {
+                if let Command::NodeLost { reason, .. } = &command {
+                    info!(%reason, "declared a node's instances lost; replacing them elsewhere");
+                } else if let Command::SetFormat { format } = &command {
+                    info!(format, "raised the cluster format");
+                }
+            }
+            Ok(other) => warn!(command = name, outcome = ?other, "leader decision not applied"),
+            Err(e) => {
+                tracing::debug!(command = name, error = %e, "leader decision not proposed");
+                tokio::time::sleep(PASS).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::objects::InstanceState;
+    use crate::state::testing::{spec, Sim};
+
+    #[test]
+    fn the_format_rises_only_when_every_voter_knows_it() {
+        let voters = [1, 2, 3];
+        let mut adv: BTreeMap<u64, u32> = [(1, 2), (2, 2)].into_iter().collect();
+        assert_eq!(format_to_raise(1, &voters, &adv), None, "voter 3 runs an old binary (no format advertised)");
+        adv.insert(3, 2);
+        assert_eq!(format_to_raise(1, &voters, &adv), Some(2));
+        assert_eq!(format_to_raise(2, &voters, &adv), None);
+        adv.insert(3, 9);
+        adv.insert(1, 9);
+        adv.insert(2, 9);
+        assert_eq!(format_to_raise(2, &voters, &adv), None, "never beyond what this binary writes");
+    }
+
+    #[test]
+    fn a_node_is_lost_only_past_the_grace_and_only_once() {
+        let mut sim = Sim::new(3, 8, 4096);
+        sim.deploy("web", spec(3, 1, 128));
+        sim.schedule();
+        sim.run_all("web");
+        let grace = Duration::from_secs(30);
+        let dead: BTreeMap<u64, Duration> = [(2, Duration::from_secs(10))].into_iter().collect();
+        assert!(lost_nodes(&sim.state, &dead, grace).is_empty());
+        let dead: BTreeMap<u64, Duration> = [(2, Duration::from_secs(31))].into_iter().collect();
+        assert_eq!(lost_nodes(&sim.state, &dead, grace), vec![2]);
+        sim.ok(Command::NodeLost { node: 2, term: 1, reason: "gone".into() });
+        assert!(sim.instances("web").iter().any(|i| i.state == InstanceState::Lost));
+        assert!(lost_nodes(&sim.state, &dead, grace).is_empty(), "nothing left to declare lost there");
+    }
+
+    #[test]
+    fn images_are_collected_after_the_grace() {
+        let mut sim = Sim::new(1, 8, 4096);
+        let since = sim.state.images.values().next().unwrap().unreferenced_since.unwrap();
+        let grace = Duration::from_secs(3600);
+        assert!(collectable_images(&sim.state, since + 1000, grace).is_empty());
+        assert_eq!(collectable_images(&sim.state, since + 3_601_000, grace).len(), 1);
+        sim.deploy("web", spec(1, 1, 128));
+        assert!(collectable_images(&sim.state, since + 3_601_000, grace).is_empty());
+    }
+}

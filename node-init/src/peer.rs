@@ -1,0 +1,53 @@
+//! Node-to-node HTTP: one node asking another's API for what only that node has (an image blob,
+//! an instance's console). Requests carry the peer token derived from the cluster secret, which
+//! every node accepts as the cluster's own. Bodies stream; nothing is buffered whole.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+/// How long connecting and receiving the response head may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot reach {addr}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("{addr} did not answer in time")]
+    Timeout { addr: String },
+    #[error("HTTP to {addr} failed")]
+    Http { addr: String, source: hyper::Error },
+    #[error("bad request to {addr}")]
+    Request { addr: String, source: hyper::http::Error },
+}
+
+/// GET `path` (with its query) from the node whose API is at `addr`; the response's body streams.
+pub async fn get(addr: &str, path: &str, token: &str) -> Result<hyper::Response<Incoming>, PeerError> {
+    let owned = addr.to_string();
+    let work = async move {
+        let stream = tokio::net::TcpStream::connect(&owned)
+            .await
+            .map_err(|source| PeerError::Connect { addr: owned.clone(), source })?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| PeerError::Http { addr: owned.clone(), source })?;
+        // The connection task ends when the body has been read or dropped.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, owned.as_str())
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Empty::<Bytes>::new())
+            .map_err(|source| PeerError::Request { addr: owned.clone(), source })?;
+        sender.send_request(req).await.map_err(|source| PeerError::Http { addr: owned.clone(), source })
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(PeerError::Timeout { addr: addr.to_string() }),
+    }
+}

@@ -1,0 +1,655 @@
+//! The typed objects of the replicated state — nodes, tenants, images, deployments, instances —
+//! and the specs users send for them, with their validation. Plain data: no I/O, no clocks
+//! (timestamps come from the log entry that made the change).
+//!
+//! The object model maps onto Kubernetes without renaming: a tenant is a Namespace, a
+//! deployment a Deployment, an instance a Pod, a node a Node. JSON field names here are the
+//! API's contract: extend them, do not rename them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, as the proposing node's clock read it.
+pub type Millis = u64;
+
+/// Most replicas one deployment may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+/// Most vCPUs one instance may have (shoal-vmm's own limit is 254).
+pub const MAX_VCPUS: u32 = 64;
+/// Smallest and largest guest memory of one instance.
+pub const MIN_MEM_MIB: u64 = 16;
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+/// Longest kernel command line (shoal-vmm refuses longer ones).
+pub const MAX_CMDLINE: usize = 2047;
+/// Longest deployment name: instance ids append `-` and 5 characters and stay under 64.
+pub const MAX_DEPLOYMENT_NAME: usize = 52;
+/// Most labels on one object, and the longest key and value.
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_LEN: usize = 63;
+/// Longest a guest may take to stop after Ctrl+Alt+Del before it is killed.
+pub const MAX_STOP_TIMEOUT_S: u32 = 600;
+
+/// Resources a node offers or an instance takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub vcpus: u64,
+    pub mem_mib: u64,
+}
+
+impl Resources {
+    pub fn add(&mut self, other: Resources) {
+        self.vcpus = self.vcpus.saturating_add(other.vcpus);
+        self.mem_mib = self.mem_mib.saturating_add(other.mem_mib);
+    }
+
+    pub fn sub(&mut self, other: Resources) {
+        self.vcpus = self.vcpus.saturating_sub(other.vcpus);
+        self.mem_mib = self.mem_mib.saturating_sub(other.mem_mib);
+    }
+
+    /// Whether `need` fits in what is left of `self` after `used`.
+    pub fn fits(&self, used: Resources, need: Resources) -> bool {
+        used.vcpus.saturating_add(need.vcpus) <= self.vcpus && used.mem_mib.saturating_add(need.mem_mib) <= self.mem_mib
+    }
+}
+
+/// Revisions and creation time, as every object carries them (Kubernetes' resourceVersion and
+/// creationTimestamp).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Revision at which the object was created.
+    pub create_revision: u64,
+    /// Revision of its last change.
+    pub mod_revision: u64,
+    #[serde(with = "crate::state::time::rfc3339")]
+    pub created_at: Millis,
+}
+
+/// Node ids are 64-bit numbers shown as 16 hex digits.
+pub mod hex_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{id:016x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = String::deserialize(d)?;
+        u64::from_str_radix(&s, 16).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match id {
+                Some(id) => s.serialize_str(&format!("{id:016x}")),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            let s: Option<String> = Option::deserialize(d)?;
+            s.map(|s| u64::from_str_radix(&s, 16).map_err(serde::de::Error::custom)).transpose()
+        }
+    }
+
+    pub mod set {
+        use std::collections::BTreeSet;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(ids: &BTreeSet<u64>, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(ids.iter().map(|id| format!("{id:016x}")))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeSet<u64>, D::Error> {
+            let v: Vec<String> = Vec::deserialize(d)?;
+            v.iter().map(|s| u64::from_str_radix(s, 16).map_err(serde::de::Error::custom)).collect()
+        }
+    }
+}
+
+/// A host that runs instances (Kubernetes' Node). Admitted when Raft admits it; its labels and
+/// capacity are what the node said when it last updated its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    #[serde(with = "hex_id")]
+    pub id: u64,
+    pub raft_addr: String,
+    pub api_addr: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub capacity: Resources,
+    /// A cordoned node gets no new instances; the ones it runs stay.
+    #[serde(default)]
+    pub cordoned: bool,
+    #[serde(flatten)]
+    pub meta: Meta,
+}
+
+/// Limits on what a tenant's instances may take together; an absent field is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u64>,
+}
+
+/// What a tenant's instances take now (those not lost and not finished for good).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub vcpus: u64,
+    pub mem_mib: u64,
+    pub instances: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, r: Resources) {
+        self.vcpus = self.vcpus.saturating_add(r.vcpus);
+        self.mem_mib = self.mem_mib.saturating_add(r.mem_mib);
+        self.instances = self.instances.saturating_add(1);
+    }
+
+    pub fn sub(&mut self, r: Resources) {
+        self.vcpus = self.vcpus.saturating_sub(r.vcpus);
+        self.mem_mib = self.mem_mib.saturating_sub(r.mem_mib);
+        self.instances = self.instances.saturating_sub(1);
+    }
+}
+
+impl Quota {
+    /// Why `usage` plus `more` (instances of `each`) would break this quota, if it would.
+    pub fn exceeded_by(&self, usage: Usage, more: u64, each: Resources) -> Option<String> {
+        let checks = [
+            ("vCPUs", self.vcpus, usage.vcpus, each.vcpus.saturating_mul(more)),
+            ("MiB of memory", self.mem_mib, usage.mem_mib, each.mem_mib.saturating_mul(more)),
+            ("instances", self.instances, usage.instances, more),
+        ];
+        for (what, limit, used, add) in checks {
+            if let Some(limit) = limit {
+                if used.saturating_add(add) > limit {
+                    return Some(format!(
+                        "over the tenant's quota of {limit} {what}: {used} in use, {add} more asked for"
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The body of `PUT /v1/tenants/{tenant}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+/// A tenant-scoped API token: only its SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub sha256: String,
+    #[serde(with = "crate::state::time::rfc3339")]
+    pub created_at: Millis,
+}
+
+/// A tenant (Kubernetes' Namespace): owns deployments and instances, bounded by its quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub name: String,
+    pub quota: Quota,
+    #[serde(default)]
+    pub tokens: Vec<TokenRecord>,
+    #[serde(flatten)]
+    pub meta: Meta,
+}
+
+/// A content-addressed blob (kernel, initrd or disk image) and the nodes that hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub digest: String,
+    pub size: u64,
+    #[serde(with = "hex_id::set", default)]
+    pub nodes: BTreeSet<u64>,
+    /// Tenants that pushed it (they list it even before a deployment uses it).
+    #[serde(default)]
+    pub tenants: BTreeSet<String>,
+    /// Since when no deployment or instance has referred to it (garbage collection).
+    #[serde(with = "crate::state::time::rfc3339::option", default)]
+    pub unreferenced_since: Option<Millis>,
+    #[serde(flatten)]
+    pub meta: Meta,
+}
+
+/// What the node does when a microVM exits by itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// How each instance of a deployment is booted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    /// Digest of the kernel image (`sha256:<hex>`).
+    pub kernel: String,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// A disk image copied for each instance as its first virtio disk (`/dev/vda`), writable.
+    #[serde(default)]
+    pub rootfs: Option<String>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Seconds the guest gets to stop after Ctrl+Alt+Del before it is killed.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u32,
+}
+
+fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=1".into()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_mem_mib() -> u64 {
+    128
+}
+fn default_stop_timeout() -> u32 {
+    10
+}
+
+impl Template {
+    pub fn resources(&self) -> Resources {
+        Resources { vcpus: u64::from(self.vcpus), mem_mib: self.mem_mib }
+    }
+
+    /// Every image digest the template names.
+    pub fn images(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.kernel.as_str()).chain(self.initrd.as_deref()).chain(self.rootfs.as_deref())
+    }
+}
+
+/// Where a deployment's instances may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Only nodes carrying all of these labels.
+    #[serde(default)]
+    pub node_labels: BTreeMap<String, String>,
+}
+
+/// The body of `PUT /v1/tenants/{tenant}/deployments/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSpec {
+    pub replicas: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub template: Template,
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// How far a deployment is from what it asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentStatus {
+    /// Instances of the current template that are running.
+    pub running: u32,
+    /// Instances of the current template (in any state but lost).
+    pub updated: u32,
+    /// Instances waiting for a node or to start.
+    pub pending: u32,
+    /// Why the deployment cannot make progress, when it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A deployment (Kubernetes' Deployment): keeps `replicas` instances of its template running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub tenant: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub spec: DeploymentSpec,
+    /// Bumped on every template change; instances record the generation they were made from.
+    pub generation: u64,
+    /// Being deleted: its instances are stopping; it goes once they are gone.
+    #[serde(default)]
+    pub deleting: bool,
+    #[serde(default)]
+    pub status: DeploymentStatus,
+    #[serde(flatten)]
+    pub meta: Meta,
+}
+
+/// Where an instance is in its life (Kubernetes' pod phase, with `lost` for a dead node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Waiting for a node, or assigned and not yet started there.
+    Pending,
+    /// Its node is fetching images and booting it.
+    Starting,
+    Running,
+    /// The microVM exited with status 0.
+    Exited,
+    /// The microVM exited with an error or could not be started.
+    Failed,
+    /// Its node was unreachable past the grace period; a replacement runs elsewhere.
+    Lost,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Starting => "starting",
+            InstanceState::Running => "running",
+            InstanceState::Exited => "exited",
+            InstanceState::Failed => "failed",
+            InstanceState::Lost => "lost",
+        }
+    }
+}
+
+/// What the cluster wants of an instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    #[default]
+    Running,
+    /// Scaled down, replaced or its deployment deleted: its node stops it, then it is removed.
+    Stopped,
+}
+
+/// One microVM of a deployment (Kubernetes' Pod).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    /// Unique over the cluster's life (ids may be reused after deletion): names the node's
+    /// instance directory and jail.
+    pub uid: String,
+    pub tenant: String,
+    pub deployment: String,
+    /// The deployment generation (template) it was made from.
+    pub generation: u64,
+    pub template: Template,
+    #[serde(with = "hex_id::option", default)]
+    pub node: Option<u64>,
+    pub state: InstanceState,
+    #[serde(default)]
+    pub desired: Desired,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub last_exit_code: Option<i32>,
+    /// Why it is pending, failed or lost (empty otherwise).
+    #[serde(default)]
+    pub reason: String,
+    #[serde(with = "crate::state::time::rfc3339::option", default)]
+    pub scheduled_at: Option<Millis>,
+    #[serde(with = "crate::state::time::rfc3339::option", default)]
+    pub started_at: Option<Millis>,
+    #[serde(with = "crate::state::time::rfc3339::option", default)]
+    pub finished_at: Option<Millis>,
+    #[serde(flatten)]
+    pub meta: Meta,
+}
+
+impl Instance {
+    /// It will not run again by itself: it ended and its restart policy does not restart it.
+    pub fn is_final(&self) -> bool {
+        match (self.state, self.template.restart) {
+            (InstanceState::Exited, RestartPolicy::Never | RestartPolicy::OnFailure) => true,
+            (InstanceState::Failed, RestartPolicy::Never) => true,
+            _ => false,
+        }
+    }
+
+    /// It holds (or may soon hold) resources: not lost and not finished for good.
+    pub fn is_active(&self) -> bool {
+        self.state != InstanceState::Lost && !self.is_final()
+    }
+
+    /// It holds resources on its node: assigned and active.
+    pub fn holds_node(&self) -> Option<u64> {
+        self.node.filter(|_| self.is_active())
+    }
+}
+
+/// Why a name or spec is refused (answered 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
+
+fn bad(msg: impl Into<String>) -> SpecError {
+    SpecError(msg.into())
+}
+
+/// A DNS label (RFC 1123): 1 to `max` of `[a-z0-9-]`, starting and ending with a letter or digit.
+pub fn check_dns_label(what: &str, name: &str, max: usize) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "{what} {:?} is not a DNS label (1 to {max} of a-z, 0-9 and '-', not starting or ending with '-')",
+            name.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+pub fn check_tenant_name(name: &str) -> Result<(), SpecError> {
+    check_dns_label("tenant name", name, 63)
+}
+
+pub fn check_deployment_name(name: &str) -> Result<(), SpecError> {
+    check_dns_label("deployment name", name, MAX_DEPLOYMENT_NAME)
+}
+
+/// `sha256:` and 64 lower-case hex digits.
+pub fn check_digest(what: &str, d: &str) -> Result<(), SpecError> {
+    let ok = d
+        .strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "{what} {:?} is not an image digest (sha256:<64 hex digits>)",
+            d.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+pub fn check_labels(what: &str, labels: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    if labels.len() > MAX_LABELS {
+        return Err(bad(format!("{what}: at most {MAX_LABELS} labels")));
+    }
+    let ok_key = |k: &str| {
+        !k.is_empty()
+            && k.len() <= MAX_LABEL_LEN
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    };
+    let ok_value =
+        |v: &str| v.len() <= MAX_LABEL_LEN && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    for (k, v) in labels {
+        if !ok_key(k) || !ok_value(v) {
+            return Err(bad(format!(
+                "{what}: label {:?}={:?} is not valid (keys 1 to {MAX_LABEL_LEN} of [A-Za-z0-9-_./], values up to {MAX_LABEL_LEN} of [A-Za-z0-9-_.])",
+                k.chars().take(80).collect::<String>(),
+                v.chars().take(80).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Template {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_digest("template.kernel", &self.kernel)?;
+        if let Some(d) = &self.initrd {
+            check_digest("template.initrd", d)?;
+        }
+        if let Some(d) = &self.rootfs {
+            check_digest("template.rootfs", d)?;
+        }
+        if self.cmdline.len() > MAX_CMDLINE || self.cmdline.bytes().any(|b| b == 0 || b == b'\n') {
+            return Err(bad(format!("template.cmdline must be at most {MAX_CMDLINE} bytes on one line")));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(bad(format!("template.vcpus must be 1 to {MAX_VCPUS}")));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(bad(format!("template.mem_mib must be {MIN_MEM_MIB} to {MAX_MEM_MIB}")));
+        }
+        if self.stop_timeout_s > MAX_STOP_TIMEOUT_S {
+            return Err(bad(format!("template.stop_timeout_s must be at most {MAX_STOP_TIMEOUT_S}")));
+        }
+        Ok(())
+    }
+}
+
+impl DeploymentSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.replicas > MAX_REPLICAS {
+            return Err(bad(format!("replicas must be 0 to {MAX_REPLICAS}")));
+        }
+        check_labels("labels", &self.labels)?;
+        check_labels("placement.node_labels", &self.placement.node_labels)?;
+        self.template.validate()
+    }
+}
+
+impl TenantSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let q = &self.quota;
+        for (what, v, max) in
+            [("vcpus", q.vcpus, 1 << 20), ("mem_mib", q.mem_mib, 1 << 40), ("instances", q.instances, 1 << 20)]
+        {
+            if v.is_some_and(|v| v > max) {
+                return Err(bad(format!("quota.{what} must be at most {max}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template() -> Template {
+        serde_json::from_str(&format!(r#"{{"kernel": "sha256:{}"}}"#, "a".repeat(64))).unwrap()
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        for ok in ["a", "web-1", "0abc", &"x".repeat(63)] {
+            assert!(check_tenant_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "../x", "a/b", "a%2fb", &"x".repeat(64), "é"] {
+            assert!(check_tenant_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_deployment_name(&"x".repeat(53)).is_err());
+    }
+
+    #[test]
+    fn templates_take_defaults_and_refuse_nonsense() {
+        let t = template();
+        assert_eq!((t.vcpus, t.mem_mib, t.restart, t.stop_timeout_s), (1, 128, RestartPolicy::Always, 10));
+        assert!(t.validate().is_ok());
+        let bad_templates = [
+            Template { kernel: "sha256:abc".into(), ..template() },
+            Template { kernel: format!("sha256:{}", "A".repeat(64)), ..template() },
+            Template { initrd: Some("md5:x".into()), ..template() },
+            Template { vcpus: 0, ..template() },
+            Template { vcpus: 1000, ..template() },
+            Template { mem_mib: 1, ..template() },
+            Template { cmdline: "x".repeat(3000), ..template() },
+            Template { cmdline: "a\nb".into(), ..template() },
+        ];
+        for t in bad_templates {
+            assert!(t.validate().is_err(), "{t:?}");
+        }
+        let unknown = format!(r#"{{"kernel": "sha256:{}", "kernal": "x"}}"#, "a".repeat(64));
+        assert!(serde_json::from_str::<Template>(&unknown).is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn restart_policies_use_the_api_spelling() {
+        for (s, p) in [
+            ("always", RestartPolicy::Always),
+            ("on-failure", RestartPolicy::OnFailure),
+            ("never", RestartPolicy::Never),
+        ] {
+            assert_eq!(serde_json::from_str::<RestartPolicy>(&format!("\"{s}\"")).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn quotas_say_which_limit_is_exceeded() {
+        let q = Quota { vcpus: Some(4), mem_mib: None, instances: Some(3) };
+        let used = Usage { vcpus: 2, mem_mib: 100, instances: 2 };
+        let each = Resources { vcpus: 1, mem_mib: 1 << 30 };
+        assert_eq!(q.exceeded_by(used, 1, each), None);
+        assert!(q.exceeded_by(used, 2, each).unwrap().contains("quota of 3 instances"));
+        assert!(q.exceeded_by(used, 3, each).unwrap().contains("quota of 4 vCPUs"));
+    }
+
+    #[test]
+    fn final_and_active_follow_the_restart_policy() {
+        let mut i = Instance {
+            id: "web-a".into(),
+            uid: "u".into(),
+            tenant: "t".into(),
+            deployment: "web".into(),
+            generation: 1,
+            template: template(),
+            node: Some(7),
+            state: InstanceState::Exited,
+            desired: Desired::Running,
+            restarts: 0,
+            last_exit_code: Some(0),
+            reason: String::new(),
+            scheduled_at: None,
+            started_at: None,
+            finished_at: None,
+            meta: Meta::default(),
+        };
+        assert!(!i.is_final(), "always restarts");
+        i.template.restart = RestartPolicy::OnFailure;
+        assert!(i.is_final());
+        i.state = InstanceState::Failed;
+        assert!(!i.is_final());
+        i.template.restart = RestartPolicy::Never;
+        assert!(i.is_final() && !i.is_active() && i.holds_node().is_none());
+        i.state = InstanceState::Lost;
+        assert!(!i.is_active());
+        i.state = InstanceState::Running;
+        assert_eq!(i.holds_node(), Some(7));
+    }
+}

@@ -1,0 +1,169 @@
+//! The supervisor's side of shoal-vmm's Firecracker-compatible API on the instance's Unix socket:
+//! one request per connection (`Connection: close`), JSON bodies, the VMM's
+//! `{"fault_message": ...}` turned into an error.
+//!
+//! The bodies are written here as JSON values with the VMM API's field names (documented in
+//! `vmm/api/openapi.json`); node-init does not link the VMM crate.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::state::objects::Template;
+
+/// Longest a single VMM API call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response read.
+const MAX_RESPONSE: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmApiError {
+    #[error("cannot reach the VMM's API socket")]
+    Connect(#[source] std::io::Error),
+    #[error("the VMM's API did not answer in time")]
+    Timeout,
+    #[error("the VMM's API answered something that is not HTTP")]
+    Garbled,
+    #[error("{method} {path}: {status}: {message}")]
+    Refused { method: String, path: String, status: u16, message: String },
+}
+
+async fn connect(socket: &Path) -> Result<tokio::net::UnixStream, VmmApiError> {
+    use std::os::unix::ffi::OsStrExt;
+    // Unix socket paths are limited to 107 bytes; a longer one is reached through its directory.
+    if socket.as_os_str().as_bytes().len() < 100 {
+        return tokio::net::UnixStream::connect(socket).await.map_err(VmmApiError::Connect);
+    }
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let name = socket.file_name().unwrap_or_default();
+    let handle = std::fs::File::open(dir).map_err(VmmApiError::Connect)?;
+    let short = format!("/proc/self/fd/{}/{}", std::os::fd::AsRawFd::as_raw_fd(&handle), name.to_string_lossy());
+    let stream = tokio::net::UnixStream::connect(&short).await.map_err(VmmApiError::Connect);
+    drop(handle);
+    stream
+}
+
+/// One request: the status and the parsed body (Null when empty).
+pub async fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), VmmApiError> {
+    let work = async {
+        let mut s = connect(socket).await?;
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        );
+        s.write_all(head.as_bytes()).await.map_err(VmmApiError::Connect)?;
+        s.write_all(payload.as_bytes()).await.map_err(VmmApiError::Connect)?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.map_err(VmmApiError::Connect)?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() > MAX_RESPONSE {
+                return Err(VmmApiError::Garbled);
+            }
+            if let Some(done) = complete_response(&buf) {
+                buf.truncate(done);
+                break;
+            }
+        }
+        parse_response(&buf)
+    };
+    match tokio::time::timeout(CALL_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(VmmApiError::Timeout),
+    }
+}
+
+/// The length of a complete response in `buf` (head and Content-Length body), if there is one.
+fn complete_response(buf: &[u8]) -> Option<usize> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).map(|(_, v)| v.trim())
+        })
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    (buf.len() >= head_end + len).then_some(head_end + len)
+}
+
+fn parse_response(buf: &[u8]) -> Result<(u16, Value), VmmApiError> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or(VmmApiError::Garbled)?;
+    let status_line =
+        std::str::from_utf8(&buf[..head_end]).map_err(|_| VmmApiError::Garbled)?.lines().next().unwrap_or("");
+    let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(VmmApiError::Garbled)?;
+    let body = &buf[head_end + 4..];
+    let value = if body.is_empty() { Value::Null } else { serde_json::from_slice(body).unwrap_or(Value::Null) };
+    Ok((status, value))
+}
+
+/// A request that must succeed (2xx).
+pub async fn expect_ok(socket: &Path, method: &str, path: &str, body: &Value) -> Result<(), VmmApiError> {
+    let (status, reply) = call(socket, method, path, Some(body)).await?;
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let message = reply["fault_message"].as_str().unwrap_or("no message").to_string();
+    Err(VmmApiError::Refused { method: method.into(), path: path.into(), status, message })
+}
+
+/// The paths inside the jail where the instance's files are put.
+pub const KERNEL: &str = "/kernel";
+pub const INITRD: &str = "/initrd";
+pub const ROOTFS: &str = "/rootfs.img";
+
+/// Configures a fresh VMM for `template` and boots it.
+pub async fn boot(socket: &Path, template: &Template) -> Result<(), VmmApiError> {
+    expect_ok(
+        socket,
+        "PUT",
+        "/machine-config",
+        &json!({"vcpu_count": template.vcpus, "mem_size_mib": template.mem_mib}),
+    )
+    .await?;
+    let mut boot = json!({"kernel_image_path": KERNEL, "boot_args": template.cmdline});
+    if template.initrd.is_some() {
+        boot["initrd_path"] = json!(INITRD);
+    }
+    expect_ok(socket, "PUT", "/boot-source", &boot).await?;
+    if template.rootfs.is_some() {
+        let drive =
+            json!({"drive_id": "rootfs", "path_on_host": ROOTFS, "is_root_device": true, "is_read_only": false});
+        expect_ok(socket, "PUT", "/drives/rootfs", &drive).await?;
+    }
+    expect_ok(socket, "PUT", "/actions", &json!({"action_type": "InstanceStart"})).await
+}
+
+/// Whether the VMM answers and runs a guest.
+pub async fn is_running(socket: &Path) -> bool {
+    matches!(call(socket, "GET", "/", None).await, Ok((200, v)) if v["state"] == "Running")
+}
+
+/// Presses Ctrl+Alt+Del on the guest's keyboard.
+pub async fn ctrl_alt_del(socket: &Path) -> Result<(), VmmApiError> {
+    expect_ok(socket, "PUT", "/actions", &json!({"action_type": "SendCtrlAltDel"})).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_complete_only_with_their_whole_body() {
+        let r = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 27\r\n\r\n{\"fault_message\": \"nope\"}";
+        assert_eq!(complete_response(r), None, "two bytes short");
+        let r = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 25\r\n\r\n{\"fault_message\": \"nope\"}";
+        assert_eq!(complete_response(r), Some(r.len()));
+        let (status, v) = parse_response(r).unwrap();
+        assert_eq!((status, v["fault_message"].as_str()), (400, Some("nope")));
+        assert_eq!(parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap(), (204, Value::Null));
+        assert!(parse_response(b"garbage").is_err());
+    }
+}

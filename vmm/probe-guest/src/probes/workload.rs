@@ -1,0 +1,37 @@
+//! Workload probe: the guest the cluster tests deploy. It behaves like a small service: prints
+//! a start line with its command line (so a test sees which template it was booted from), then
+//! `tick=N` every half second (PIT at 100 Hz), and shuts down cleanly when the host presses
+//! Ctrl+Alt+Del (the i8042 keyboard delivers Ctrl, Alt, then Del as the extended set-2 make code
+//! `e0 71`): it prints `SHOAL-PROBE workload: stopping` and resets, so the VMM exits 0, as a
+//! Linux guest with the AT keyboard driver reboots.
+#![no_std]
+#![no_main]
+
+mod common;
+mod irq;
+
+use core::sync::atomic::Ordering;
+
+use irq::PIT_TICKS;
+
+#[no_mangle]
+pub extern "C" fn probe_main(boot_params: u64) -> ! {
+    say!("SHOAL-PROBE workload: start cmdline=", common::cmdline(boot_params));
+    irq::setup_idt();
+    irq::start_pit_100hz();
+    let mut tick = 0u64;
+    let mut extended = false;
+    loop {
+        irq::wait_until(&PIT_TICKS, PIT_TICKS.load(Ordering::SeqCst) + 50);
+        tick += 1;
+        say!("tick=", tick);
+        while common::inb(0x64) & 1 != 0 {
+            let code = common::inb(0x60);
+            if extended && code == 0x71 {
+                say!("SHOAL-PROBE workload: stopping");
+                common::reset();
+            }
+            extended = code == 0xe0;
+        }
+    }
+}
