@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod linearizability;
+pub mod openapi;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -110,6 +111,8 @@ impl Net {
             secret_file.to_str().unwrap(),
             "--dead-voter-timeout",
             "3",
+            "--vmm",
+            &vmm_binary(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -151,10 +154,82 @@ pub fn enter_netns(name: &str) {
 impl Drop for Net {
     fn drop(&mut self) {
         for ns in &self.namespaces {
-            // Processes still inside die with their nodes (Node::drop); the namespace goes.
+            // MicroVMs outlive their agents by design: end everything left in the namespace
+            // (SIGTERM first, so jailed VMMs remove their cgroups), then the namespace goes.
+            end_namespace(ns);
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        remove_empty_jail_cgroups();
     }
+}
+
+/// The pids of every process in a network namespace.
+pub fn ns_pids(ns: &str) -> Vec<i32> {
+    let out = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| o.stdout).unwrap_or_default();
+    String::from_utf8_lossy(&out).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+fn signal_all(ns: &str, sig: i32) -> usize {
+    let pids = ns_pids(ns);
+    for p in &pids {
+        // SAFETY: signalling processes of the test's own namespace.
+        unsafe { libc::kill(*p, sig) };
+    }
+    pids.len()
+}
+
+fn end_namespace(ns: &str) {
+    if signal_all(ns, libc::SIGTERM) > 0 {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !ns_pids(ns).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        signal_all(ns, libc::SIGKILL);
+    }
+}
+
+/// Jails killed with SIGKILL cannot remove their cgroups: the tests do, once they are empty.
+pub fn remove_empty_jail_cgroups() {
+    for root in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+    ] {
+        let Ok(rd) = std::fs::read_dir(format!("{root}/shoal-vmm")) else { continue };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().to_string();
+            let empty = std::fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+            if name.starts_with("shoal-") && empty {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+/// The command line of a process, with NULs as spaces.
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+}
+
+/// The shoal-vmm binary the nodes run: $SHOAL_VMM, else the one built beside shoal-node.
+pub fn vmm_binary() -> String {
+    std::env::var("SHOAL_VMM").unwrap_or_else(|_| {
+        let node = std::path::Path::new(env!("CARGO_BIN_EXE_shoal-node"));
+        node.with_file_name("shoal-vmm").to_string_lossy().to_string()
+    })
 }
 
 pub struct Node {
@@ -174,14 +249,28 @@ impl Node {
     pub fn start(&mut self) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("agent.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_shoal-node")])
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("shoal-node starts");
+        // Only the network namespace changes: `ip netns exec` would also mount a sysfs of its
+        // own, hiding the host's cgroup hierarchy from the jails the node starts.
+        let netns = std::fs::File::open(format!("/run/netns/{}", self.ns)).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-node"));
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = netns.as_raw_fd();
+            // SAFETY: between fork and exec the child only calls setns, which is async-signal-safe,
+            // on a descriptor it inherited.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("shoal-node starts");
+        drop(netns);
         self.child = Some(child);
         let token_file = self.data_dir.join("api-token");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -197,6 +286,75 @@ impl Node {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// The whole node dies at once: its agent and every microVM it runs (kill -9 of every
+    /// process in its namespace), as when a server loses power.
+    pub fn kill_node(&mut self) {
+        signal_all(&self.ns, libc::SIGKILL);
+        self.kill9();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ns_pids(&self.ns).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pids of the jailed VMM processes (the unprivileged side of each jail: one per
+    /// microVM running on this node).
+    pub fn vm_pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = ns_pids(&self.ns)
+            .into_iter()
+            .filter(|p| cmdline(*p).contains("shoal-vmm") && uid_of(*p).is_some_and(|u| u != 0))
+            .collect();
+        pids.sort();
+        pids
+    }
+
+    /// The agent's own pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// POST a file's bytes to /v1/images; returns the digest.
+    pub fn upload(&self, path: &std::path::Path) -> String {
+        let bytes = std::fs::read(path).unwrap();
+        let res = self
+            .agent()
+            .post(&self.url("/v1/images"))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .send_bytes(&bytes)
+            .unwrap_or_else(|e| panic!("image upload to node {}: {e}", self.i));
+        let v: Value = res.into_json().unwrap();
+        v["digest"].as_str().unwrap().to_string()
+    }
+
+    /// A request with a JSON body, retried while the cluster answers 503 (an election).
+    pub fn send(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let text = body.to_string();
+        wait_for(Duration::from_secs(20), &format!("{method} {path} to be answered"), || {
+            match self.call(method, path, Some(&text)) {
+                Ok((503, _)) | Err(_) => None,
+                Ok(r) => Some(r),
+            }
+        })
+    }
+
+    /// GET, retried while the cluster answers 503.
+    pub fn get_ok(&self, path: &str) -> Value {
+        wait_for(Duration::from_secs(20), &format!("GET {path}"), || match self.get(path) {
+            Ok((200, v)) => Some(v),
+            _ => None,
+        })
+    }
+
+    /// GET as text (a console), with this node's token.
+    pub fn get_text(&self, path: &str) -> Result<(u16, String), String> {
+        let req = self.agent().get(&self.url(path)).set("Authorization", &format!("Bearer {}", self.token));
+        match req.call() {
+            Ok(r) => Ok((r.status(), r.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -225,11 +383,11 @@ impl Node {
         &self.token
     }
 
-    fn agent(&self) -> ureq::Agent {
+    pub fn agent(&self) -> ureq::Agent {
         ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build()
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr())
     }
 
