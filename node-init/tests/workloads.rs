@@ -19,19 +19,7 @@ const FORM: Duration = Duration::from_secs(40);
 const CAPACITY: &str = "vcpus=4,mem-mib=1024";
 
 fn can_run() -> bool {
-    if !support::can_run() {
-        return false;
-    }
-    if !std::path::Path::new("/dev/kvm").exists() {
-        assert!(
-            std::env::var_os("SHOAL_SKIP_KVM_TESTS").is_some(),
-            "/dev/kvm is missing (set SHOAL_SKIP_KVM_TESTS=1 to skip KVM tests)"
-        );
-        return false;
-    }
-    let vmm = support::vmm_binary();
-    assert!(std::path::Path::new(&vmm).is_file(), "{vmm} is missing: build shoal-vmm (make build) or set SHOAL_VMM");
-    true
+    support::can_run_vms()
 }
 
 fn probe(name: &str) -> &'static std::path::Path {

@@ -39,6 +39,24 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+/// Tests that run microVMs also need /dev/kvm (and a shoal-vmm to run them with); without KVM
+/// they fail unless SHOAL_SKIP_KVM_TESTS=1.
+pub fn can_run_vms() -> bool {
+    if !can_run() {
+        return false;
+    }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(
+            std::env::var_os("SHOAL_SKIP_KVM_TESTS").is_some(),
+            "/dev/kvm is missing (set SHOAL_SKIP_KVM_TESTS=1 to skip KVM tests)"
+        );
+        return false;
+    }
+    let vmm = vmm_binary();
+    assert!(std::path::Path::new(&vmm).is_file(), "{vmm} is missing: build shoal-vmm (make build) or set SHOAL_VMM");
+    true
+}
+
 /// A test's network: a hub namespace with the bridge, one namespace per node.
 pub struct Net {
     pub prefix: String,

@@ -1,0 +1,235 @@
+//! `shoalctl` driven as a user would, against a real node in a network namespace running probe
+//! guests: contexts, apply (with an image given as a file), rollout status, get as tables, JSON
+//! and names, logs and logs -f, get -w, scale, tokens, delete, and errors as one line with a
+//! non-zero exit. Needs root and /dev/kvm, and shoalctl built beside shoal-node (make build).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{agreed_status, wait_for, Net};
+
+fn shoalctl_binary() -> PathBuf {
+    std::env::var_os("SHOALCTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_BIN_EXE_shoal-node")).with_file_name("shoalctl"))
+}
+
+struct Ctl {
+    config: PathBuf,
+}
+
+impl Ctl {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(shoalctl_binary());
+        c.args(args).env("SHOAL_CONFIG", &self.config).env_remove("SHOAL_TOKEN").env_remove("SHOAL_ENDPOINT");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "shoalctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects failure with one line on stderr; returns it.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "shoalctl {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+        assert!(err.starts_with("shoalctl: "), "{err}");
+        err
+    }
+
+    fn spawn(&self, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+        let mut child = self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    }
+}
+
+/// Waits for a line that `pred` accepts from a spawned shoalctl.
+fn wait_line(rx: &std::sync::mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if pred(&line) {
+                return line;
+            }
+            seen.push(line);
+        }
+    }
+    panic!("no line with {what}; saw {seen:#?}");
+}
+
+#[test]
+fn shoalctl_applies_gets_follows_scales_and_deletes_as_a_user_would() {
+    if !support::can_run_vms() {
+        return;
+    }
+    assert!(shoalctl_binary().is_file(), "{} is missing: build it (make build)", shoalctl_binary().display());
+    let mut net = Net::new("s");
+    let node = net.node(0, &["--min-voters", "1", "--capacity", "vcpus=4,mem-mib=1024"]);
+    wait_for(Duration::from_secs(30), "a one-node cluster", || agreed_status(&[&node]));
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Ctl { config: dir.path().join("config") };
+
+    // A context, as a kubeconfig holds one.
+    let token_file = node.data_dir.join("api-token");
+    let set = ctl.ok(&[
+        "config",
+        "set-context",
+        "test",
+        "--endpoint",
+        &node.addr(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--tenant",
+        "acme",
+    ]);
+    assert!(set.contains("context test set"), "{set}");
+    let view = ctl.ok(&["config", "view"]);
+    assert!(
+        view.contains("current-context: test") && view.contains("token: (set)") && !view.contains(node.token()),
+        "{view}"
+    );
+
+    // apply: a tenant and a deployment whose kernel is a file next to the manifest.
+    std::fs::copy(shoal_probe_guest::path("workload").unwrap(), dir.path().join("workload.elf")).unwrap();
+    let manifest = dir.path().join("app.yaml");
+    std::fs::write(
+        &manifest,
+        "kind: Tenant\nname: acme\nquota: {vcpus: 4, mem_mib: 1024}\n---\nkind: Deployment\nname: web\nreplicas: 2\nlabels: {app: web}\ntemplate:\n  kernel: ./workload.elf\n  cmdline: from-shoalctl\n  mem_mib: 64\n",
+    )
+    .unwrap();
+    let applied = ctl.run(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let stdout = String::from_utf8_lossy(&applied.stdout);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["tenant/acme created", "deployment/web (tenant acme) created"]);
+    assert!(String::from_utf8_lossy(&applied.stderr).contains("pushed as sha256:"));
+    let rolled = ctl.ok(&["rollout", "status", "web"]);
+    assert!(rolled.ends_with("deployment/web rolled out\n"), "{rolled}");
+
+    // get: a table for people, JSON and names for scripts.
+    let table = ctl.ok(&["get", "instances"]);
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert_eq!(
+        rows[0].split_whitespace().collect::<Vec<_>>(),
+        ["ID", "DEPLOYMENT", "NODE", "STATE", "RESTARTS", "EXIT", "AGE", "REASON"]
+    );
+    assert!(rows[1..].iter().all(|r| r.contains(" running ") && r.starts_with("web-")), "{table}");
+    let json: Value = serde_json::from_str(&ctl.ok(&["get", "instances", "-o", "json"])).unwrap();
+    assert_eq!(json["instances"].as_array().unwrap().len(), 2);
+    let names = ctl.ok(&["get", "instances", "-o", "name"]);
+    let ids: Vec<&str> = names.lines().collect();
+    assert_eq!(ids.len(), 2);
+    let one = ctl.ok(&["get", "instances", ids[0], "-o", "json"]);
+    assert_eq!(serde_json::from_str::<Value>(&one).unwrap()["id"], ids[0]);
+    for (kind, header) in [("nodes", "ID"), ("tenants", "NAME"), ("deployments", "NAME"), ("images", "DIGEST")] {
+        let out = ctl.ok(&["get", kind]);
+        assert!(out.lines().count() >= 2 && out.starts_with(header), "get {kind}: {out}");
+    }
+    assert!(ctl.ok(&["get", "deployments"]).lines().nth(1).unwrap().split_whitespace().take(3).eq(["web", "2", "2"]));
+
+    // logs, and logs -f that keeps printing as the guest does.
+    let logs = ctl.ok(&["logs", ids[0]]);
+    assert!(logs.starts_with("SHOAL-PROBE workload: start cmdline=from-shoalctl"), "{logs}");
+    let last_tick =
+        logs.lines().filter_map(|l| l.strip_prefix("tick=")).filter_map(|n| n.parse::<u64>().ok()).max().unwrap_or(0);
+    let (mut follow, lines) = ctl.spawn(&["logs", "-f", ids[0]]);
+    wait_line(&lines, "a newer tick", |l| {
+        l.strip_prefix("tick=").and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > last_tick + 1)
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // get -w shows the instances a scale-up adds, as they change.
+    let (mut watch, events) = ctl.spawn(&["get", "instances", "-w"]);
+    wait_line(&events, "the header", |l| l.starts_with("ID"));
+    let scaled = ctl.ok(&["scale", "web", "3"]);
+    assert_eq!(scaled.trim(), "deployment/web scaled to 3");
+    let new_row = wait_line(&events, "a new instance's row", |l| {
+        l.starts_with("web-") && !ids.iter().any(|id| l.starts_with(id))
+    });
+    assert!(new_row.contains("web"), "{new_row}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    ctl.ok(&["rollout", "status", "web"]);
+    assert_eq!(ctl.ok(&["get", "instances", "-o", "name"]).lines().count(), 3);
+
+    // A tenant token sees its tenant and nothing else.
+    let token = ctl.ok(&["token", "create", "acme"]).trim().to_string();
+    assert!(token.starts_with("shoal-t-"), "{token}");
+    assert_eq!(ctl.ok(&["--token", &token, "get", "instances", "-o", "name"]).lines().count(), 3);
+    let refused = ctl.fails(&["--token", &token, "get", "nodes"]);
+    assert!(refused.contains("(403)"), "{refused}");
+
+    // Errors: one clear line, exit status 1.
+    let missing = ctl.fails(&["delete", "deployment", "nope"]);
+    assert!(missing.contains("does not exist") && missing.contains("(404)"), "{missing}");
+    let bad_token = ctl.fails(&["--token", "wrong", "get", "nodes"]);
+    assert!(bad_token.contains("(401)"), "{bad_token}");
+    let bad_file = dir.path().join("bad.yaml");
+    std::fs::write(&bad_file, "kind: Pod\nname: x\n").unwrap();
+    let bad = ctl.fails(&["apply", "-f", bad_file.to_str().unwrap()]);
+    assert!(bad.contains("unknown kind"), "{bad}");
+    let over = dir.path().join("over.yaml");
+    std::fs::write(
+        &over,
+        format!(
+            "kind: Deployment\nname: big\nreplicas: 9\ntemplate: {{kernel: {}}}\n",
+            serde_json::from_str::<Value>(&one).unwrap()["template"]["kernel"]
+        ),
+    )
+    .unwrap();
+    let refused = ctl.fails(&["apply", "-f", over.to_str().unwrap()]);
+    assert!(refused.contains("quota") && refused.contains("(422)"), "{refused}");
+
+    // image push prints the digest of the bytes.
+    let digest = ctl.ok(&["image", "push", "-q", dir.path().join("workload.elf").to_str().unwrap()]);
+    assert_eq!(digest.trim(), serde_json::from_str::<Value>(&one).unwrap()["template"]["kernel"]);
+
+    // delete: the deployment goes, its instances with it; then the objects of a file.
+    assert_eq!(ctl.ok(&["delete", "deployment", "web"]).trim(), "deployment/web deleted");
+    wait_for(Duration::from_secs(30), "the instances to go", || {
+        ctl.ok(&["get", "instances", "-o", "name"]).trim().is_empty().then_some(())
+    });
+    assert!(node.vm_pids().is_empty(), "no microVM is left running");
+    let tenant_file = dir.path().join("tenant.json");
+    std::fs::write(&tenant_file, r#"{"kind": "Tenant", "name": "acme"}"#).unwrap();
+    assert_eq!(ctl.ok(&["delete", "-f", tenant_file.to_str().unwrap()]).trim(), "tenant/acme deleted");
+    assert_eq!(ctl.ok(&["get", "tenants", "-o", "name"]).trim(), "");
+}

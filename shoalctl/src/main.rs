@@ -1,0 +1,568 @@
+//! `shoalctl`: the Shoal cluster from the command line. It speaks the node API over HTTP (any
+//! node answers) and links nothing of the agent: tables for people by default, `-o json` for
+//! scripts, errors as one line and a non-zero exit status.
+
+mod client;
+mod config;
+mod manifest;
+mod table;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use client::{Client, ClientError};
+use config::{ConfigFile, Context};
+use manifest::Object;
+
+const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7400";
+const DEFAULT_TENANT: &str = "default";
+
+/// Manage a Shoal cluster: tenants, images, deployments, instances and their consoles.
+#[derive(Debug, Parser)]
+#[command(name = "shoalctl", version, about)]
+struct Cli {
+    /// A node's API address (default: the context's, else $SHOAL_ENDPOINT, else 127.0.0.1:7400).
+    #[arg(long, global = true)]
+    endpoint: Option<String>,
+    /// The bearer token (default: the context's, else $SHOAL_TOKEN).
+    #[arg(long, global = true, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// Read the bearer token from a file (a node writes its own to DATA_DIR/api-token).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// The context of ~/.config/shoal/config to use (default: its current context).
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// The tenant of deployments and instances (default: the context's, else "default").
+    #[arg(long, short = 't', global = true)]
+    tenant: Option<String>,
+    /// How to print what was asked for.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    /// Names only, one per line (for scripts).
+    Name,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    #[value(alias = "node", alias = "no")]
+    Nodes,
+    #[value(alias = "tenant", alias = "ns")]
+    Tenants,
+    #[value(alias = "deployment", alias = "deploy")]
+    Deployments,
+    #[value(alias = "instance", alias = "inst", alias = "pods")]
+    Instances,
+    #[value(alias = "image", alias = "img")]
+    Images,
+}
+
+impl Kind {
+    fn singular(self) -> &'static str {
+        match self {
+            Kind::Nodes => "node",
+            Kind::Tenants => "tenant",
+            Kind::Deployments => "deployment",
+            Kind::Instances => "instance",
+            Kind::Images => "image",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List objects of a kind, or show one by name.
+    Get {
+        kind: Kind,
+        name: Option<String>,
+        /// With instances: only this deployment's.
+        #[arg(long, short = 'd')]
+        deployment: Option<String>,
+        /// After the list, print each change as it is committed (Ctrl+C to stop).
+        #[arg(long, short = 'w', conflicts_with = "name")]
+        watch: bool,
+    },
+    /// Rollouts: `rollout status NAME` waits until every replica of the deployment runs its
+    /// current template.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// Create or update the tenants and deployments in a YAML or JSON file ('-': stdin). Image
+    /// fields that name files instead of digests are pushed first.
+    Apply {
+        #[arg(long, short = 'f')]
+        file: String,
+    },
+    /// Delete a deployment, tenant or image by name, or every object of a file.
+    Delete {
+        kind: Option<Kind>,
+        name: Option<String>,
+        #[arg(long, short = 'f', conflicts_with_all = ["kind", "name"])]
+        file: Option<String>,
+    },
+    /// Set a deployment's replicas.
+    Scale { name: String, replicas: u32 },
+    /// An instance's console; with -f, keep following it.
+    Logs {
+        instance: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Images: push a file.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Stop placing new instances on a node.
+    Cordon { node: String },
+    /// Place new instances on a node again.
+    Uncordon { node: String },
+    /// Tenant-scoped tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Contexts in ~/.config/shoal/config.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Wait until the deployment's replicas all run its current template.
+    Status {
+        name: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Upload a kernel, initrd or disk image; prints its digest.
+    Push {
+        file: PathBuf,
+        /// Print only the digest (no progress bar).
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// A new token for the tenant (shown once).
+    Create { tenant: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Add or replace a named context.
+    SetContext {
+        name: String,
+        #[arg(long)]
+        endpoint: String,
+        /// The token, or read it from --token-file (the global flags).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Make a context the current one.
+    UseContext { name: String },
+    /// Print the config (tokens elided).
+    View,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+fn usage(s: impl Into<String>) -> CliError {
+    CliError::Usage(s.into())
+}
+
+struct Session {
+    client: Client,
+    tenant: String,
+    output: Output,
+}
+
+fn token(cli: &Cli, ctx: Option<&Context>) -> Result<String, CliError> {
+    if let Some(t) = &cli.token {
+        return Ok(t.clone());
+    }
+    if let Some(f) = &cli.token_file {
+        // A node that has just started writes its token file within moments.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !f.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let t = std::fs::read_to_string(f)
+            .map_err(|source| CliError::Io { what: format!("reading {}", f.display()), source })?;
+        return Ok(t.trim().to_string());
+    }
+    if let Ok(t) = std::env::var("SHOAL_TOKEN") {
+        return Ok(t);
+    }
+    Ok(ctx.and_then(|c| c.token.clone()).unwrap_or_default())
+}
+
+fn session(cli: &Cli) -> Result<Session, CliError> {
+    let file = ConfigFile::load()?;
+    let ctx = file.context(cli.context.as_deref())?;
+    let endpoint = cli
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("SHOAL_ENDPOINT").ok())
+        .or_else(|| ctx.map(|c| c.endpoint.clone()))
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    let tenant =
+        cli.tenant.clone().or_else(|| ctx.and_then(|c| c.tenant.clone())).unwrap_or_else(|| DEFAULT_TENANT.into());
+    Ok(Session { client: Client::new(&endpoint, &token(cli, ctx)?), tenant, output: cli.output })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// The rows of one kind's table.
+fn render(kind: Kind, v: &Value, now: SystemTime) -> String {
+    match kind {
+        Kind::Nodes => table::nodes(v, now),
+        Kind::Tenants => table::tenants(v, now),
+        Kind::Deployments => table::deployments(v, now),
+        Kind::Instances => table::instances(v, now),
+        Kind::Images => table::images(v, now),
+    }
+}
+
+/// The names of a list's (or one object's) objects.
+fn names(kind: Kind, v: &Value) -> Vec<String> {
+    let (list, field) = match kind {
+        Kind::Nodes => ("nodes", "id"),
+        Kind::Tenants => ("tenants", "name"),
+        Kind::Deployments => ("deployments", "name"),
+        Kind::Instances => ("instances", "id"),
+        Kind::Images => ("images", "digest"),
+    };
+    let items: Vec<&Value> = match v.get(list).and_then(Value::as_array) {
+        Some(a) => a.iter().collect(),
+        None => vec![v],
+    };
+    items.iter().filter_map(|i| i[field].as_str().map(str::to_string)).collect()
+}
+
+fn get(s: &Session, kind: Kind, name: Option<&str>, deployment: Option<&str>, watch: bool) -> Result<(), CliError> {
+    let t = &s.tenant;
+    let path = match (kind, name) {
+        (Kind::Nodes, None) => "/v1/nodes".to_string(),
+        (Kind::Nodes, Some(n)) => format!("/v1/nodes/{n}"),
+        (Kind::Tenants, None) => "/v1/tenants".to_string(),
+        (Kind::Tenants, Some(n)) => format!("/v1/tenants/{n}"),
+        (Kind::Deployments, None) => format!("/v1/tenants/{t}/deployments"),
+        (Kind::Deployments, Some(n)) => format!("/v1/tenants/{t}/deployments/{n}"),
+        (Kind::Instances, None) => match deployment {
+            Some(d) => format!("/v1/tenants/{t}/instances?deployment={d}"),
+            None => format!("/v1/tenants/{t}/instances"),
+        },
+        (Kind::Instances, Some(n)) => format!("/v1/tenants/{t}/instances/{n}"),
+        (Kind::Images, None) => "/v1/images".to_string(),
+        (Kind::Images, Some(n)) => format!("/v1/images/{n}"),
+    };
+    let v = s.client.get(&path)?;
+    match s.output {
+        Output::Json => print_json(&v),
+        Output::Name => names(kind, &v).iter().for_each(|n| println!("{n}")),
+        Output::Table => println!("{}", render(kind, &v, SystemTime::now())),
+    }
+    if !watch {
+        return Ok(());
+    }
+    if kind == Kind::Images {
+        return Err(usage("images cannot be watched"));
+    }
+    let from = v["revision"].as_u64().unwrap_or(0);
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let reader = s.client.stream(&format!("{path}{sep}watch=true&from_revision={from}"))?;
+    let mut out = std::io::stdout().lock();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(reader)) {
+        let Ok(line) = line else { return Ok(()) };
+        let Some(data) = line.strip_prefix("data:") else { continue };
+        let Ok(event) = serde_json::from_str::<Value>(data.trim()) else { continue };
+        let text = match s.output {
+            Output::Json => event.to_string(),
+            Output::Name => format!("{} {}", event["type"].as_str().unwrap_or(""), event["key"].as_str().unwrap_or("")),
+            Output::Table if event["type"] == "delete" => format!("deleted {}", event["key"].as_str().unwrap_or("")),
+            // One row, without the header.
+            Output::Table => {
+                render(kind, &event["object"], SystemTime::now()).lines().skip(1).collect::<Vec<_>>().join("\n")
+            }
+        };
+        if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the deployment runs every replica on its current template.
+fn rollout_status(s: &Session, name: &str, timeout: u64) -> Result<(), CliError> {
+    let path = format!("/v1/tenants/{}/deployments/{name}", s.tenant);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    let mut last = String::new();
+    loop {
+        let d = s.client.get(&path)?;
+        let (want, running, updated) = (
+            d["replicas"].as_u64().unwrap_or(0),
+            d["status"]["running"].as_u64().unwrap_or(0),
+            d["status"]["updated"].as_u64().unwrap_or(0),
+        );
+        let line = format!("deployment/{name}: {running} of {want} running, {updated} updated");
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        if running == want && updated == want {
+            println!("deployment/{name} rolled out");
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let why = d["status"]["message"].as_str().map(|m| format!(": {m}")).unwrap_or_default();
+            return Err(usage(format!("deployment {name} did not roll out within {timeout} s{why}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+/// Uploads a file, with a progress bar on a terminal; returns its digest.
+fn push(s: &Session, file: &Path, quiet: bool) -> Result<String, CliError> {
+    let f = std::fs::File::open(file)
+        .map_err(|source| CliError::Io { what: format!("opening {}", file.display()), source })?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = if quiet || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(len);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(file.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
+        bar
+    };
+    let v = s.client.upload("/v1/images", bar.wrap_read(f), len)?;
+    bar.finish_and_clear();
+    v["digest"].as_str().map(str::to_string).ok_or_else(|| usage(format!("the node answered without a digest: {v}")))
+}
+
+fn apply(s: &Session, file: &str) -> Result<(), CliError> {
+    let (objects, base) = manifest::read(file)?;
+    if objects.is_empty() {
+        return Err(usage(format!("{file} holds no objects")));
+    }
+    for obj in objects {
+        let what = obj.describe(&s.tenant);
+        let (path, body) = match obj {
+            Object::Tenant { name, body } => (format!("/v1/tenants/{name}"), body),
+            Object::Deployment { tenant, name, mut body } => {
+                for (field, path) in manifest::image_files(&body, &base) {
+                    let digest = push(s, &path, false)?;
+                    eprintln!("image {} pushed as {digest}", path.display());
+                    body["template"][field] = json!(digest);
+                }
+                (format!("/v1/tenants/{}/deployments/{name}", tenant.as_deref().unwrap_or(&s.tenant)), body)
+            }
+        };
+        let (status, _) = s.client.call("PUT", &path, Some(&body))?;
+        println!("{what} {}", if status == 201 { "created" } else { "configured" });
+    }
+    Ok(())
+}
+
+fn delete(s: &Session, kind: Option<Kind>, name: Option<&str>, file: Option<&str>) -> Result<(), CliError> {
+    let mut targets: Vec<(String, String)> = Vec::new();
+    if let Some(f) = file {
+        let (objects, _) = manifest::read(f)?;
+        // Deployments before the tenants that hold them.
+        for obj in objects.iter().rev() {
+            let what = obj.describe(&s.tenant);
+            let path = match obj {
+                Object::Tenant { name, .. } => format!("/v1/tenants/{name}"),
+                Object::Deployment { tenant, name, .. } => {
+                    format!("/v1/tenants/{}/deployments/{name}", tenant.as_deref().unwrap_or(&s.tenant))
+                }
+            };
+            targets.push((what, path));
+        }
+    } else {
+        let (Some(kind), Some(name)) = (kind, name) else {
+            return Err(usage("delete needs a kind and a name, or -f FILE"));
+        };
+        let path = match kind {
+            Kind::Deployments => format!("/v1/tenants/{}/deployments/{name}", s.tenant),
+            Kind::Tenants => format!("/v1/tenants/{name}"),
+            Kind::Images => format!("/v1/images/{name}"),
+            Kind::Nodes | Kind::Instances => return Err(usage(
+                "nodes leave the cluster and instances go with their deployment: delete a deployment, tenant or image",
+            )),
+        };
+        targets.push((format!("{}/{name}", kind.singular()), path));
+    }
+    for (what, path) in targets {
+        s.client.call("DELETE", &path, None)?;
+        println!("{what} deleted");
+    }
+    Ok(())
+}
+
+fn scale(s: &Session, name: &str, replicas: u32) -> Result<(), CliError> {
+    let path = format!("/v1/tenants/{}/deployments/{name}", s.tenant);
+    for _ in 0..5 {
+        let d = s.client.get(&path)?;
+        let mut spec = json!({});
+        for k in ["labels", "template", "placement"] {
+            spec[k] = d[k].clone();
+        }
+        spec["replicas"] = json!(replicas);
+        let rev = d["mod_revision"].as_u64().unwrap_or(0);
+        match s.client.call("PUT", &format!("{path}?prev_revision={rev}"), Some(&spec)) {
+            Ok(_) => {
+                println!("deployment/{name} scaled to {replicas}");
+                return Ok(());
+            }
+            // Changed meanwhile (its status moves as instances start): read it again.
+            Err(e) if e.status() == Some(409) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(usage(format!("deployment {name} kept changing; try again")))
+}
+
+fn logs(s: &Session, instance: &str, follow: bool) -> Result<(), CliError> {
+    let path = format!("/v1/tenants/{}/instances/{instance}/console?follow={follow}", s.tenant);
+    let mut reader = s.client.stream(&path)?;
+    let mut out = std::io::stdout().lock();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = reader.read(&mut buf).map_err(|source| CliError::Io { what: "reading the console".into(), source })?;
+        if n == 0 {
+            return Ok(());
+        }
+        if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+            return Ok(()); // The reader went away (a closed pipe).
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), CliError> {
+    if let Command::Config { command } = &cli.command {
+        let mut file = ConfigFile::load()?;
+        match command {
+            ConfigCommand::SetContext { name, endpoint, tenant } => {
+                let token = match (&cli.token, &cli.token_file) {
+                    (None, None) => None,
+                    _ => Some(token(cli, None)?),
+                };
+                file.set(Context { name: name.clone(), endpoint: endpoint.clone(), token, tenant: tenant.clone() });
+                file.save()?;
+                println!("context {name} set in {}", config::path().display());
+            }
+            ConfigCommand::UseContext { name } => {
+                file.context(Some(name))?;
+                file.current_context = Some(name.clone());
+                file.save()?;
+                println!("using context {name}");
+            }
+            ConfigCommand::View => {
+                for c in &mut file.contexts {
+                    if c.token.is_some() {
+                        c.token = Some("(set)".into());
+                    }
+                }
+                print!("{}", yaml_serde::to_string(&file).unwrap_or_default());
+            }
+        }
+        return Ok(());
+    }
+    let s = session(cli)?;
+    match &cli.command {
+        Command::Get { kind, name, deployment, watch } => {
+            get(&s, *kind, name.as_deref(), deployment.as_deref(), *watch)
+        }
+        Command::Rollout { command: RolloutCommand::Status { name, timeout } } => rollout_status(&s, name, *timeout),
+        Command::Apply { file } => apply(&s, file),
+        Command::Delete { kind, name, file } => delete(&s, *kind, name.as_deref(), file.as_deref()),
+        Command::Scale { name, replicas } => scale(&s, name, *replicas),
+        Command::Logs { instance, follow } => logs(&s, instance, *follow),
+        Command::Image { command: ImageCommand::Push { file, quiet } } => {
+            let digest = push(&s, file, *quiet)?;
+            if s.output == Output::Json {
+                print_json(&json!({"digest": digest}));
+            } else {
+                println!("{digest}");
+            }
+            Ok(())
+        }
+        Command::Cordon { node } | Command::Uncordon { node } => {
+            let method = if matches!(cli.command, Command::Cordon { .. }) { "PUT" } else { "DELETE" };
+            let (_, v) = s.client.call(method, &format!("/v1/nodes/{node}/cordon"), None)?;
+            if s.output == Output::Json {
+                print_json(&v);
+            } else {
+                println!("node/{node} {}", if method == "PUT" { "cordoned" } else { "uncordoned" });
+            }
+            Ok(())
+        }
+        Command::Token { command: TokenCommand::Create { tenant } } => {
+            let tenant = tenant.clone().unwrap_or_else(|| s.tenant.clone());
+            let (_, v) = s.client.call("POST", &format!("/v1/tenants/{tenant}/tokens"), None)?;
+            if s.output == Output::Json {
+                print_json(&v);
+            } else {
+                println!("{}", v["token"].as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+        Command::Config { .. } => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    // A closed stdout (`shoalctl logs -f | head`) ends the program quietly instead of panicking.
+    // SAFETY: restoring the default disposition of SIGPIPE installs no handler code.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "shoalctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
