@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster fuzz deps clean-cache
+.PHONY: run run-probes test lint build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster bench-workloads fuzz deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -36,7 +36,13 @@ run: build guest-kernel
 run-probes: probes
 	@ci/run-local.sh $(VMM) $(PROBE_DIR)
 
-test: probes guest-kernel
+# Formatting and lints; clippy is what enforces the workspace lints (a // SAFETY: comment on
+# every unsafe block, ...).
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: lint probes guest-kernel
 	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3
 	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) SHOAL_VMM=$(CURDIR)/$(VMM) \
 	  ci/test-summary.sh $(CARGO) test --workspace --locked --release --no-fail-fast
@@ -63,6 +69,11 @@ bench-devices: probes
 bench-cluster: deps
 	@ci/ensure-packages.sh iproute2
 	$(CARGO) bench --locked -p shoal-node --bench cluster
+
+# Workload figures: real shoal-node processes in network namespaces running probe guests (as root).
+bench-workloads: probes
+	@ci/ensure-packages.sh iproute2
+	SHOAL_VMM=$(CURDIR)/$(VMM) $(CARGO) bench --locked -p shoal-node --bench workloads
 
 # Fuzz the API parser, the virtio queue paths and snapshot decoding (RUNS executions each).
 fuzz: deps

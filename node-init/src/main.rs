@@ -91,14 +91,17 @@ struct AgentArgs {
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     gossip_interval_ms: u64,
-    /// The shoal-vmm binary that runs this node's microVMs (default: the one beside shoal-node,
-    /// else `shoal-vmm` on PATH).
+    /// The shoal-vmm binary that runs this node's microVMs (default: $SHOAL_VMM, else the one
+    /// beside shoal-node, else `shoal-vmm` on PATH).
     #[arg(long)]
     vmm: Option<PathBuf>,
 }
 
-/// shoal-vmm beside this program, else on PATH.
+/// $SHOAL_VMM, else shoal-vmm beside this program, else on PATH.
 fn default_vmm() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_VMM") {
+        return PathBuf::from(p);
+    }
     let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("shoal-vmm")));
     if let Some(p) = beside.filter(|p| p.is_file()) {
         return p;

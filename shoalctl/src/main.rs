@@ -107,12 +107,15 @@ enum Command {
         #[arg(long, short = 'f')]
         file: String,
     },
-    /// Delete a deployment, tenant or image by name, or every object of a file.
+    /// Delete a deployment, tenant or image by name, or every object of a file. Waits until a
+    /// deployment's instances have stopped and it is gone, unless --no-wait.
     Delete {
         kind: Option<Kind>,
         name: Option<String>,
         #[arg(long, short = 'f', conflicts_with_all = ["kind", "name"])]
         file: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Set a deployment's replicas.
     Scale { name: String, replicas: u32 },
@@ -405,7 +408,22 @@ fn apply(s: &Session, file: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn delete(s: &Session, kind: Option<Kind>, name: Option<&str>, file: Option<&str>) -> Result<(), CliError> {
+/// Waits until GET `path` answers 404.
+fn wait_gone(s: &Session, what: &str, path: &str) -> Result<(), CliError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        match s.client.get(path) {
+            Err(e) if e.status() == Some(404) => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(_) if std::time::Instant::now() > deadline => {
+                return Err(usage(format!("{what} is still being deleted after 120 s")));
+            }
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(300)),
+        }
+    }
+}
+
+fn delete(s: &Session, kind: Option<Kind>, name: Option<&str>, file: Option<&str>, wait: bool) -> Result<(), CliError> {
     let mut targets: Vec<(String, String)> = Vec::new();
     if let Some(f) = file {
         let (objects, _) = manifest::read(f)?;
@@ -436,6 +454,10 @@ fn delete(s: &Session, kind: Option<Kind>, name: Option<&str>, file: Option<&str
     }
     for (what, path) in targets {
         s.client.call("DELETE", &path, None)?;
+        // A deployment goes once its instances have stopped (and only then may its tenant go).
+        if wait && path.contains("/deployments/") {
+            wait_gone(s, &what, &path)?;
+        }
         println!("{what} deleted");
     }
     Ok(())
@@ -517,7 +539,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         }
         Command::Rollout { command: RolloutCommand::Status { name, timeout } } => rollout_status(&s, name, *timeout),
         Command::Apply { file } => apply(&s, file),
-        Command::Delete { kind, name, file } => delete(&s, *kind, name.as_deref(), file.as_deref()),
+        Command::Delete { kind, name, file, no_wait } => delete(&s, *kind, name.as_deref(), file.as_deref(), !no_wait),
         Command::Scale { name, replicas } => scale(&s, name, *replicas),
         Command::Logs { instance, follow } => logs(&s, instance, *follow),
         Command::Image { command: ImageCommand::Push { file, quiet } } => {

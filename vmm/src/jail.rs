@@ -321,16 +321,12 @@ fn confine(cfg: &JailConfig, root: &Path, cgroups: &Cgroups) -> Result<(), JailE
     if let Some(ns) = &cfg.netns {
         let f = std::fs::File::open(ns).map_err(sys(format!("open network namespace {}", ns.display())))?;
         // SAFETY: f is an open namespace file.
-        check(
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
-            "join the network namespace",
-        )?;
+        let joined = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        check(joined, "join the network namespace")?;
     }
     // SAFETY: unshare with namespace flags only changes this process's namespaces.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) },
-        "create mount, IPC and UTS namespaces",
-    )?;
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) };
+    check(unshared, "create mount, IPC and UTS namespaces")?;
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     mount(Some(&root.to_string_lossy()), root, None, libc::MS_BIND | libc::MS_REC, None)?;
     populate(root, cfg.uid, cfg.gid)?;
@@ -363,10 +359,8 @@ fn populate(root: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
     for (path, major, minor) in [(dev.join("kvm"), 10, 232), (dev.join("net/tun"), 10, 200)] {
         let c = cstr(&path)?;
         // SAFETY: c is a NUL-terminated path; makedev only packs numbers.
-        check(
-            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o660, libc::makedev(major, minor)) },
-            &format!("create {}", path.display()),
-        )?;
+        let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o660, libc::makedev(major, minor)) };
+        check(made, &format!("create {}", path.display()))?;
         // SAFETY: as above.
         check(unsafe { libc::chown(c.as_ptr(), uid, gid) }, &format!("chown {}", path.display()))?;
     }

@@ -418,11 +418,11 @@ pub struct Instance {
 impl Instance {
     /// It will not run again by itself: it ended and its restart policy does not restart it.
     pub fn is_final(&self) -> bool {
-        match (self.state, self.template.restart) {
-            (InstanceState::Exited, RestartPolicy::Never | RestartPolicy::OnFailure) => true,
-            (InstanceState::Failed, RestartPolicy::Never) => true,
-            _ => false,
-        }
+        matches!(
+            (self.state, self.template.restart),
+            (InstanceState::Exited, RestartPolicy::Never | RestartPolicy::OnFailure)
+                | (InstanceState::Failed, RestartPolicy::Never)
+        )
     }
 
     /// It holds (or may soon hold) resources: not lost and not finished for good.

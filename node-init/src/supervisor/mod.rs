@@ -276,9 +276,8 @@ async fn step(ctx: &Ctx, dir: &InstanceDir, inst: &Instance) -> anyhow::Result<(
     } else if !alive && dir.shim().is_some_and(|p| p.is_alive()) {
         // The shim is still starting shoal-vmm.
     } else if !alive {
-        if meta.done {
-            state = if meta.last_exit_code == Some(0) { InstanceState::Exited } else { InstanceState::Failed };
-        } else if meta.next_start_at.is_some_and(|t| now_ms() < t) {
+        if meta.done || meta.next_start_at.is_some_and(|t| now_ms() < t) {
+            // Ended for good, or waiting out its back-off.
             state = if meta.last_exit_code == Some(0) { InstanceState::Exited } else { InstanceState::Failed };
         } else {
             report(ctx, inst, &meta, InstanceState::Starting).await;

@@ -188,7 +188,9 @@ pub fn ns_pids(ns: &str) -> Vec<i32> {
 }
 
 fn signal_all(ns: &str, sig: i32) -> usize {
-    let pids = ns_pids(ns);
+    // Not this process, which may have entered the namespace itself (a bench's main thread).
+    let me = std::process::id() as i32;
+    let pids: Vec<i32> = ns_pids(ns).into_iter().filter(|p| *p != me).collect();
     for p in &pids {
         // SAFETY: signalling processes of the test's own namespace.
         unsafe { libc::kill(*p, sig) };
@@ -197,9 +199,10 @@ fn signal_all(ns: &str, sig: i32) -> usize {
 }
 
 fn end_namespace(ns: &str) {
+    let me = std::process::id() as i32;
     if signal_all(ns, libc::SIGTERM) > 0 {
         let deadline = Instant::now() + Duration::from_secs(3);
-        while !ns_pids(ns).is_empty() && Instant::now() < deadline {
+        while ns_pids(ns).iter().any(|p| *p != me) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         signal_all(ns, libc::SIGKILL);
