@@ -1,6 +1,7 @@
-//! `make run` as a person uses it: in a terminal (tmux here), the Linux guest's `#` prompt
-//! appears, a command typed there runs in the guest, and `poweroff` returns to the host shell
-//! with status 0.
+//! `make run` as a person uses it: in a terminal (tmux here), a one-node Shoal cluster starts, runs
+//! the Linux guest as a deployment and attaches the terminal to its console; the guest's `#`
+//! prompt appears, a command typed there runs in the guest (through `shoalctl attach`, the node
+//! and the shim), and `poweroff` returns to the host shell with status 0.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -55,10 +56,12 @@ fn make_run_gives_a_guest_shell_and_poweroff_returns() {
     let screen = wait_for(&name, limit, "guest shell prompt", |s| {
         s.contains("Shoal microVM shell") && s.lines().any(|l| l.trim_end() == "#")
     });
-    assert!(screen.contains("make run: booting a Linux microVM"), "{screen}");
+    assert!(screen.contains("make run: starting a one-node Shoal cluster"), "{screen}");
+    assert!(screen.contains("shoalctl: attached to linux-"), "the console is the node's: {screen}");
     tmux(&["send-keys", "-t", &name, "echo guest-says-$((6*7)) && uname -s", "Enter"]);
     wait_for(&name, limit, "command output from the guest", |s| s.contains("guest-says-42") && s.contains("Linux"));
     tmux(&["send-keys", "-t", &name, "poweroff", "Enter"]);
     let screen = wait_for(&name, limit, "return to the host shell", |s| s.contains("MAKE-RUN-EXITED-"));
     assert!(screen.contains("MAKE-RUN-EXITED-0"), "make run did not exit cleanly:\n{screen}");
+    assert!(screen.contains("ended: \"state\": \"exited\""), "the node saw the guest power off: {screen}");
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
@@ -26,6 +26,21 @@ pub enum PeerError {
 
 /// GET `path` (with its query) from the node whose API is at `addr`; the response's body streams.
 pub async fn get(addr: &str, path: &str, token: &str) -> Result<hyper::Response<Incoming>, PeerError> {
+    request(addr, hyper::Method::GET, path, token, Bytes::new()).await
+}
+
+/// POST a small body to `path` on the node whose API is at `addr`.
+pub async fn post(addr: &str, path: &str, token: &str, body: Bytes) -> Result<hyper::Response<Incoming>, PeerError> {
+    request(addr, hyper::Method::POST, path, token, body).await
+}
+
+async fn request(
+    addr: &str,
+    method: hyper::Method,
+    path: &str,
+    token: &str,
+    body: Bytes,
+) -> Result<hyper::Response<Incoming>, PeerError> {
     let owned = addr.to_string();
     let work = async move {
         let stream = tokio::net::TcpStream::connect(&owned)
@@ -39,10 +54,12 @@ pub async fn get(addr: &str, path: &str, token: &str) -> Result<hyper::Response<
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = hyper::Request::get(path)
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, owned.as_str())
             .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(body))
             .map_err(|source| PeerError::Request { addr: owned.clone(), source })?;
         sender.send_request(req).await.map_err(|source| PeerError::Http { addr: owned.clone(), source })
     };

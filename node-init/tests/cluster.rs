@@ -463,3 +463,37 @@ fn api_requests_are_checked_and_conditional_writes_and_settings_work() {
     assert_eq!(n.read("app/config").unwrap().as_deref(), Some("v2"));
     // (tests/workloads.rs checks every operation of the API document against a node.)
 }
+
+/// A committed entry this binary cannot apply (here: of a newer format, as a newer binary on
+/// another node would write) stops the node with a clear error instead of being skipped, which
+/// would leave its state silently different from the other nodes'.
+#[test]
+fn a_committed_entry_of_a_newer_format_stops_the_node_with_a_clear_error() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("v");
+    let mut n = net.node(0, &["--min-voters", "1"]);
+    wait_for(FORM, "a one-node cluster", || agreed_status(&[&n]));
+    n.put("before", "1").unwrap();
+    n.stop();
+    {
+        use raft::Storage as _;
+        let store = shoal_node::cluster::storage::RaftStore::open(&n.data_dir.join("raft")).unwrap();
+        let mut hs = store.hard_state();
+        let index = store.last_index().unwrap() + 1;
+        let newer = br#"{"format":99,"origin":1,"seq":1,"at_ms":0,"command":{"teleport":{"to":"mars"}}}"#;
+        let e = raft::eraftpb::Entry { index, term: hs.term, data: newer.to_vec().into(), ..Default::default() };
+        hs.commit = index;
+        store.append(&[e], Some(&hs)).unwrap();
+    }
+    n.start();
+    let exited = wait_for(Duration::from_secs(20), "the node to stop", || n.try_wait());
+    assert_eq!(exited, Some(65), "{}", n.log());
+    let log = n.log();
+    assert!(
+        log.contains("has format 99, newer than this binary knows (2): upgrade shoal-node on this node")
+            && log.contains("stopping so as not to diverge"),
+        "{log}"
+    );
+}

@@ -176,6 +176,31 @@ fn shoalctl_applies_gets_follows_scales_and_deletes_as_a_user_would() {
     let _ = follow.kill();
     let _ = follow.wait();
 
+    // attach: what is typed goes to the guest's console (the probe echoes a typed line back).
+    let mut attach = ctl
+        .cmd(&["attach", ids[0]])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = attach.stdout.take().unwrap();
+    let (tx, typed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    {
+        use std::io::Write;
+        attach.stdin.as_mut().unwrap().write_all(b"hello from attach\n").unwrap();
+    }
+    wait_line(&typed, "the guest echoing the typed line", |l| l == "typed: hello from attach");
+    let _ = attach.kill();
+    let _ = attach.wait();
+
     // get -w shows the instances a scale-up adds, as they change.
     let (mut watch, events) = ctl.spawn(&["get", "instances", "-w"]);
     wait_line(&events, "the header", |l| l.starts_with("ID"));

@@ -493,6 +493,7 @@ fn the_api_document_covers_every_operation_and_the_node_answers_as_it_says() {
         ("GET", "/v1/tenants/{tenant}/deployments"),
         ("GET", "/v1/tenants/{tenant}/instances"),
         ("GET", "/v1/tenants/{tenant}/instances/{id}/console"),
+        ("POST", "/v1/tenants/{tenant}/instances/{id}/console"),
         ("GET", "/v1/nodes"),
         ("PUT", "/v1/nodes/{id}/cordon"),
         ("GET", "/metrics"),

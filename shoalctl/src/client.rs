@@ -107,6 +107,19 @@ impl Client {
         Ok(r.into_reader())
     }
 
+    /// POSTs a few bytes (console input); the answer's status is all that matters.
+    pub fn post_bytes(&self, path: &str, bytes: &[u8]) -> Result<(), ClientError> {
+        self.request("POST", path)
+            .timeout(Duration::from_secs(10))
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(bytes)
+            .map(|_| ())
+            .map_err(|e| match e {
+                ureq::Error::Status(status, r) => api_error(status, r),
+                e => self.transport(e),
+            })
+    }
+
     /// POSTs `len` bytes read from `body`; returns the JSON answer.
     pub fn upload(&self, path: &str, body: impl Read, len: u64) -> Result<Value, ClientError> {
         let r = self

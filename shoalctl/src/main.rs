@@ -125,6 +125,9 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Attach this terminal to an instance's console: what it prints appears here, what you type
+    /// is typed on it. Ctrl+] detaches; it ends by itself when the instance ends.
+    Attach { instance: String },
     /// Images: push a file.
     Image {
         #[command(subcommand)]
@@ -502,6 +505,92 @@ fn logs(s: &Session, instance: &str, follow: bool) -> Result<(), CliError> {
     }
 }
 
+/// The terminal in raw mode (keys go through as typed, Ctrl+C included) until dropped.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: termios is plain data; tcgetattr fills it for descriptor 0.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only edits the structure it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: sets the attributes of descriptor 0 from a valid structure.
+        (unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) } == 0).then_some(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes saved from descriptor 0.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.0) };
+    }
+}
+
+/// Ctrl+] (what telnet and QEMU's monitor use to escape).
+const DETACH_KEY: u8 = 0x1d;
+
+fn attach(s: &Session, instance: &str) -> Result<(), CliError> {
+    let base = format!("/v1/tenants/{}/instances/{instance}/console", s.tenant);
+    let mut output = s.client.stream(&format!("{base}?follow=true&tail_bytes=4096"))?;
+    let tty = std::io::stdin().is_terminal();
+    let how = if tty { "Ctrl+] detaches" } else { "it ends with the instance" };
+    eprintln!("shoalctl: attached to {instance} (tenant {}); {how}", s.tenant);
+    let raw = if tty { RawTerminal::enter() } else { None };
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended_out = ended.clone();
+    std::thread::spawn(move || {
+        let mut out = std::io::stdout();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = output.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                break;
+            }
+        }
+        ended_out.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut stdin_open = true;
+    let mut detached = false;
+    let mut buf = [0u8; 1024];
+    while !ended.load(std::sync::atomic::Ordering::SeqCst) {
+        if !stdin_open {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        let mut fds = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
+        // SAFETY: polls one valid pollfd structure.
+        if unsafe { libc::poll(&mut fds, 1, 100) } <= 0 {
+            continue;
+        }
+        // SAFETY: reads into a buffer of the length given.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            stdin_open = false; // Input ended: keep showing the console until the instance ends.
+            continue;
+        }
+        let mut typed = &buf[..n as usize];
+        if let Some(at) = typed.iter().position(|b| *b == DETACH_KEY) {
+            typed = &typed[..at];
+            detached = true;
+        }
+        if !typed.is_empty() {
+            s.client.post_bytes(&base, typed)?;
+        }
+        if detached {
+            break;
+        }
+    }
+    drop(raw);
+    if detached {
+        eprintln!("\r\nshoalctl: detached from {instance}");
+    }
+    Ok(())
+}
+
 fn run(cli: &Cli) -> Result<(), CliError> {
     if let Command::Config { command } = &cli.command {
         let mut file = ConfigFile::load()?;
@@ -542,6 +631,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Delete { kind, name, file, no_wait } => delete(&s, *kind, name.as_deref(), file.as_deref(), !no_wait),
         Command::Scale { name, replicas } => scale(&s, name, *replicas),
         Command::Logs { instance, follow } => logs(&s, instance, *follow),
+        Command::Attach { instance } => attach(&s, instance),
         Command::Image { command: ImageCommand::Push { file, quiet } } => {
             let digest = push(&s, file, *quiet)?;
             if s.output == Output::Json {

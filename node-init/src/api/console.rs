@@ -1,7 +1,8 @@
 //! An instance's serial console: the output its node keeps in the instance directory, served by
 //! any node (a node that does not run the instance asks the one that does). `?follow=true`
 //! keeps the answer open and streams new output as it comes, across the file's rotation, until
-//! the instance is gone or the client leaves.
+//! the instance has ended for good (or is gone, or lost) or the client leaves. A `POST` types its
+//! body on the guest's console (what `shoalctl attach` sends as you type).
 
 use std::time::Duration;
 
@@ -12,12 +13,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use serde::Deserialize;
+use tokio::io::AsyncWriteExt as _;
 
 use super::{error, read_barrier, Node, Principal};
 use crate::supervisor::layout::InstanceDir;
 
 pub(super) fn routes() -> Router<Node> {
-    Router::new().route("/v1/tenants/{tenant}/instances/{id}/console", get(console))
+    Router::new().route("/v1/tenants/{tenant}/instances/{id}/console", get(console).post(type_input))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -29,9 +31,14 @@ struct ConsoleParams {
     /// Set by the node that forwards a request: answer from here or not at all.
     #[serde(default)]
     local: bool,
+    /// Start with only the last this many bytes of what is kept (default: all of it).
+    tail_bytes: Option<u64>,
 }
 
-const POLL: Duration = Duration::from_millis(200);
+/// Most bytes one input request may type.
+pub const MAX_INPUT: usize = 64 << 10;
+
+const POLL: Duration = Duration::from_millis(100);
 
 async fn console(
     State(node): State<Node>,
@@ -63,12 +70,13 @@ async fn console(
         if !dir.path.exists() {
             return error(StatusCode::NOT_FOUND, format!("instance {id} has no console on this node yet"));
         }
-        return local_console(node.clone(), tenant, id, dir, p.follow);
+        return local_console(node.clone(), tenant, id, dir, p.follow, p.tail_bytes);
     }
     let (Some(on), Some(addr)) = (on, api_addr) else {
         return error(StatusCode::CONFLICT, format!("instance {id} has not been placed on a node yet"));
     };
-    let path = format!("/v1/tenants/{tenant}/instances/{id}/console?local=true&follow={}", p.follow);
+    let tail = p.tail_bytes.map(|t| format!("&tail_bytes={t}")).unwrap_or_default();
+    let path = format!("/v1/tenants/{tenant}/instances/{id}/console?local=true&follow={}{tail}", p.follow);
     match crate::peer::get(&addr, &path, &node.peer_token).await {
         Ok(res) => {
             let status = res.status();
@@ -87,21 +95,50 @@ async fn console(
     }
 }
 
-fn local_console(node: Node, tenant: String, id: String, dir: InstanceDir, follow: bool) -> Response {
+fn keep_tail(mut all: Vec<u8>, tail: Option<u64>) -> Vec<u8> {
+    if let Some(t) = tail.and_then(|t| usize::try_from(t).ok()) {
+        if all.len() > t {
+            all.drain(..all.len() - t);
+        }
+    }
+    all
+}
+
+fn local_console(
+    node: Node,
+    tenant: String,
+    id: String,
+    dir: InstanceDir,
+    follow: bool,
+    tail: Option<u64>,
+) -> Response {
     let text = [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !follow {
-        return (text, dir.read_console()).into_response();
+        return (text, keep_tail(dir.read_console(), tail)).into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
-        let mut tail = Tail::default();
+        let mut reader = Tail::default();
+        let mut first = true;
         loop {
-            let chunk = tail.read(&dir);
+            // Whether the instance has ended for good (or is gone): then what is left is sent
+            // and the answer ends, as `kubectl logs -f` ends with its container.
+            let ended = {
+                let state = node.agent.shared.state();
+                state
+                    .instances
+                    .get(&(tenant.clone(), id.clone()))
+                    .is_none_or(|i| i.is_final() || i.state == crate::state::objects::InstanceState::Lost)
+            };
+            let mut chunk = reader.read(&dir);
+            if first {
+                chunk = keep_tail(chunk, tail);
+                first = false;
+            }
             if !chunk.is_empty() && tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                 return;
             }
-            let gone = !node.agent.shared.state().instances.contains_key(&(tenant.clone(), id.clone()));
-            if gone && !dir.path.exists() {
+            if ended {
                 return;
             }
             tokio::select! {
@@ -166,4 +203,65 @@ fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Types the body on the guest's console, through the shim that feeds the VMM's terminal.
+async fn type_input(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Path((tenant, id)): Path<(String, String)>,
+    Query(p): Query<ConsoleParams>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = who.require_tenant(&tenant) {
+        return r;
+    }
+    if body.len() > MAX_INPUT {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_INPUT} bytes of input at a time"));
+    }
+    let (uid, on, api_addr) = {
+        let s = node.agent.shared.state();
+        let Some(inst) = s.instances.get(&(tenant.clone(), id.clone())) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("instance {:?} of tenant {tenant:?} does not exist", id.chars().take(80).collect::<String>()),
+            );
+        };
+        let api_addr = inst.node.and_then(|n| s.nodes.get(&n)).map(|n| n.api_addr.clone());
+        (inst.uid.clone(), inst.node, api_addr)
+    };
+    if on == Some(node.id()) || p.local {
+        let socket = InstanceDir::new(&node.instances_dir, &uid).console_input();
+        let typed = async {
+            let mut s = crate::supervisor::vmm_api::connect_unix(&socket).await?;
+            s.write_all(&body).await?;
+            s.shutdown().await
+        };
+        return match typed.await {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => {
+                error(StatusCode::CONFLICT, format!("instance {id} takes no console input now (is it running?): {e}"))
+            }
+        };
+    }
+    let (Some(on), Some(addr)) = (on, api_addr) else {
+        return error(StatusCode::CONFLICT, format!("instance {id} has not been placed on a node yet"));
+    };
+    let path = format!("/v1/tenants/{tenant}/instances/{id}/console?local=true");
+    match crate::peer::post(&addr, &path, &node.peer_token, body).await {
+        Ok(res) => {
+            let status = res.status();
+            let bytes =
+                http_body_util::BodyExt::collect(res.into_body()).await.map(|c| c.to_bytes()).unwrap_or_default();
+            let mut out = Response::new(Body::from(bytes));
+            *out.status_mut() = status;
+            out.headers_mut()
+                .insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+            out
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("node {on:016x}, which runs the instance, is unreachable: {}", super::chain(&e)),
+        ),
+    }
 }

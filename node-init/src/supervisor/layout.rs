@@ -8,6 +8,7 @@
 //! exit.json     how shoal-vmm ended (written by the shim when it does)
 //! console.log   the guest's serial output; console.log.1 the previous MiB (bounded)
 //! vmm.log       shoal-vmm's own messages (bounded)
+//! console.sock  bytes written here are typed on the guest's console (served by the shim)
 //! root/         the jail: kernel, initrd, rootfs.img, api.sock
 //! ```
 //!
@@ -116,6 +117,10 @@ impl InstanceDir {
 
     pub fn console_previous(&self) -> PathBuf {
         self.path.join("console.log.1")
+    }
+
+    pub fn console_input(&self) -> PathBuf {
+        self.path.join("console.sock")
     }
 
     pub fn vmm_log(&self) -> PathBuf {

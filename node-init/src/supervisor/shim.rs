@@ -1,7 +1,9 @@
 //! `shoal-node shim`: the small process between the agent and one `shoal-vmm` (conmon's role for
 //! containers). The agent starts it; it detaches at once into its own session, so the microVM
 //! outlives the agent (a restarted agent finds it again through the instance directory), and:
-//! - starts `shoal-vmm` with the given arguments, its stdin on /dev/null;
+//! - starts `shoal-vmm` with the given arguments, its stdin a pseudo-terminal (shoal-vmm forwards
+//!   a terminal's input to the guest's serial port) fed from `console.sock`: whatever a client
+//!   writes there is typed on the guest's console;
 //! - copies the guest's console (shoal-vmm's stdout) into the bounded `console.log` and
 //!   shoal-vmm's own messages (stderr) into `vmm.log`;
 //! - records both pids with their start times, and how shoal-vmm ended in `exit.json`.
@@ -9,6 +11,8 @@
 //! It runs before any thread exists in its process (it forks), so `main` calls it before the
 //! async runtime starts.
 
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -66,18 +70,38 @@ fn supervise(inst: &InstanceDir, vmm: &Path, args: &[String]) -> i32 {
             let _ = l.write(format!("shoal-node shim: {msg}\n").as_bytes());
         }
     };
-    let mut child =
-        match Command::new(vmm).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                note(&mut vmm_log, &format!("cannot start {}: {e}", vmm.display()));
-                let _ = inst.set_exit(&ExitRecord { code: 127, at: now_ms() });
-                return 0;
-            }
-        };
+    let mut cmd = Command::new(vmm);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // The console's input: a terminal for shoal-vmm's stdin, fed from console.sock. Without one
+    // the console is output only.
+    let master = match open_pty() {
+        Ok((master, slave)) => {
+            cmd.stdin(Stdio::from(slave));
+            Some(master)
+        }
+        Err(e) => {
+            note(&mut vmm_log, &format!("no terminal for the console's input: {e}"));
+            cmd.stdin(Stdio::null());
+            None
+        }
+    };
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            note(&mut vmm_log, &format!("cannot start {}: {e}", vmm.display()));
+            let _ = inst.set_exit(&ExitRecord { code: 127, at: now_ms() });
+            return 0;
+        }
+    };
+    drop(cmd); // Closes this process's copy of the terminal's slave side.
     if let Some(p) = ProcessId::of(child.id() as i32) {
         if let Err(e) = inst.set_vmm(&p) {
             note(&mut vmm_log, &format!("cannot record the VMM's pid: {e}"));
+        }
+    }
+    if let Some(master) = master {
+        if let Err(e) = serve_console_input(inst, master) {
+            note(&mut vmm_log, &format!("no console input: {e}"));
         }
     }
     let console = BoundedLog::open(&inst.console(), Some(&inst.console_previous()), CONSOLE_FILE_MAX).ok();
@@ -93,8 +117,57 @@ fn supervise(inst: &InstanceDir, vmm: &Path, args: &[String]) -> i32 {
     for t in [out, err].into_iter().flatten() {
         let _ = t.join();
     }
+    let _ = std::fs::remove_file(inst.console_input());
     let _ = inst.set_exit(&ExitRecord { code, at: now_ms() });
     0
+}
+
+/// A pseudo-terminal: (master, slave), the master not inherited by children.
+fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given integers; the other arguments may be null.
+    let r = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded: both are open descriptors this process now owns.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // SAFETY: fcntl on a descriptor this process owns.
+    unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok((master, slave))
+}
+
+/// Types what clients write to `console.sock` on the terminal shoal-vmm reads its input from,
+/// and reads (and drops) what the terminal sends back, so it never fills up.
+fn serve_console_input(inst: &InstanceDir, master: OwnedFd) -> std::io::Result<()> {
+    // Bound by a short relative name: socket paths are limited to 107 bytes.
+    std::env::set_current_dir(&inst.path)?;
+    let name = inst.console_input();
+    let _ = std::fs::remove_file(&name);
+    let listener = std::os::unix::net::UnixListener::bind(name.file_name().unwrap_or_default())?;
+    let mut writer = std::fs::File::from(master.try_clone()?);
+    let mut drain = std::fs::File::from(master);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if writer.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Copies a pipe into a log until the writer closes it.

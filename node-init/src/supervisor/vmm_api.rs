@@ -31,16 +31,21 @@ pub enum VmmApiError {
 }
 
 async fn connect(socket: &Path) -> Result<tokio::net::UnixStream, VmmApiError> {
+    connect_unix(socket).await.map_err(VmmApiError::Connect)
+}
+
+/// Connects to a Unix socket, even one whose path is longer than the 107 bytes `connect` takes.
+pub async fn connect_unix(socket: &Path) -> std::io::Result<tokio::net::UnixStream> {
     use std::os::unix::ffi::OsStrExt;
     // Unix socket paths are limited to 107 bytes; a longer one is reached through its directory.
     if socket.as_os_str().as_bytes().len() < 100 {
-        return tokio::net::UnixStream::connect(socket).await.map_err(VmmApiError::Connect);
+        return tokio::net::UnixStream::connect(socket).await;
     }
     let dir = socket.parent().unwrap_or(Path::new("/"));
     let name = socket.file_name().unwrap_or_default();
-    let handle = std::fs::File::open(dir).map_err(VmmApiError::Connect)?;
+    let handle = std::fs::File::open(dir)?;
     let short = format!("/proc/self/fd/{}/{}", std::os::fd::AsRawFd::as_raw_fd(&handle), name.to_string_lossy());
-    let stream = tokio::net::UnixStream::connect(&short).await.map_err(VmmApiError::Connect);
+    let stream = tokio::net::UnixStream::connect(&short).await;
     drop(handle);
     stream
 }

@@ -388,6 +388,13 @@ impl Node {
         }
     }
 
+    /// The agent's exit status once it has ended by itself (`Some(None)`: killed by a signal).
+    pub fn try_wait(&mut self) -> Option<Option<i32>> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status.code())
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }

@@ -3,7 +3,8 @@
 //! `tick=N` every half second (PIT at 100 Hz), and shuts down cleanly when the host presses
 //! Ctrl+Alt+Del (the i8042 keyboard delivers Ctrl, Alt, then Del as the extended set-2 make code
 //! `e0 71`): it prints `SHOAL-PROBE workload: stopping` and resets, so the VMM exits 0, as a
-//! Linux guest with the AT keyboard driver reboots.
+//! Linux guest with the AT keyboard driver reboots. Lines typed on its serial console are
+//! echoed back as `typed: <line>` (a test types through `shoalctl attach`).
 #![no_std]
 #![no_main]
 
@@ -21,10 +22,25 @@ pub extern "C" fn probe_main(boot_params: u64) -> ! {
     irq::start_pit_100hz();
     let mut tick = 0u64;
     let mut extended = false;
+    let mut line = [0u8; 128];
+    let mut len = 0usize;
     loop {
         irq::wait_until(&PIT_TICKS, PIT_TICKS.load(Ordering::SeqCst) + 50);
         tick += 1;
         say!("tick=", tick);
+        // The UART's receive buffer (LSR bit 0: data ready), polled.
+        while common::inb(0x3fd) & 1 != 0 {
+            let b = common::inb(0x3f8);
+            if b == b'\r' || b == b'\n' {
+                if len > 0 {
+                    say!("typed: ", &line[..len]);
+                    len = 0;
+                }
+            } else if len < line.len() {
+                line[len] = b;
+                len += 1;
+            }
+        }
         while common::inb(0x64) & 1 != 0 {
             let code = common::inb(0x60);
             if extended && code == 0x71 {
