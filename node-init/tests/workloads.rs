@@ -462,7 +462,12 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
         ("POST", "/v1/images".into(), String::new(), 400),
     ];
     for (method, path, body, want) in &cases {
-        let (code, reply) = n.call(method, path, Some(body)).unwrap();
+        let (code, reply) = match n.call(method, path, Some(body)) {
+            Ok(r) => r,
+            // An oversized body may be refused while the client is still sending it.
+            Err(e) if *want == 413 && (e.contains("Broken pipe") || e.contains("reset")) => continue,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
         assert_eq!(code, *want, "{method} {path}: {reply}");
         assert!(reply["error"].as_str().is_some_and(|e| !e.is_empty()), "{method} {path}: errors are JSON: {reply}");
     }

@@ -200,7 +200,13 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
         }
         *agent.peers.write().unwrap_or_else(|e| e.into_inner()) = peers.clone();
 
-        let cluster_id = agent.shared.state().cluster_id.clone();
+        let (cluster_id, free) = {
+            let state = agent.shared.state();
+            // What the scheduler can still place here (what gossip publishes as free).
+            let mut free = agent.config.capacity;
+            free.sub(state.allocated(agent.id));
+            (state.cluster_id.clone(), free)
+        };
         let status = agent.shared.status();
         let member = status.voters.contains(&agent.id) || status.learners.contains(&agent.id);
         let live_peers: Vec<&PeerInfo> = peers.iter().filter(|(_, l)| *l).map(|(p, _)| p).collect();
@@ -223,6 +229,7 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
             let mut c = chitchat.lock().await;
             let me = c.self_node_state();
             me.set(gossip::KEY_STATUS, node_status);
+            me.set(gossip::KEY_FREE, serde_json::to_string(&free).unwrap_or_default());
             me.set(gossip::KEY_CLUSTER, &cluster_id);
             me.set(gossip::KEY_CANDIDATE, candidate.map(|c| format!("{c:016x}")).unwrap_or_default());
         }

@@ -73,6 +73,8 @@ struct Ctx {
     uids: Mutex<BTreeSet<u32>>,
     /// The last report sent per instance, and when: the state may not show it yet.
     sent: Mutex<HashMap<String, (InstanceReport, tokio::time::Instant)>>,
+    /// One fetch at a time per image: instances starting together share it.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A report the state does not reflect yet is sent again after this long.
@@ -84,7 +86,13 @@ pub async fn run(node: Arc<LocalNode>, cfg: SupervisorConfig) {
         warn!(error = %e, dir = %node.instances_dir.display(), "cannot create the instances directory; no microVMs will run");
         return;
     }
-    let ctx = Arc::new(Ctx { node, cfg, uids: Mutex::new(BTreeSet::new()), sent: Mutex::new(HashMap::new()) });
+    let ctx = Arc::new(Ctx {
+        node,
+        cfg,
+        uids: Mutex::new(BTreeSet::new()),
+        sent: Mutex::new(HashMap::new()),
+        fetching: Mutex::new(HashMap::new()),
+    });
     catch_up(&ctx).await;
     remove_unstarted(&ctx.node.instances_dir);
     let local = scan(&ctx.node.instances_dir);
@@ -117,6 +125,7 @@ pub async fn run(node: Arc<LocalNode>, cfg: SupervisorConfig) {
     let mut workers: HashMap<String, (watch::Sender<Want>, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut events = ctx.node.agent.shared.events.subscribe();
     let mut gc_at = tokio::time::Instant::now();
+    let mut record_at = tokio::time::Instant::now() - Duration::from_secs(60);
     loop {
         let local = scan(&ctx.node.instances_dir);
         for (uid, want) in wants(&ctx, &local) {
@@ -135,6 +144,10 @@ pub async fn run(node: Arc<LocalNode>, cfg: SupervisorConfig) {
             }
         }
         workers.retain(|_, (_, h)| !h.is_finished());
+        if record_at.elapsed() > Duration::from_secs(5) {
+            refresh_record(&ctx).await;
+            record_at = tokio::time::Instant::now();
+        }
         let running = local
             .keys()
             .filter(|uid| InstanceDir::new(&ctx.node.instances_dir, uid).vmm().is_some_and(|p| p.is_alive()))
@@ -513,10 +526,43 @@ async fn stop_instance(ctx: Arc<Ctx>, dir: InstanceDir, inst: Option<Box<Instanc
     }
 }
 
+/// Keeps this node's record (labels, capacity, addresses) as its configuration says: a node
+/// restarted with other labels or capacity updates it; the scheduler places by the record.
+async fn refresh_record(ctx: &Ctx) {
+    let want = ctx.node.agent.record();
+    let differs = {
+        let state = ctx.node.agent.shared.state();
+        state.nodes.get(&want.id).is_some_and(|n| {
+            n.labels != want.labels
+                || n.capacity != want.capacity
+                || n.api_addr != want.api_addr
+                || n.raft_addr != want.raft_addr
+        })
+    };
+    if differs {
+        let cmd = Command::NodeUpdate {
+            node: want.id,
+            api_addr: want.api_addr,
+            raft_addr: want.raft_addr,
+            labels: want.labels,
+            capacity: want.capacity,
+        };
+        match ctx.node.propose(cmd).await {
+            Ok(ApplyOutcome::Applied { .. }) => info!("updated this node's record (labels, capacity, addresses)"),
+            other => tracing::debug!(outcome = ?other, "node record update not applied; retried"),
+        }
+    }
+}
+
 /// Makes sure the image is here: fetched from a live peer that holds it, verified, recorded.
 async fn ensure_image(ctx: &Ctx, digest: &str) -> anyhow::Result<()> {
     if ctx.node.images.has(digest) {
         return Ok(());
+    }
+    let lock = ctx.fetching.lock().unwrap_or_else(|e| e.into_inner()).entry(digest.to_string()).or_default().clone();
+    let _one_at_a_time = lock.lock().await;
+    if ctx.node.images.has(digest) {
+        return Ok(()); // Another worker fetched it meanwhile.
     }
     let holders: Vec<u64> = {
         let state = ctx.node.agent.shared.state();
