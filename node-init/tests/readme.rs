@@ -62,7 +62,6 @@ fn the_readme_walkthrough_runs_as_written() {
     let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
     assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
     assert!(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]).status().unwrap().success());
-    let netns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
     let mut cmd = Command::new("bash");
     cmd.args(["-euo", "pipefail", "-c", &script])
         .current_dir(&root)
@@ -71,20 +70,7 @@ fn the_readme_walkthrough_runs_as_written() {
         // The agents' shoal-vmm (by default the one beside them).
         .env("SHOAL_VMM", &vmm)
         .stdin(Stdio::null());
-    {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
-        let fd = netns.as_raw_fd();
-        // SAFETY: between fork and exec the child only calls setns, which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    let _netns = support::in_netns(&mut cmd, &ns);
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();

@@ -40,6 +40,17 @@ pub const MAX_INPUT: usize = 64 << 10;
 
 const POLL: Duration = Duration::from_millis(100);
 
+/// Where an instance is: its uid, its node, and that node's API address.
+fn locate(node: &Node, tenant: &str, id: &str) -> Result<(String, Option<u64>, Option<String>), Response> {
+    let s = node.agent.shared.state();
+    let Some(inst) = s.instances.get(&(tenant.to_string(), id.to_string())) else {
+        let shown: String = id.chars().take(80).collect();
+        return Err(error(StatusCode::NOT_FOUND, format!("instance {shown:?} of tenant {tenant:?} does not exist")));
+    };
+    let api_addr = inst.node.and_then(|n| s.nodes.get(&n)).map(|n| n.api_addr.clone());
+    Ok((inst.uid.clone(), inst.node, api_addr))
+}
+
 async fn console(
     State(node): State<Node>,
     Extension(who): Extension<Principal>,
@@ -54,16 +65,9 @@ async fn console(
             return r;
         }
     }
-    let (uid, on, api_addr) = {
-        let s = node.agent.shared.state();
-        let Some(inst) = s.instances.get(&(tenant.clone(), id.clone())) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("instance {:?} of tenant {tenant:?} does not exist", id.chars().take(80).collect::<String>()),
-            );
-        };
-        let api_addr = inst.node.and_then(|n| s.nodes.get(&n)).map(|n| n.api_addr.clone());
-        (inst.uid.clone(), inst.node, api_addr)
+    let (uid, on, api_addr) = match locate(&node, &tenant, &id) {
+        Ok(found) => found,
+        Err(r) => return r,
     };
     let dir = InstanceDir::new(&node.instances_dir, &uid);
     if on == Some(node.id()) || p.local {
@@ -219,16 +223,9 @@ async fn type_input(
     if body.len() > MAX_INPUT {
         return error(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_INPUT} bytes of input at a time"));
     }
-    let (uid, on, api_addr) = {
-        let s = node.agent.shared.state();
-        let Some(inst) = s.instances.get(&(tenant.clone(), id.clone())) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("instance {:?} of tenant {tenant:?} does not exist", id.chars().take(80).collect::<String>()),
-            );
-        };
-        let api_addr = inst.node.and_then(|n| s.nodes.get(&n)).map(|n| n.api_addr.clone());
-        (inst.uid.clone(), inst.node, api_addr)
+    let (uid, on, api_addr) = match locate(&node, &tenant, &id) {
+        Ok(found) => found,
+        Err(r) => return r,
     };
     if on == Some(node.id()) || p.local {
         let socket = InstanceDir::new(&node.instances_dir, &uid).console_input();

@@ -10,7 +10,7 @@ use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 
 use super::workloads::Params;
-use super::{error, outcome, read_barrier, Node, Principal};
+use super::{delete_object, error, outcome, read_barrier, Node, Principal};
 use crate::images::ImageError;
 use crate::state::objects::{check_digest, Image};
 use crate::state::Command;
@@ -106,13 +106,8 @@ async fn delete_image(
     if let Err(r) = who.require_cluster().and_then(|_| digest_param(&digest)) {
         return r;
     }
-    match outcome(node.propose(Command::DeleteImage { digest: digest.clone() }).await) {
-        Ok(revision) => Json(json!({"revision": revision})).into_response(),
-        Err(r) if r.status() == StatusCode::NOT_FOUND => {
-            error(StatusCode::NOT_FOUND, format!("image {digest} is unknown"))
-        }
-        Err(r) => r,
-    }
+    let missing = format!("image {digest} is unknown");
+    delete_object(&node, Command::DeleteImage { digest }, missing).await
 }
 
 /// The image's bytes from this node's store (nodes fetch what they lack from each other).

@@ -164,6 +164,15 @@ pub(crate) fn outcome(o: Result<ApplyOutcome, RequestError>) -> Result<u64, Resp
     }
 }
 
+/// Proposes a deletion: `{"revision": R}`, or 404 saying `missing` when there was nothing.
+pub(crate) async fn delete_object(node: &LocalNode, command: Command, missing: String) -> Response {
+    match outcome(node.propose(command).await) {
+        Ok(revision) => Json(json!({ "revision": revision })).into_response(),
+        Err(r) if r.status() == StatusCode::NOT_FOUND => error(StatusCode::NOT_FOUND, missing),
+        Err(r) => r,
+    }
+}
+
 pub(crate) fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }

@@ -15,7 +15,7 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{error, outcome, read_barrier, token_hash, watch_stream, Node, Principal};
+use super::{delete_object, error, outcome, read_barrier, token_hash, watch_stream, Node, Principal};
 use crate::state::objects::{
     check_deployment_name, check_tenant_name, DeploymentSpec, Instance, Node as NodeObject, Tenant, TenantSpec,
 };
@@ -170,12 +170,25 @@ async fn put_tenant(
     }
     let created = !node.agent.shared.state().tenants.contains_key(&tenant);
     let cmd = Command::PutTenant { name: tenant.clone(), spec, prev_revision: p.prev_revision };
-    match outcome(node.propose(cmd).await) {
+    put_object(&node, cmd, created, "tenant", |s| s.tenants.get(&tenant).map(|t| tenant_view(s, t))).await
+}
+
+/// Proposes a create-or-update: 201 when it created the object, else 200, with the revision and
+/// the object as it is now under `kind`.
+async fn put_object(
+    node: &Node,
+    command: Command,
+    created: bool,
+    kind: &str,
+    view: impl FnOnce(&ClusterState) -> Option<Value>,
+) -> Response {
+    match outcome(node.propose(command).await) {
         Ok(revision) => {
-            let s = node.agent.shared.state();
-            let view = s.tenants.get(&tenant).map(|t| tenant_view(&s, t));
+            let object = view(&node.agent.shared.state());
             let code = if created { StatusCode::CREATED } else { StatusCode::OK };
-            (code, Json(json!({"revision": revision, "tenant": view}))).into_response()
+            let mut body = json!({"revision": revision});
+            body[kind] = object.unwrap_or(Value::Null);
+            (code, Json(body)).into_response()
         }
         Err(r) => r,
     }
@@ -192,13 +205,8 @@ async fn delete_tenant(
     if let Err(e) = check_tenant_name(&tenant) {
         return bad_request(e);
     }
-    match outcome(node.propose(Command::DeleteTenant { name: tenant.clone() }).await) {
-        Ok(revision) => Json(json!({"revision": revision})).into_response(),
-        Err(r) if r.status() == StatusCode::NOT_FOUND => {
-            error(StatusCode::NOT_FOUND, format!("tenant {tenant:?} does not exist"))
-        }
-        Err(r) => r,
-    }
+    let missing = format!("tenant {tenant:?} does not exist");
+    delete_object(&node, Command::DeleteTenant { name: tenant }, missing).await
 }
 
 /// A new token for the tenant, shown once; only its hash is kept.
@@ -300,15 +308,10 @@ async fn put_deployment(
     let key = (tenant.clone(), name.clone());
     let created = !node.agent.shared.state().deployments.contains_key(&key);
     let cmd = Command::PutDeployment { tenant, name, spec, prev_revision: p.prev_revision };
-    match outcome(node.propose(cmd).await) {
-        Ok(revision) => {
-            let view =
-                node.agent.shared.state().deployments.get(&key).map(|d| serde_json::to_value(d).unwrap_or_default());
-            let code = if created { StatusCode::CREATED } else { StatusCode::OK };
-            (code, Json(json!({"revision": revision, "deployment": view}))).into_response()
-        }
-        Err(r) => r,
-    }
+    put_object(&node, cmd, created, "deployment", |s| {
+        s.deployments.get(&key).and_then(|d| serde_json::to_value(d).ok())
+    })
+    .await
 }
 
 async fn delete_deployment(
@@ -319,13 +322,8 @@ async fn delete_deployment(
     if let Err(r) = who.require_tenant(&tenant).and_then(|_| names(&tenant, Some(&name))) {
         return r;
     }
-    match outcome(node.propose(Command::DeleteDeployment { tenant: tenant.clone(), name: name.clone() }).await) {
-        Ok(revision) => Json(json!({"revision": revision})).into_response(),
-        Err(r) if r.status() == StatusCode::NOT_FOUND => {
-            error(StatusCode::NOT_FOUND, format!("deployment {name:?} of tenant {tenant:?} does not exist"))
-        }
-        Err(r) => r,
-    }
+    let missing = format!("deployment {name:?} of tenant {tenant:?} does not exist");
+    delete_object(&node, Command::DeleteDeployment { tenant, name }, missing).await
 }
 
 // ---- instances ----------------------------------------------------------------------------------

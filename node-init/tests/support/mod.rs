@@ -181,6 +181,27 @@ impl Drop for Net {
     }
 }
 
+/// Makes `cmd` start in the named network namespace; keep the returned file until it is spawned.
+/// Only the network namespace changes: `ip netns exec` would also mount a sysfs of its own,
+/// hiding the host's cgroup hierarchy from the jails a node starts.
+pub fn in_netns(cmd: &mut Command, ns: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let netns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    let fd = netns.as_raw_fd();
+    // SAFETY: between fork and exec the child only calls setns, which is async-signal-safe, on
+    // a descriptor it inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    netns
+}
+
 /// The pids of every process in a network namespace.
 pub fn ns_pids(ns: &str) -> Vec<i32> {
     let out = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| o.stdout).unwrap_or_default();
@@ -270,26 +291,9 @@ impl Node {
     pub fn start(&mut self) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("agent.log")).unwrap();
-        // Only the network namespace changes: `ip netns exec` would also mount a sysfs of its
-        // own, hiding the host's cgroup hierarchy from the jails the node starts.
-        let netns = std::fs::File::open(format!("/run/netns/{}", self.ns)).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal-node"));
         cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        {
-            use std::os::fd::AsRawFd;
-            use std::os::unix::process::CommandExt;
-            let fd = netns.as_raw_fd();
-            // SAFETY: between fork and exec the child only calls setns, which is async-signal-safe,
-            // on a descriptor it inherited.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        let netns = in_netns(&mut cmd, &self.ns);
         let child = cmd.spawn().expect("shoal-node starts");
         drop(netns);
         self.child = Some(child);
