@@ -1,7 +1,8 @@
 //! What only the leader does for workloads, in one loop: raise the cluster format once every
 //! voter knows it, declare nodes lost when gossip has called them dead past the grace period
-//! (their instances are then replaced elsewhere), run a scheduling round when instances wait for
-//! a node, and delete images nothing has used for the garbage-collection grace period.
+//! (their instances are then replaced elsewhere), move instances off nodes that are draining or
+//! carry a `no_execute` taint they do not tolerate, run a scheduling round when instances wait
+//! for a node, and delete images nothing has used for the garbage-collection grace period.
 //!
 //! Every decision is a pure function of the state and gossip's view (tested without sockets);
 //! the loop only feeds them and proposes what they return, one command at a time.
@@ -60,6 +61,56 @@ pub fn lost_nodes(state: &State, dead_for: &BTreeMap<u64, Duration>, grace: Dura
         .collect()
 }
 
+/// The next instance to move off its node: one a `no_execute` taint there does not let stay
+/// (at once), else one of a draining node whose deployment's disruption budget allows it.
+pub fn next_eviction(state: &State, term: u64) -> Option<Command> {
+    use crate::state::objects::{tolerated, TaintEffect};
+    for node in state.nodes.values() {
+        let execute: Vec<_> = node.taints.iter().filter(|t| t.effect == TaintEffect::NoExecute).collect();
+        if execute.is_empty() {
+            continue;
+        }
+        for i in state.instances_on(node.id) {
+            if i.desired != crate::state::objects::Desired::Running || !i.is_active() {
+                continue;
+            }
+            let tolerations = state
+                .deployments
+                .get(&(i.tenant.clone(), i.deployment.clone()))
+                .map(|d| d.spec.placement.tolerations.clone())
+                .unwrap_or_default();
+            if let Err(t) = tolerated(execute.iter().copied(), &tolerations) {
+                return Some(Command::Evict {
+                    tenant: i.tenant.clone(),
+                    id: i.id.clone(),
+                    node: node.id,
+                    reason: format!("evicted: node {:016x} is tainted {}", node.id, t.describe()),
+                    budget: false,
+                    term,
+                });
+            }
+        }
+    }
+    for node in state.nodes.values().filter(|n| n.drain.as_ref().is_some_and(|d| d.finished_at.is_none())) {
+        for i in state.instances_on(node.id) {
+            if i.desired != crate::state::objects::Desired::Running || !i.is_active() {
+                continue;
+            }
+            if state.budget_allows(&(i.tenant.clone(), i.deployment.clone()), 1) {
+                return Some(Command::Evict {
+                    tenant: i.tenant.clone(),
+                    id: i.id.clone(),
+                    node: node.id,
+                    reason: format!("moved off node {:016x}, which is draining", node.id),
+                    budget: true,
+                    term,
+                });
+            }
+        }
+    }
+    None
+}
+
 /// Images no deployment or instance has named for longer than `grace`.
 pub fn collectable_images(state: &State, now: Millis, grace: Duration) -> Vec<String> {
     let grace_ms = grace.as_millis() as u64;
@@ -116,7 +167,14 @@ pub async fn run(node: Arc<LocalNode>) {
                     term: status.term,
                     reason: format!("node {lost:016x} has been unreachable for {secs} s"),
                 })
-            } else if let Some(s) = crate::scheduler::schedule(&state, &alive, status.term) {
+            } else if let Some(evict) = next_eviction(&state, status.term) {
+                Some(evict)
+            } else if let Some(s) = crate::scheduler::schedule_with(
+                &state,
+                &alive,
+                status.term,
+                &crate::scheduler::Options::from_settings(&state),
+            ) {
                 Some(Command::Schedule(s))
             } else {
                 let gc = seconds_setting(&state, IMAGE_GC_SETTING, IMAGE_GC_DEFAULT);
@@ -132,6 +190,8 @@ pub async fn run(node: Arc<LocalNode>) {
             Ok(ApplyOutcome::Applied { .. }) => {
                 if let Command::NodeLost { reason, .. } = &command {
                     info!(%reason, "declared a node's instances lost; replacing them elsewhere");
+                } else if let Command::Evict { id, reason, .. } = &command {
+                    info!(instance = %id, %reason, "moving an instance off its node");
                 } else if let Command::SetFormat { format } = &command {
                     info!(format, "raised the cluster format");
                 }

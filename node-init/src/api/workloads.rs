@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 
 use super::{delete_object, error, outcome, read_barrier, token_hash, watch_stream, Node, Principal};
 use crate::state::objects::{
-    check_deployment_name, check_tenant_name, DeploymentSpec, Instance, Node as NodeObject, Tenant, TenantSpec,
+    check_deployment_name, check_tenant_name, DeploymentSpec, Instance, Node as NodeObject, NodeSpec, Tenant,
+    TenantSpec,
 };
 use crate::state::{
     Command, EventKind, State as ClusterState, WatchEvent, DEPLOYMENTS_PREFIX, INSTANCES_PREFIX, NODES_PREFIX,
@@ -36,9 +37,11 @@ pub(super) fn routes() -> Router<Node> {
         )
         .route("/v1/tenants/{tenant}/instances", get(list_instances))
         .route("/v1/tenants/{tenant}/instances/{id}", get(get_instance))
+        .route("/v1/tenants/{tenant}/deployments/{name}/plan", post(plan_deployment))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}", get(get_node).put(put_node))
         .route("/v1/nodes/{id}/cordon", put(cordon).delete(uncordon))
+        .route("/v1/nodes/{id}/drain", post(drain).delete(undrain))
 }
 
 /// `?stale=true`, `?watch=true&from_revision=N`, `?deployment=NAME`, `?prev_revision=N`.
@@ -82,6 +85,15 @@ fn node_view(node: &LocalNode, s: &ClusterState, n: &NodeObject) -> Value {
     v["allocated"] = serde_json::to_value(s.allocated(n.id)).unwrap_or_default();
     v["alive"] = json!(alive);
     v["instances"] = json!(instances);
+    // `labels` is what placement sees: the node's own, with the operator's over them.
+    v["agent_labels"] = json!(n.labels);
+    v["labels"] = json!(n.effective_labels());
+    v["taints"] = json!(n.taints);
+    if let Some(d) = &n.drain {
+        let remaining = s.instances_on(n.id).filter(|i| i.is_active()).count();
+        v["drain"]["remaining"] = json!(remaining);
+        v["drain"]["done"] = json!(d.finished_at.is_some());
+    }
     v["version"] = json!(peer.map(|(p, _)| p.version.clone()));
     v
 }
@@ -475,4 +487,96 @@ async fn cordon(State(node): State<Node>, Extension(who): Extension<Principal>, 
 
 async fn uncordon(State(node): State<Node>, Extension(who): Extension<Principal>, Path(id): Path<String>) -> Response {
     set_cordon(node, who, id, false).await
+}
+
+/// The operator's labels and the node's taints (`no_execute` ones move off what does not
+/// tolerate them).
+async fn put_node(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
+    let id = match node_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let spec: NodeSpec = match parse(&body) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(e) = spec.validate() {
+        return bad_request(e);
+    }
+    put_object(&node, Command::SetNodeSpec { node: id, spec }, false, "node", |s| {
+        s.nodes.get(&id).map(|n| node_view(&node, s, n))
+    })
+    .await
+}
+
+async fn set_drain(node: Node, who: Principal, id: String, drain: bool) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
+    let id = match node_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    put_object(&node, Command::Drain { node: id, drain }, false, "node", |s| {
+        s.nodes.get(&id).map(|n| node_view(&node, s, n))
+    })
+    .await
+}
+
+/// Cordons the node and moves its instances off, one at a time within each deployment's
+/// disruption budget; the node's `drain` shows the progress.
+async fn drain(State(node): State<Node>, Extension(who): Extension<Principal>, Path(id): Path<String>) -> Response {
+    set_drain(node, who, id, true).await
+}
+
+/// Stops draining (the node stays cordoned).
+async fn undrain(State(node): State<Node>, Extension(who): Extension<Principal>, Path(id): Path<String>) -> Response {
+    set_drain(node, who, id, false).await
+}
+
+/// What the body would do as the deployment's new spec, without doing it.
+async fn plan_deployment(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Path((tenant, name)): Path<(String, String)>,
+    Query(p): Query<Params>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = who.require_tenant(&tenant).and_then(|_| names(&tenant, Some(&name))) {
+        return r;
+    }
+    let spec: DeploymentSpec = match parse(&body) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Err(e) = spec.validate() {
+        return bad_request(e);
+    }
+    if let Err(r) = read_barrier(&node, p.stale).await {
+        return r;
+    }
+    let mut alive: std::collections::BTreeSet<u64> = node.alive_peers().into_keys().collect();
+    alive.insert(node.id());
+    let worker = node.clone();
+    let planned = tokio::task::spawn_blocking(move || {
+        let state = worker.agent.shared.state().clone();
+        let options = crate::scheduler::Options::from_settings(&state);
+        crate::scheduler::plan::plan(&state, &alive, &tenant, &name, &spec, &options, crate::state::time::now_ms())
+    })
+    .await;
+    match planned {
+        Ok(Ok(plan)) => Json(serde_json::to_value(plan).unwrap_or_default()).into_response(),
+        Ok(Err((kind, reason))) => super::outcome(Ok(crate::state::ApplyOutcome::Rejected { kind, reason }))
+            .err()
+            .unwrap_or_else(|| error(StatusCode::INTERNAL_SERVER_ERROR, "plan failed")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("plan failed: {e}")),
+    }
 }

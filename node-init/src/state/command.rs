@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::kv::Op;
-use super::objects::{DeploymentSpec, InstanceState, Millis, Resources, TenantSpec};
+use super::objects::{DeploymentSpec, InstanceState, Millis, NodeSpec, Resources, TenantSpec};
 
 /// The newest entry format this binary reads and writes.
 pub const BINARY_FORMAT: u32 = 2;
@@ -110,6 +110,17 @@ pub struct PendingReason {
     pub reason: String,
 }
 
+/// An instance stopped to make room for a higher-priority one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preemption {
+    pub tenant: String,
+    pub id: String,
+    pub node: u64,
+    /// The pending instance the room is for.
+    pub for_tenant: String,
+    pub for_id: String,
+}
+
 /// One round of the leader's scheduler. `term` and `revision` are what it decided on: a
 /// decision from a deposed leader (a newer term has committed entries) is refused whole, and
 /// an instance changed since `revision` is left for the next round.
@@ -121,6 +132,8 @@ pub struct Schedule {
     pub assignments: Vec<Assignment>,
     #[serde(default)]
     pub pending: Vec<PendingReason>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preemptions: Vec<Preemption>,
 }
 
 /// What a node saw its instance do. Sent only when something changed.
@@ -140,6 +153,8 @@ pub struct InstanceReport {
     pub finished_at: Option<Millis>,
 }
 
+// A command is built, moved into one log entry and applied once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
@@ -160,6 +175,27 @@ pub enum Command {
     Cordon {
         node: u64,
         cordoned: bool,
+    },
+    /// The operator's labels and the taints of a node.
+    SetNodeSpec {
+        node: u64,
+        spec: NodeSpec,
+    },
+    /// Starts (or, false, stops) draining a node: it is cordoned and its instances moved off.
+    Drain {
+        node: u64,
+        drain: bool,
+    },
+    /// The leader moves an instance off its node (a drain, or a no_execute taint it does not
+    /// tolerate): it is stopped there and replaced elsewhere. With `budget`, only within its
+    /// deployment's disruption budget.
+    Evict {
+        tenant: String,
+        id: String,
+        node: u64,
+        reason: String,
+        budget: bool,
+        term: u64,
     },
     PutTenant {
         name: String,
@@ -230,6 +266,9 @@ impl Command {
             Command::SetFormat { .. } => "set_format",
             Command::NodeUpdate { .. } => "node_update",
             Command::Cordon { .. } => "cordon",
+            Command::SetNodeSpec { .. } => "set_node_spec",
+            Command::Drain { .. } => "drain",
+            Command::Evict { .. } => "evict",
             Command::PutTenant { .. } => "put_tenant",
             Command::DeleteTenant { .. } => "delete_tenant",
             Command::AddTenantToken { .. } => "add_tenant_token",

@@ -130,8 +130,10 @@ pub struct Indexes {
     pub tenant_usage: BTreeMap<String, Usage>,
     /// Instance ids of each deployment.
     pub deployment_instances: BTreeMap<InstanceKey, BTreeSet<String>>,
-    /// Active instances waiting for a node, in creation order.
-    pub unassigned: BTreeSet<(u64, String, String)>,
+    /// Active instances waiting for a node: highest priority first, then in creation order.
+    pub unassigned: BTreeSet<(std::cmp::Reverse<i32>, u64, String, String)>,
+    /// Active instances of each deployment per node.
+    pub deployment_nodes: BTreeMap<InstanceKey, BTreeMap<u64, u32>>,
     /// How many deployment templates and instances name each image.
     pub image_refs: BTreeMap<String, u64>,
     /// Tenant token hashes.
@@ -453,6 +455,9 @@ fn node_from_record(rec: &NodeRecord, meta: objects::Meta) -> Node {
         labels: rec.labels.clone(),
         capacity: rec.capacity,
         cordoned: false,
+        api_labels: BTreeMap::new(),
+        taints: Vec::new(),
+        drain: None,
         meta,
     }
 }

@@ -126,8 +126,64 @@ pub struct Node {
     /// A cordoned node gets no new instances; the ones it runs stay.
     #[serde(default)]
     pub cordoned: bool,
+    /// Labels the operator set through the API (`PUT /v1/nodes/{id}`); they win over the
+    /// node's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub api_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<Taint>,
+    /// Being drained: cordoned, its instances moved off within their disruption budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
     #[serde(flatten)]
     pub meta: Meta,
+}
+
+impl Node {
+    /// The labels placement sees: the node's own, with the operator's over them.
+    pub fn effective_labels(&self) -> BTreeMap<String, String> {
+        let mut l = self.labels.clone();
+        l.extend(self.api_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        l
+    }
+}
+
+/// A drain's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    #[serde(with = "crate::state::time::rfc3339")]
+    pub started_at: Millis,
+    /// When the last instance left (the drain is done).
+    #[serde(with = "crate::state::time::rfc3339::option", default)]
+    pub finished_at: Option<Millis>,
+    /// Instances moved off so far.
+    #[serde(default)]
+    pub moved: u32,
+}
+
+/// The body of `PUT /v1/nodes/{id}`: the operator's labels and the node's taints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub taints: Vec<Taint>,
+}
+
+impl NodeSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_labels("labels", &self.labels)?;
+        if self.taints.len() > MAX_RULES {
+            return Err(bad(format!("taints: at most {MAX_RULES}")));
+        }
+        for t in &self.taints {
+            let mut m = BTreeMap::new();
+            m.insert(t.key.clone(), t.value.clone());
+            check_labels("taints", &m)?;
+        }
+        Ok(())
+    }
 }
 
 /// Limits on what a tenant's instances may take together; an absent field is unlimited.
@@ -288,13 +344,364 @@ impl Template {
     }
 }
 
-/// Where a deployment's instances may run.
+/// Where a deployment's instances may run and how they are placed. Every rule is optional; the
+/// field names are the API's (Kubernetes' topologySpreadConstraints, Nomad's distinct_property and
+/// affinities, taints and tolerations).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
     /// Only nodes carrying all of these labels.
     #[serde(default)]
     pub node_labels: BTreeMap<String, String>,
+    /// Conditions on node labels, all of which must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<Constraint>,
+    /// How evenly instances spread over the domains of a node label (`node`: each node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<SpreadRule>,
+    /// A hard cap of this deployment's instances per domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub max_per_domain: Vec<DomainCap>,
+    /// Toward instances of other deployments (hard, or weighted preferences).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinity: Vec<AffinityRule>,
+    /// Away from instances of other deployments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anti_affinity: Vec<AffinityRule>,
+    /// Node taints these instances tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// When nothing fits, instances may preempt instances of lower priority.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    /// Pack nodes full, or spread over the emptiest (default: the `scheduler_strategy` setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// How many instances may be down at once for drains and preemptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption_budget: Option<DisruptionBudget>,
+    /// How a template change replaces instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateStrategy>,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConstraintOp {
+    In,
+    NotIn,
+    Exists,
+    NotExists,
+    /// Numeric comparisons: the label's value and the single value given, as numbers.
+    Gt,
+    Lt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraint {
+    pub key: String,
+    pub op: ConstraintOp,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+impl Constraint {
+    pub fn holds(&self, labels: &BTreeMap<String, String>) -> bool {
+        let v = labels.get(&self.key);
+        let num = |s: &str| s.trim().parse::<f64>().ok();
+        match self.op {
+            ConstraintOp::In => v.is_some_and(|v| self.values.contains(v)),
+            ConstraintOp::NotIn => v.is_none_or(|v| !self.values.contains(v)),
+            ConstraintOp::Exists => v.is_some(),
+            ConstraintOp::NotExists => v.is_none(),
+            ConstraintOp::Gt | ConstraintOp::Lt => {
+                let (Some(have), Some(want)) = (v.and_then(|v| num(v)), self.values.first().and_then(|w| num(w)))
+                else {
+                    return false;
+                };
+                if self.op == ConstraintOp::Gt {
+                    have > want
+                } else {
+                    have < want
+                }
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let op = match self.op {
+            ConstraintOp::In => "in",
+            ConstraintOp::NotIn => "not in",
+            ConstraintOp::Exists => "exists",
+            ConstraintOp::NotExists => "does not exist",
+            ConstraintOp::Gt => ">",
+            ConstraintOp::Lt => "<",
+        };
+        match self.op {
+            ConstraintOp::Exists | ConstraintOp::NotExists => format!("{} {op}", self.key),
+            _ => format!("{} {op} {}", self.key, self.values.join(",")),
+        }
+    }
+}
+
+/// The label key that names each node as its own domain.
+pub const NODE_DOMAIN: &str = "node";
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpreadRule {
+    /// A node label, or `node`.
+    pub key: String,
+    /// After placing, (instances in a domain) - (minimum over eligible domains) <= max_skew.
+    #[serde(default = "one")]
+    pub max_skew: u32,
+    /// A hard rule filters nodes; a soft one only scores them.
+    #[serde(default)]
+    pub hard: bool,
+    /// Which instances count: those of deployments (of the same tenant) with these labels
+    /// (default: this deployment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainCap {
+    pub key: String,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityRule {
+    /// Deployments whose instances this rule is about (a label match).
+    pub selector: BTreeMap<String, String>,
+    /// The domain: a node label, or `node`.
+    #[serde(default = "node_key")]
+    pub key: String,
+    #[serde(default)]
+    pub hard: bool,
+    /// For a soft rule, how much it counts (1 to 100).
+    #[serde(default = "fifty")]
+    pub weight: u32,
+    /// Whose deployments: the same tenant's (default), these tenants', or `["*"]` for all
+    /// (the cluster operator's cross-tenant rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<Vec<String>>,
+}
+
+fn node_key() -> String {
+    NODE_DOMAIN.to_string()
+}
+fn fifty() -> u32 {
+    50
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaintEffect {
+    /// No new instances that do not tolerate it.
+    NoSchedule,
+    /// Also evicts the instances there that do not tolerate it.
+    NoExecute,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Taint {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
+    pub effect: TaintEffect,
+}
+
+impl Taint {
+    pub fn describe(&self) -> String {
+        let effect = match self.effect {
+            TaintEffect::NoSchedule => "no_schedule",
+            TaintEffect::NoExecute => "no_execute",
+        };
+        format!("{}={}:{effect}", self.key, self.value)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TolerationOp {
+    /// The taint's value must equal the toleration's.
+    #[default]
+    Equal,
+    /// Any value of the key.
+    Exists,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Toleration {
+    /// The taint's key (empty with `exists`: every taint).
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub operator: TolerationOp,
+    #[serde(default)]
+    pub value: String,
+    /// Only taints of this effect (default: both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+impl Toleration {
+    pub fn tolerates(&self, t: &Taint) -> bool {
+        let key = (self.key.is_empty() && self.operator == TolerationOp::Exists) || self.key == t.key;
+        let value = self.operator == TolerationOp::Exists || self.value == t.value;
+        key && value && self.effect.is_none_or(|e| e == t.effect)
+    }
+}
+
+/// Whether `tolerations` tolerate every taint in `taints` of the given effects.
+pub fn tolerated<'a>(taints: impl IntoIterator<Item = &'a Taint>, tolerations: &[Toleration]) -> Result<(), &'a Taint> {
+    for t in taints {
+        if !tolerations.iter().any(|tol| tol.tolerates(t)) {
+            return Err(t);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Fill the fullest nodes that fit first (fewer, busier nodes).
+    Binpack,
+    /// Prefer the emptiest nodes (the default).
+    #[default]
+    Spread,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisruptionBudget {
+    /// Instances of the deployment that may be unavailable at once (drains, preemptions).
+    pub max_unavailable: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateStrategy {
+    /// Old instances that may stop before their replacements run (default: the disruption
+    /// budget's, else 0).
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
+    /// New instances that may run beside the old ones (default 1).
+    #[serde(default)]
+    pub max_surge: Option<u32>,
+}
+
+/// The most rules of each kind in one placement.
+pub const MAX_RULES: usize = 16;
+
+impl Placement {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_labels("placement.node_labels", &self.node_labels)?;
+        let counts = [
+            ("constraints", self.constraints.len()),
+            ("spread", self.spread.len()),
+            ("max_per_domain", self.max_per_domain.len()),
+            ("affinity", self.affinity.len()),
+            ("anti_affinity", self.anti_affinity.len()),
+            ("tolerations", self.tolerations.len()),
+        ];
+        for (what, n) in counts {
+            if n > MAX_RULES {
+                return Err(bad(format!("placement.{what}: at most {MAX_RULES} rules")));
+            }
+        }
+        let key_ok = |what: &str, k: &str| -> Result<(), SpecError> {
+            let mut m = BTreeMap::new();
+            m.insert(k.to_string(), String::new());
+            check_labels(what, &m)
+        };
+        for c in &self.constraints {
+            key_ok("placement.constraints", &c.key)?;
+            if c.values.len() > MAX_LABELS {
+                return Err(bad(format!("placement.constraints: at most {MAX_LABELS} values")));
+            }
+            match c.op {
+                ConstraintOp::In | ConstraintOp::NotIn if c.values.is_empty() => {
+                    return Err(bad(format!("placement.constraints: {:?} on {:?} needs values", c.op, c.key)))
+                }
+                ConstraintOp::Gt | ConstraintOp::Lt
+                    if c.values.len() != 1 || c.values[0].trim().parse::<f64>().is_err() =>
+                {
+                    return Err(bad(format!("placement.constraints: {:?} on {:?} needs one number", c.op, c.key)))
+                }
+                _ => {}
+            }
+        }
+        for s in &self.spread {
+            key_ok("placement.spread", &s.key)?;
+            if s.max_skew == 0 {
+                return Err(bad("placement.spread: max_skew must be at least 1"));
+            }
+            if let Some(sel) = &s.selector {
+                check_labels("placement.spread.selector", sel)?;
+            }
+        }
+        for m in &self.max_per_domain {
+            key_ok("placement.max_per_domain", &m.key)?;
+            if m.max == 0 {
+                return Err(bad("placement.max_per_domain: max must be at least 1"));
+            }
+        }
+        for a in self.affinity.iter().chain(&self.anti_affinity) {
+            key_ok("placement.affinity", &a.key)?;
+            if a.selector.is_empty() {
+                return Err(bad("placement.affinity: a selector names at least one label"));
+            }
+            check_labels("placement.affinity.selector", &a.selector)?;
+            if !(1..=100).contains(&a.weight) {
+                return Err(bad("placement.affinity: weight must be 1 to 100"));
+            }
+            for t in a.tenants.iter().flatten() {
+                if t != "*" {
+                    check_tenant_name(t)?;
+                }
+            }
+        }
+        for t in &self.tolerations {
+            if !t.key.is_empty() {
+                key_ok("placement.tolerations", &t.key)?;
+            } else if t.operator != TolerationOp::Exists {
+                return Err(bad("placement.tolerations: an empty key needs operator exists"));
+            }
+        }
+        if !(-1000..=1000).contains(&self.priority) {
+            return Err(bad("placement.priority must be -1000 to 1000"));
+        }
+        Ok(())
+    }
+
+    /// Old instances a rollout may stop before their replacements run, and extra new ones.
+    pub fn rollout(&self) -> (usize, usize) {
+        let budget = self.disruption_budget.map(|b| b.max_unavailable).unwrap_or(0);
+        let unavailable = self.update.and_then(|u| u.max_unavailable).unwrap_or(budget) as usize;
+        let surge = self.update.and_then(|u| u.max_surge).unwrap_or(1) as usize;
+        // Neither would never make progress.
+        if unavailable == 0 && surge == 0 {
+            (0, 1)
+        } else {
+            (unavailable, surge)
+        }
+    }
 }
 
 /// The body of `PUT /v1/tenants/{tenant}/deployments/{name}`.
@@ -395,6 +802,12 @@ pub struct Instance {
     pub template: Template,
     #[serde(with = "hex_id::option", default)]
     pub node: Option<u64>,
+    /// Its deployment's placement priority (higher is placed first and may preempt).
+    #[serde(default)]
+    pub priority: i32,
+    /// The node where lower-priority instances are being stopped to make room for it.
+    #[serde(with = "hex_id::option", default, skip_serializing_if = "Option::is_none")]
+    pub nominated_node: Option<u64>,
     pub state: InstanceState,
     #[serde(default)]
     pub desired: Desired,
@@ -539,7 +952,7 @@ impl DeploymentSpec {
             return Err(bad(format!("replicas must be 0 to {MAX_REPLICAS}")));
         }
         check_labels("labels", &self.labels)?;
-        check_labels("placement.node_labels", &self.placement.node_labels)?;
+        self.placement.validate()?;
         self.template.validate()
     }
 }
@@ -630,6 +1043,8 @@ mod tests {
             generation: 1,
             template: template(),
             node: Some(7),
+            priority: 0,
+            nominated_node: None,
             state: InstanceState::Exited,
             desired: Desired::Running,
             restarts: 0,

@@ -40,11 +40,10 @@ impl Sim {
     /// A cluster with `nodes` nodes (ids 1..=n) of the given capacity, tenant "t" and image 'a'.
     pub fn new(nodes: u64, vcpus: u64, mem_mib: u64) -> Sim {
         let mut sim = Sim { state: State::new("test"), now: 1_000, term: 1 };
+        sim.ok(Command::PutTenant { name: "t".into(), spec: TenantSpec::default(), prev_revision: None });
         for id in 1..=nodes {
             sim.add_node(id, vcpus, mem_mib, &[]);
         }
-        sim.ok(Command::PutTenant { name: "t".into(), spec: TenantSpec::default(), prev_revision: None });
-        sim.ok(Command::ImageStored { digest: digest('a'), size: 10, node: 1, tenant: None });
         sim
     }
 
@@ -57,6 +56,10 @@ impl Sim {
             capacity: Resources { vcpus, mem_mib },
         };
         self.state.admit_node(&rec, self.now);
+        // The first node holds the image every test template boots.
+        if self.state.images.is_empty() {
+            self.ok(Command::ImageStored { digest: digest('a'), size: 10, node: id, tenant: None });
+        }
     }
 
     pub fn apply(&mut self, command: Command) -> ApplyOutcome {
@@ -131,6 +134,52 @@ impl Sim {
                 self.ok(Command::InstanceStopped { node, tenant: i.tenant.clone(), id: i.id.clone() });
             }
         }
+    }
+
+    /// Schedules, runs what was placed and stops what was retired, until nothing changes.
+    pub fn settle(&mut self) {
+        for _ in 0..200 {
+            let before = self.state.revision;
+            self.schedule();
+            self.run_all_deployments();
+            self.stop_retired();
+            if self.state.revision == before {
+                return;
+            }
+        }
+        panic!("the state does not settle");
+    }
+
+    /// Every assigned, active instance reports running.
+    pub fn run_all_deployments(&mut self) {
+        let placed: Vec<Instance> = self
+            .state
+            .instances
+            .values()
+            .filter(|i| i.node.is_some() && i.is_active() && i.state != InstanceState::Running)
+            .cloned()
+            .collect();
+        for i in placed {
+            let node = i.node.unwrap();
+            self.report(&i, node, InstanceState::Running, 0, None);
+        }
+    }
+
+    /// Instances of `deployment` per value of node label `key` (active, placed ones).
+    pub fn per_domain(&self, deployment: &str, key: &str) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for i in self.instances(deployment) {
+            if let Some(n) = i.holds_node() {
+                let labels = self.state.nodes[&n].effective_labels();
+                let d = if key == "node" { n.to_string() } else { labels.get(key).cloned().unwrap_or_default() };
+                *out.entry(d).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    pub fn set_node(&mut self, node: u64, spec: super::objects::NodeSpec) {
+        self.ok(Command::SetNodeSpec { node, spec });
     }
 
     /// Instances of `deployment` per node (active ones).

@@ -285,6 +285,7 @@ fn cordoned_nodes_get_nothing_new() {
             .map(|i| command::Assignment { tenant: "t".into(), id: i.id.clone(), node: 2 })
             .collect(),
         pending: vec![],
+        preemptions: vec![],
     };
     sim.ok(Command::Schedule(forced));
     assert!(sim.spread("web").is_empty());

@@ -9,18 +9,16 @@ use std::collections::BTreeSet;
 
 use sha2::{Digest as _, Sha256};
 
-use super::command::{Command, InstanceReport, Schedule};
+use super::command::{Command, InstanceReport, Preemption, Schedule};
 use super::objects::{
-    check_deployment_name, check_digest, check_tenant_name, Deployment, DeploymentSpec, DeploymentStatus, Desired,
-    Image, Instance, InstanceState, Meta, Millis, Node, Resources, Tenant, TokenRecord, Usage,
+    check_deployment_name, check_digest, check_tenant_name, tolerated, Deployment, DeploymentSpec, DeploymentStatus,
+    Desired, Drain, Image, Instance, InstanceState, Meta, Millis, Node, Resources, Tenant, TokenRecord, Usage,
 };
 use super::{
     node_from_record, reject, ApplyOutcome, InstanceKey, NodeRecord, RejectKind, State, WatchEvent, DEPLOYMENTS_PREFIX,
     IMAGES_PREFIX, INSTANCES_PREFIX, NODES_PREFIX, TENANTS_PREFIX,
 };
 
-/// Extra instances a template change may create before old ones stop (Kubernetes' maxSurge).
-pub const MAX_SURGE: usize = 1;
 /// Most tokens one tenant may hold.
 pub const MAX_TOKENS: usize = 64;
 
@@ -132,6 +130,20 @@ impl State {
             } else {
                 r.sub(res)
             }
+            let dep = (i.tenant.clone(), i.deployment.clone());
+            let per_node = ix.deployment_nodes.entry(dep.clone()).or_default();
+            let n = per_node.entry(node).or_default();
+            if add {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_node.remove(&node);
+                    if per_node.is_empty() {
+                        ix.deployment_nodes.remove(&dep);
+                    }
+                }
+            }
         }
         if i.is_active() {
             let u = ix.tenant_usage.entry(i.tenant.clone()).or_default();
@@ -141,7 +153,7 @@ impl State {
                 u.sub(res)
             }
             if i.node.is_none() && i.desired == Desired::Running {
-                let k = (i.meta.create_revision, i.tenant.clone(), i.id.clone());
+                let k = (std::cmp::Reverse(i.priority), i.meta.create_revision, i.tenant.clone(), i.id.clone());
                 if add {
                     ix.unassigned.insert(k);
                 } else {
@@ -336,6 +348,61 @@ impl State {
                 }
                 applied(self)
             }
+            Command::SetNodeSpec { node, spec } => {
+                if let Err(e) = spec.validate() {
+                    return reject(RejectKind::Invalid, e.0);
+                }
+                let Some(old) = self.nodes.get(node).cloned() else {
+                    return reject(RejectKind::NotFound, format!("node {node:016x} is not a member"));
+                };
+                if old.api_labels != spec.labels || old.taints != spec.taints {
+                    self.write_node(Node { api_labels: spec.labels.clone(), taints: spec.taints.clone(), ..old }, at);
+                }
+                applied(self)
+            }
+            Command::Drain { node, drain } => {
+                let Some(old) = self.nodes.get(node).cloned() else {
+                    return reject(RejectKind::NotFound, format!("node {node:016x} is not a member"));
+                };
+                let new = if *drain {
+                    let started = old.drain.clone().unwrap_or(Drain { started_at: at, finished_at: None, moved: 0 });
+                    Node { cordoned: true, drain: Some(started), ..old.clone() }
+                } else {
+                    Node { drain: None, ..old.clone() }
+                };
+                if new != old {
+                    self.write_node(new, at);
+                    self.settle_drain(*node, at);
+                }
+                applied(self)
+            }
+            Command::Evict { tenant, id, node, reason, budget, term } => {
+                if *term < self.max_term {
+                    return reject(
+                        RejectKind::Stale,
+                        format!("decided in term {term}; the cluster is in term {}", self.max_term),
+                    );
+                }
+                let key = (tenant.clone(), id.clone());
+                let Some(inst) = self.instances.get(&key).cloned() else { return ApplyOutcome::NotFound };
+                if inst.node != Some(*node) || inst.desired != Desired::Running || !inst.is_active() {
+                    return reject(RejectKind::Conflict, format!("instance {id} is not running on node {node:016x}"));
+                }
+                if *budget && !self.budget_allows(&(tenant.clone(), inst.deployment.clone()), 1) {
+                    return reject(
+                        RejectKind::Conflict,
+                        format!("the disruption budget of {} allows no more now", inst.deployment),
+                    );
+                }
+                self.write_instance(Instance { desired: Desired::Stopped, reason: reason.clone(), ..inst }, at);
+                if let Some(mut n) = self.nodes.get(node).cloned() {
+                    if let Some(d) = n.drain.as_mut() {
+                        d.moved += 1;
+                        self.write_node(n, at);
+                    }
+                }
+                applied(self)
+            }
             Command::PutTenant { name, spec, prev_revision } => self.put_tenant(name, spec, *prev_revision, at),
             Command::DeleteTenant { name } => self.delete_tenant(name),
             Command::AddTenantToken { tenant, id, sha256 } => {
@@ -431,6 +498,7 @@ impl State {
                     return reject(RejectKind::Conflict, format!("instance {id} is wanted running"));
                 }
                 self.delete_instance(&key);
+                self.settle_drain(*node, at);
                 applied(self)
             }
             Command::NodeLost { node, term, reason } => {
@@ -599,13 +667,29 @@ impl State {
             }
             let Some(node) = self.nodes.get(&a.node) else { continue };
             let Some(dep) = self.deployments.get(&(inst.tenant.clone(), inst.deployment.clone())) else { continue };
-            let labels_match = dep.spec.placement.node_labels.iter().all(|(k, v)| node.labels.get(k) == Some(v));
+            let p = &dep.spec.placement;
+            let labels = node.effective_labels();
+            let labels_match = p.node_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+                && p.constraints.iter().all(|c| c.holds(&labels));
             let used = self.index.node_allocated.get(&a.node).copied().unwrap_or_default();
-            if node.cordoned || !labels_match || !node.capacity.fits(used, inst.template.resources()) {
+            if node.cordoned
+                || !labels_match
+                || tolerated(&node.taints, &p.tolerations).is_err()
+                || !node.capacity.fits(used, inst.template.resources())
+            {
                 continue;
             }
-            let placed = Instance { node: Some(a.node), scheduled_at: Some(at), reason: String::new(), ..inst };
+            let placed = Instance {
+                node: Some(a.node),
+                nominated_node: None,
+                scheduled_at: Some(at),
+                reason: String::new(),
+                ..inst
+            };
             self.write_instance(placed, at);
+        }
+        for p in &s.preemptions {
+            self.apply_preemption(p, at);
         }
         for p in &s.pending {
             let key = (p.tenant.clone(), p.id.clone());
@@ -642,6 +726,74 @@ impl State {
             self.write_instance(new, at);
         }
         applied(self)
+    }
+
+    /// Stops a lower-priority instance so a pending one gets its room, within the victim's
+    /// disruption budget; the pending one is nominated to that node until the room is free.
+    fn apply_preemption(&mut self, p: &Preemption, at: Millis) {
+        let (vkey, pkey) = ((p.tenant.clone(), p.id.clone()), (p.for_tenant.clone(), p.for_id.clone()));
+        let (Some(victim), Some(pre)) = (self.instances.get(&vkey).cloned(), self.instances.get(&pkey).cloned()) else {
+            return;
+        };
+        let valid = victim.node == Some(p.node)
+            && victim.desired == Desired::Running
+            && victim.is_active()
+            && victim.priority < pre.priority
+            && pre.node.is_none()
+            && pre.desired == Desired::Running
+            && self.budget_allows_preemption(&(victim.tenant.clone(), victim.deployment.clone()));
+        if !valid {
+            return;
+        }
+        let reason =
+            format!("preempted by {}/{} (priority {} over {})", pre.tenant, pre.id, pre.priority, victim.priority);
+        self.write_instance(Instance { desired: Desired::Stopped, reason, ..victim }, at);
+        if pre.nominated_node != Some(p.node) {
+            let why = format!("waiting on node {:016x} for lower-priority instances to stop", p.node);
+            self.write_instance(Instance { nominated_node: Some(p.node), reason: why, ..pre }, at);
+        }
+    }
+
+    /// Instances of a deployment that are not running now (of the replicas it wants).
+    pub fn unavailable(&self, key: &InstanceKey) -> usize {
+        let Some(dep) = self.deployments.get(key) else { return 0 };
+        let running = self
+            .index
+            .deployment_instances
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(&(key.0.clone(), id.clone())))
+            .filter(|i| i.desired == Desired::Running && i.state == InstanceState::Running)
+            .count();
+        (dep.spec.replicas as usize).saturating_sub(running)
+    }
+
+    /// Whether `more` instances of the deployment may go down now (a drain's budget defaults
+    /// to one at a time).
+    pub fn budget_allows(&self, key: &InstanceKey, more: usize) -> bool {
+        let Some(dep) = self.deployments.get(key) else { return true };
+        let budget = dep.spec.placement.disruption_budget.map(|b| b.max_unavailable).unwrap_or(1) as usize;
+        self.unavailable(key) + more <= budget
+    }
+
+    /// A preemption is limited only by a budget the deployment set.
+    fn budget_allows_preemption(&self, key: &InstanceKey) -> bool {
+        let Some(dep) = self.deployments.get(key) else { return true };
+        match dep.spec.placement.disruption_budget {
+            Some(b) => self.unavailable(key) < b.max_unavailable as usize,
+            None => true,
+        }
+    }
+
+    /// A drained node with no active instance left is done.
+    fn settle_drain(&mut self, node: u64, at: Millis) {
+        let Some(n) = self.nodes.get(&node).cloned() else { return };
+        let Some(d) = n.drain.clone() else { return };
+        let busy = self.instances_on(node).any(|i| i.is_active() || i.desired == Desired::Stopped);
+        if d.finished_at.is_none() && !busy {
+            self.write_node(Node { drain: Some(Drain { finished_at: Some(at), ..d }), ..n }, at);
+        }
     }
 
     // ---- derived changes at the end of each command ------------------------------------------
@@ -704,7 +856,13 @@ impl State {
             }
             return;
         }
+        // A priority change reaches every instance (it orders pending ones and decides preemption).
+        for i in all.iter().filter(|i| i.priority != dep.spec.placement.priority) {
+            self.write_instance(Instance { priority: dep.spec.placement.priority, ..i.clone() }, at);
+        }
+        let all = self.instances_of(key);
         let replicas = dep.spec.replicas as usize;
+        let (max_unavailable, max_surge) = dep.spec.placement.rollout();
         let wanted: Vec<&Instance> = all.iter().filter(|i| i.desired == Desired::Running).collect();
         let is_new = |i: &&&Instance| i.generation == dep.generation;
         let new_active: Vec<Instance> =
@@ -731,7 +889,7 @@ impl State {
             let room = if old_active.is_empty() {
                 missing
             } else {
-                (replicas + MAX_SURGE).saturating_sub(new_active.len() + old_active.len()).min(missing)
+                (replicas + max_surge).saturating_sub(new_active.len() + old_active.len()).min(missing)
             };
             for _ in 0..room {
                 let usage = self.index.tenant_usage.get(&dep.tenant).copied().unwrap_or_default();
@@ -752,7 +910,7 @@ impl State {
             .filter(|i| i.desired == Desired::Running && i.generation == dep.generation)
             .filter(|i| i.state == InstanceState::Running || i.is_final())
             .count();
-        let mut keep_old = replicas.saturating_sub(new_running);
+        let mut keep_old = replicas.saturating_sub(new_running).saturating_sub(max_unavailable);
         if message.is_some() && created == 0 && have < replicas && keep_old > 0 && keep_old >= old_active.len() {
             keep_old = old_active.len().saturating_sub(1);
         }
@@ -809,6 +967,8 @@ impl State {
             generation: dep.generation,
             template: dep.spec.template.clone(),
             node: None,
+            priority: dep.spec.placement.priority,
+            nominated_node: None,
             state: InstanceState::Pending,
             desired: Desired::Running,
             restarts: 0,
@@ -884,6 +1044,6 @@ impl State {
 
     /// Active instances waiting for a node, oldest first.
     pub fn unassigned(&self) -> impl Iterator<Item = &Instance> + '_ {
-        self.index.unassigned.iter().filter_map(|(_, t, id)| self.instances.get(&(t.clone(), id.clone())))
+        self.index.unassigned.iter().filter_map(|(_, _, t, id)| self.instances.get(&(t.clone(), id.clone())))
     }
 }
