@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test lint build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster bench-workloads fuzz deps clean-cache
+.PHONY: run run-probes test lint build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster bench-workloads bench-scheduler fuzz deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -74,6 +74,10 @@ bench-cluster: deps
 bench-workloads: probes
 	@ci/ensure-packages.sh iproute2
 	SHOAL_VMM=$(CURDIR)/$(VMM) $(CARGO) bench --locked -p shoal-node --bench workloads
+
+# Placement at fleet scale on one core: 5,000 nodes, 1,000,000 instances (no root, no KVM).
+bench-scheduler: deps
+	$(CARGO) bench --locked -p shoal-node --bench scheduler
 
 # Fuzz the API parser, the virtio queue paths and snapshot decoding (RUNS executions each).
 fuzz: deps

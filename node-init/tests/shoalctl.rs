@@ -215,6 +215,36 @@ fn shoalctl_applies_gets_follows_scales_and_deletes_as_a_user_would() {
     ctl.ok(&["rollout", "status", "web"]);
     assert_eq!(ctl.ok(&["get", "instances", "-o", "name"]).lines().count(), 3);
 
+    // plan: what a bigger deployment would do, changing nothing.
+    let bigger = dir.path().join("bigger.yaml");
+    std::fs::write(
+        &bigger,
+        "kind: Deployment\nname: web\nreplicas: 4\ntemplate:\n  kernel: ./workload.elf\n  mem_mib: 64\n",
+    )
+    .unwrap();
+    let planned = ctl.ok(&["plan", "-f", bigger.to_str().unwrap()]);
+    assert!(planned.starts_with("deployment/web (tenant acme): 4 placed, 0 pending, 0 preempted"), "{planned}");
+    assert!(planned.contains(&format!("node {}  4", node.id())), "{planned}");
+    std::fs::write(&bigger, "kind: Deployment\nname: web\nreplicas: 5\ntemplate:\n  kernel: ./workload.elf\n").unwrap();
+    assert!(
+        ctl.fails(&["plan", "-f", bigger.to_str().unwrap()]).contains("quota of 4 vCPUs"),
+        "a plan refuses as apply would"
+    );
+    assert_eq!(ctl.ok(&["get", "instances", "-o", "name"]).lines().count(), 3, "planning changed nothing");
+    // Node labels and taints, as kubectl label / taint edit them.
+    let node_id = node.id();
+    assert_eq!(ctl.ok(&["label", &node_id, "pool=web", "disk=ssd"]).trim(), format!("node/{node_id} labeled"));
+    assert_eq!(ctl.ok(&["taint", &node_id, "gpu=true:no_schedule"]).trim(), format!("node/{node_id} tainted"));
+    let nodes = ctl.ok(&["get", "nodes"]);
+    assert!(nodes.contains("pool=web") && nodes.contains("gpu=true:no_schedule"), "{nodes}");
+    ctl.ok(&["taint", &node_id, "gpu-"]);
+    ctl.ok(&["label", &node_id, "disk-"]);
+    let json: Value = serde_json::from_str(&ctl.ok(&["get", "nodes", &node_id, "-o", "json"])).unwrap();
+    assert_eq!(
+        (json["taints"].as_array().map(|t| t.len()), json["api_labels"]["pool"].as_str()),
+        (Some(0), Some("web"))
+    );
+
     // A tenant token sees its tenant and nothing else.
     let token = ctl.ok(&["token", "create", "acme"]).trim().to_string();
     assert!(token.starts_with("shoal-t-"), "{token}");

@@ -133,6 +133,30 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// What applying the deployments of a file would do, without doing it.
+    Plan {
+        #[arg(long, short = 'f')]
+        file: String,
+    },
+    /// Cordon a node and move its instances off, one at a time within their disruption budgets;
+    /// --cancel stops draining (it stays cordoned).
+    Drain {
+        node: String,
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Set node labels (`key=value`) or remove them (`key-`); they win over the node's own.
+    Label {
+        node: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Set node taints (`key=value:no_schedule|no_execute`) or remove them (`key-`).
+    Taint {
+        node: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
     /// Stop placing new instances on a node.
     Cordon { node: String },
     /// Place new instances on a node again.
@@ -591,6 +615,86 @@ fn attach(s: &Session, instance: &str) -> Result<(), CliError> {
     Ok(())
 }
 
+fn plan(s: &Session, file: &str) -> Result<(), CliError> {
+    let (objects, base) = manifest::read(file)?;
+    let mut any = false;
+    for obj in objects {
+        let Object::Deployment { tenant, name, mut body } = obj else { continue };
+        any = true;
+        for (field, path) in manifest::image_files(&body, &base) {
+            let digest = push(s, &path, true)?;
+            body["template"][field] = json!(digest);
+        }
+        let tenant = tenant.unwrap_or_else(|| s.tenant.clone());
+        let (_, v) = s.client.call("POST", &format!("/v1/tenants/{tenant}/deployments/{name}/plan"), Some(&body))?;
+        if s.output == Output::Json {
+            print_json(&json!({"deployment": name, "tenant": tenant, "plan": v}));
+            continue;
+        }
+        let placed: u64 = v["placements"].as_array().into_iter().flatten().filter_map(|p| p["count"].as_u64()).sum();
+        let pending: u64 = v["pending"].as_array().into_iter().flatten().filter_map(|p| p["count"].as_u64()).sum();
+        println!(
+            "deployment/{name} (tenant {tenant}): {placed} placed, {pending} pending, {} preempted",
+            v["preemptions"].as_array().map_or(0, |a| a.len())
+        );
+        for p in v["placements"].as_array().into_iter().flatten() {
+            println!("  node {}  {}", p["node"].as_str().unwrap_or("-"), p["count"]);
+        }
+        for p in v["pending"].as_array().into_iter().flatten() {
+            println!("  pending {}: {}", p["count"], p["reason"].as_str().unwrap_or(""));
+        }
+        for p in v["preemptions"].as_array().into_iter().flatten() {
+            println!(
+                "  preempts {}/{} on node {}",
+                p["tenant"].as_str().unwrap_or(""),
+                p["instance"].as_str().unwrap_or(""),
+                p["node"].as_str().unwrap_or("")
+            );
+        }
+    }
+    if !any {
+        return Err(usage(format!("{file} holds no deployments")));
+    }
+    Ok(())
+}
+
+/// Applies `key=value` / `key-` changes to a node's operator labels or taints.
+fn edit_node(s: &Session, node: &str, changes: &[String], taints: bool) -> Result<(), CliError> {
+    let path = format!("/v1/nodes/{node}");
+    let n = s.client.get(&path)?;
+    let mut labels: serde_json::Map<String, Value> = n["api_labels"].as_object().cloned().unwrap_or_default();
+    let mut list: Vec<Value> = n["taints"].as_array().cloned().unwrap_or_default();
+    for c in changes {
+        if let Some(key) = c.strip_suffix('-') {
+            if taints {
+                list.retain(|t| t["key"] != key);
+            } else {
+                labels.remove(key);
+            }
+            continue;
+        }
+        let Some((key, rest)) = c.split_once('=') else {
+            return Err(usage(format!("{c:?}: expected key=value or key-")));
+        };
+        if taints {
+            let Some((value, effect)) = rest.rsplit_once(':') else {
+                return Err(usage(format!("{c:?}: a taint is key=value:no_schedule or key=value:no_execute")));
+            };
+            list.retain(|t| t["key"] != key);
+            list.push(json!({"key": key, "value": value, "effect": effect}));
+        } else {
+            labels.insert(key.to_string(), json!(rest));
+        }
+    }
+    let (_, v) = s.client.call("PUT", &path, Some(&json!({"labels": labels, "taints": list})))?;
+    if s.output == Output::Json {
+        print_json(&v);
+    } else {
+        println!("node/{node} {}", if taints { "tainted" } else { "labeled" });
+    }
+    Ok(())
+}
+
 fn run(cli: &Cli) -> Result<(), CliError> {
     if let Command::Config { command } = &cli.command {
         let mut file = ConfigFile::load()?;
@@ -632,6 +736,22 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Scale { name, replicas } => scale(&s, name, *replicas),
         Command::Logs { instance, follow } => logs(&s, instance, *follow),
         Command::Attach { instance } => attach(&s, instance),
+        Command::Plan { file } => plan(&s, file),
+        Command::Drain { node, cancel } => {
+            let method = if *cancel { "DELETE" } else { "POST" };
+            let (_, v) = s.client.call(method, &format!("/v1/nodes/{node}/drain"), None)?;
+            if s.output == Output::Json {
+                print_json(&v);
+            } else if *cancel {
+                println!("node/{node} no longer draining (still cordoned)");
+            } else {
+                let left = v["node"]["drain"]["remaining"].as_u64().unwrap_or(0);
+                println!("node/{node} draining: {left} instances to move (shoalctl get nodes shows the progress)");
+            }
+            Ok(())
+        }
+        Command::Label { node, changes } => edit_node(&s, node, changes, false),
+        Command::Taint { node, changes } => edit_node(&s, node, changes, true),
         Command::Image { command: ImageCommand::Push { file, quiet } } => {
             let digest = push(&s, file, *quiet)?;
             if s.output == Output::Json {

@@ -73,19 +73,38 @@ fn items<'a>(list: &'a Value, key: &str) -> Vec<&'a Value> {
 }
 
 pub fn nodes(list: &Value, now: SystemTime) -> String {
-    let mut t = table(&["ID", "ADDRESS", "ALIVE", "CORDONED", "VCPUS", "MEM MIB", "INSTANCES", "LABELS", "AGE"]);
+    let mut t =
+        table(&["ID", "ADDRESS", "ALIVE", "CORDONED", "VCPUS", "MEM MIB", "INSTANCES", "LABELS", "TAINTS", "AGE"]);
     for n in items(list, "nodes") {
         let used =
             |k: &str| format!("{}/{}", n["allocated"][k].as_u64().unwrap_or(0), n["capacity"][k].as_u64().unwrap_or(0));
+        let cordoned = match (&n["drain"], n["cordoned"].as_bool()) {
+            (Value::Object(d), _) if d.get("done") == Some(&Value::Bool(true)) => "drained".to_string(),
+            (Value::Object(d), _) => {
+                format!("draining ({} left)", d.get("remaining").and_then(Value::as_u64).unwrap_or(0))
+            }
+            (_, Some(c)) => c.to_string(),
+            _ => "-".into(),
+        };
+        let taints: Vec<String> = n["taints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let field = |k: &str| t[k].as_str().unwrap_or("").to_string();
+                format!("{}={}:{}", field("key"), field("value"), field("effect"))
+            })
+            .collect();
         t.add_row(vec![
             text(&n["id"]),
             text(&n["api_addr"]),
             text(&n["alive"]),
-            text(&n["cordoned"]),
+            cordoned,
             used("vcpus"),
             used("mem_mib"),
             text(&n["instances"]),
             labels(&n["labels"]),
+            if taints.is_empty() { "-".into() } else { taints.join(",") },
             age(&n["created_at"], now),
         ]);
     }

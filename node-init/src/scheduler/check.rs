@@ -61,21 +61,39 @@ pub fn violations(state: &State, alive: &BTreeSet<u64>) -> Vec<String> {
     for (i, n, _) in &placed {
         by_dep.entry((i.tenant.clone(), i.deployment.clone())).or_default().push(n);
     }
+    let node_labels: Vec<(&Node, BTreeMap<String, String>)> =
+        state.nodes.values().map(|n| (n, n.effective_labels())).collect();
+    let mut eligible_domains: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Deployments by label, to find what a selector matches without scanning every instance.
+    let mut by_label: BTreeMap<(String, String), Vec<(String, String)>> = BTreeMap::new();
+    for (k, d) in &state.deployments {
+        for (lk, lv) in &d.spec.labels {
+            by_label.entry((lk.clone(), lv.clone())).or_default().push(k.clone());
+        }
+    }
     for (key, nodes) in &by_dep {
         let Some(d) = state.deployments.get(key) else { continue };
         let p = &d.spec.placement;
         for s in p.spread.iter().filter(|s| s.hard && s.selector.is_none()) {
             let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-            for n in state.nodes.values() {
-                let labels = n.effective_labels();
-                let eligible = alive.contains(&n.id)
-                    && !n.cordoned
-                    && p.node_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-                    && p.constraints.iter().all(|c| c.holds(&labels))
-                    && tolerated(&n.taints, &p.tolerations).is_ok();
-                if let (true, Some(dom)) = (eligible, domain(n, &s.key)) {
-                    counts.entry(dom).or_default();
+            let sig =
+                serde_json::to_string(&(&p.node_labels, &p.constraints, &p.tolerations, &s.key)).unwrap_or_default();
+            let domains = eligible_domains.entry(sig).or_insert_with(|| {
+                let mut doms = BTreeSet::new();
+                for (n, labels) in &node_labels {
+                    let eligible = alive.contains(&n.id)
+                        && !n.cordoned
+                        && p.node_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+                        && p.constraints.iter().all(|c| c.holds(labels))
+                        && tolerated(&n.taints, &p.tolerations).is_ok();
+                    if let (true, Some(dom)) = (eligible, domain(n, &s.key)) {
+                        doms.insert(dom);
+                    }
                 }
+                doms
+            });
+            for dom in domains.iter() {
+                counts.entry(dom.clone()).or_default();
             }
             for n in nodes {
                 match domain(n, &s.key) {
@@ -109,10 +127,16 @@ pub fn violations(state: &State, alive: &BTreeSet<u64>) -> Vec<String> {
             }
             // Instances of the deployments the selector matches, per domain (each instance once).
             let mut others: BTreeMap<String, u64> = BTreeMap::new();
-            for (oi, on, od) in &placed {
-                if matches(rule, d, od) {
+            let first = rule.selector.iter().next().map(|(k, v)| (k.clone(), v.clone()));
+            let candidates = first.and_then(|f| by_label.get(&f)).cloned().unwrap_or_default();
+            for other_key in candidates {
+                let Some(od) = state.deployments.get(&other_key) else { continue };
+                if !matches(rule, d, od) {
+                    continue;
+                }
+                let own = other_key == *key;
+                for on in by_dep.get(&other_key).into_iter().flatten() {
                     if let Some(dom) = domain(on, &rule.key) {
-                        let own = oi.tenant == key.0 && oi.deployment == key.1;
                         *others.entry(dom).or_default() += u64::from(!own || anti);
                     }
                 }

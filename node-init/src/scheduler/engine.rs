@@ -9,8 +9,6 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 
-use sha2::{Digest as _, Sha256};
-
 use super::Options;
 use crate::state::command::{Assignment, PendingReason, Preemption, Schedule};
 use crate::state::objects::{
@@ -116,15 +114,13 @@ enum Selector {
 
 struct SelectorCounts {
     deps: BTreeSet<InstanceKey>,
-    /// Instances per domain, by key.
-    per_key: HashMap<KeyId, Vec<u32>>,
+    /// Instances per domain, by key (None: not asked for yet).
+    per_key: Vec<Option<Vec<u32>>>,
     total: u64,
 }
 
 /// The minimum count over a spread rule's eligible domains; counts only grow within a round.
 struct MinTracker {
-    sel: SelId,
-    key: KeyId,
     eligible: Vec<bool>,
     min: u32,
     at_min: usize,
@@ -154,6 +150,19 @@ struct DepRules {
     soft: bool,
 }
 
+/// Why a node failed a dynamic rule, without allocating (resolved to words only when needed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Why {
+    Vcpus(u64),
+    Memory(u64),
+    MissingKey(KeyId),
+    Spread(KeyId, u32),
+    Cap(KeyId, u32),
+    Anti(usize),
+    Blocked(usize),
+    Affinity(usize),
+}
+
 enum Outcome {
     Placed(NodeIdx),
     Preempt(NodeIdx, Vec<InstanceKey>),
@@ -167,6 +176,7 @@ pub(super) struct Round<'a> {
     index: HashMap<u64, NodeIdx>,
     keys: Vec<KeyDomains>,
     key_ids: HashMap<String, KeyId>,
+    key_names: Vec<String>,
     feasible: HashMap<String, Rc<Feasible>>,
     deps: HashMap<InstanceKey, Rc<DepRules>>,
     selectors: Vec<SelectorCounts>,
@@ -188,14 +198,9 @@ pub(super) struct Round<'a> {
     pub timings: Option<Vec<std::time::Duration>>,
 }
 
-fn hash64(parts: &[&str]) -> u64 {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0]);
-    }
-    let d = h.finalize();
-    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+/// FNV-1a: a stable hash (the same on every platform and release), enough to spread offsets.
+fn hash64(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl<'a> Round<'a> {
@@ -222,6 +227,7 @@ impl<'a> Round<'a> {
             index,
             keys: Vec::new(),
             key_ids: HashMap::new(),
+            key_names: Vec::new(),
             feasible: HashMap::new(),
             deps: HashMap::new(),
             selectors: Vec::new(),
@@ -248,11 +254,18 @@ impl<'a> Round<'a> {
             pending: Vec::new(),
             preemptions: Vec::new(),
         };
+        // Pending instances of one deployment come one after another: its rules are kept at hand.
+        let mut last: Option<(InstanceKey, Rc<DepRules>)> = None;
         for inst in state.unassigned().take(self.options.max_per_round) {
             let started = self.timings.is_some().then(std::time::Instant::now);
-            let key = (inst.tenant.clone(), inst.deployment.clone());
-            let Some(dep) = state.deployments.get(&key) else { continue };
-            let rules = self.rules(dep);
+            let same = last.as_ref().is_some_and(|(k, _)| k.0 == inst.tenant && k.1 == inst.deployment);
+            if !same {
+                let key = (inst.tenant.clone(), inst.deployment.clone());
+                let Some(dep) = state.deployments.get(&key) else { continue };
+                let rules = self.rules(dep);
+                last = Some((key, rules));
+            }
+            let Some((key, rules)) = last.clone() else { continue };
             match self.place(inst, &key, &rules) {
                 Outcome::Placed(n) => {
                     out.assignments.push(Assignment {
@@ -315,6 +328,7 @@ impl<'a> Round<'a> {
         let id = self.keys.len();
         self.keys.push(KeyDomains { of_node, count });
         self.key_ids.insert(name.to_string(), id);
+        self.key_names.push(name.to_string());
         id
     }
 
@@ -433,7 +447,7 @@ impl<'a> Round<'a> {
             self.dep_selectors.entry(d.clone()).or_default().push(id);
         }
         let total = deps.iter().map(|d| self.count_of(d)).sum();
-        self.selectors.push(SelectorCounts { deps, per_key: HashMap::new(), total });
+        self.selectors.push(SelectorCounts { deps, per_key: Vec::new(), total });
         self.selector_ids.insert(sel, id);
         id
     }
@@ -461,7 +475,8 @@ impl<'a> Round<'a> {
 
     /// Counts per domain of `key` for the selector (computed on first use, then kept).
     fn counts(&mut self, sel: SelId, key: KeyId) -> &Vec<u32> {
-        if !self.selectors[sel].per_key.contains_key(&key) {
+        let missing = self.selectors[sel].per_key.get(key).is_none_or(|c| c.is_none());
+        if missing {
             let mut counts = vec![0u32; self.keys[key].count];
             let deps: Vec<InstanceKey> = self.selectors[sel].deps.iter().cloned().collect();
             for d in &deps {
@@ -471,13 +486,20 @@ impl<'a> Round<'a> {
                     }
                 }
             }
-            self.selectors[sel].per_key.insert(key, counts);
+            let per_key = &mut self.selectors[sel].per_key;
+            if per_key.len() <= key {
+                per_key.resize(key + 1, None);
+            }
+            per_key[key] = Some(counts);
         }
-        &self.selectors[sel].per_key[&key]
+        self.selectors[sel].per_key[key].as_ref().expect("just filled")
     }
 
     fn count_at(&mut self, sel: SelId, key: KeyId, node: NodeIdx) -> Option<u32> {
         let d = self.domain(key, node)?;
+        if let Some(Some(c)) = self.selectors[sel].per_key.get(key) {
+            return Some(c[d as usize]);
+        }
         Some(self.counts(sel, key)[d as usize])
     }
 
@@ -495,7 +517,7 @@ impl<'a> Round<'a> {
         let counts = self.counts(sel, key).clone();
         let (min, at_min) = min_over(&counts, &eligible);
         let id = self.trackers.len();
-        self.trackers.push(MinTracker { sel, key, eligible, min, at_min });
+        self.trackers.push(MinTracker { eligible, min, at_min });
         self.tracker_ids.insert((sel, key, sig), id);
         self.sel_trackers.entry((sel, key)).or_default().push(id);
         id
@@ -570,45 +592,41 @@ impl<'a> Round<'a> {
     // ---- one decision -------------------------------------------------------------------------
 
     /// The first dynamic rule `node` fails for an instance, if any.
-    fn check(&mut self, r: &DepRules, node: NodeIdx, need: Resources, dep: &InstanceKey) -> Option<Explain> {
+    fn check(&mut self, r: &DepRules, node: NodeIdx, need: Resources, dep: &InstanceKey) -> Option<Why> {
         let n = &self.nodes[node];
         let cap = n.node.capacity;
         if n.allocated.vcpus.saturating_add(need.vcpus) > cap.vcpus {
-            return Some(Explain::Vcpus(need.vcpus));
+            return Some(Why::Vcpus(need.vcpus));
         }
         if n.allocated.mem_mib.saturating_add(need.mem_mib) > cap.mem_mib {
-            return Some(Explain::Memory(need.mem_mib));
+            return Some(Why::Memory(need.mem_mib));
         }
         for (k, sel, t, max_skew, hard) in &r.spread {
             if !hard {
                 continue;
             }
-            let Some(c) = self.count_at(*sel, *k, node) else {
-                return Some(Explain::MissingKey(self.key_name(*k)));
-            };
+            let Some(c) = self.count_at(*sel, *k, node) else { return Some(Why::MissingKey(*k)) };
             if c + 1 > self.trackers[*t].min + max_skew {
-                return Some(Explain::Spread { key: self.key_name(*k), max_skew: *max_skew });
+                return Some(Why::Spread(*k, *max_skew));
             }
         }
         for (k, max) in &r.caps {
-            let Some(c) = self.count_at(r.own, *k, node) else {
-                return Some(Explain::MissingKey(self.key_name(*k)));
-            };
+            let Some(c) = self.count_at(r.own, *k, node) else { return Some(Why::MissingKey(*k)) };
             if c + 1 > *max {
-                return Some(Explain::MaxPerDomain { key: self.key_name(*k), max: *max });
+                return Some(Why::Cap(*k, *max));
             }
         }
-        for (k, sel, hard, _, text) in &r.anti {
+        for (i, (k, sel, hard, _, _)) in r.anti.iter().enumerate() {
             if *hard && self.count_at(*sel, *k, node).is_some_and(|c| c > 0) {
-                return Some(Explain::AntiAffinity { selector: text.clone(), key: self.key_name(*k) });
+                return Some(Why::Anti(i));
             }
         }
-        for (k, sel, text) in &r.blocked_by {
+        for (i, (k, sel, _)) in r.blocked_by.iter().enumerate() {
             if self.count_at(*sel, *k, node).is_some_and(|c| c > 0) {
-                return Some(Explain::AntiAffinity { selector: text.clone(), key: self.key_name(*k) });
+                return Some(Why::Blocked(i));
             }
         }
-        for (k, sel, hard, _, text) in &r.affinity {
+        for (i, (k, sel, hard, _, _)) in r.affinity.iter().enumerate() {
             if !*hard {
                 continue;
             }
@@ -616,14 +634,32 @@ impl<'a> Round<'a> {
             // The first instance of a group that attracts itself may go anywhere (Kubernetes' rule).
             let first = self.selectors[*sel].total == 0 && self.selectors[*sel].deps.contains(dep);
             if !present && !first {
-                return Some(Explain::Affinity { selector: text.clone(), key: self.key_name(*k) });
+                return Some(Why::Affinity(i));
             }
         }
         None
     }
 
     fn key_name(&self, k: KeyId) -> String {
-        self.key_ids.iter().find(|(_, v)| **v == k).map(|(n, _)| n.clone()).unwrap_or_default()
+        self.key_names[k].clone()
+    }
+
+    /// A dynamic reason in words.
+    fn why_text(&self, r: &DepRules, why: Why) -> Explain {
+        match why {
+            Why::Vcpus(n) => Explain::Vcpus(n),
+            Why::Memory(m) => Explain::Memory(m),
+            Why::MissingKey(k) => Explain::MissingKey(self.key_name(k)),
+            Why::Spread(k, max_skew) => Explain::Spread { key: self.key_name(k), max_skew },
+            Why::Cap(k, max) => Explain::MaxPerDomain { key: self.key_name(k), max },
+            Why::Anti(i) => Explain::AntiAffinity { selector: r.anti[i].4.clone(), key: self.key_name(r.anti[i].0) },
+            Why::Blocked(i) => {
+                Explain::AntiAffinity { selector: r.blocked_by[i].2.clone(), key: self.key_name(r.blocked_by[i].0) }
+            }
+            Why::Affinity(i) => {
+                Explain::Affinity { selector: r.affinity[i].4.clone(), key: self.key_name(r.affinity[i].0) }
+            }
+        }
     }
 
     fn score(&mut self, r: &DepRules, node: NodeIdx, need: Resources, preferred: Option<u64>) -> i64 {
@@ -693,7 +729,7 @@ impl<'a> Round<'a> {
             return Outcome::Pending(explain(total, &feasible.ruled_out));
         }
         let limit = self.sample_size(r);
-        let offset = (hash64(&[&inst.uid]) % feasible.nodes.len() as u64) as usize;
+        let offset = (hash64(&inst.uid) % feasible.nodes.len() as u64) as usize;
         // A nominated node (room is being made there) is looked at first.
         let nominated =
             inst.nominated_node.and_then(|id| self.index.get(&id).copied()).filter(|n| feasible.nodes.contains(n));
@@ -701,10 +737,13 @@ impl<'a> Round<'a> {
         let order = nominated.into_iter().chain(walk.filter(|n| Some(*n) != nominated));
         let mut best: Option<(i64, std::cmp::Reverse<u64>, NodeIdx)> = None;
         let mut found = 0;
-        let mut ruled_out = feasible.ruled_out.clone();
+        let mut ruled_out: Vec<(Why, usize)> = Vec::new();
         for node in order {
             match self.check(r, node, need, dep) {
-                Some(why) => *ruled_out.entry(why).or_default() += 1,
+                Some(why) => match ruled_out.iter_mut().find(|(w, _)| *w == why) {
+                    Some((_, n)) => *n += 1,
+                    None => ruled_out.push((why, 1)),
+                },
                 None => {
                     let s = (
                         self.score(r, node, need, inst.nominated_node),
@@ -731,13 +770,19 @@ impl<'a> Round<'a> {
         if let Some((node, victims)) = self.preemption(inst, r, dep) {
             return Outcome::Preempt(node, victims);
         }
-        Outcome::Pending(explain(total, &ruled_out))
+        let mut all = feasible.ruled_out.clone();
+        for (why, n) in ruled_out {
+            *all.entry(self.why_text(r, why)).or_default() += n;
+        }
+        Outcome::Pending(explain(total, &all))
     }
 
     /// The node where the fewest, lowest-priority instances (each within its deployment's
     /// disruption budget) make room for `inst`, if stopping them makes it fit.
     fn preemption(&mut self, inst: &Instance, r: &DepRules, dep: &InstanceKey) -> Option<(NodeIdx, Vec<InstanceKey>)> {
         let state = self.state;
+        // Nothing runs at a lower priority: nothing to preempt (the common case, checked first).
+        state.index.priorities.range(..inst.priority).next()?;
         let need = inst.template.resources();
         // (worst victim priority, victims, node id): the smallest wins.
         type Choice = ((i32, usize, u64), NodeIdx, Vec<InstanceKey>);
@@ -808,18 +853,18 @@ impl<'a> Round<'a> {
         let sels = self.dep_selectors.get(dep).cloned().unwrap_or_default();
         for sel in sels {
             self.selectors[sel].total += 1;
-            let keys: Vec<KeyId> = self.selectors[sel].per_key.keys().copied().collect();
-            for k in keys {
-                let Some(d) = self.domain(k, node) else { continue };
-                let counts = self.selectors[sel].per_key.get_mut(&k).expect("the key's counts exist");
+            for k in 0..self.selectors[sel].per_key.len() {
+                let Some(d) = self.keys[k].of_node[node] else { continue };
+                let Some(counts) = self.selectors[sel].per_key[k].as_mut() else { continue };
                 let before = counts[d as usize];
                 counts[d as usize] += 1;
-                for t in self.sel_trackers.get(&(sel, k)).cloned().unwrap_or_default() {
+                let Some(trackers) = self.sel_trackers.get(&(sel, k)) else { continue };
+                for &t in trackers {
                     let tr = &mut self.trackers[t];
                     if tr.eligible[d as usize] && before == tr.min {
                         tr.at_min -= 1;
                         if tr.at_min == 0 {
-                            let counts = &self.selectors[tr.sel].per_key[&tr.key];
+                            let counts = self.selectors[sel].per_key[k].as_ref().expect("counts exist");
                             let (m, n) = min_over(counts, &tr.eligible);
                             tr.min = m;
                             tr.at_min = n;

@@ -80,6 +80,19 @@ pub fn schedule(state: &State, alive: &BTreeSet<u64>, term: u64) -> Option<Sched
     schedule_with(state, alive, term, &Options::default())
 }
 
+/// One round, with how long each decision took (for the benchmark).
+pub fn schedule_timed(
+    state: &State,
+    alive: &BTreeSet<u64>,
+    term: u64,
+    options: &Options,
+) -> (Schedule, Vec<std::time::Duration>) {
+    let mut round = engine::Round::new(state, alive, options);
+    round.timings = Some(Vec::new());
+    let schedule = round.run(term);
+    (schedule, round.timings.take().unwrap_or_default())
+}
+
 /// One round of placement over the pending instances. `None` when there is nothing to assign,
 /// preempt, or explain anew.
 pub fn schedule_with(state: &State, alive: &BTreeSet<u64>, term: u64, options: &Options) -> Option<Schedule> {

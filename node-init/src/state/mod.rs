@@ -131,9 +131,11 @@ pub struct Indexes {
     /// Instance ids of each deployment.
     pub deployment_instances: BTreeMap<InstanceKey, BTreeSet<String>>,
     /// Active instances waiting for a node: highest priority first, then in creation order.
-    pub unassigned: BTreeSet<(std::cmp::Reverse<i32>, u64, String, String)>,
+    pub unassigned: BTreeSet<(std::cmp::Reverse<i32>, u64, InstanceKey)>,
     /// Active instances of each deployment per node.
     pub deployment_nodes: BTreeMap<InstanceKey, BTreeMap<u64, u32>>,
+    /// Active instances on nodes, by priority (whether anything could be preempted at all).
+    pub priorities: BTreeMap<i32, u64>,
     /// How many deployment templates and instances name each image.
     pub image_refs: BTreeMap<String, u64>,
     /// Tenant token hashes.

@@ -130,6 +130,15 @@ impl State {
             } else {
                 r.sub(res)
             }
+            let by_priority = ix.priorities.entry(i.priority).or_default();
+            if add {
+                *by_priority += 1;
+            } else {
+                *by_priority = by_priority.saturating_sub(1);
+                if *by_priority == 0 {
+                    ix.priorities.remove(&i.priority);
+                }
+            }
             let dep = (i.tenant.clone(), i.deployment.clone());
             let per_node = ix.deployment_nodes.entry(dep.clone()).or_default();
             let n = per_node.entry(node).or_default();
@@ -153,7 +162,7 @@ impl State {
                 u.sub(res)
             }
             if i.node.is_none() && i.desired == Desired::Running {
-                let k = (std::cmp::Reverse(i.priority), i.meta.create_revision, i.tenant.clone(), i.id.clone());
+                let k = (std::cmp::Reverse(i.priority), i.meta.create_revision, (i.tenant.clone(), i.id.clone()));
                 if add {
                     ix.unassigned.insert(k);
                 } else {
@@ -1044,6 +1053,6 @@ impl State {
 
     /// Active instances waiting for a node, oldest first.
     pub fn unassigned(&self) -> impl Iterator<Item = &Instance> + '_ {
-        self.index.unassigned.iter().filter_map(|(_, _, t, id)| self.instances.get(&(t.clone(), id.clone())))
+        self.index.unassigned.iter().filter_map(|(_, _, key)| self.instances.get(key))
     }
 }
