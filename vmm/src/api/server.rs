@@ -1,16 +1,19 @@
-//! The API server: one thread that accepts connections on the Unix socket, parses requests with
-//! `http`, answers them from `routes::ApiState`, and hands an InstanceStart to the VMM thread
-//! (which owns the microVM) over a channel. Each connection gets a thread (at most
-//! MAX_CONNECTIONS at once), so an idle or stalled client holds up nobody; a client that stalls
-//! mid-request is dropped after a read timeout.
+//! The API server: one thread that serves every connection on the Unix socket from its own poll
+//! loop (as Firecracker's does), parses requests with `http`, answers them from
+//! `routes::ApiState`, and hands what needs the microVM to the VMM thread over a channel.
+//!
+//! No thread is started once the thread's seccomp filter is on: a new thread's first allocation
+//! creates a malloc arena, which makes glibc read `/sys/devices/system/cpu/online` — a call the
+//! filter does not allow (a keep-alive client pool got the VMM killed that way). Connections are
+//! non-blocking; an idle keep-alive connection holds up nobody, one that stalls in the middle of
+//! a request is dropped after a timeout, and one beyond MAX_CONNECTIONS is answered 503.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::http::{self, Response};
 use super::routes::{ApiState, InstanceState, Outcome, SnapshotLoad};
@@ -107,41 +110,221 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 
 /// Serves the API on its own thread.
 pub fn spawn(listener: UnixListener, link: VmmLink, seccomp: Seccomp) -> Result<std::thread::JoinHandle<()>, ApiError> {
-    let starts = Arc::new(link);
+    listener.set_nonblocking(true).map_err(ApiError::Thread)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            // Connection threads started from here inherit the filter.
+            // Everything the loop allocates up front, and this thread's malloc arena, exist
+            // before the filter goes on.
+            let mut server = Server {
+                listener,
+                link,
+                state: ApiState::default(),
+                conns: Vec::with_capacity(MAX_CONNECTIONS),
+                fds: Vec::with_capacity(MAX_CONNECTIONS + 1),
+                chunk: vec![0u8; 16 * 1024],
+            };
+            drop(vec![0u8; 1 << 20]);
             if let Err(e) = crate::seccomp::install(ThreadKind::Api, seccomp) {
                 tracing::error!(error = %crate::api::error_chain(&e), "api thread stops");
                 return;
             }
-            let state = Arc::new(Mutex::new(ApiState::default()));
-            let open = Arc::new(AtomicUsize::new(0));
-            for conn in listener.incoming() {
-                let mut stream = match conn {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "api accept failed");
-                        continue;
-                    }
-                };
-                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    open.fetch_sub(1, Ordering::SeqCst);
-                    let _ = stream.write_all(&Response::fault(503, "Too many API connections.").to_bytes());
-                    continue;
-                }
-                let (state, starts, open2) = (state.clone(), starts.clone(), open.clone());
-                let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                    serve_connection(stream, &state, &starts);
-                    open2.fetch_sub(1, Ordering::SeqCst);
-                });
-                if spawned.is_err() {
-                    open.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
+            server.run();
         })
         .map_err(ApiError::Thread)
+}
+
+/// One client connection.
+struct Conn {
+    stream: UnixStream,
+    /// Bytes received and not yet parsed.
+    input: Vec<u8>,
+    /// Bytes of answers not yet sent.
+    output: Vec<u8>,
+    /// Signalled once `output` is on the wire (the VMM thread waits for a start's 204).
+    on_sent: Option<Sender<()>>,
+    /// Close once `output` is sent.
+    closing: bool,
+    /// When the client last sent anything.
+    active: Instant,
+}
+
+struct Server {
+    listener: UnixListener,
+    link: VmmLink,
+    state: ApiState,
+    conns: Vec<Conn>,
+    fds: Vec<libc::pollfd>,
+    chunk: Vec<u8>,
+}
+
+impl Server {
+    fn run(&mut self) {
+        loop {
+            self.fds.clear();
+            self.fds.push(libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            for c in &self.conns {
+                let events = if c.output.is_empty() { libc::POLLIN } else { libc::POLLOUT };
+                self.fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
+            }
+            // SAFETY: fds is a valid array of pollfd structures of the length given.
+            let n = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, 1000) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %std::io::Error::last_os_error(), "api poll failed; the api stops");
+                return;
+            }
+            let ready: Vec<libc::c_short> = self.fds[1..].iter().map(|f| f.revents).collect();
+            if self.fds[0].revents & libc::POLLIN != 0 {
+                self.accept();
+            }
+            for (i, revents) in ready.into_iter().enumerate() {
+                if revents != 0 {
+                    self.serve(i, revents);
+                }
+            }
+            let now = Instant::now();
+            self.conns.retain(|c| {
+                let stalled = !c.input.is_empty() && now.duration_since(c.active) > READ_TIMEOUT;
+                let done = c.closing && c.output.is_empty();
+                !(stalled || done)
+            });
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "api accept failed");
+                    return;
+                }
+            };
+            if self.conns.len() >= MAX_CONNECTIONS {
+                // Best effort: the client learns why, the connection goes.
+                let _ = (&stream).write(&Response::fault(503, "Too many API connections.").to_bytes());
+                continue;
+            }
+            if !set_nonblocking(&stream) {
+                continue;
+            }
+            let conn = Conn {
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                on_sent: None,
+                closing: false,
+                active: Instant::now(),
+            };
+            self.conns.push(conn);
+        }
+    }
+
+    /// Reads what the client sent, answers every complete request, and sends what it can.
+    fn serve(&mut self, i: usize, revents: libc::c_short) {
+        if revents & libc::POLLIN != 0 || revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            loop {
+                match self.conns[i].stream.read(&mut self.chunk) {
+                    Ok(0) => {
+                        self.conns[i].closing = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        let c = &mut self.conns[i];
+                        c.input.extend_from_slice(&self.chunk[..n]);
+                        c.active = Instant::now();
+                        if c.input.len() > http::MAX_HEAD + http::MAX_BODY + 1024 {
+                            break; // Parse what is here; an over-long request is refused below.
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        self.conns[i].closing = true;
+                        self.conns[i].output.clear();
+                        return;
+                    }
+                }
+            }
+            // One request at a time: the next is parsed once this answer is sent.
+            while self.conns[i].output.is_empty() && !self.conns[i].input.is_empty() {
+                match http::parse(&self.conns[i].input) {
+                    Ok(Some((req, used))) => {
+                        self.conns[i].input.drain(..used);
+                        let (response, on_sent) = handle(&mut self.state, &req, &self.link);
+                        tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");
+                        let c = &mut self.conns[i];
+                        c.output = response.to_bytes();
+                        c.on_sent = on_sent;
+                        c.closing |= req.close;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let c = &mut self.conns[i];
+                        c.output = Response::fault(e.status(), &e).to_bytes();
+                        c.input.clear();
+                        c.closing = true;
+                    }
+                }
+            }
+        }
+        self.flush(i);
+    }
+
+    fn flush(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        while !c.output.is_empty() {
+            match c.stream.write(&c.output) {
+                Ok(0) => break,
+                Ok(n) => {
+                    c.output.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    c.output.clear();
+                    c.closing = true;
+                    break;
+                }
+            }
+        }
+        if c.output.is_empty() {
+            if let Some(sent) = c.on_sent.take() {
+                let _ = sent.send(());
+            }
+        }
+    }
+}
+
+/// O_NONBLOCK through fcntl: std's `set_nonblocking` uses an ioctl the filter does not allow.
+fn set_nonblocking(stream: &UnixStream) -> bool {
+    let fd = stream.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this thread owns, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    flags >= 0 && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0
+}
+
+/// Answers one request, handing what needs the microVM to the VMM thread.
+fn handle(state: &mut ApiState, req: &http::Request, link: &VmmLink) -> (Response, Option<Sender<()>>) {
+    match state.handle(req) {
+        Outcome::Reply(r) => (r, None),
+        Outcome::Start(config) => start(state, config, link),
+        Outcome::SetPaused(paused) => (set_paused(state, paused, link), None),
+        Outcome::CreateSnapshot { kind, state_path, mem_path } => {
+            (create_snapshot(kind, state_path, mem_path, link), None)
+        }
+        Outcome::LoadSnapshot(load) => load_snapshot(state, load, link),
+        Outcome::Metrics { prometheus } => (metrics(prometheus, link), None),
+        Outcome::MetricsFile(path) => (ask(link, |reply| ApiRequest::MetricsFile { path, reply }), None),
+        Outcome::FlushMetrics => (ask(link, |reply| ApiRequest::FlushMetrics { reply }), None),
+        Outcome::SendCtrlAltDel => (ask(link, |reply| ApiRequest::SendCtrlAltDel { reply }), None),
+        Outcome::Logger { level, path } => (ask(link, |reply| ApiRequest::Logger { level, path, reply }), None),
+    }
 }
 
 fn start(state: &mut ApiState, config: VmConfig, starts: &VmmLink) -> (Response, Option<Sender<()>>) {
@@ -223,55 +406,5 @@ fn set_paused(state: &mut ApiState, paused: bool, link: &VmmLink) -> Response {
         }
         Ok(Err(message)) => Response::fault(400, message),
         Err(_) => Response::fault(500, "The VMM stopped before answering."),
-    }
-}
-
-fn serve_connection(mut stream: UnixStream, state: &Mutex<ApiState>, starts: &VmmLink) {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match http::parse(&buf) {
-            Ok(Some((req, used))) => {
-                buf.drain(..used);
-                // The lock is held through a start, so no request sees a half-started VM.
-                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                let (response, written) = match st.handle(&req) {
-                    Outcome::Reply(r) => (r, None),
-                    Outcome::Start(config) => start(&mut st, config, starts),
-                    Outcome::SetPaused(paused) => (set_paused(&mut st, paused, starts), None),
-                    Outcome::CreateSnapshot { kind, state_path, mem_path } => {
-                        (create_snapshot(kind, state_path, mem_path, starts), None)
-                    }
-                    Outcome::LoadSnapshot(load) => load_snapshot(&mut st, load, starts),
-                    Outcome::Metrics { prometheus } => (metrics(prometheus, starts), None),
-                    Outcome::MetricsFile(path) => (ask(starts, |reply| ApiRequest::MetricsFile { path, reply }), None),
-                    Outcome::FlushMetrics => (ask(starts, |reply| ApiRequest::FlushMetrics { reply }), None),
-                    Outcome::SendCtrlAltDel => (ask(starts, |reply| ApiRequest::SendCtrlAltDel { reply }), None),
-                    Outcome::Logger { level, path } => {
-                        (ask(starts, |reply| ApiRequest::Logger { level, path, reply }), None)
-                    }
-                };
-                drop(st);
-                tracing::debug!(method = %req.method, path = %req.path, status = response.status, "api request");
-                let ok = stream.write_all(&response.to_bytes()).is_ok();
-                if let Some(written) = written {
-                    let _ = written.send(());
-                }
-                if !ok || req.close {
-                    return;
-                }
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = stream.write_all(&Response::fault(e.status(), &e).to_bytes());
-                return;
-            }
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return, // closed, or stalled past the timeout: drop the client
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
     }
 }
