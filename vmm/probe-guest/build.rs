@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PROBES: &[&str] = &["boot", "smp", "timer", "fault", "panic", "counter", "spin", "virtio", "workload"];
+const PROBES: &[&str] =
+    &["boot", "smp", "timer", "fault", "panic", "counter", "spin", "virtio", "workload", "vsockreset"];
 
 fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

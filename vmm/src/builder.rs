@@ -357,6 +357,9 @@ pub struct VirtioSlot {
     pub spec: DeviceSpec,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub queue_evts: Vec<EventFd>,
+    /// Signalled by the transport when the driver's register writes left device work for the
+    /// VMM thread (activation, reset).
+    pub wake: EventFd,
 }
 
 impl std::fmt::Debug for VirtioSlot {
@@ -456,9 +459,12 @@ pub fn attach_virtio(
                 .map_err(|e| VmError::Ioctl("register a queue notification eventfd", e))?;
             queue_evts.push(evt);
         }
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone(), Arc::new(IrqLine::new(irq_evt)))));
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        let transport = MmioTransport::new(device, mem.clone(), Arc::new(IrqLine::new(irq_evt)))
+            .with_wake(wake.try_clone().map_err(BuildError::EventFd)?);
+        let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
-        slots.push(VirtioSlot { name, spec: spec.clone(), transport, queue_evts });
+        slots.push(VirtioSlot { name, spec: spec.clone(), transport, queue_evts, wake });
     }
     Ok(slots)
 }

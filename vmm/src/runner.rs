@@ -298,7 +298,8 @@ impl MutEventSubscriber for StopWatcher {
 }
 
 /// Serves one virtio device's queue notifications (ioeventfds KVM signals) on the event loop,
-/// and re-runs a rate-limited device's queues when its limiter has room again.
+/// does the device work its driver's register writes deferred (activation, reset), and re-runs
+/// a rate-limited device's queues when its limiter has room again.
 struct VirtioQueues {
     slot: VirtioSlot,
     timer: Option<TimerFd>,
@@ -322,6 +323,9 @@ impl VirtioQueues {
 
 impl MutEventSubscriber for VirtioQueues {
     fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.slot.wake, EventSet::IN)) {
+            tracing::error!(error = ?e, device = %self.slot.name, "cannot watch the device's deferred work");
+        }
         for evt in &self.slot.queue_evts {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 tracing::error!(error = ?e, device = %self.slot.name, "cannot watch a virtio queue");
@@ -342,6 +346,12 @@ impl MutEventSubscriber for VirtioQueues {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if self.slot.wake.as_raw_fd() == events.fd() {
+            let _ = self.slot.wake.read();
+            self.slot.transport.lock().unwrap_or_else(|p| p.into_inner()).run_deferred();
+            self.process(std::iter::empty());
+            return;
+        }
         if self.backend == Some(events.fd()) {
             self.slot.transport.lock().unwrap_or_else(|p| p.into_inner()).backend_ready();
             return;

@@ -254,3 +254,35 @@ fn vsock_streams_go_both_ways_between_guest_and_host_programs() {
     assert_eq!(vm.child.wait().unwrap().code(), Some(0));
     assert!(!uds.exists(), "uds_path removed at exit");
 }
+
+#[test]
+fn a_guest_resetting_its_vsock_device_with_a_stream_open_closes_the_stream_and_keeps_the_vmm() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        // The device reset must close the host's end: read returns 0 (EOF), not a timeout.
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).map(|_| rest.len())
+    });
+    let mut vm = spawn_vmm(&[
+        "--kernel",
+        probe("vsockreset").to_str().unwrap(),
+        "--vsock",
+        &format!("cid=9,uds={}", uds.display()),
+    ]);
+    let (ok, lines) = vm.wait_for(Duration::from_secs(60), |l| l.iter().any(|l| l.contains("device reset")));
+    assert!(ok, "{lines:?}");
+    assert!(lines.contains(&"SHOAL-PROBE vsockreset: connected op=2".to_string()), "{lines:?}");
+    assert!(lines.contains(&"SHOAL-PROBE vsockreset: device reset, status=0".to_string()), "{lines:?}");
+    let status = vm.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "the VMM survives the reset and exits 0 at the guest's reboot: {status:?}");
+    assert_eq!(server.join().unwrap().unwrap(), 0, "the host's end of the stream saw EOF");
+}

@@ -30,6 +30,9 @@ pub const VIRTIO: &str = env!("SHOAL_PROBE_VIRTIO");
 /// Prints its command line, then `tick=N` twice a second until Ctrl+Alt+Del, then resets.
 pub const WORKLOAD: &str = env!("SHOAL_PROBE_WORKLOAD");
 
+/// Opens a vsock stream to the host, then resets the vsock device (a driver unbinding).
+pub const VSOCKRESET: &str = env!("SHOAL_PROBE_VSOCKRESET");
+
 /// Every probe by name.
 pub const ALL: &[(&str, &str)] = &[
     ("boot", BOOT),
@@ -41,6 +44,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("spin", SPIN),
     ("virtio", VIRTIO),
     ("workload", WORKLOAD),
+    ("vsockreset", VSOCKRESET),
 ];
 
 /// The path of a probe by name.

@@ -4,6 +4,15 @@
 //! queues to the device. Queue notifications normally bypass this window (KVM turns a write to
 //! QueueNotify into an eventfd signal); a write that does reach it is passed on the same way.
 //!
+//! Register accesses run on the vCPU thread that trapped them, but what they set off in the
+//! device (activation, reset, queue work) is deferred to the VMM thread: the transport records
+//! it and signals its wake eventfd, and the event loop calls `run_deferred` (every other entry
+//! point from the VMM thread runs it first, so the device never sees operations out of order).
+//! A vCPU thread's seccomp filter allows only what running a vCPU needs, while a device's
+//! activation and reset open, close and poll host descriptors (taps, vsock streams). The
+//! driver sees its register writes take effect at once; a device that then fails to activate
+//! sets NEEDS_RESET and raises a configuration interrupt.
+//!
 //! Register accesses must be 32-bit and aligned, except in the config space; anything else
 //! reads as zero and is ignored, as are writes to read-only registers.
 
@@ -14,6 +23,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
@@ -93,6 +103,18 @@ pub struct TransportSaved {
     pub queues: Vec<QueueSaved>,
 }
 
+/// Device side effects the driver's register writes asked for, not yet done. At most one reset
+/// followed by at most one activation: a reset cancels an activation the device has not seen.
+#[derive(Default)]
+struct Deferred {
+    /// The driver reset the device after the device was activated.
+    reset: bool,
+    /// The driver set DRIVER_OK: the queues and features to activate the device with.
+    activate: Option<(Vec<Queue>, u64)>,
+    /// Queues notified through the register window, a bit each.
+    notify: u64,
+}
+
 /// One device behind its register window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -105,7 +127,11 @@ pub struct MmioTransport {
     acked_features: u64,
     status: u32,
     config_generation: u32,
+    /// The driver activated the device (the device itself may not have been told yet).
     activated: bool,
+    deferred: Deferred,
+    /// Signalled when something is deferred; the event loop then calls `run_deferred`.
+    wake: Option<EventFd>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -129,7 +155,43 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            deferred: Deferred::default(),
+            wake: None,
         }
+    }
+
+    /// Signals `wake` whenever device work is deferred (without one, whoever drives the
+    /// transport calls `run_deferred` itself, as the unit tests do).
+    pub fn with_wake(mut self, wake: EventFd) -> MmioTransport {
+        self.wake = Some(wake);
+        self
+    }
+
+    fn defer(&mut self) {
+        if let Some(wake) = &self.wake {
+            if wake.write(1).is_err() {
+                self.device.counters().errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Does what the driver's register writes asked of the device, in order: a reset, an
+    /// activation, then the queues notified through the register window. Runs on the VMM
+    /// thread.
+    pub fn run_deferred(&mut self) {
+        let Deferred { reset, activate, notify } = std::mem::take(&mut self.deferred);
+        if reset {
+            self.device.reset();
+        }
+        if let Some((queues, features)) = activate {
+            if let Err(e) = self.device.activate(self.mem.clone(), queues, self.irq.clone(), features) {
+                crate::guest_warn!(error = %e, device = self.device.device_type(), "virtio device activation failed");
+                self.activated = false;
+                self.status |= STATUS_NEEDS_RESET;
+                self.irq.signal_config();
+            }
+        }
+        (0..64).filter(|q| notify & (1 << q) != 0).for_each(|q| self.serve(q));
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -142,7 +204,8 @@ impl MmioTransport {
     }
 
     /// The transport's state for a snapshot (the device must be quiet: vCPUs paused).
-    pub fn save(&self) -> TransportSaved {
+    pub fn save(&mut self) -> TransportSaved {
+        self.run_deferred();
         let queues = if self.activated { self.device.active_queues() } else { &self.queues };
         TransportSaved {
             queue_select: self.queue_select,
@@ -205,6 +268,7 @@ impl MmioTransport {
 
     /// The device's backend descriptor became readable.
     pub fn backend_ready(&mut self) {
+        self.run_deferred();
         self.device.process_backend();
     }
 
@@ -216,6 +280,7 @@ impl MmioTransport {
     /// saved IOAPIC nor the saved LAPIC; a second one is harmless (the driver reads a zero
     /// status and ignores it). Does nothing for a device the driver never activated.
     pub fn resume_after_restore(&mut self) {
+        self.run_deferred();
         if !self.activated {
             return;
         }
@@ -225,8 +290,24 @@ impl MmioTransport {
     }
 
     pub fn notify(&mut self, index: usize) {
+        self.run_deferred();
+        self.serve(index);
+    }
+
+    fn serve(&mut self, index: usize) {
         if self.activated && index < self.device.queue_max_sizes().len() {
             self.device.process_queue(index);
+        } else {
+            self.device.counters().spurious.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A QueueNotify write that reached the window (one KVM did not turn into an eventfd
+    /// signal), on the vCPU thread.
+    fn notify_from_guest(&mut self, index: usize) {
+        if self.activated && index < self.device.queue_max_sizes().len() && index < 64 {
+            self.deferred.notify |= 1 << index;
+            self.defer();
         } else {
             self.device.counters().spurious.fetch_add(1, Ordering::Relaxed);
         }
@@ -241,10 +322,13 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated && !self.device.reset() {
-            // A device that cannot stop keeps running; the driver sees NEEDS_RESET.
-            self.status |= STATUS_NEEDS_RESET;
-            return;
+        if self.activated {
+            // An activation the device has not seen yet is simply dropped.
+            if self.deferred.activate.take().is_none() {
+                self.deferred.reset = true;
+            }
+            self.deferred.notify = 0;
+            self.defer();
         }
         self.activated = false;
         self.queues = Self::fresh_queues(self.device.as_ref());
@@ -289,14 +373,9 @@ impl MmioTransport {
                 return;
             }
         }
-        let queues = std::mem::take(&mut self.queues);
-        match self.device.activate(self.mem.clone(), queues, self.irq.clone(), self.acked_features) {
-            Ok(()) => self.activated = true,
-            Err(e) => {
-                crate::guest_warn!(error = %e, device = self.device.device_type(), "virtio device activation failed");
-                self.status |= STATUS_NEEDS_RESET;
-            }
-        }
+        self.deferred.activate = Some((std::mem::take(&mut self.queues), self.acked_features));
+        self.activated = true;
+        self.defer();
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
@@ -347,7 +426,7 @@ impl MmioTransport {
                     q.set_ready(v == 1);
                 }
             }
-            REG_QUEUE_NOTIFY => self.notify(v as usize),
+            REG_QUEUE_NOTIFY => self.notify_from_guest(v as usize),
             0x64 => self.irq.ack(v),
             0x70 => self.set_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
@@ -459,7 +538,10 @@ mod tests {
         assert_eq!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
         q.add_chain(&mem, &[(0x20000, 16, true)]);
         wr(&mut t, REG_QUEUE_NOTIFY, 0);
-        assert_eq!(q.used_idx(&mem), 1);
+        assert_eq!(q.used_idx(&mem), 0, "a register write on the vCPU thread does no device work");
+        assert!(evt.read().is_err());
+        t.run_deferred();
+        assert_eq!(q.used_idx(&mem), 1, "the VMM thread serves it");
         assert_eq!(q.used_elem(&mem, 0), (0, 16));
         assert_eq!(evt.read().unwrap(), 1);
         assert_eq!(rd(&mut t, 0x60), 1);
@@ -488,7 +570,7 @@ mod tests {
         let q = TestQueue::new(&mem, 0x10000, 8);
         bring_up(&mut t, &q, 1);
         q.add_chain(&mem, &[(0x20000, 16, true)]);
-        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        t.notify(0);
         let (mut back, evt) = transport();
         back.mem = mem;
         (t, q, back, evt)
@@ -496,7 +578,7 @@ mod tests {
 
     #[test]
     fn an_active_transport_saved_and_restored_keeps_serving_its_queue() {
-        let (t, q, mut back, _) = served_one_and_a_fresh_one();
+        let (mut t, q, mut back, _) = served_one_and_a_fresh_one();
         let mem = t.mem.clone();
         let saved = t.save();
         assert!(saved.activated && saved.queues[0].next_used == 1);
@@ -519,7 +601,7 @@ mod tests {
     fn a_restored_transport_interrupts_and_serves_pending_requests_only_once_resumed() {
         // One request served and signalled but not yet acknowledged by the driver, and one made
         // available when the pause came, before its notify.
-        let (t, q, mut back, evt) = served_one_and_a_fresh_one();
+        let (mut t, q, mut back, evt) = served_one_and_a_fresh_one();
         let mem = t.mem.clone();
         q.add_chain(&mem, &[(0x20000, 16, true)]);
         let saved = t.save();
@@ -531,6 +613,106 @@ mod tests {
         assert_eq!(q.used_idx(&mem), 2, "the pending request is served");
         assert!(evt.read().is_ok(), "the unacknowledged interrupt is raised again");
         assert_eq!(rd(&mut back, 0x60), INT_USED_RING);
+    }
+
+    /// A device that records what the transport asks of it, and may refuse to activate.
+    struct Recorder {
+        log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        refuse: bool,
+        counters: crate::devices::virtio::DeviceCounters,
+    }
+
+    impl VirtioDevice for Recorder {
+        fn device_type(&self) -> u32 {
+            super::super::TYPE_RNG
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            _queues: Vec<Queue>,
+            _irq: Arc<IrqLine>,
+            _acked_features: u64,
+        ) -> Result<(), super::super::ActivateError> {
+            self.log.lock().unwrap().push("activate");
+            if self.refuse {
+                return Err(super::super::ActivateError::Device("refused".into()));
+            }
+            Ok(())
+        }
+        fn process_queue(&mut self, _index: usize) {
+            self.log.lock().unwrap().push("queue");
+        }
+        fn reset(&mut self) {
+            self.log.lock().unwrap().push("reset");
+        }
+        fn counters(&self) -> &crate::devices::virtio::DeviceCounters {
+            &self.counters
+        }
+    }
+
+    fn recorded(refuse: bool) -> (MmioTransport, Arc<std::sync::Mutex<Vec<&'static str>>>, EventFd, EventFd) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dev = Recorder { log: log.clone(), refuse, counters: Default::default() };
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let wake = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(Box::new(dev), memory(), Arc::new(IrqLine::new(irq.try_clone().unwrap())))
+            .with_wake(wake.try_clone().unwrap());
+        (t, log, irq, wake)
+    }
+
+    #[test]
+    fn activation_and_reset_wait_for_the_vmm_thread_and_keep_their_order() {
+        let (mut t, log, _, wake) = recorded(false);
+        let mem = t.mem.clone();
+        let q = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, &q, 1);
+        assert!(log.lock().unwrap().is_empty(), "DRIVER_OK on the vCPU thread touches no device");
+        assert_eq!(rd(&mut t, 0x70) & STATUS_DRIVER_OK, STATUS_DRIVER_OK, "the driver sees it at once");
+        assert_eq!(wake.read().unwrap(), 1, "the VMM thread is woken");
+        t.run_deferred();
+        assert_eq!(*log.lock().unwrap(), ["activate"]);
+        // Reset, bring up, reset and bring up again before the VMM thread runs: the device is
+        // reset once and activated once; the activation it never saw is dropped.
+        wr(&mut t, 0x70, 0);
+        assert_eq!(rd(&mut t, 0x70), 0, "the driver reads the reset back at once");
+        bring_up(&mut t, &q, 1);
+        bring_up(&mut t, &q, 1);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        t.run_deferred();
+        assert_eq!(*log.lock().unwrap(), ["activate", "reset", "activate", "queue"]);
+        // A reset drops notifications not yet served; nothing is left to run.
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        wr(&mut t, 0x70, 0);
+        t.run_deferred();
+        t.run_deferred();
+        assert_eq!(*log.lock().unwrap(), ["activate", "reset", "activate", "queue", "reset"]);
+    }
+
+    #[test]
+    fn a_device_that_fails_to_activate_later_asks_the_driver_for_a_reset() {
+        let (mut t, log, irq, _) = recorded(true);
+        let mem = t.mem.clone();
+        let q = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, &q, 1);
+        assert_eq!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        t.run_deferred();
+        assert_eq!(*log.lock().unwrap(), ["activate"]);
+        assert_ne!(rd(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert_eq!(rd(&mut t, 0x60), crate::devices::virtio::INT_CONFIG, "a configuration interrupt");
+        assert_eq!(irq.read().unwrap(), 1);
+        // Queue work for a device that is not active is counted, not done.
+        t.notify(0);
+        assert_eq!(*log.lock().unwrap(), ["activate"]);
+        assert_eq!(t.device().counters().spurious.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -52,7 +52,16 @@ impl IrqLine {
 
     /// Tells the driver a used ring has new entries.
     pub fn signal_used(&self) {
-        self.status.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        self.signal(INT_USED_RING);
+    }
+
+    /// Tells the driver the configuration (or the device status) changed.
+    pub fn signal_config(&self) {
+        self.signal(INT_CONFIG);
+    }
+
+    fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
         if self.evt.write(1).is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -138,8 +147,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Queue `index` was notified: process what the driver made available.
     fn process_queue(&mut self, index: usize);
-    /// The driver reset the device: drop the queues. Returns false if it cannot be reset.
-    fn reset(&mut self) -> bool;
+    /// The driver reset the device: drop the queues and whatever the device holds for the
+    /// guest (vsock closes its streams).
+    fn reset(&mut self);
     fn counters(&self) -> &DeviceCounters;
     /// The queues the device works on once active (empty before activation), for snapshots.
     fn active_queues(&self) -> &[Queue] {

@@ -169,9 +169,8 @@ impl VirtioDevice for VirtioRng {
         }
     }
 
-    fn reset(&mut self) -> bool {
+    fn reset(&mut self) {
         self.active = None;
-        true
     }
 
     fn counters(&self) -> &DeviceCounters {

@@ -158,9 +158,8 @@ impl VirtioDevice for VirtioBlock {
         }
     }
 
-    fn reset(&mut self) -> bool {
+    fn reset(&mut self) {
         self.active = None;
-        true
     }
 
     fn counters(&self) -> &DeviceCounters {

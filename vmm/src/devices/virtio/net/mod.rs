@@ -288,10 +288,9 @@ impl VirtioDevice for VirtioNet {
         }
     }
 
-    fn reset(&mut self) -> bool {
+    fn reset(&mut self) {
         self.active = None;
         self.pending = None;
-        true
     }
 
     fn counters(&self) -> &DeviceCounters {

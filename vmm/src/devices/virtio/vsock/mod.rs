@@ -736,7 +736,7 @@ impl VirtioDevice for VirtioVsock {
         }
     }
 
-    fn reset(&mut self) -> bool {
+    fn reset(&mut self) {
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         for k in keys {
             self.close(k, false);
@@ -744,7 +744,6 @@ impl VirtioDevice for VirtioVsock {
         self.control.clear();
         self.reset_event = false;
         self.active = None;
-        true
     }
 
     fn counters(&self) -> &DeviceCounters {
