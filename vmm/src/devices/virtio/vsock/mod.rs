@@ -51,6 +51,11 @@ pub const CONN_BUF: u32 = 256 * 1024;
 const MAX_PAYLOAD: usize = 64 * 1024;
 /// Streams (and host connections still sending their CONNECT line) per device.
 const MAX_CONNS: usize = 1024;
+/// Control packets (RESPONSE, RST, credit updates) waiting for receive buffers, beyond which
+/// the device takes no more transmit chains: a guest that posts no receive buffers cannot make
+/// the queue grow. One guest packet queues at most one control packet; host events add at most
+/// two per stream, so the queue never holds more than `MAX_CONTROL + 2 * MAX_CONNS` headers.
+const MAX_CONTROL: usize = QUEUE_SIZE as usize;
 /// Longest CONNECT line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 /// Local ports for host-initiated streams start here (Firecracker's choice too).
@@ -169,6 +174,10 @@ pub struct VirtioVsock {
     control: VecDeque<Header>,
     /// A TRANSPORT_RESET event waiting for an event buffer.
     reset_event: bool,
+    /// Transmit chains were left in the queue because `control` was full.
+    tx_held: bool,
+    /// Streams and pending host connections allowed at once (MAX_CONNS; tests lower it).
+    max_conns: usize,
     active: Option<ActiveQueues>,
     buf: Vec<u8>,
     counters: DeviceCounters,
@@ -217,6 +226,8 @@ impl VirtioVsock {
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             reset_event: false,
+            tx_held: false,
+            max_conns: MAX_CONNS,
             active: None,
             buf: vec![0; HDR_LEN + MAX_PAYLOAD],
             counters: DeviceCounters::default(),
@@ -230,6 +241,11 @@ impl VirtioVsock {
     /// Open streams (for metrics and tests).
     pub fn streams(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Streams and host connections still sending their CONNECT line (each has a token).
+    fn connections(&self) -> usize {
+        self.tokens.len()
     }
 
     fn error(&self) {
@@ -295,8 +311,22 @@ impl VirtioVsock {
     // ---- guest → device -------------------------------------------------------------------
 
     fn process_tx(&mut self) {
+        self.take_tx();
+        // Replies (RESPONSE, RST, credit) go out now.
+        self.process_rx();
+    }
+
+    /// Takes transmit chains until the queue is empty or `control` is full.
+    fn take_tx(&mut self) {
         let mut used_any = false;
+        self.tx_held = false;
         loop {
+            if self.control.len() >= MAX_CONTROL {
+                // The guest gets its answers (and its transmit buffers) once it posts receive
+                // buffers again.
+                self.tx_held = true;
+                break;
+            }
             let Some(a) = self.active.as_mut() else { return };
             let Some(chain) = a.queues[TX].pop_descriptor_chain(&a.mem) else { break };
             let head = chain.head_index();
@@ -334,8 +364,6 @@ impl VirtioVsock {
                 a.irq.signal_used();
             }
         }
-        // Replies (RESPONSE, RST, credit) go out now.
-        self.process_rx();
     }
 
     /// One packet from the guest; its payload (h.len bytes) is in `self.buf`.
@@ -406,7 +434,7 @@ impl VirtioVsock {
 
     /// The guest connects to host port `key.0`: reach `<uds_path>_<port>`.
     fn guest_connect(&mut self, key: Key, h: Header) {
-        if self.conns.len() + self.tokens.len() >= MAX_CONNS {
+        if self.connections() >= self.max_conns {
             self.error();
             self.close(key, true);
             return;
@@ -495,7 +523,7 @@ impl VirtioVsock {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() + self.tokens.len() >= MAX_CONNS || stream.set_nonblocking(true).is_err() {
+                    if self.connections() >= self.max_conns || stream.set_nonblocking(true).is_err() {
                         self.error();
                         continue; // dropping the stream closes it
                     }
@@ -562,16 +590,23 @@ impl VirtioVsock {
     // ---- device → guest ---------------------------------------------------------------------
 
     /// Fills receive buffers with control packets first, then with data from host sockets
-    /// (as far as each stream's credit allows), until either runs out.
+    /// (as far as each stream's credit allows), until either runs out; then takes the transmit
+    /// chains held back while `control` was full, and so on while that frees room.
     fn process_rx(&mut self) {
         self.send_reset_event();
-        // The queue is taken out while it is filled, since filling reads host sockets.
-        let Some(mut a) = self.active.take() else { return };
-        let used_any = self.fill_rx(&mut a);
-        if used_any && a.queues[RX].needs_notification(&a.mem).unwrap_or(true) {
-            a.irq.signal_used();
+        loop {
+            // The queue is taken out while it is filled, since filling reads host sockets.
+            let Some(mut a) = self.active.take() else { return };
+            let used_any = self.fill_rx(&mut a);
+            if used_any && a.queues[RX].needs_notification(&a.mem).unwrap_or(true) {
+                a.irq.signal_used();
+            }
+            self.active = Some(a);
+            if !self.tx_held || self.control.len() >= MAX_CONTROL {
+                return;
+            }
+            self.take_tx();
         }
-        self.active = Some(a);
     }
 
     /// Takes the next packet for the guest that fits `room` payload bytes: its header, with
@@ -718,9 +753,8 @@ impl VirtioDevice for VirtioVsock {
         if queues.len() != 3 {
             return Err(ActivateError::BadQueue(queues.len()));
         }
-        // No socket work here: activation runs on the vCPU thread that wrote DRIVER_OK, whose
-        // seccomp filter has no socket calls. Host connections that came before the driver
-        // was up have been closed (there was no guest to ask); host programs retry.
+        // Host connections that came before the driver was up have been closed (there was no
+        // guest to ask); host programs retry.
         self.active = Some(ActiveQueues { mem, queues, irq });
         Ok(())
     }
@@ -743,6 +777,7 @@ impl VirtioDevice for VirtioVsock {
         }
         self.control.clear();
         self.reset_event = false;
+        self.tx_held = false;
         self.active = None;
     }
 

@@ -307,3 +307,52 @@ fn a_restored_device_tells_the_guest_to_reset_its_transport() {
     assert_eq!(u64::from_le_bytes(cfg), CID);
     assert!(matches!(VirtioVsock::new(2, &g.path("x")), Err(VsockError::BadCid(2))));
 }
+
+#[test]
+fn a_guest_that_posts_no_receive_buffers_cannot_grow_the_control_queue() {
+    let mut g = Guest::new();
+    // Requests to a port nobody listens on, each answered with RST, and no receive buffers.
+    let sent = MAX_CONTROL + 5;
+    for port in 0..sent as u32 {
+        g.send(g.packet(10_000 + port, 999, OP_REQUEST, 0), b"");
+    }
+    assert_eq!(g.dev.control.len(), MAX_CONTROL, "the answers wait, up to the cap");
+    assert_eq!(usize::from(g.txq.used_idx(&g.mem)), MAX_CONTROL, "the rest stay in the transmit queue");
+    // Receive buffers come: every answer arrives, in order, and the held chains are taken.
+    let mut answers = Vec::new();
+    while answers.len() < sent {
+        g.post_rx(16);
+        g.dev.process_queue(RX);
+        let got = g.received();
+        assert!(!got.is_empty(), "answers stop at {}", answers.len());
+        answers.extend(got.iter().map(|p| (p.0.op, p.0.dst_port)));
+    }
+    let expected: Vec<_> = (0..sent as u32).map(|p| (OP_RST, 10_000 + p)).collect();
+    assert_eq!(answers, expected);
+    assert_eq!(usize::from(g.txq.used_idx(&g.mem)), sent);
+    assert!(g.dev.control.is_empty());
+}
+
+#[test]
+fn every_stream_counts_once_against_the_connection_limit() {
+    let mut g = Guest::new();
+    g.dev.max_conns = 4;
+    g.post_rx(16);
+    let listener = UnixListener::bind(g.path("_7")).unwrap();
+    for port in 0..5 {
+        g.send(g.packet(100 + port, 7, OP_REQUEST, 0), b"");
+    }
+    let _held: Vec<_> = (0..4).map(|_| listener.accept().unwrap()).collect();
+    assert_eq!(
+        g.received().iter().map(|p| (p.0.op, p.0.dst_port)).collect::<Vec<_>>(),
+        [(OP_RESPONSE, 100), (OP_RESPONSE, 101), (OP_RESPONSE, 102), (OP_RESPONSE, 103), (OP_RST, 104)],
+        "four streams for a limit of four; the fifth is refused"
+    );
+    assert_eq!(g.dev.streams(), 4);
+    // A host connection beyond the limit is closed at once.
+    let mut host = UnixStream::connect(g.path("")).unwrap();
+    g.poll();
+    let mut rest = Vec::new();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(matches!(host.read_to_end(&mut rest), Ok(0)));
+}
