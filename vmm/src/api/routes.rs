@@ -381,13 +381,9 @@ impl ApiState {
                 Ok(d) if d.drive_id.is_empty() || d.path_on_host.is_empty() => {
                     Response::fault(400, "drive_id and path_on_host must not be empty.")
                 }
-                Ok(d)
-                    if d.rate_limiter
-                        .iter()
-                        .flat_map(|r| r.bandwidth.iter().chain(r.ops.iter()))
-                        .any(|b| b.validate().is_err()) =>
-                {
-                    Response::fault(400, "Invalid rate limiter: size and refill_time must be above zero.")
+                Ok(d) if rate_limit_error(d.rate_limiter.as_ref()).is_some() => {
+                    let e = rate_limit_error(d.rate_limiter.as_ref()).unwrap_or_default();
+                    Response::fault(400, format!("Invalid rate limiter: {e}."))
                 }
                 Ok(d)
                     if d.is_root_device && self.drives.iter().any(|o| o.is_root_device && o.drive_id != d.drive_id) =>
@@ -513,6 +509,11 @@ impl ApiState {
         };
         Outcome::Reply(reply)
     }
+}
+
+/// Why a rate limiter's settings are refused, if they are.
+fn rate_limit_error(r: Option<&crate::devices::rate_limiter::RateLimitConfig>) -> Option<String> {
+    r.iter().flat_map(|r| r.bandwidth.iter().chain(r.ops.iter())).find_map(|b| b.validate().err())
 }
 
 #[cfg(test)]
@@ -734,6 +735,10 @@ mod tests {
             (
                 "/drives/x",
                 r#"{"drive_id": "x", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"ops": {"size": 0, "refill_time": 100}}}"#,
+            ),
+            (
+                "/drives/x",
+                r#"{"drive_id": "x", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 18446744073709551615}}}"#,
             ),
             ("/drives/x", r#"{"drive_id": "x", "path_on_host": "/x"}"#),
             ("/entropy", r#"{"bogus": 1}"#),

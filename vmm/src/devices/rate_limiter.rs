@@ -57,10 +57,25 @@ impl RateLimitConfig {
     }
 }
 
+/// The largest `size` and `one_time_burst`: 2^53, the largest integer the bucket's f64
+/// arithmetic holds exactly (8 PiB, far beyond any device's rate).
+pub const MAX_TOKENS: u64 = 1 << 53;
+/// The longest `refill_time`: one day, in milliseconds.
+pub const MAX_REFILL_MS: u64 = 24 * 60 * 60 * 1000;
+/// The longest a device is told to wait at once; it asks again afterwards, so a bucket whose
+/// debt would take longer to repay still converges on its rate.
+const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
+
 impl BucketConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.size == 0 || self.refill_time == 0 {
             return Err("rate limit size and refill_time must be above zero".into());
+        }
+        if self.size > MAX_TOKENS || self.one_time_burst > MAX_TOKENS {
+            return Err(format!("rate limit size and one_time_burst must be at most {MAX_TOKENS}"));
+        }
+        if self.refill_time > MAX_REFILL_MS {
+            return Err(format!("rate limit refill_time must be at most {MAX_REFILL_MS} ms (one day)"));
         }
         Ok(())
     }
@@ -79,10 +94,12 @@ struct Bucket {
 impl Bucket {
     fn new(c: &BucketConfig, now: Instant) -> Bucket {
         Bucket {
-            size: c.size,
-            refill: Duration::from_millis(c.refill_time),
-            tokens: c.size as f64,
-            burst: c.one_time_burst as f64,
+            // Clamped as well as validated: a bucket never divides by zero or by a refill
+            // time whose arithmetic overflows, whatever configuration reached it.
+            size: c.size.clamp(1, MAX_TOKENS),
+            refill: Duration::from_millis(c.refill_time.clamp(1, MAX_REFILL_MS)),
+            tokens: c.size.clamp(1, MAX_TOKENS) as f64,
+            burst: c.one_time_burst.min(MAX_TOKENS) as f64,
             last: now,
         }
     }
@@ -102,10 +119,12 @@ impl Bucket {
         self.tokens -= n;
     }
 
-    /// Time until tokens are back above zero.
+    /// Time until tokens are back above zero, at most `MAX_WAIT`.
     fn blocked_for(&self) -> Option<Duration> {
-        (self.tokens <= 0.0 && self.burst <= 0.0)
-            .then(|| Duration::from_secs_f64((-self.tokens + 1.0) * self.refill.as_secs_f64() / self.size as f64))
+        (self.tokens <= 0.0 && self.burst <= 0.0).then(|| {
+            let secs = (-self.tokens + 1.0) * self.refill.as_secs_f64() / self.size as f64;
+            Duration::try_from_secs_f64(secs).map_or(MAX_WAIT, |d| d.min(MAX_WAIT))
+        })
     }
 }
 
@@ -173,7 +192,16 @@ mod tests {
         let c = RateLimitConfig::parse("bw=1048576/1000+4096;ops=100/1000").unwrap();
         assert_eq!(c.bandwidth, Some(BucketConfig { size: 1 << 20, one_time_burst: 4096, refill_time: 1000 }));
         assert_eq!(c.ops, Some(BucketConfig { size: 100, one_time_burst: 0, refill_time: 1000 }));
-        for bad in ["bw=10", "bw=0/1000", "iops=1/1", "bw=x/1000", "bw=10/0"] {
+        for bad in [
+            "bw=10",
+            "bw=0/1000",
+            "iops=1/1",
+            "bw=x/1000",
+            "bw=10/0",
+            "bw=1/18446744073709551615",
+            "bw=18446744073709551615/1000",
+            "ops=1/1000+18446744073709551615",
+        ] {
             assert!(RateLimitConfig::parse(bad).is_err(), "{bad}");
         }
     }
@@ -194,5 +222,30 @@ mod tests {
         assert!(wait > Duration::from_millis(50) && wait <= Duration::from_millis(101), "{wait:?}");
         std::thread::sleep(wait + Duration::from_millis(5));
         assert!(l.has_room());
+    }
+
+    #[test]
+    fn extreme_settings_are_refused_and_never_panic_a_device() {
+        // Accepted before bounds existed: one token per u64::MAX milliseconds. The first
+        // request left a debt whose wait overflowed `Duration::from_secs_f64` and panicked.
+        let extreme = BucketConfig { size: 1, one_time_burst: 0, refill_time: u64::MAX };
+        assert!(extreme.validate().is_err());
+        for bucket in [
+            extreme,
+            BucketConfig { size: u64::MAX, one_time_burst: u64::MAX, refill_time: 1 },
+            BucketConfig { size: 0, one_time_burst: 0, refill_time: 0 },
+        ] {
+            let c = RateLimitConfig { bandwidth: Some(bucket), ops: Some(bucket) };
+            let mut l = RateLimiter::new(&c);
+            for _ in 0..3 {
+                if l.has_room() {
+                    l.consume(u64::MAX, u64::MAX);
+                }
+                let wait = l.blocked_for();
+                assert!(wait.is_none_or(|w| w <= MAX_WAIT), "{bucket:?}: {wait:?}");
+            }
+        }
+        let most = BucketConfig { size: MAX_TOKENS, one_time_burst: MAX_TOKENS, refill_time: MAX_REFILL_MS };
+        assert!(most.validate().is_ok());
     }
 }
