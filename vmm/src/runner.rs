@@ -317,6 +317,13 @@ impl VirtioQueues {
             if let Err(e) = timer.reset(wait, None) {
                 tracing::warn!(error = %e, device = %self.slot.name, "cannot arm the rate limiter timer");
             }
+        } else if t.device().has_more_work() {
+            // Come back after the loop's other events: the queues' own eventfds say "again".
+            for evt in &self.slot.queue_evts {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!(error = %e, device = %self.slot.name, "cannot requeue the device's work");
+                }
+            }
         }
     }
 }

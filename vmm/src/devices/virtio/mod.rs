@@ -166,6 +166,12 @@ pub trait VirtioDevice: Send {
     fn throttled_for(&self) -> Option<std::time::Duration> {
         None
     }
+    /// The device stopped before its queues were empty so as not to hold the event loop
+    /// (virtio-blk moves a bounded amount per round): the loop serves its other events, then
+    /// calls `process_queue` again.
+    fn has_more_work(&self) -> bool {
+        false
+    }
     /// The device was activated again from a snapshot (after `activate`).
     fn restored(&mut self) {}
 }

@@ -27,6 +27,14 @@ pub const ID_LEN: usize = 20;
 const CHUNK: usize = 256 << 10;
 /// Most discard/write-zeroes segments per request (advertised as max_discard_seg).
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Most data segments in one request (advertised as seg_max): a chain holds them plus the
+/// header and the status byte.
+pub const SEG_MAX: u32 = 254;
+/// Largest data segment (advertised as size_max). Linux merges pages into segments up to it.
+pub const SIZE_MAX: u32 = 32 << 10;
+/// Most data bytes one request moves: seg_max × size_max (7.9 MiB). A chain that claims more
+/// is refused whole, so one request keeps the event loop for milliseconds, not minutes.
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 
 /// What the device reads and writes: a raw disk image.
 pub trait DiskBackend: Send {
@@ -217,6 +225,7 @@ where
     M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
 {
     let dropped = Outcome { used_len: 0, status: None, bytes: 0 };
+    let descriptors = chain.clone().count();
     let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else { return dropped };
     let room = writer.available_bytes();
     if room == 0 {
@@ -224,15 +233,23 @@ where
     }
     // The status byte is the last writable byte; everything writable before it is data.
     let Ok(mut status_writer) = writer.split_at(room - 1) else { return dropped };
+    // Header, data and status fit in seg_max + 2 descriptors, and the data in
+    // MAX_REQUEST_BYTES; a driver that ignores what the device offered gets an error.
+    let oversized = descriptors > SEG_MAX as usize + 2
+        || (writer.available_bytes() as u64).saturating_add(reader.available_bytes() as u64)
+            > MAX_REQUEST_BYTES + std::mem::size_of::<RequestHeader>() as u64;
     let (status, bytes) = match reader.read_obj::<RequestHeader>() {
         Err(_) => (S_IOERR, 0),
+        Ok(_) if oversized => (S_IOERR, 0),
         Ok(h) => execute(h, &mut reader, &mut writer, disk, info),
     };
     let data_written = writer.bytes_written();
     if status_writer.write_all(&[status]).is_err() {
         return dropped;
     }
-    Outcome { used_len: (data_written + 1) as u32, status: Some(status), bytes }
+    // At most MAX_REQUEST_BYTES + 1: always fits.
+    let used_len = u32::try_from(data_written + 1).unwrap_or(u32::MAX);
+    Outcome { used_len, status: Some(status), bytes }
 }
 
 fn execute<B: vm_memory::bitmap::BitmapSlice>(
