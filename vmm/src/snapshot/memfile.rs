@@ -173,6 +173,20 @@ fn pagemap_runs(
     Ok(())
 }
 
+/// For anonymous guest memory: the page may hold data (in RAM or in swap); the rest were
+/// never touched and read as zeros.
+fn anonymous_page_in_use(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_SWAPPED) != 0
+}
+
+/// For memory mapped privately from a file: the page is the guest's own copy (written since
+/// the restore), in RAM or pushed out to swap, rather than the file's page. A swapped copy
+/// must be written too: the file still holds the stale data. (A page cache page under
+/// migration shows as swapped with PM_FILE: the file's data, skipped.)
+fn private_copy(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_SWAPPED) != 0 && entry & PM_FILE == 0
+}
+
 /// Copies the data (not the holes) of `src` into `dst` at the same offsets.
 fn copy_data_extents(src: &File, src_path: &Path, dst: &Staged, size: u64) -> Result<(), MemFileError> {
     let rerr = |source| MemFileError::Read { path: src_path.to_owned(), source };
@@ -211,11 +225,10 @@ pub fn write_full(mem: &GuestMemoryMmap, backing: &MemoryBacking, path: &Path) -
     let staged = Staged::create(path, size)?;
     let pagemap = File::open("/proc/self/pagemap").map_err(MemFileError::Pagemap)?;
     let keep: fn(u64) -> bool = match backing {
-        MemoryBacking::Anonymous => |e| e & (PM_PRESENT | PM_SWAPPED) != 0,
+        MemoryBacking::Anonymous => anonymous_page_in_use,
         MemoryBacking::File { path: src_path, file } => {
             copy_data_extents(file, src_path, &staged, size)?;
-            // Pages the guest wrote are private anonymous copies; the rest are the file's.
-            |e| e & PM_PRESENT != 0 && e & PM_FILE == 0
+            private_copy
         }
     };
     for (host, len, offset) in regions(mem) {
@@ -303,6 +316,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn pages_in_swap_are_saved_whatever_the_backing() {
+        const PFN: u64 = 0x1234;
+        const SWAP_ENTRY: u64 = 0x56 << 5 | 3;
+        let present_anon = PM_PRESENT | PFN;
+        let present_file = PM_PRESENT | PM_FILE | PFN;
+        let swapped_anon = PM_SWAPPED | SWAP_ENTRY;
+        let migrating_file = PM_SWAPPED | PM_FILE | SWAP_ENTRY;
+        let untouched = 0;
+        for (entry, anon, file) in [
+            (present_anon, true, true),
+            // A restored guest's written page that the kernel pushed to swap: losing it would
+            // put the file's stale bytes in the snapshot.
+            (swapped_anon, true, true),
+            (present_file, true, false),
+            (migrating_file, true, false),
+            (untouched, false, false),
+        ] {
+            assert_eq!(anonymous_page_in_use(entry), anon, "anonymous memory, entry {entry:#x}");
+            assert_eq!(private_copy(entry), file, "file-backed memory, entry {entry:#x}");
+        }
     }
 
     #[test]
