@@ -50,6 +50,8 @@ pub enum MemFileError {
     Pagemap(#[source] std::io::Error),
     #[error("memory files differ in size: {base} is {base_len} bytes, {diff} is {diff_len}")]
     SizeMismatch { base: PathBuf, base_len: u64, diff: PathBuf, diff_len: u64 },
+    #[error("guest memory region at {0:#x} has no host mapping")]
+    Unmapped(u64),
     #[error("dirty range {offset:#x}+{len:#x} lies outside the {size}-byte memory file")]
     RangeOutside { offset: u64, len: u64, size: u64 },
 }
@@ -57,16 +59,18 @@ pub enum MemFileError {
 /// A byte range of a memory file.
 pub type Range = (u64, u64);
 
-/// The host address, length and file offset of each guest region, in file order.
-fn regions(mem: &GuestMemoryMmap) -> Vec<(*const u8, u64, u64)> {
+/// The host address, length and file offset of each guest region, in file order. A region
+/// without a host mapping is an error, never a null pointer handed to pwrite or pagemap.
+fn regions(mem: &GuestMemoryMmap) -> Result<Vec<(*const u8, u64, u64)>, MemFileError> {
     let mut offset = 0;
     let mut out = Vec::new();
     for region in mem.iter() {
-        let host = mem.get_host_address(region.start_addr()).map(|p| p as *const u8).unwrap_or(std::ptr::null());
-        out.push((host, region.len(), offset));
+        let host =
+            mem.get_host_address(region.start_addr()).map_err(|_| MemFileError::Unmapped(region.start_addr().0))?;
+        out.push((host as *const u8, region.len(), offset));
         offset += region.len();
     }
-    out
+    Ok(out)
 }
 
 /// A temporary file next to `path`, renamed onto it by `commit`.
@@ -231,7 +235,7 @@ pub fn write_full(mem: &GuestMemoryMmap, backing: &MemoryBacking, path: &Path) -
             private_copy
         }
     };
-    for (host, len, offset) in regions(mem) {
+    for (host, len, offset) in regions(mem)? {
         pagemap_runs(&pagemap, host, len, keep, |page, count| {
             // page + count <= len / PAGE, so the range stays inside the region.
             staged.write_guest(host.wrapping_add((page * PAGE) as usize), count * PAGE, offset + page * PAGE)
@@ -246,7 +250,7 @@ pub fn write_diff(mem: &GuestMemoryMmap, dirty: &[Vec<u64>], path: &Path) -> Res
     let size = total_size(mem);
     let staged = Staged::create(path, size)?;
     let mut ranges: Vec<Range> = Vec::new();
-    for ((host, len, offset), bitmap) in regions(mem).into_iter().zip(dirty) {
+    for ((host, len, offset), bitmap) in regions(mem)?.into_iter().zip(dirty) {
         let pages = len / PAGE;
         let mut p = 0;
         while p < pages {

@@ -37,8 +37,9 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     KVM_RUN_PTR.with(|p| {
         let run = p.get();
         if !run.is_null() {
-            // The pointer is this thread's own kvm_run mapping, set before its loop and valid
-            // until the thread ends; a volatile byte store is async-signal-safe.
+            // The pointer is this thread's own kvm_run mapping: `Vcpu::arm_kick` sets it on
+            // the vCPU's thread and `Vcpu`'s Drop clears it before the mapping goes, so a
+            // non-null pointer is mapped. A volatile byte store is async-signal-safe.
             // SAFETY: writing one byte of that live mapping.
             unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
         }
@@ -110,6 +111,8 @@ pub enum VcpuError {
     Signal(#[source] std::io::Error),
     #[error("vCPU {index} refused MSR {msr:#x} from the snapshot")]
     RestoreMsr { index: u8, msr: u32 },
+    #[error("the snapshot's CPUID has {0} entries, more than KVM takes")]
+    CpuidList(usize),
 }
 
 /// Why a vCPU stopped running the guest.
@@ -194,6 +197,66 @@ pub struct Vcpu {
     pub start_paused: bool,
 }
 
+impl Drop for Vcpu {
+    /// Disarms the kick handler before `fd` unmaps kvm_run (Firecracker does the same): a
+    /// kick that lands after this finds a null pointer instead of a freed mapping.
+    fn drop(&mut self) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| {
+            if p.get() == run_ptr {
+                p.set(std::ptr::null_mut());
+            }
+        });
+    }
+}
+
+/// Reads the MSRs of `list` through `read` (KVM_GET_MSRS) in batches of at most
+/// KVM_MAX_MSR_ENTRIES. KVM stops a batch at the first MSR it cannot read and says how many it
+/// read: that one is skipped and the next batch starts after it. A batch read whole goes on
+/// from the next MSR.
+fn read_msrs_batched(
+    list: &[u32],
+    mut read: impl FnMut(&mut Msrs) -> Result<usize, kvm_ioctls::Error>,
+) -> Result<Vec<kvm_msr_entry>, kvm_ioctls::Error> {
+    let mut saved = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+        let entries: Vec<kvm_msr_entry> =
+            batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+        let n = read(&mut msrs)?.min(batch.len());
+        saved.extend_from_slice(&msrs.as_slice()[..n]);
+        let skip = usize::from(n < batch.len());
+        rest = &rest[n + skip..];
+    }
+    Ok(saved)
+}
+
+/// Why restoring MSRs failed.
+#[derive(Debug)]
+enum MsrWriteError {
+    /// KVM refused this MSR.
+    Refused(u32),
+    Ioctl(kvm_ioctls::Error),
+}
+
+/// Writes `entries` through `write` (KVM_SET_MSRS) in batches of at most
+/// KVM_MAX_MSR_ENTRIES; every one must be accepted.
+fn write_msrs_batched(
+    entries: &[kvm_msr_entry],
+    mut write: impl FnMut(&Msrs) -> Result<usize, kvm_ioctls::Error>,
+) -> Result<(), MsrWriteError> {
+    for batch in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let msrs = Msrs::from_entries(batch).map_err(|_| MsrWriteError::Ioctl(kvm_ioctls::Error::new(libc::EINVAL)))?;
+        let set = write(&msrs).map_err(MsrWriteError::Ioctl)?;
+        if set < batch.len() {
+            return Err(MsrWriteError::Refused(batch[set].index));
+        }
+    }
+    Ok(())
+}
+
 /// What the boot vCPU starts with.
 #[derive(Debug, Clone, Copy)]
 pub struct BootEntry {
@@ -238,7 +301,7 @@ impl Vcpu {
     pub fn restore(vm: &VmFd, index: u8, state: &VcpuState, wiring: VcpuWiring) -> Result<Vcpu, VcpuError> {
         let io = |what| move |source| VcpuError::Ioctl { what, index, source };
         let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
-        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::MsrList)?;
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::CpuidList(state.cpuid.len()))?;
         fd.set_cpuid2(&cpuid).map_err(io("restore the CPUID"))?;
         if let Some(khz) = state.tsc_khz {
             // Same frequency on the same host model; a different one is set if KVM can scale.
@@ -255,11 +318,10 @@ impl Vcpu {
         fd.set_xcrs(&state.xcrs).map_err(io("restore the XCRs"))?;
         fd.set_debug_regs(&state.debugregs).map_err(io("restore the debug registers"))?;
         fd.set_lapic(&state.lapic).map_err(io("restore the LAPIC"))?;
-        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::MsrList)?;
-        let set = fd.set_msrs(&msrs).map_err(io("restore the MSRs"))?;
-        if set != state.msrs.len() {
-            return Err(VcpuError::RestoreMsr { index, msr: state.msrs[set].index });
-        }
+        write_msrs_batched(&state.msrs, |msrs| fd.set_msrs(msrs)).map_err(|e| match e {
+            MsrWriteError::Refused(msr) => VcpuError::RestoreMsr { index, msr },
+            MsrWriteError::Ioctl(source) => VcpuError::Ioctl { what: "restore the MSRs", index, source },
+        })?;
         fd.set_vcpu_events(&state.events).map_err(io("restore the vCPU events"))?;
         Ok(Vcpu { index, fd, wiring, counters: Arc::new(VcpuCounters::default()), start_paused: false })
     }
@@ -292,22 +354,9 @@ impl Vcpu {
         Ok(VcpuState { cpuid, msrs, regs, sregs, xsave, xcrs, debugregs, lapic, mp_state, events, tsc_khz })
     }
 
-    /// Reads every MSR on KVM's save list that this vCPU has; KVM stops a batch at the first
-    /// MSR it cannot read, which is then skipped.
+    /// Reads every MSR on KVM's save list that this vCPU has.
     fn save_msrs(&self) -> Result<Vec<kvm_msr_entry>, kvm_ioctls::Error> {
-        let mut saved = Vec::with_capacity(self.wiring.msr_list.len());
-        let mut rest: &[u32] = &self.wiring.msr_list;
-        while !rest.is_empty() {
-            let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
-            let entries: Vec<kvm_msr_entry> =
-                batch.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-            let mut msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
-            let n = self.fd.get_msrs(&mut msrs)?;
-            saved.extend_from_slice(&msrs.as_slice()[..n.min(batch.len())]);
-            // Entry n could not be read: skip it.
-            rest = &rest[(n + 1).min(rest.len())..];
-        }
-        Ok(saved)
+        read_msrs_batched(&self.wiring.msr_list, |msrs| self.fd.get_msrs(msrs))
     }
 
     /// Puts the boot vCPU at the kernel's entry point.
@@ -387,11 +436,16 @@ impl Vcpu {
         }
     }
 
+    /// Points this thread's kick handler at this vCPU's kvm_run (on the vCPU's own thread).
+    fn arm_kick(&mut self) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(run_ptr));
+    }
+
     /// Runs the guest until it stops, obeying pause/resume commands in between. Returns None
     /// when the commander went away (the VMM is ending).
     pub fn run(&mut self, commands: &Receiver<VcpuCommand>) -> Option<VcpuStop> {
-        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
-        KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        self.arm_kick();
         let mut paused = self.start_paused;
         loop {
             if !paused {
@@ -446,5 +500,84 @@ impl Vcpu {
                 let _ = wake.write(1);
             })
             .map_err(|e| VcpuError::Thread(index, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake KVM_GET_MSRS over MSRs 0..: those in `unreadable` stop a batch there.
+    fn fake_read(unreadable: &'static [u32]) -> impl FnMut(&mut Msrs) -> Result<usize, kvm_ioctls::Error> {
+        move |msrs| {
+            let mut n = 0;
+            for e in msrs.as_mut_slice() {
+                if unreadable.contains(&e.index) {
+                    break;
+                }
+                e.data = u64::from(e.index) * 3;
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn every_readable_msr_is_saved_across_full_batches() {
+        let list: Vec<u32> = (0..700).collect();
+        let saved = read_msrs_batched(&list, fake_read(&[10, 300])).unwrap();
+        let indices: Vec<u32> = saved.iter().map(|e| e.index).collect();
+        let want: Vec<u32> = (0..700).filter(|i| ![10, 300].contains(i)).collect();
+        assert_eq!(indices, want, "MSRs after a full batch of 256 must not be skipped");
+        assert!(saved.iter().all(|e| e.data == u64::from(e.index) * 3));
+        // Exactly one full batch, then the end: nothing read twice, nothing lost.
+        let list: Vec<u32> = (0..256).collect();
+        assert_eq!(read_msrs_batched(&list, fake_read(&[])).unwrap().len(), 256);
+    }
+
+    #[test]
+    fn more_than_one_batch_of_msrs_restores_and_a_refused_one_is_named() {
+        let entries: Vec<kvm_msr_entry> =
+            (0..600).map(|index| kvm_msr_entry { index, data: 7, ..Default::default() }).collect();
+        let mut written = Vec::new();
+        write_msrs_batched(&entries, |m| {
+            written.extend(m.as_slice().iter().map(|e| e.index));
+            Ok(m.as_slice().len())
+        })
+        .unwrap();
+        assert_eq!(written, (0..600).collect::<Vec<u32>>());
+        let refused = write_msrs_batched(&entries, |m| {
+            Ok(m.as_slice().iter().position(|e| e.index == 400).unwrap_or(m.as_slice().len()))
+        });
+        assert!(matches!(refused, Err(MsrWriteError::Refused(400))), "{refused:?}");
+    }
+
+    #[test]
+    fn a_kick_after_the_vcpu_is_dropped_touches_no_freed_mapping() {
+        let Ok(vm) = crate::vstate::vm::Vm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        vm.setup_irqchip().unwrap();
+        register_kick_handler().unwrap();
+        let supported = vm.kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        let wiring = VcpuWiring {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            reset_requested: Arc::default(),
+            msr_list: Arc::new(Vec::new()),
+        };
+        std::thread::spawn(move || {
+            let mut vcpu = Vcpu::new(&vm.fd, 0, 1, &supported, wiring).unwrap();
+            vcpu.arm_kick();
+            assert!(!KVM_RUN_PTR.with(Cell::get).is_null());
+            drop(vcpu);
+            assert!(KVM_RUN_PTR.with(Cell::get).is_null(), "the kick handler still points at kvm_run");
+            // A kick arriving now, as one racing the vCPU's end would.
+            // SAFETY: raise() signals this thread; the handler is installed above.
+            assert_eq!(unsafe { libc::raise(vcpu_kick_signal()) }, 0);
+        })
+        .join()
+        .unwrap();
     }
 }
