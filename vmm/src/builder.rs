@@ -51,6 +51,8 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("{0} virtio devices, more than the interrupt lines and MMIO windows allow")]
+    TooManyDevices(usize),
     #[error(transparent)]
     Acpi(#[from] crate::arch::x86_64::acpi::AcpiError),
     #[error("cannot read random bytes for the VM generation ID")]
@@ -418,6 +420,9 @@ pub fn attach_virtio(
     specs: &[DeviceSpec],
     mmio: &mut Bus,
 ) -> Result<Vec<VirtioSlot>, BuildError> {
+    if specs.len() > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
+        return Err(BuildError::TooManyDevices(specs.len()));
+    }
     let mut slots = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         let (name, device): (String, Box<dyn VirtioDevice>) = match spec {

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use common::api::{call, consecutive_counts, Console, Vmm};
 use common::{kvm_available, probe, text, vmm};
+use shoal_vmm::builder::{DeviceSpec, RngSpec};
+use shoal_vmm::devices::virtio::mmio::TransportSaved;
 use shoal_vmm::snapshot::{format, SnapshotState};
 
 fn scratch(name: &str) -> PathBuf {
@@ -339,7 +341,80 @@ fn damaged_and_foreign_snapshots_are_refused_with_clear_errors() {
     let err = try_restore(&foreign, None);
     assert!(err.contains("snapshot was taken on a OtherVendor!"), "{err}");
 
+    // Reserved header bytes set: refused, not ignored.
+    let mut reserved = state.clone();
+    reserved[10] = 1;
+    let err = try_restore(&reserved, None);
+    assert!(err.contains("reserved header bytes set"), "{err}");
+
+    // More virtio devices than there are interrupt lines, re-sealed with a valid checksum.
+    let mut crowded: SnapshotState = format::decode(&state).unwrap();
+    let rng = (
+        DeviceSpec::Rng(RngSpec { rate_limiter: None }),
+        TransportSaved {
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+            interrupt_status: 0,
+            queues: Vec::new(),
+        },
+    );
+    crowded.devices = vec![rng; 19];
+    let err = try_restore(&format::encode(&crowded).unwrap(), None);
+    assert!(err.contains("19 virtio devices, more than the 18 interrupt lines"), "{err}");
+
+    // Not regular files: a directory as the state file, a character device as the memory.
+    let odd = scratch("odd");
+    std::fs::create_dir_all(odd.join("state")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", odd.join("memory")).unwrap();
+    let out = Command::new(vmm()).arg("--restore").arg(&odd).output().unwrap();
+    assert!(text(&out.stderr).contains("is not a regular file"), "{}", text(&out.stderr));
+    std::fs::remove_dir(odd.join("state")).unwrap();
+    std::fs::write(odd.join("state"), &state).unwrap();
+    let out = Command::new(vmm()).arg("--restore").arg(&odd).output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("memory") && err.contains("is not a regular file"), "{err}");
+    std::fs::remove_dir_all(&odd).unwrap();
+
+    // Hostile payloads behind a valid checksum reach the decoder and the consistency checks:
+    // each is refused with an error (or, if it still describes this machine, loads), never a
+    // panic. In process for the many; one through the binary.
+    let payload = &state[20..state.len() - 4];
+    let probe_file = bad.join("resealed");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut refused = 0usize;
+    for round in 0..3000 {
+        let mut p = payload.to_vec();
+        for _ in 0..1 + round % 4 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let at = (seed as usize) % p.len();
+            p[at] = (seed >> 40) as u8;
+        }
+        if round % 7 == 0 {
+            p.truncate((seed as usize >> 8) % p.len());
+        }
+        std::fs::write(&probe_file, format::seal(&p)).unwrap();
+        if let Err(e) = shoal_vmm::snapshot::read_state(&probe_file) {
+            let e = e.to_string();
+            assert!(!e.contains("checksum"), "round {round}: the envelope stopped it: {e}");
+            refused += usize::from(e.contains("does not decode") || e.contains("inconsistent"));
+        }
+    }
+    // Most bytes are register values any of which decodes; the rest must be caught there.
+    assert!(refused > 300, "only {refused} of 3000 altered payloads reached a refusal in the decoder");
+    let mut p = payload.to_vec();
+    p.truncate(p.len() / 2);
+    let err = try_restore(&format::seal(&p), None);
+    assert!(err.contains("does not decode"), "{err}");
+
     // The same through the API: a 400 with the reason, and the VMM keeps serving.
+    std::fs::write(bad.join("state"), &foreign).unwrap();
     let api = Vmm::start("snap-load-bad");
     let body = format!(
         r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,

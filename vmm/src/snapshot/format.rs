@@ -1,7 +1,12 @@
-//! The snapshot state file's envelope: a magic, an explicit format version, the payload's
-//! length, the payload (postcard-encoded `SnapshotState`), and a CRC-32 of the payload. Every
-//! way a file can be wrong (another file type, another version, cut short, flipped bits, a
-//! payload that does not decode) is its own error; nothing here panics on bad input.
+//! The snapshot state file's envelope: a magic, an explicit format version, two reserved
+//! bytes (zero), the payload's length, the payload (postcard-encoded `SnapshotState`), and a
+//! CRC-32 of the payload. Every way a file can be wrong (another file type, another version,
+//! cut short, flipped bits, a payload that does not decode) is its own error; nothing here
+//! panics on bad input.
+//!
+//! The CRC catches damage, not intent: anyone who can write a state file can seal any payload.
+//! `decode_payload` is therefore the boundary that must hold against hostile bytes, and the
+//! fuzz target and tests drive it directly and through re-sealed envelopes.
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -33,19 +38,31 @@ pub enum FormatError {
     Encode(String),
     #[error("snapshot state file has {0} bytes of trailing data")]
     Trailing(usize),
+    #[error("snapshot state file has reserved header bytes set ({0:#06x}): written by a newer or foreign tool")]
+    Reserved(u16),
 }
 
 /// Encodes `state` into a complete state file.
 pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, FormatError> {
     let payload = postcard::to_stdvec(state).map_err(|e| FormatError::Encode(e.to_string()))?;
+    Ok(seal(&payload))
+}
+
+/// The envelope around an encoded payload (tests and fuzzing re-seal altered payloads).
+pub fn seal(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + 4);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&payload);
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    Ok(out)
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out
+}
+
+/// Decodes a payload whose envelope was checked.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FormatError> {
+    postcard::from_bytes(payload).map_err(|e| FormatError::Decode(e.to_string()))
 }
 
 /// Checks the envelope of `bytes` and decodes its payload.
@@ -59,6 +76,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
     if version != FORMAT_VERSION {
         return Err(FormatError::Version { found: version, supported: FORMAT_VERSION });
+    }
+    let reserved = u16::from_le_bytes([bytes[10], bytes[11]]);
+    if reserved != 0 {
+        return Err(FormatError::Reserved(reserved));
     }
     let mut len = [0u8; 8];
     len.copy_from_slice(&bytes[12..20]);
@@ -82,7 +103,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
     if stored != computed {
         return Err(FormatError::Checksum { stored, computed });
     }
-    postcard::from_bytes(payload).map_err(|e| FormatError::Decode(e.to_string()))
+    decode_payload(payload)
 }
 
 #[cfg(test)]
@@ -120,6 +141,9 @@ mod tests {
                 "cut at {cut}"
             );
         }
+        let mut reserved = good.clone();
+        reserved[11] = 1;
+        assert_eq!(decode::<Sample>(&reserved).unwrap_err(), FormatError::Reserved(0x100));
         let mut flipped = good.clone();
         flipped[HEADER_LEN] ^= 0x40;
         assert!(matches!(decode::<Sample>(&flipped).unwrap_err(), FormatError::Checksum { .. }));

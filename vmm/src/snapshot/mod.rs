@@ -8,6 +8,17 @@
 //!
 //! This module owns the state types' layout; the live objects (`Vm`, `Vcpu`, `SerialConsole`)
 //! read and write their own parts.
+//!
+//! Trust model: a state file is configuration, not data from the guest. It names host paths
+//! (disk images, taps, the vsock socket) that a restore opens with the VMM's rights, and it
+//! holds vCPU and device state KVM will run. Load only state files the VMM's operator wrote
+//! or vetted, into a jailed VMM (`--jail`) whose root holds only what that VM may open. What
+//! the VMM does check, so that a damaged or careless file fails with an error and never
+//! panics or overruns: both files are regular files, the state file is read through one
+//! descriptor and at most `format::MAX_PAYLOAD` bytes, the envelope (magic, version, zero
+//! reserved bytes, length, CRC), the payload's decoding, the machine's shape (vCPU count,
+//! memory size, device count within the interrupt lines and MMIO windows), and each device's
+//! saved queues against guest memory.
 
 pub mod format;
 pub mod memfile;
@@ -138,6 +149,8 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    #[error("snapshot file {path} is not a regular file")]
+    NotAFile { path: PathBuf },
     #[error("snapshot memory file {path} is {have} bytes but the snapshot's guest has {want} bytes of memory")]
     MemorySize { path: PathBuf, have: u64, want: u64 },
     #[error("snapshot was taken on a {snapshot}; this host is a {host}")]
@@ -245,13 +258,21 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
 
 /// Reads and checks a state file.
 pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
+    use std::io::Read;
     let err = |source| SnapshotError::ReadState { path: path.to_owned(), source };
     let file = File::open(path).map_err(err)?;
-    let len = file.metadata().map_err(err)?.len();
-    if len > format::MAX_PAYLOAD + 64 {
-        return Err(SnapshotError::Format { path: path.to_owned(), source: FormatError::TooLarge(len) });
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(SnapshotError::NotAFile { path: path.to_owned() });
     }
-    let bytes = std::fs::read(path).map_err(err)?;
+    let limit = format::MAX_PAYLOAD + 64;
+    if meta.len() > limit {
+        return Err(SnapshotError::Format { path: path.to_owned(), source: FormatError::TooLarge(meta.len()) });
+    }
+    // Read from the descriptor checked above, never more than the limit (a file that grows
+    // while it is read is cut there, and then fails its length check).
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(err)?;
     let state: SnapshotState =
         format::decode(&bytes).map_err(|source| SnapshotError::Format { path: path.to_owned(), source })?;
     check_consistent(&state)?;
@@ -269,6 +290,13 @@ fn check_consistent(state: &SnapshotState) -> Result<(), SnapshotError> {
         return Err(SnapshotError::Inconsistent(format!(
             "{} bytes of memory for {} MiB",
             state.memory_bytes, m.mem_mib
+        )));
+    }
+    let max_devices = crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES;
+    if state.devices.len() > max_devices {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} virtio devices, more than the {max_devices} interrupt lines and MMIO windows allow",
+            state.devices.len()
         )));
     }
     if state.serial.in_buffer.len() > 64 {
@@ -363,7 +391,11 @@ pub fn restore(
     state.machine.track_dirty_pages |= options.track_dirty_pages;
     let file =
         File::open(mem_path).map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?;
-    let have = file.metadata().map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?.len();
+    let meta = file.metadata().map_err(|source| SnapshotError::MemoryOpen { path: mem_path.to_owned(), source })?;
+    if !meta.is_file() {
+        return Err(SnapshotError::NotAFile { path: mem_path.to_owned() });
+    }
+    let have = meta.len();
     if have != state.memory_bytes {
         return Err(SnapshotError::MemorySize { path: mem_path.to_owned(), have, want: state.memory_bytes });
     }
