@@ -187,7 +187,7 @@ fn start_from_api(
                 let _ = reply.send(runner::flush_metrics(metrics_file.as_mut(), &m));
                 continue;
             }
-            ApiRequest::SendCtrlAltDel { reply } => {
+            ApiRequest::SendCtrlAltDel { reply } | ApiRequest::PatchDevice { reply, .. } => {
                 let _ = reply.send(Err("The microVM is not running.".into()));
                 continue;
             }

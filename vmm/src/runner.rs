@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vmm_sys_util::signal::Killable;
 
+use crate::api::routes::DevicePatch;
 use crate::api::server::ApiRequest;
 use crate::builder::{DeviceSpec, MicroVm, VirtioSlot};
 use crate::devices::bus::Bus;
@@ -184,6 +185,64 @@ impl ControlHandler {
     }
 }
 
+impl ControlHandler {
+    /// `PATCH /drives/{id}` and `PATCH /network-interfaces/{id}` on the running VM: the
+    /// device changes, then its spec, so a later snapshot reopens what the device now uses.
+    /// A failure (a file that does not open) leaves the device and spec as they were.
+    fn patch_device(&mut self, patch: &DevicePatch) -> Result<(), String> {
+        use crate::devices::rate_limiter::RateLimitConfig;
+        use crate::devices::virtio::DeviceUpdate;
+        match patch {
+            DevicePatch::Drive(p) => {
+                let found = self.devices.iter_mut().find_map(|(spec, t)| match spec {
+                    DeviceSpec::Block(d) if d.id.as_deref() == Some(p.drive_id.as_str()) => Some((d, t)),
+                    _ => None,
+                });
+                let Some((d, t)) = found else { return Err(format!("Invalid drive ID: {}.", p.drive_id)) };
+                let limiter = p.rate_limiter.as_ref().map(|r| RateLimitConfig::patched(d.rate_limiter, r));
+                let disk = match &p.path_on_host {
+                    None => None,
+                    Some(path) => {
+                        let opened = std::fs::OpenOptions::new()
+                            .read(true)
+                            .write(!d.read_only)
+                            .open(path)
+                            .and_then(crate::devices::virtio::block::handler::FileDisk::new)
+                            .map_err(|e| format!("Cannot open the drive's new backing file {path}: {e}."))?;
+                        Some(Box::new(opened) as Box<dyn crate::devices::virtio::block::handler::DiskBackend>)
+                    }
+                };
+                t.lock().unwrap_or_else(|p| p.into_inner()).update_device(DeviceUpdate::Block { disk, limiter })?;
+                if let Some(path) = &p.path_on_host {
+                    d.path = path.into();
+                }
+                if let Some(l) = limiter {
+                    d.rate_limiter = l;
+                }
+            }
+            DevicePatch::Net(p) => {
+                let found = self.devices.iter_mut().find_map(|(spec, t)| match spec {
+                    DeviceSpec::Net(n) if n.id == p.iface_id => Some((n, t)),
+                    _ => None,
+                });
+                let Some((n, t)) = found else {
+                    return Err(format!("Invalid network interface ID: {}.", p.iface_id));
+                };
+                let rx = p.rx_rate_limiter.as_ref().map(|r| RateLimitConfig::patched(n.rx_rate_limiter, r));
+                let tx = p.tx_rate_limiter.as_ref().map(|r| RateLimitConfig::patched(n.tx_rate_limiter, r));
+                t.lock().unwrap_or_else(|p| p.into_inner()).update_device(DeviceUpdate::Net { rx, tx })?;
+                if let Some(rx) = rx {
+                    n.rx_rate_limiter = rx;
+                }
+                if let Some(tx) = tx {
+                    n.tx_rate_limiter = tx;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl MutEventSubscriber for ControlHandler {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.control.wake, EventSet::IN)) {
@@ -239,6 +298,11 @@ impl MutEventSubscriber for ControlHandler {
                 ApiRequest::MetricsFile { reply, .. } => {
                     let _ =
                         reply.send(Err("The requested operation is not supported after starting the microVM.".into()));
+                }
+                ApiRequest::PatchDevice { patch, reply } => {
+                    let result = self.patch_device(&patch);
+                    tracing::info!(?patch, ok = result.is_ok(), "device updated");
+                    let _ = reply.send(result);
                 }
                 ApiRequest::Start { reply, .. } | ApiRequest::LoadSnapshot { reply, .. } => {
                     let _ = reply.send(Err("The microVM is already running.".into()));

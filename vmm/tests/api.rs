@@ -463,3 +463,62 @@ fn many_keep_alive_connections_with_refused_requests_do_not_kill_the_vmm() {
     let mut vm = vm;
     assert!(vm.child.try_wait().unwrap().is_none(), "the VMM is alive");
 }
+
+/// Firecracker's PATCH /drives and PATCH /network-interfaces: on a running VM a drive gets
+/// another backing file and a rate limiter; GET /vm/config shows them, a snapshot taken
+/// afterwards names them (a restore reopens what the device now uses), and a patch that
+/// cannot apply (a missing file, an unknown drive) changes nothing and leaves the VMM serving.
+#[test]
+fn a_running_vms_drive_gets_another_file_and_limiter_and_a_snapshot_names_them() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("shoal-api-patch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.img"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(dir.join("b.img"), vec![0u8; 4 << 20]).unwrap();
+    let mut vm = Vmm::start_in("patch", &dir);
+    let console = Console::capture(&mut vm.child);
+    let mut s = vm.connect();
+    assert_eq!(call(&mut s, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64}"#).0, 204);
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, probe("counter").display());
+    assert_eq!(call(&mut s, "PUT", "/boot-source", &boot).0, 204);
+    let drive = r#"{"drive_id": "data", "path_on_host": "./a.img", "is_root_device": false}"#;
+    assert_eq!(call(&mut s, "PUT", "/drives/data", drive).0, 204);
+    let patch = r#"{"drive_id": "data", "path_on_host": "./b.img", "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 100}}}"#;
+    let (st, body) = call(&mut s, "PATCH", "/drives/data", patch);
+    assert!(st == 400 && fault(&body).contains("before starting"), "{st} {body}");
+    assert_eq!(call(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0, 204);
+    console.wait_count(2);
+
+    assert_eq!(call(&mut s, "PATCH", "/drives/data", patch), (204, String::new()));
+    let (st, config) = call(&mut s, "GET", "/vm/config", "");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!((st, config["drives"][0]["path_on_host"].as_str()), (200, Some("./b.img")));
+    assert_eq!(config["drives"][0]["rate_limiter"]["bandwidth"]["size"], 1048576);
+    let missing = r#"{"drive_id": "data", "path_on_host": "./nope.img"}"#;
+    let (st, body) = call(&mut s, "PATCH", "/drives/data", missing);
+    assert!(st == 400 && fault(&body).contains("Cannot open the drive's new backing file ./nope.img"), "{body}");
+    let unknown = r#"{"drive_id": "other", "path_on_host": "./b.img"}"#;
+    let (st, body) = call(&mut s, "PATCH", "/drives/other", unknown);
+    assert!(st == 400 && fault(&body).contains("Invalid drive ID: other"), "{body}");
+    let (st, version) = call(&mut s, "GET", "/version", "");
+    assert!(st == 200 && version.contains("\"firecracker_version\":\"1."), "{version}");
+
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Paused"}"#).0, 204);
+    let at_pause = console.settle(Duration::from_millis(300));
+    let create = r#"{"snapshot_type": "Full", "snapshot_path": "./state", "mem_file_path": "./memory"}"#;
+    assert_eq!(call(&mut s, "PUT", "/snapshot/create", create), (204, String::new()));
+    let state: shoal_vmm::snapshot::SnapshotState =
+        shoal_vmm::snapshot::format::decode(&std::fs::read(dir.join("state")).unwrap()).unwrap();
+    let shoal_vmm::builder::DeviceSpec::Block(d) = &state.devices[0].0 else { panic!("{:?}", state.devices) };
+    assert_eq!(d.path, std::path::PathBuf::from("./b.img"), "the snapshot names the new file");
+    assert_eq!(d.rate_limiter.and_then(|r| r.bandwidth).map(|b| b.size), Some(1048576));
+    assert_eq!(call(&mut s, "PATCH", "/vm", r#"{"state": "Resumed"}"#).0, 204);
+    let last = consecutive_counts(&at_pause).unwrap().last().copied().unwrap();
+    console.wait_count(last + 2);
+    drop(s);
+    drop(vm);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -67,7 +67,7 @@ fn every_documented_operation_is_served_as_documented() {
             let req = Request { method: method.to_uppercase(), path: concrete, body: body.into_bytes(), close: false };
             // PATCH /vm applies to a running microVM; the rest are tried before start.
             let mut state = ready_state();
-            if path == "/vm" {
+            if path == "/vm" || method == "patch" {
                 state.state = InstanceState::Running;
             }
             if path == "/snapshot/create" {
@@ -82,6 +82,7 @@ fn every_documented_operation_is_served_as_documented() {
                 | Outcome::MetricsFile(_)
                 | Outcome::FlushMetrics
                 | Outcome::SendCtrlAltDel
+                | Outcome::PatchDevice(_)
                 | Outcome::Logger { .. } => shoal_vmm::api::http::Response::no_content(),
                 Outcome::Metrics { prometheus: true } => {
                     shoal_vmm::api::http::Response::prometheus(MetricsSnapshot::default().to_prometheus())
@@ -109,7 +110,7 @@ fn every_documented_operation_is_served_as_documented() {
             }
         }
     }
-    assert_eq!(operations, 16, "every operation in the document was tried");
+    assert_eq!(operations, 20, "every operation in the document was tried");
 }
 
 #[test]
@@ -138,7 +139,13 @@ fn undocumented_firecracker_operations_are_refused_as_unknown() {
         ("PATCH", "/machine-config"),
         ("GET", "/boot-source"),
         ("GET", "/vm/config"),
+        ("GET", "/version"),
+        ("PATCH", "/drives/rootfs"),
+        ("PATCH", "/network-interfaces/eth0"),
         ("PUT", "/mmds"),
+        ("PUT", "/mmds/config"),
+        ("PUT", "/balloon"),
+        ("GET", "/balloon/statistics"),
     ];
     for (method, path) in candidates {
         // A documented path template (`/drives/{drive_id}`) covers the concrete path.

@@ -11,6 +11,7 @@ use super::VmConfig;
 use crate::snapshot::SnapshotKind;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
 
 /// `PUT/GET /machine-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,8 +65,44 @@ pub enum VmStateName {
     Resumed,
 }
 
+/// The Firecracker API release whose paths and fields this server follows (the newest
+/// feature it takes is `network_overrides` on snapshot load, from Firecracker 1.12), as
+/// `GET /version` reports it to clients that gate features on it.
+pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
+
+/// `PATCH /drives/{id}` (Firecracker's PartialDrive): after the start, another backing file
+/// and/or rate limiter for a drive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
+}
+
+/// `PATCH /network-interfaces/{id}` (Firecracker's PartialNetworkInterface): after the start,
+/// other rate limiters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNet {
+    pub iface_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
+}
+
+/// A change to a running device, for the VMM thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DevicePatch {
+    Drive(PartialDrive),
+    Net(PartialNet),
+}
+
 /// `PUT /entropy`: the virtio-rng device, optionally rate-limited.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyConfig {
     #[serde(default)]
@@ -214,6 +251,9 @@ pub struct ApiState {
     pub entropy_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
     /// `PUT /vsock`.
     pub vsock: Option<crate::api::config::VsockConfig>,
+    /// `PUT /logger` and `PUT /metrics` as last accepted, for `GET /vm/config`.
+    pub logger: Option<LoggerConfig>,
+    pub metrics: Option<MetricsConfig>,
 }
 
 impl Default for ApiState {
@@ -229,6 +269,8 @@ impl Default for ApiState {
             entropy: false,
             entropy_rate_limiter: None,
             vsock: None,
+            logger: None,
+            metrics: None,
         }
     }
 }
@@ -255,29 +297,32 @@ pub enum Outcome {
     MetricsFile(std::path::PathBuf),
     /// Ask the VMM thread to append the counters to the metrics file.
     FlushMetrics,
+    /// Ask the VMM thread to change a running device (it knows which exist, restored ones
+    /// included); reply 204 if it did, and record it with `applied`.
+    PatchDevice(DevicePatch),
     /// Ask the VMM thread to change the log level and/or log to a file.
     Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<std::path::PathBuf> },
 }
 
 /// `PUT /logger` (Firecracker's fields; `show_level`, `show_log_origin` and `module` are
 /// accepted and ignored: lines always carry their level).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggerConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_path: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_log_origin: Option<bool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<String>,
 }
 
 /// `PUT /metrics`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub metrics_path: String,
@@ -312,6 +357,48 @@ impl ApiState {
         Ok(config)
     }
 
+    /// `GET /vm/config`: the configuration as this API has it (Firecracker's
+    /// FullVmConfiguration), with running devices' patches applied.
+    pub fn full_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "boot-source": self.boot,
+            "machine-config": self.machine,
+            "drives": self.drives,
+            "network-interfaces": self.nets,
+            "vsock": self.vsock,
+            "entropy": self.entropy.then_some(EntropyConfig { rate_limiter: self.entropy_rate_limiter }),
+            "logger": self.logger,
+            "metrics": self.metrics,
+        })
+    }
+
+    /// Records a patch the VMM thread applied, so `GET /vm/config` shows it.
+    pub fn applied(&mut self, patch: &DevicePatch) {
+        use crate::devices::rate_limiter::RateLimitConfig;
+        match patch {
+            DevicePatch::Drive(p) => {
+                if let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == p.drive_id) {
+                    if let Some(path) = &p.path_on_host {
+                        d.path_on_host = path.clone();
+                    }
+                    if let Some(r) = &p.rate_limiter {
+                        d.rate_limiter = RateLimitConfig::patched(d.rate_limiter, r);
+                    }
+                }
+            }
+            DevicePatch::Net(p) => {
+                if let Some(n) = self.nets.iter_mut().find(|n| n.iface_id == p.iface_id) {
+                    if let Some(r) = &p.rx_rate_limiter {
+                        n.rx_rate_limiter = RateLimitConfig::patched(n.rx_rate_limiter, r);
+                    }
+                    if let Some(r) = &p.tx_rate_limiter {
+                        n.tx_rate_limiter = RateLimitConfig::patched(n.tx_rate_limiter, r);
+                    }
+                }
+            }
+        }
+    }
+
     /// Handles one request.
     pub fn handle(&mut self, req: &Request) -> Outcome {
         let started = self.state != InstanceState::NotStarted;
@@ -325,6 +412,15 @@ impl ApiState {
                 });
                 Response::json(200, info.to_string())
             }
+            ("GET", "/version") => Response::json(
+                200,
+                serde_json::json!({
+                    "firecracker_version": FIRECRACKER_API_VERSION,
+                    "shoal_vmm_version": env!("CARGO_PKG_VERSION"),
+                })
+                .to_string(),
+            ),
+            ("GET", "/vm/config") => Response::json(200, self.full_config().to_string()),
             ("GET", "/machine-config") => Response::json(200, serde_json::to_string(&self.machine).unwrap_or_default()),
             ("PUT", "/machine-config") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/machine-config") => match parse_body::<MachineConfig>(req) {
@@ -373,6 +469,43 @@ impl ApiState {
                 Ok(VmStateRequest { state: VmStateName::Resumed }) => return Outcome::SetPaused(false),
                 Err(r) => r,
             },
+            ("PATCH", p) if p.starts_with("/drives/") && !started => Response::fault(400, NOT_BEFORE_START),
+            ("PATCH", p) if p.starts_with("/drives/") => match parse_body::<PartialDrive>(req) {
+                Ok(d) if d.drive_id != p["/drives/".len()..] => {
+                    Response::fault(400, "The id from the path does not match the id from the body!")
+                }
+                Ok(d) if d.path_on_host.as_deref() == Some("") => {
+                    Response::fault(400, "path_on_host must not be empty.")
+                }
+                Ok(d) if d.path_on_host.is_none() && d.rate_limiter.is_none() => {
+                    Response::fault(400, "Nothing to update: give path_on_host and/or rate_limiter.")
+                }
+                Ok(d) if patch_error(d.rate_limiter.as_ref()).is_some() => Response::fault(
+                    400,
+                    format!("Invalid rate limiter: {}.", patch_error(d.rate_limiter.as_ref()).unwrap_or_default()),
+                ),
+                Ok(d) => return Outcome::PatchDevice(DevicePatch::Drive(d)),
+                Err(r) => r,
+            },
+            ("PATCH", p) if p.starts_with("/network-interfaces/") && !started => Response::fault(400, NOT_BEFORE_START),
+            ("PATCH", p) if p.starts_with("/network-interfaces/") => match parse_body::<PartialNet>(req) {
+                Ok(n) if n.iface_id != p["/network-interfaces/".len()..] => {
+                    Response::fault(400, "The id from the path does not match the id from the body!")
+                }
+                Ok(n) if n.rx_rate_limiter.is_none() && n.tx_rate_limiter.is_none() => {
+                    Response::fault(400, "Nothing to update: give rx_rate_limiter and/or tx_rate_limiter.")
+                }
+                Ok(n)
+                    if patch_error(n.rx_rate_limiter.as_ref())
+                        .or(patch_error(n.tx_rate_limiter.as_ref()))
+                        .is_some() =>
+                {
+                    let e = patch_error(n.rx_rate_limiter.as_ref()).or(patch_error(n.tx_rate_limiter.as_ref()));
+                    Response::fault(400, format!("Invalid rate limiter: {}.", e.unwrap_or_default()))
+                }
+                Ok(n) => return Outcome::PatchDevice(DevicePatch::Net(n)),
+                Err(r) => r,
+            },
             ("PUT", p) if p.starts_with("/drives/") && started => Response::fault(400, NOT_AFTER_START),
             ("PUT", p) if p.starts_with("/drives/") => match parse_body::<FirecrackerDrive>(req) {
                 Ok(d) if d.drive_id != p["/drives/".len()..] => {
@@ -403,7 +536,9 @@ impl ApiState {
             ("PUT", "/logger") => match parse_body::<LoggerConfig>(req) {
                 Ok(c) => match c.level.as_deref().map(crate::logging::parse_level).transpose() {
                     Ok(level) => {
-                        return Outcome::Logger { level, path: c.log_path.filter(|p| !p.is_empty()).map(Into::into) }
+                        let path = c.log_path.clone().filter(|p| !p.is_empty()).map(Into::into);
+                        self.logger = Some(c);
+                        return Outcome::Logger { level, path };
                     }
                     Err(e) => Response::fault(400, e),
                 },
@@ -414,7 +549,11 @@ impl ApiState {
             ("PUT", "/metrics") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/metrics") => match parse_body::<MetricsConfig>(req) {
                 Ok(m) if m.metrics_path.is_empty() => Response::fault(400, "metrics_path must not be empty."),
-                Ok(m) => return Outcome::MetricsFile(m.metrics_path.into()),
+                Ok(m) => {
+                    let path = m.metrics_path.clone().into();
+                    self.metrics = Some(m);
+                    return Outcome::MetricsFile(path);
+                }
                 Err(r) => r,
             },
             ("PUT", p) if p.starts_with("/network-interfaces/") && started => Response::fault(400, NOT_AFTER_START),
@@ -509,6 +648,11 @@ impl ApiState {
         };
         Outcome::Reply(reply)
     }
+}
+
+/// Why a rate limiter patch is refused, if it is.
+fn patch_error(r: Option<&crate::devices::rate_limiter::RateLimitConfig>) -> Option<String> {
+    r.and_then(|r| r.validate_patch().err())
 }
 
 /// Why a rate limiter's settings are refused, if they are.
@@ -745,6 +889,58 @@ mod tests {
         ] {
             assert_eq!(reply(&mut s, "PUT", path, body).status, 400, "{path} {body}");
         }
+    }
+
+    #[test]
+    fn drives_and_interfaces_are_patched_only_while_running_and_the_config_shows_it() {
+        let mut s = ApiState::default();
+        let drive = r#"{"drive_id": "data", "path_on_host": "/a.img", "is_root_device": false}"#;
+        assert_eq!(reply(&mut s, "PUT", "/drives/data", drive).status, 204);
+        let net = r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#;
+        assert_eq!(reply(&mut s, "PUT", "/network-interfaces/eth0", net).status, 204);
+        let patch = r#"{"drive_id": "data", "path_on_host": "/b.img"}"#;
+        let r = reply(&mut s, "PATCH", "/drives/data", patch);
+        assert_eq!((r.status, fault(&r).as_str()), (400, NOT_BEFORE_START));
+        s.state = InstanceState::Running;
+        for (path, body) in [
+            ("/drives/other", patch),
+            ("/drives/data", r#"{"drive_id": "data"}"#),
+            ("/drives/data", r#"{"drive_id": "data", "path_on_host": ""}"#),
+            ("/drives/data", r#"{"drive_id": "data", "is_read_only": true}"#),
+            (
+                "/drives/data",
+                r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073709551615}}}"#,
+            ),
+            ("/network-interfaces/eth0", r#"{"iface_id": "eth0"}"#),
+            ("/network-interfaces/eth1", r#"{"iface_id": "eth0", "rx_rate_limiter": {}}"#),
+            ("/network-interfaces/eth0", r#"{"iface_id": "eth0", "host_dev_name": "tap9"}"#),
+        ] {
+            assert_eq!(reply(&mut s, "PATCH", path, body).status, 400, "{path} {body}");
+        }
+        let Outcome::PatchDevice(p) = s.handle(&req("PATCH", "/drives/data", patch)) else { panic!() };
+        s.applied(&p);
+        let limit = r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 10}}}"#;
+        let Outcome::PatchDevice(p) = s.handle(&req("PATCH", "/network-interfaces/eth0", limit)) else { panic!() };
+        s.applied(&p);
+        let config: serde_json::Value =
+            serde_json::from_str(reply(&mut s, "GET", "/vm/config", "").body.as_deref().unwrap()).unwrap();
+        assert_eq!(config["drives"][0]["path_on_host"], "/b.img");
+        assert_eq!(config["network-interfaces"][0]["tx_rate_limiter"]["bandwidth"]["size"], 1000);
+        assert_eq!(config["machine-config"]["mem_size_mib"], 128);
+        assert!(config["vsock"].is_null() && config["boot-source"].is_null());
+        // A bucket of size 0 removes that limit.
+        let off = r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}"#;
+        let Outcome::PatchDevice(p) = s.handle(&req("PATCH", "/network-interfaces/eth0", off)) else { panic!() };
+        s.applied(&p);
+        assert_eq!(s.nets[0].tx_rate_limiter, None);
+    }
+
+    #[test]
+    fn the_version_names_the_firecracker_api_followed() {
+        let r = reply(&mut ApiState::default(), "GET", "/version", "");
+        let v: serde_json::Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+        assert_eq!((r.status, v["firecracker_version"].as_str()), (200, Some(FIRECRACKER_API_VERSION)));
+        assert_eq!(v["shoal_vmm_version"], env!("CARGO_PKG_VERSION"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::time::{Duration, Instant};
 
 use super::http::{self, Response};
-use super::routes::{ApiState, InstanceState, Outcome, SnapshotLoad};
+use super::routes::{ApiState, DevicePatch, InstanceState, Outcome, SnapshotLoad};
 use super::VmConfig;
 use crate::metrics::MetricsSnapshot;
 use crate::seccomp::{Seccomp, ThreadKind};
@@ -71,6 +71,8 @@ pub enum ApiRequest {
     FlushMetrics { reply: Sender<Result<(), String>> },
     /// Press Ctrl+Alt+Del on the guest's keyboard.
     SendCtrlAltDel { reply: Sender<Result<(), String>> },
+    /// Change a running device (another backing file, other rate limiters).
+    PatchDevice { patch: DevicePatch, reply: Sender<Result<(), String>> },
 }
 
 /// The API thread's line to the VMM thread: requests, and an eventfd that wakes the VMM's
@@ -324,6 +326,13 @@ fn handle(state: &mut ApiState, req: &http::Request, link: &VmmLink) -> (Respons
         Outcome::FlushMetrics => (ask(link, |reply| ApiRequest::FlushMetrics { reply }), None),
         Outcome::SendCtrlAltDel => (ask(link, |reply| ApiRequest::SendCtrlAltDel { reply }), None),
         Outcome::Logger { level, path } => (ask(link, |reply| ApiRequest::Logger { level, path, reply }), None),
+        Outcome::PatchDevice(patch) => {
+            let r = ask(link, |reply| ApiRequest::PatchDevice { patch: patch.clone(), reply });
+            if r.status == 204 {
+                state.applied(&patch);
+            }
+            (r, None)
+        }
     }
 }
 

@@ -66,6 +66,34 @@ pub const MAX_REFILL_MS: u64 = 24 * 60 * 60 * 1000;
 /// debt would take longer to repay still converges on its rate.
 const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 
+impl RateLimitConfig {
+    /// Firecracker's update rules for `PATCH /drives` and `PATCH /network-interfaces`: a
+    /// bucket the patch leaves out stays as it is, one with size or refill_time 0 is removed,
+    /// any other replaces it. `None`: no limit is left.
+    pub fn patched(current: Option<RateLimitConfig>, patch: &RateLimitConfig) -> Option<RateLimitConfig> {
+        let current = current.unwrap_or_default();
+        let merge = |now: Option<BucketConfig>, new: Option<BucketConfig>| match new {
+            None => now,
+            Some(b) if b.size == 0 || b.refill_time == 0 => None,
+            Some(b) => Some(b),
+        };
+        let c = RateLimitConfig {
+            bandwidth: merge(current.bandwidth, patch.bandwidth),
+            ops: merge(current.ops, patch.ops),
+        };
+        (c.bandwidth.is_some() || c.ops.is_some()).then_some(c)
+    }
+
+    /// Checks a patch: every bucket either removes one (size or refill_time 0) or is valid.
+    pub fn validate_patch(&self) -> Result<(), String> {
+        self.bandwidth
+            .iter()
+            .chain(self.ops.iter())
+            .filter(|b| b.size != 0 && b.refill_time != 0)
+            .try_for_each(BucketConfig::validate)
+    }
+}
+
 impl BucketConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.size == 0 || self.refill_time == 0 {
@@ -247,5 +275,30 @@ mod tests {
         }
         let most = BucketConfig { size: MAX_TOKENS, one_time_burst: MAX_TOKENS, refill_time: MAX_REFILL_MS };
         assert!(most.validate().is_ok());
+    }
+
+    #[test]
+    fn a_patch_keeps_replaces_or_removes_each_bucket() {
+        let b = |size| Some(BucketConfig { size, one_time_burst: 0, refill_time: 1000 });
+        let both = RateLimitConfig { bandwidth: b(100), ops: b(10) };
+        let only_ops = RateLimitConfig { bandwidth: None, ops: b(20) };
+        assert_eq!(
+            RateLimitConfig::patched(Some(both), &only_ops),
+            Some(RateLimitConfig { bandwidth: b(100), ops: b(20) })
+        );
+        let remove_bw = RateLimitConfig { bandwidth: b(0), ops: None };
+        assert_eq!(
+            RateLimitConfig::patched(Some(both), &remove_bw),
+            Some(RateLimitConfig { bandwidth: None, ops: b(10) })
+        );
+        let remove_all = RateLimitConfig { bandwidth: b(0), ops: b(0) };
+        assert_eq!(RateLimitConfig::patched(Some(both), &remove_all), None);
+        assert_eq!(RateLimitConfig::patched(None, &only_ops), Some(only_ops));
+        assert!(remove_all.validate_patch().is_ok());
+        let too_slow = RateLimitConfig {
+            bandwidth: Some(BucketConfig { size: 1, one_time_burst: 0, refill_time: u64::MAX }),
+            ops: None,
+        };
+        assert!(too_slow.validate_patch().is_err());
     }
 }

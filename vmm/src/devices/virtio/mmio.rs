@@ -203,6 +203,26 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// Applies an operator's change to the running device (on the VMM thread). A changed
+    /// config space gets a new generation and a config interrupt; every queue is served again
+    /// afterwards (through the deferred work, so the event loop re-arms a limiter's timer),
+    /// as requests held back by the old limiter may go now.
+    pub fn update_device(&mut self, update: super::DeviceUpdate) -> Result<(), String> {
+        self.run_deferred();
+        if self.device.update(update)? {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if self.activated {
+                self.irq.signal_config();
+            }
+        }
+        if self.activated {
+            let queues = self.device.queue_max_sizes().len().min(64);
+            self.deferred.notify |= if queues == 64 { u64::MAX } else { (1u64 << queues) - 1 };
+            self.defer();
+        }
+        Ok(())
+    }
+
     /// The transport's state for a snapshot (the device must be quiet: vCPUs paused).
     pub fn save(&mut self) -> TransportSaved {
         self.run_deferred();

@@ -166,6 +166,13 @@ pub trait VirtioDevice: Send {
     fn throttled_for(&self) -> Option<std::time::Duration> {
         None
     }
+    /// Applies a change the VMM's operator asked for while the guest runs (`PATCH /drives`,
+    /// `PATCH /network-interfaces`); returns whether the config space changed (the transport
+    /// then tells the driver). A device that takes no such change refuses it.
+    fn update(&mut self, update: DeviceUpdate) -> Result<bool, String> {
+        let _ = update;
+        Err("this device takes no updates".into())
+    }
     /// The device stopped before its queues were empty so as not to hold the event loop
     /// (virtio-blk moves a bounded amount per round): the loop serves its other events, then
     /// calls `process_queue` again.
@@ -174,6 +181,31 @@ pub trait VirtioDevice: Send {
     }
     /// The device was activated again from a snapshot (after `activate`).
     fn restored(&mut self) {}
+}
+
+/// A rate limiter change: `None` keeps the current limiter, `Some(None)` removes it,
+/// `Some(Some(c))` replaces it with a fresh one of configuration `c`.
+pub type LimiterUpdate = Option<Option<crate::devices::rate_limiter::RateLimitConfig>>;
+
+/// A change to a running device.
+pub enum DeviceUpdate {
+    /// virtio-blk: another backing file (the guest sees the new capacity) and/or limiter.
+    Block { disk: Option<Box<dyn block::handler::DiskBackend>>, limiter: LimiterUpdate },
+    /// virtio-net: the receive and/or transmit limiter.
+    Net { rx: LimiterUpdate, tx: LimiterUpdate },
+}
+
+impl std::fmt::Debug for DeviceUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceUpdate::Block { disk, limiter } => f
+                .debug_struct("Block")
+                .field("disk_len", &disk.as_ref().map(|d| d.len()))
+                .field("limiter", limiter)
+                .finish(),
+            DeviceUpdate::Net { rx, tx } => f.debug_struct("Net").field("rx", rx).field("tx", tx).finish(),
+        }
+    }
 }
 
 /// Reads `data.len()` bytes of a config struct held as bytes; out of range reads give zeros.

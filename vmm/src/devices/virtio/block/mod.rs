@@ -185,6 +185,21 @@ impl VirtioDevice for VirtioBlock {
         self.more && self.active.is_some()
     }
 
+    fn update(&mut self, update: super::DeviceUpdate) -> Result<bool, String> {
+        let super::DeviceUpdate::Block { disk, limiter } = update else {
+            return Err("not a block device update".into());
+        };
+        if let Some(l) = limiter {
+            self.limiter = l.as_ref().map(RateLimiter::new);
+        }
+        let Some(disk) = disk else { return Ok(false) };
+        // Requests already taken finished on the old file (they run to completion on this
+        // thread); the next ones go to the new file, whose capacity the driver re-reads.
+        self.config[..8].copy_from_slice(&(disk.len() / SECTOR_SIZE).to_le_bytes());
+        self.disk = disk;
+        Ok(true)
+    }
+
     fn counters(&self) -> &DeviceCounters {
         &self.counters
     }
@@ -418,6 +433,43 @@ mod tests {
         }
         assert_eq!((q.used_idx(&mem), turns), (60, 8));
         assert_eq!(dev.counters().bytes.load(Ordering::Relaxed), 120 << 20);
+    }
+
+    #[test]
+    fn a_new_backing_file_serves_the_next_requests_and_reports_its_capacity() {
+        let mem = memory();
+        let q = TestQueue::new(&mem, 0x1000, 16);
+        let mut dev = device(&mem, &q, disk(), false);
+        let mut bigger = MemDisk { data: vec![0x77; 128 * 512], flushes: 0 };
+        bigger.data[512..1024].fill(0x42);
+        let update = crate::devices::virtio::DeviceUpdate::Block { disk: Some(Box::new(bigger)), limiter: None };
+        assert_eq!(dev.update(update), Ok(true));
+        let mut c = [0u8; 8];
+        dev.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c), 128);
+        header(&mem, T_IN, 1);
+        q.add_chain(&mem, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+        dev.process_queue(0);
+        let mut b = [0u8; 512];
+        mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+        assert_eq!((status(&mem), b), (S_OK, [0x42; 512]));
+        // A limiter set and removed again; a net update is refused.
+        let bw = crate::devices::rate_limiter::RateLimitConfig {
+            bandwidth: Some(crate::devices::rate_limiter::BucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time: 1000,
+            }),
+            ops: None,
+        };
+        let set = crate::devices::virtio::DeviceUpdate::Block { disk: None, limiter: Some(Some(bw)) };
+        assert_eq!(dev.update(set), Ok(false));
+        dev.limiter.as_mut().unwrap().consume(1, 512);
+        assert!(dev.throttled_for().is_some());
+        let clear = crate::devices::virtio::DeviceUpdate::Block { disk: None, limiter: Some(None) };
+        assert_eq!(dev.update(clear), Ok(false));
+        assert!(dev.throttled_for().is_none());
+        assert!(dev.update(crate::devices::virtio::DeviceUpdate::Net { rx: None, tx: None }).is_err());
     }
 
     #[test]

@@ -312,6 +312,19 @@ impl VirtioDevice for VirtioNet {
     fn throttled_for(&self) -> Option<std::time::Duration> {
         self.rx_limiter.iter().chain(self.tx_limiter.iter()).filter_map(RateLimiter::blocked_for).min()
     }
+
+    fn update(&mut self, update: super::DeviceUpdate) -> Result<bool, String> {
+        let super::DeviceUpdate::Net { rx, tx } = update else {
+            return Err("not a network interface update".into());
+        };
+        if let Some(rx) = rx {
+            self.rx_limiter = rx.as_ref().map(RateLimiter::new);
+        }
+        if let Some(tx) = tx {
+            self.tx_limiter = tx.as_ref().map(RateLimiter::new);
+        }
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
