@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const PROBES: &[&str] =
-    &["boot", "smp", "timer", "fault", "panic", "counter", "spin", "virtio", "workload", "vsockreset"];
+    &["boot", "smp", "timer", "fault", "panic", "counter", "spin", "virtio", "workload", "vsockreset", "balloon"];
 
 fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -249,6 +249,8 @@ pub enum DeviceSpec {
     Net(NetSpec),
     Rng(RngSpec),
     Vsock(VsockSpec),
+    /// Appended last: snapshots of the variants above decode as before.
+    Balloon(crate::devices::virtio::balloon::BalloonConfig),
 }
 
 /// The entropy device in a `DeviceSpec`.
@@ -312,7 +314,8 @@ pub struct DiskSpec {
 }
 
 impl DeviceSpec {
-    /// The devices `config` asks for, in their MMIO order: disks, then the rng.
+    /// The devices `config` asks for, in their MMIO order: disks, network interfaces, the
+    /// rng, vsock, the balloon.
     pub fn from_config(config: &VmConfig) -> Vec<DeviceSpec> {
         let mut specs: Vec<DeviceSpec> = config
             .disks
@@ -347,6 +350,9 @@ impl DeviceSpec {
         }
         if let Some(v) = &config.vsock {
             specs.push(DeviceSpec::Vsock(VsockSpec { cid: v.guest_cid, uds_path: v.uds_path.clone() }));
+        }
+        if let Some(b) = config.balloon {
+            specs.push(DeviceSpec::Balloon(b));
         }
         specs
     }
@@ -451,6 +457,9 @@ pub fn attach_virtio(
             }
             DeviceSpec::Vsock(v) => {
                 ("vsock".into(), Box::new(VirtioVsock::new(v.cid, &v.uds_path).map_err(BuildError::Vsock)?))
+            }
+            DeviceSpec::Balloon(b) => {
+                ("balloon".into(), Box::new(crate::devices::virtio::balloon::VirtioBalloon::new(*b)))
             }
         };
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;

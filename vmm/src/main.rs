@@ -62,9 +62,13 @@ struct Cli {
     /// replaces the snapshot's vsock CID and socket (clones need their own).
     #[arg(long, value_name = "SPEC", value_parser = shoal_vmm::api::config::VsockConfig::parse)]
     vsock: Option<shoal_vmm::api::config::VsockConfig>,
+    /// A virtio-balloon device: `mib=N[,deflate-on-oom][,stats=SECONDS]` (target size, whether
+    /// the guest may deflate it under memory pressure, statistics interval).
+    #[arg(long, value_name = "SPEC", value_parser = shoal_vmm::devices::virtio::balloon::BalloonConfig::parse)]
+    balloon: Option<shoal_vmm::devices::virtio::balloon::BalloonConfig>,
     /// JSON file with the fields kernel, initrd, cmdline, vcpus, mem_mib (instead of the flags),
     /// or a Firecracker --config-file (boot-source, machine-config).
-    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "acpi", "disk", "net", "rng", "rng_rate", "vsock"])]
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib", "acpi", "disk", "net", "rng", "rng_rate", "vsock", "balloon"])]
     config: Option<PathBuf>,
     /// Serve the Firecracker-compatible control API on this Unix socket and wait for
     /// PUT /machine-config, PUT /boot-source and PUT /actions {"action_type": "InstanceStart"}
@@ -188,6 +192,10 @@ fn start_from_api(
                 continue;
             }
             ApiRequest::SendCtrlAltDel { reply } | ApiRequest::PatchDevice { reply, .. } => {
+                let _ = reply.send(Err("The microVM is not running.".into()));
+                continue;
+            }
+            ApiRequest::BalloonStats { reply } => {
                 let _ = reply.send(Err("The microVM is not running.".into()));
                 continue;
             }
@@ -319,6 +327,7 @@ fn main() -> ExitCode {
                         rng: cli.rng,
                         rng_rate_limiter: cli.rng_rate,
                         vsock: cli.vsock.clone(),
+                        balloon: cli.balloon,
                     },
                 };
                 match builder::build_microvm(&config, Box::new(std::io::stdout())) {

@@ -136,6 +136,7 @@ impl ControlHandler {
                         DeviceSpec::Net(n) => format!("net {}", n.tap),
                         DeviceSpec::Rng(_) => "rng".into(),
                         DeviceSpec::Vsock(v) => format!("vsock {}", v.cid),
+                        DeviceSpec::Balloon(_) => "balloon".into(),
                     };
                     DeviceMetrics {
                         name,
@@ -220,6 +221,23 @@ impl ControlHandler {
                     d.rate_limiter = l;
                 }
             }
+            DevicePatch::Balloon { amount_mib, stats_polling_interval_s } => {
+                let found = self.devices.iter_mut().find_map(|(spec, t)| match spec {
+                    DeviceSpec::Balloon(b) => Some((b, t)),
+                    _ => None,
+                });
+                let Some((b, t)) = found else { return Err("No balloon device configured.".into()) };
+                if amount_mib.is_some_and(|m| u64::from(m) > self.machine.mem_mib) {
+                    return Err("Amount of pages requested is too large.".into());
+                }
+                let update = DeviceUpdate::Balloon {
+                    amount_mib: *amount_mib,
+                    stats_polling_interval_s: *stats_polling_interval_s,
+                };
+                t.lock().unwrap_or_else(|p| p.into_inner()).update_device(update)?;
+                b.amount_mib = amount_mib.unwrap_or(b.amount_mib);
+                b.stats_polling_interval_s = stats_polling_interval_s.unwrap_or(b.stats_polling_interval_s);
+            }
             DevicePatch::Net(p) => {
                 let found = self.devices.iter_mut().find_map(|(spec, t)| match spec {
                     DeviceSpec::Net(n) if n.id == p.iface_id => Some((n, t)),
@@ -240,6 +258,30 @@ impl ControlHandler {
             }
         }
         Ok(())
+    }
+}
+
+impl ControlHandler {
+    /// `GET /balloon/statistics`: Firecracker's BalloonStats object.
+    fn balloon_stats(&self) -> Result<String, String> {
+        let status = self
+            .devices
+            .iter()
+            .find_map(|(_, t)| t.lock().unwrap_or_else(|p| p.into_inner()).device().balloon_status())
+            .ok_or("No balloon device configured.")?;
+        let mib = |pages: u32| pages / crate::devices::virtio::balloon::pages_of(1).max(1);
+        let mut v = serde_json::json!({
+            "target_pages": status.target_pages,
+            "actual_pages": status.actual_pages,
+            "target_mib": mib(status.target_pages),
+            "actual_mib": mib(status.actual_pages),
+        });
+        if let (Some(stats), Some(obj)) = (status.stats, v.as_object_mut()) {
+            if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(stats) {
+                obj.extend(fields);
+            }
+        }
+        Ok(v.to_string())
     }
 }
 
@@ -298,6 +340,9 @@ impl MutEventSubscriber for ControlHandler {
                 ApiRequest::MetricsFile { reply, .. } => {
                     let _ =
                         reply.send(Err("The requested operation is not supported after starting the microVM.".into()));
+                }
+                ApiRequest::BalloonStats { reply } => {
+                    let _ = reply.send(self.balloon_stats());
                 }
                 ApiRequest::PatchDevice { patch, reply } => {
                     let result = self.patch_device(&patch);
@@ -377,9 +422,11 @@ impl VirtioQueues {
         for q in queues {
             t.notify(q);
         }
-        if let (Some(wait), Some(timer)) = (t.device().throttled_for(), self.timer.as_mut()) {
-            if let Err(e) = timer.reset(wait, None) {
-                tracing::warn!(error = %e, device = %self.slot.name, "cannot arm the rate limiter timer");
+        let wait = [t.device().throttled_for(), t.device().wakeup_in()].into_iter().flatten().min();
+        if let (Some(wait), Some(timer)) = (wait, self.timer.as_mut()) {
+            // A zero duration would disarm the timer instead of firing it.
+            if let Err(e) = timer.reset(wait.max(std::time::Duration::from_micros(1)), None) {
+                tracing::warn!(error = %e, device = %self.slot.name, "cannot arm the device's timer");
             }
         } else if t.device().has_more_work() {
             // Come back after the loop's other events: the queues' own eventfds say "again".

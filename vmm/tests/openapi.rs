@@ -8,6 +8,7 @@
 use serde_json::Value;
 use shoal_vmm::api::http::Request;
 use shoal_vmm::api::routes::{ApiState, BootSource, InstanceState, Outcome};
+use shoal_vmm::devices::virtio::balloon::BalloonConfig;
 use shoal_vmm::metrics::MetricsSnapshot;
 
 const DOC: &str = include_str!("../api/openapi.json");
@@ -67,8 +68,12 @@ fn every_documented_operation_is_served_as_documented() {
             let req = Request { method: method.to_uppercase(), path: concrete, body: body.into_bytes(), close: false };
             // PATCH /vm applies to a running microVM; the rest are tried before start.
             let mut state = ready_state();
-            if path == "/vm" || method == "patch" {
+            if path == "/vm" || method == "patch" || (path == "/balloon/statistics" && method == "get") {
                 state.state = InstanceState::Running;
+            }
+            if path.starts_with("/balloon") && method != "put" {
+                state.balloon =
+                    Some(BalloonConfig { amount_mib: 16, deflate_on_oom: false, stats_polling_interval_s: 1 });
             }
             if path == "/snapshot/create" {
                 state.state = InstanceState::Paused;
@@ -90,6 +95,11 @@ fn every_documented_operation_is_served_as_documented() {
                 Outcome::Metrics { prometheus: false } => {
                     shoal_vmm::api::http::Response::json(200, MetricsSnapshot::default().to_json())
                 }
+                Outcome::BalloonStats => shoal_vmm::api::http::Response::json(
+                    200,
+                    r#"{"target_pages": 4096, "actual_pages": 0, "target_mib": 16, "actual_mib": 0, "free_memory": 1}"#
+                        .into(),
+                ),
                 Outcome::Start(_) => panic!("the examples do not start the VM"),
             };
             let documented = &op["responses"][response.status.to_string()];
@@ -110,7 +120,7 @@ fn every_documented_operation_is_served_as_documented() {
             }
         }
     }
-    assert_eq!(operations, 20, "every operation in the document was tried");
+    assert_eq!(operations, 25, "every operation in the document was tried");
 }
 
 #[test]

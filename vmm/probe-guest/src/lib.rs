@@ -33,6 +33,9 @@ pub const WORKLOAD: &str = env!("SHOAL_PROBE_WORKLOAD");
 /// Opens a vsock stream to the host, then resets the vsock device (a driver unbinding).
 pub const VSOCKRESET: &str = env!("SHOAL_PROBE_VSOCKRESET");
 
+/// A virtio-balloon driver: touches 32 MiB, inflates them when told, reports statistics.
+pub const BALLOON: &str = env!("SHOAL_PROBE_BALLOON");
+
 /// Every probe by name.
 pub const ALL: &[(&str, &str)] = &[
     ("boot", BOOT),
@@ -45,6 +48,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("virtio", VIRTIO),
     ("workload", WORKLOAD),
     ("vsockreset", VSOCKRESET),
+    ("balloon", BALLOON),
 ];
 
 /// The path of a probe by name.

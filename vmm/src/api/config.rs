@@ -65,6 +65,9 @@ pub struct VmConfig {
     /// A virtio-vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device (the last virtio device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
 }
 
 /// The vsock device, with Firecracker's field names (`PUT /vsock`, the `vsock` section).
@@ -293,6 +296,7 @@ impl VmConfig {
             rng: false,
             rng_rate_limiter: None,
             vsock: None,
+            balloon: None,
         }
     }
 
@@ -320,6 +324,7 @@ impl VmConfig {
         let mut net_configs = Vec::new();
         let mut vsock = None;
         let mut rng_rate = None;
+        let mut balloon = None;
         for (name, section) in sections {
             match name.as_str() {
                 "boot-source" => {
@@ -351,6 +356,9 @@ impl VmConfig {
                     net_configs = nets.into_iter().map(FirecrackerNet::into_net).collect();
                 }
                 "vsock" => vsock = serde_json::from_value(section).map_err(|e| format!("vsock: {e}"))?,
+                "balloon" if !section.is_null() => {
+                    balloon = Some(serde_json::from_value(section).map_err(|e| format!("balloon: {e}"))?);
+                }
                 "logger" | "metrics" | "balloon" | "mmds-config" | "cpu-config" => {
                     if !section.is_null() {
                         return Err(format!("{name} is not supported by shoal-vmm yet"));
@@ -368,6 +376,7 @@ impl VmConfig {
         config.rng_rate_limiter = rng_rate;
         config.nets = net_configs;
         config.vsock = vsock;
+        config.balloon = balloon;
         config.set_firecracker_drives(drives)?;
         Ok(config)
     }
@@ -423,6 +432,14 @@ impl VmConfig {
                 b.validate().map_err(|e| ConfigError::Device(format!("entropy: {e}")))?;
             }
         }
+        if let Some(b) = &self.balloon {
+            if u64::from(b.amount_mib) > self.mem_mib {
+                return Err(ConfigError::Device(format!(
+                    "balloon: amount_mib {} is more than the guest's {} MiB of memory",
+                    b.amount_mib, self.mem_mib
+                )));
+            }
+        }
         if devices > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
             return Err(ConfigError::Device(format!(
                 "{devices} virtio devices, more than the {} interrupt lines allow",
@@ -443,7 +460,7 @@ impl VmConfig {
     }
 
     /// The command line the guest gets: the configured one plus a `virtio_mmio.device=` entry
-    /// per virtio device (disks, then network interfaces, then the rng, then vsock), so a
+    /// per virtio device (disks, then network interfaces, the rng, vsock, the balloon), so a
     /// Linux guest finds them.
     pub fn full_cmdline(&self) -> String {
         use crate::arch::x86_64::layout::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
@@ -463,7 +480,11 @@ impl VmConfig {
 
     /// How many virtio devices the guest gets.
     pub fn device_count(&self) -> usize {
-        self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.vsock.is_some())
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some())
     }
 
     /// Checks the vCPU count against what KVM on this host allows.
@@ -550,7 +571,16 @@ mod tests {
         ]);
         assert_eq!(with("drives", two_roots), "only one drive can be the root device");
         assert_eq!(with("vsock", serde_json::json!({"guest_cid": 3})), "vsock: missing field `uds_path`");
-        assert_eq!(with("balloon", serde_json::json!({"amount_mib": 3})), "balloon is not supported by shoal-vmm yet");
+        assert_eq!(with("balloon", serde_json::json!({"amount_mib": 3})), "balloon: missing field `deflate_on_oom`");
+        assert_eq!(with("mmds-config", serde_json::json!({"version": "V2"})), "mmds-config is not supported by shoal-vmm yet");
+        let mut b = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
+        b["balloon"] = serde_json::json!({"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 2});
+        let c = VmConfig::from_firecracker(b).unwrap();
+        assert_eq!(c.balloon.map(|b| (b.amount_mib, b.stats_polling_interval_s)), Some((16, 2)));
+        assert!(c.validate().is_ok() && c.device_count() == 1);
+        let mut big = c.clone();
+        big.balloon = big.balloon.map(|b| crate::devices::virtio::balloon::BalloonConfig { amount_mib: 4096, ..b });
+        assert!(big.validate().unwrap_err().to_string().contains("more than the guest's 128 MiB"));
         let mut j = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
         j["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "./v.sock"});
         let c = VmConfig::from_firecracker(j).unwrap();

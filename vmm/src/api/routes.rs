@@ -12,6 +12,7 @@ use crate::snapshot::SnapshotKind;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
 const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
+const NO_BALLOON: &str = "No balloon device configured.";
 
 /// `PUT/GET /machine-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,11 +95,26 @@ pub struct PartialNet {
     pub tx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
 }
 
+/// `PATCH /balloon`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    pub stats_polling_interval_s: u16,
+}
+
 /// A change to a running device, for the VMM thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DevicePatch {
     Drive(PartialDrive),
     Net(PartialNet),
+    Balloon { amount_mib: Option<u32>, stats_polling_interval_s: Option<u16> },
 }
 
 /// `PUT /entropy`: the virtio-rng device, optionally rate-limited.
@@ -254,6 +270,8 @@ pub struct ApiState {
     /// `PUT /logger` and `PUT /metrics` as last accepted, for `GET /vm/config`.
     pub logger: Option<LoggerConfig>,
     pub metrics: Option<MetricsConfig>,
+    /// `PUT /balloon`, with later patches applied.
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
 }
 
 impl Default for ApiState {
@@ -271,6 +289,7 @@ impl Default for ApiState {
             vsock: None,
             logger: None,
             metrics: None,
+            balloon: None,
         }
     }
 }
@@ -300,6 +319,8 @@ pub enum Outcome {
     /// Ask the VMM thread to change a running device (it knows which exist, restored ones
     /// included); reply 204 if it did, and record it with `applied`.
     PatchDevice(DevicePatch),
+    /// Ask the VMM thread for the balloon's state and the guest's statistics.
+    BalloonStats,
     /// Ask the VMM thread to change the log level and/or log to a file.
     Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<std::path::PathBuf> },
 }
@@ -351,6 +372,7 @@ impl ApiState {
         config.rng = self.entropy;
         config.rng_rate_limiter = self.entropy_rate_limiter;
         config.vsock = self.vsock.clone();
+        config.balloon = self.balloon;
         config.nets = self.nets.iter().cloned().map(FirecrackerNet::into_net).collect();
         config.set_firecracker_drives(self.drives.clone()).map_err(|e| Response::fault(400, e))?;
         config.validate().map_err(|e| Response::fault(400, super::error_chain(&e)))?;
@@ -369,6 +391,7 @@ impl ApiState {
             "entropy": self.entropy.then_some(EntropyConfig { rate_limiter: self.entropy_rate_limiter }),
             "logger": self.logger,
             "metrics": self.metrics,
+            "balloon": self.balloon,
         })
     }
 
@@ -376,6 +399,12 @@ impl ApiState {
     pub fn applied(&mut self, patch: &DevicePatch) {
         use crate::devices::rate_limiter::RateLimitConfig;
         match patch {
+            DevicePatch::Balloon { amount_mib, stats_polling_interval_s } => {
+                if let Some(b) = self.balloon.as_mut() {
+                    b.amount_mib = amount_mib.unwrap_or(b.amount_mib);
+                    b.stats_polling_interval_s = stats_polling_interval_s.unwrap_or(b.stats_polling_interval_s);
+                }
+            }
             DevicePatch::Drive(p) => {
                 if let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == p.drive_id) {
                     if let Some(path) = &p.path_on_host {
@@ -532,6 +561,69 @@ impl ApiState {
                     Response::no_content()
                 }
                 Err(r) => r,
+            },
+            ("PUT", "/balloon") if started => Response::fault(400, NOT_AFTER_START),
+            ("PUT", "/balloon") => match parse_body::<crate::devices::virtio::balloon::BalloonConfig>(req) {
+                Ok(b) if u64::from(b.amount_mib) > self.machine.mem_size_mib => Response::fault(
+                    400,
+                    format!(
+                        "Amount of pages requested is too large: {} MiB of {} MiB.",
+                        b.amount_mib, self.machine.mem_size_mib
+                    ),
+                ),
+                Ok(b) => {
+                    self.balloon = Some(b);
+                    self.configured = true;
+                    Response::no_content()
+                }
+                Err(r) => r,
+            },
+            ("GET", "/balloon") => match &self.balloon {
+                Some(b) => Response::json(200, serde_json::to_string(b).unwrap_or_default()),
+                None => Response::fault(400, NO_BALLOON),
+            },
+            ("PATCH", "/balloon") => match (parse_body::<BalloonUpdate>(req), self.balloon.as_mut()) {
+                (Err(r), _) => r,
+                (Ok(_), None) => Response::fault(400, NO_BALLOON),
+                (Ok(u), Some(_)) if u64::from(u.amount_mib) > self.machine.mem_size_mib => Response::fault(
+                    400,
+                    format!(
+                        "Amount of pages requested is too large: {} MiB of {} MiB.",
+                        u.amount_mib, self.machine.mem_size_mib
+                    ),
+                ),
+                (Ok(u), Some(_)) if started => {
+                    return Outcome::PatchDevice(DevicePatch::Balloon {
+                        amount_mib: Some(u.amount_mib),
+                        stats_polling_interval_s: None,
+                    })
+                }
+                (Ok(u), Some(b)) => {
+                    b.amount_mib = u.amount_mib;
+                    Response::no_content()
+                }
+            },
+            ("GET", "/balloon/statistics") => match &self.balloon {
+                None => Response::fault(400, NO_BALLOON),
+                Some(b) if b.stats_polling_interval_s == 0 => {
+                    Response::fault(400, "Statistics for the balloon device are not enabled.")
+                }
+                Some(_) if !started => Response::fault(400, NOT_BEFORE_START),
+                Some(_) => return Outcome::BalloonStats,
+            },
+            ("PATCH", "/balloon/statistics") => match (parse_body::<BalloonStatsUpdate>(req), self.balloon.as_mut()) {
+                (Err(r), _) => r,
+                (Ok(_), None) => Response::fault(400, NO_BALLOON),
+                (Ok(u), Some(_)) if started => {
+                    return Outcome::PatchDevice(DevicePatch::Balloon {
+                        amount_mib: None,
+                        stats_polling_interval_s: Some(u.stats_polling_interval_s),
+                    })
+                }
+                (Ok(u), Some(b)) => {
+                    b.stats_polling_interval_s = u.stats_polling_interval_s;
+                    Response::no_content()
+                }
             },
             ("PUT", "/logger") => match parse_body::<LoggerConfig>(req) {
                 Ok(c) => match c.level.as_deref().map(crate::logging::parse_level).transpose() {

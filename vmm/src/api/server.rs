@@ -71,8 +71,10 @@ pub enum ApiRequest {
     FlushMetrics { reply: Sender<Result<(), String>> },
     /// Press Ctrl+Alt+Del on the guest's keyboard.
     SendCtrlAltDel { reply: Sender<Result<(), String>> },
-    /// Change a running device (another backing file, other rate limiters).
+    /// Change a running device (another backing file, other rate limiters, a balloon target).
     PatchDevice { patch: DevicePatch, reply: Sender<Result<(), String>> },
+    /// The balloon's state and the guest's statistics, as Firecracker's JSON.
+    BalloonStats { reply: Sender<Result<String, String>> },
 }
 
 /// The API thread's line to the VMM thread: requests, and an eventfd that wakes the VMM's
@@ -326,6 +328,18 @@ fn handle(state: &mut ApiState, req: &http::Request, link: &VmmLink) -> (Respons
         Outcome::FlushMetrics => (ask(link, |reply| ApiRequest::FlushMetrics { reply }), None),
         Outcome::SendCtrlAltDel => (ask(link, |reply| ApiRequest::SendCtrlAltDel { reply }), None),
         Outcome::Logger { level, path } => (ask(link, |reply| ApiRequest::Logger { level, path, reply }), None),
+        Outcome::BalloonStats => {
+            let (tx, rx) = channel();
+            if !link.send(ApiRequest::BalloonStats { reply: tx }) {
+                return (Response::fault(500, "The VMM is not accepting requests."), None);
+            }
+            let r = match rx.recv() {
+                Ok(Ok(json)) => Response::json(200, json),
+                Ok(Err(message)) => Response::fault(400, message),
+                Err(_) => Response::fault(500, "The VMM stopped before answering."),
+            };
+            (r, None)
+        }
         Outcome::PatchDevice(patch) => {
             let r = ask(link, |reply| ApiRequest::PatchDevice { patch: patch.clone(), reply });
             if r.status == 204 {

@@ -87,15 +87,22 @@ pub fn qbase(q: u64) -> u64 {
 /// Resets the device, negotiates VERSION_1 only, and sets up queues 0..nq. Returns false on
 /// failure.
 pub fn init(dev: u64, nq: u64) -> bool {
+    init_with(dev, nq, 0)
+}
+
+/// `init`, also accepting the device features in `low` (bits 0-31) that the device offers.
+pub fn init_with(dev: u64, nq: u64, low: u32) -> bool {
     wr(dev, 0x70, 0);
     wr(dev, 0x70, 1);
     wr(dev, 0x70, 3);
+    wr(dev, 0x14, 0);
+    let offered = rd(dev, 0x10);
     wr(dev, 0x14, 1);
     if rd(dev, 0x10) & 1 == 0 {
         return false;
     }
     wr(dev, 0x24, 0);
-    wr(dev, 0x20, 0);
+    wr(dev, 0x20, offered & low);
     wr(dev, 0x24, 1);
     wr(dev, 0x20, 1);
     wr(dev, 0x70, 0xb);

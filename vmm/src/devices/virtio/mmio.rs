@@ -58,7 +58,7 @@ pub struct QueueSaved {
 }
 
 impl QueueSaved {
-    fn of(q: &Queue) -> QueueSaved {
+    pub(crate) fn of(q: &Queue) -> QueueSaved {
         let s = q.state();
         QueueSaved {
             max_size: s.max_size,
@@ -73,7 +73,7 @@ impl QueueSaved {
         }
     }
 
-    fn to_queue(&self) -> Result<Queue, String> {
+    pub(crate) fn to_queue(&self) -> Result<Queue, String> {
         let state = virtio_queue::QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,

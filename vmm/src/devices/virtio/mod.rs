@@ -10,6 +10,7 @@
 //! Everything a guest writes (register values, descriptor addresses and lengths) is checked:
 //! bad chains are answered with an error status or dropped, and counted; nothing panics.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
@@ -179,6 +180,15 @@ pub trait VirtioDevice: Send {
     fn has_more_work(&self) -> bool {
         false
     }
+    /// How long until the device wants `process_queue` called again for work of its own
+    /// (the balloon's statistics requests); the event loop arms the device's timer.
+    fn wakeup_in(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// The balloon's state, for the API (None for every other device).
+    fn balloon_status(&self) -> Option<balloon::BalloonStatus> {
+        None
+    }
     /// The device was activated again from a snapshot (after `activate`).
     fn restored(&mut self) {}
 }
@@ -193,6 +203,8 @@ pub enum DeviceUpdate {
     Block { disk: Option<Box<dyn block::handler::DiskBackend>>, limiter: LimiterUpdate },
     /// virtio-net: the receive and/or transmit limiter.
     Net { rx: LimiterUpdate, tx: LimiterUpdate },
+    /// virtio-balloon: a new target size and/or statistics interval.
+    Balloon { amount_mib: Option<u32>, stats_polling_interval_s: Option<u16> },
 }
 
 impl std::fmt::Debug for DeviceUpdate {
@@ -204,6 +216,11 @@ impl std::fmt::Debug for DeviceUpdate {
                 .field("limiter", limiter)
                 .finish(),
             DeviceUpdate::Net { rx, tx } => f.debug_struct("Net").field("rx", rx).field("tx", tx).finish(),
+            DeviceUpdate::Balloon { amount_mib, stats_polling_interval_s } => f
+                .debug_struct("Balloon")
+                .field("amount_mib", amount_mib)
+                .field("stats_polling_interval_s", stats_polling_interval_s)
+                .finish(),
         }
     }
 }
