@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make fuzz: runs every cargo-fuzz target in vmm/fuzz (API request parser and router, virtio
-# block, rng, net, vsock and balloon queue processing, the virtio-mmio register window, snapshot state
+# block, rng, net, vsock and balloon queue processing, the virtio-mmio register window, the MMDS
+# endpoint's frame handling, snapshot state
 # decoding: whole files, re-sealed payloads and the payload decoder) for RUNS executions each (default
 # 1000000) and prints `fuzz_<target>_execs=N seconds=S` per target. A crash stops the script
 # with the reproducer under vmm/fuzz/artifacts/. Uses the stable toolchain (RUSTC_BOOTSTRAP
@@ -13,7 +14,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 cd "$here/../vmm/fuzz"
-targets=(api_request virtio_block virtio_rng virtio_net virtio_vsock virtio_balloon virtio_mmio snapshot_state)
+targets=(api_request virtio_block virtio_rng virtio_net virtio_vsock virtio_balloon virtio_mmio mmds_stack snapshot_state)
 summary=()
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"

@@ -420,12 +420,27 @@ pub fn attach_legacy(
 
 /// Creates the virtio devices `specs` describes, each in its own MMIO window (in order) with
 /// its own interrupt line, and wires the queue notifications through ioeventfds.
+/// MMDS for the devices being attached: which interfaces serve it, and the data they serve.
+#[derive(Debug, Clone, Copy)]
+pub struct MmdsWiring<'a> {
+    pub config: &'a crate::devices::virtio::net::mmds::store::MmdsConfig,
+    pub store: &'a crate::devices::virtio::net::mmds::SharedStore,
+}
+
 pub fn attach_virtio(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     specs: &[DeviceSpec],
     mmio: &mut Bus,
+    mmds: Option<MmdsWiring>,
 ) -> Result<Vec<VirtioSlot>, BuildError> {
+    let mmds_ip = match mmds {
+        Some(m) => {
+            m.store.lock().unwrap_or_else(|p| p.into_inner()).set_version(m.config.version);
+            Some(m.config.address().map_err(|e| BuildError::Config(ConfigError::Device(format!("mmds: {e}"))))?)
+        }
+        None => None,
+    };
     if specs.len() > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
         return Err(BuildError::TooManyDevices(specs.len()));
     }
@@ -443,13 +458,19 @@ pub fn attach_virtio(
             }
             DeviceSpec::Net(n) => {
                 let tap = Tap::open(&n.tap).map_err(|source| BuildError::TapOpen { tap: n.tap.clone(), source })?;
+                let backend: Box<dyn crate::devices::virtio::net::tap::NetBackend> = match (mmds, mmds_ip) {
+                    (Some(m), Some(ip)) if m.config.network_interfaces.contains(&n.id) => Box::new(
+                        crate::devices::virtio::net::mmds::MmdsBackend::new(Box::new(tap), ip, m.store.clone()),
+                    ),
+                    _ => Box::new(tap),
+                };
                 let limiters = (
                     n.rx_rate_limiter.as_ref().map(RateLimiter::new),
                     n.tx_rate_limiter.as_ref().map(RateLimiter::new),
                 );
                 (
                     format!("net {}", n.tap),
-                    Box::new(VirtioNet::new(Box::new(tap), n.mac).with_limiters(limiters.0, limiters.1)),
+                    Box::new(VirtioNet::new(backend, n.mac).with_limiters(limiters.0, limiters.1)),
                 )
             }
             DeviceSpec::Rng(r) => {
@@ -508,10 +529,17 @@ pub struct MicroVm {
     pub backing: MemoryBacking,
     /// Restores since the last cold boot (see `SnapshotState::generation`).
     pub generation: u64,
+    /// Which interfaces serve MMDS, as a snapshot records it.
+    pub mmds: Option<crate::devices::virtio::net::mmds::store::MmdsConfig>,
 }
 
-/// Builds the microVM described by `config`, with the guest console written to `console`.
-pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<MicroVm, BuildError> {
+/// Builds the microVM described by `config`, with the guest console written to `console`;
+/// its MMDS interfaces (if any) serve `mmds`.
+pub fn build_microvm(
+    config: &VmConfig,
+    console: Box<dyn Write + Send>,
+    mmds: &crate::devices::virtio::net::mmds::SharedStore,
+) -> Result<MicroVm, BuildError> {
     config.validate()?;
     // Fail on unreadable inputs before any memory is mapped or KVM is opened.
     File::open(&config.kernel).map_err(|source| BuildError::KernelOpen { path: config.kernel.clone(), source })?;
@@ -534,7 +562,8 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
     let LegacyDevices { serial, reset_evt, reset_requested, guest_panicked, pio, i8042 } =
         attach_legacy(&vm, console, None)?;
     let mut mmio = Bus::new();
-    let virtio = attach_virtio(&vm, &mem, &DeviceSpec::from_config(config), &mut mmio)?;
+    let wiring = config.mmds.as_ref().map(|c| MmdsWiring { config: c, store: mmds });
+    let virtio = attach_virtio(&vm, &mem, &DeviceSpec::from_config(config), &mut mmio, wiring)?;
 
     let supported = vm.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     let mmio = Arc::new(mmio);
@@ -577,6 +606,7 @@ pub fn build_microvm(config: &VmConfig, console: Box<dyn Write + Send>) -> Resul
         machine,
         backing: MemoryBacking::Anonymous,
         generation: 0,
+        mmds: config.mmds.clone(),
     })
 }
 

@@ -122,12 +122,31 @@ struct Cli {
     /// taps live.
     #[arg(long, value_name = "PATH", requires = "jail")]
     netns: Option<PathBuf>,
+    /// JSON object to start the MMDS data store with (Firecracker's --metadata); the API's
+    /// PUT/PATCH /mmds change it later.
+    #[arg(long, value_name = "FILE.json")]
+    metadata: Option<PathBuf>,
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: tracing::Level,
 }
 
 use shoal_vmm::api::error_chain;
+use shoal_vmm::devices::virtio::net::mmds::SharedStore;
+
+/// The MMDS data store, filled from `--metadata` if given.
+fn mmds_store(metadata: Option<&std::path::Path>) -> Result<SharedStore, String> {
+    use shoal_vmm::devices::virtio::net::mmds::store::{MmdsStore, DEFAULT_SIZE_LIMIT};
+    let mut store = MmdsStore::new(DEFAULT_SIZE_LIMIT);
+    if let Some(path) = metadata {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read --metadata {}: {e}", path.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+        store.put(value).map_err(|e| format!("--metadata {}: {e}", path.display()))?;
+    }
+    Ok(std::sync::Arc::new(std::sync::Mutex::new(store)))
+}
 
 /// Serves the API until an InstanceStart builds a microVM; a failed start is answered with its
 /// error and the API keeps waiting. The API thread keeps serving after the start.
@@ -135,6 +154,7 @@ fn start_from_api(
     sock: &std::path::Path,
     seccomp: Seccomp,
     metrics_flush_secs: u64,
+    mmds: &SharedStore,
 ) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
     use shoal_vmm::api::server::{self, ApiRequest, VmmLink};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -142,13 +162,13 @@ fn start_from_api(
     let (tx, rx) = std::sync::mpsc::channel();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("cannot create an eventfd: {e}"))?;
     let link_wake = wake.try_clone().map_err(|e| format!("cannot create an eventfd: {e}"))?;
-    server::spawn(listener, VmmLink { tx, wake: link_wake }, seccomp).map_err(|e| error_chain(&e))?;
+    server::spawn(listener, VmmLink { tx, wake: link_wake }, seccomp, mmds.clone()).map_err(|e| error_chain(&e))?;
     let mut metrics_file: Option<std::fs::File> = None;
     loop {
         let Ok(request) = rx.recv() else { return Err("the API thread stopped".into()) };
         let (built, reply) = match request {
             ApiRequest::Start { config, reply } => {
-                (builder::build_microvm(&config, Box::new(std::io::stdout())).map_err(|e| error_chain(&e)), reply)
+                (builder::build_microvm(&config, Box::new(std::io::stdout()), mmds).map_err(|e| error_chain(&e)), reply)
             }
             ApiRequest::LoadSnapshot { load, reply } => {
                 let options = snapshot::RestoreOptions {
@@ -156,6 +176,7 @@ fn start_from_api(
                     track_dirty_pages: load.track_dirty_pages,
                     vsock_override: load.vsock_override.clone(),
                     net_overrides: load.net_overrides.clone(),
+                    mmds_store: Some(mmds.clone()),
                 };
                 let vm = snapshot::restore(&load.state_path, &load.mem_path, Box::new(std::io::stdout()), options);
                 (vm.map_err(|e| format!("Cannot load the snapshot: {}", error_chain(&e))), reply)
@@ -270,6 +291,10 @@ fn main() -> ExitCode {
     }
 
     let seccomp = if cli.no_seccomp { Seccomp::Off } else { Seccomp::On };
+    let mmds = match mmds_store(cli.metadata.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let mut control = None;
     let vm = match (&cli.api_sock, &cli.restore) {
         (None, Some(dir)) => {
@@ -287,8 +312,13 @@ fn main() -> ExitCode {
                     guest_mac: n.mac.clone(),
                 })
                 .collect();
-            let options =
-                snapshot::RestoreOptions { resume: true, track_dirty_pages: false, vsock_override, net_overrides };
+            let options = snapshot::RestoreOptions {
+                resume: true,
+                track_dirty_pages: false,
+                vsock_override,
+                net_overrides,
+                mmds_store: Some(mmds.clone()),
+            };
             match snapshot::restore(
                 &dir.join(snapshot::STATE_FILE),
                 &dir.join(snapshot::MEMORY_FILE),
@@ -300,7 +330,7 @@ fn main() -> ExitCode {
             }
         }
         (sock, _) => match sock {
-            Some(sock) => match start_from_api(sock, seccomp, cli.metrics_flush_secs) {
+            Some(sock) => match start_from_api(sock, seccomp, cli.metrics_flush_secs, &mmds) {
                 Ok((vm, c)) => {
                     control = Some(c);
                     vm
@@ -328,9 +358,10 @@ fn main() -> ExitCode {
                         rng_rate_limiter: cli.rng_rate,
                         vsock: cli.vsock.clone(),
                         balloon: cli.balloon,
+                        mmds: None,
                     },
                 };
-                match builder::build_microvm(&config, Box::new(std::io::stdout())) {
+                match builder::build_microvm(&config, Box::new(std::io::stdout()), &mmds) {
                     Ok(vm) => vm,
                     Err(e) => return fail(error_chain(&e)),
                 }

@@ -102,6 +102,7 @@ struct ControlHandler {
     serial: Arc<Mutex<SerialConsole>>,
     machine: MachineState,
     generation: u64,
+    mmds: Option<crate::devices::virtio::net::mmds::store::MmdsConfig>,
     vcpu_counters: Vec<Arc<VcpuCounters>>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -172,6 +173,7 @@ impl ControlHandler {
             .collect();
         let source = SnapshotSource {
             vm: &self.vm,
+            mmds: self.mmds.as_ref(),
             devices,
             mem: &self.mem,
             backing: &self.backing,
@@ -530,6 +532,7 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
         machine,
         backing,
         generation,
+        mmds,
         virtio,
         pio,
         mmio,
@@ -598,6 +601,7 @@ pub fn run(vm: MicroVm, forward_stdin: bool, control: Option<Control>, seccomp: 
                 serial,
                 machine,
                 generation,
+                mmds,
                 vcpu_counters,
                 pio,
                 mmio,

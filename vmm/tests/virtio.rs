@@ -155,6 +155,75 @@ impl Drop for NetNs {
     }
 }
 
+/// Watches the tap for ARP requests for the MMDS address until killed; prints one line each.
+const ARP_SNIFFER: &str = r#"
+import socket
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind(("tap0", 0x0806))
+s.settimeout(30)
+print("ready", flush=True)
+while True:
+    f = s.recv(2048)
+    if f[38:42] == bytes([169, 254, 169, 254]):
+        print("tap saw arp for mmds", flush=True)
+"#;
+
+#[test]
+fn the_guest_finds_mmds_by_arp_inside_the_vmm_and_nothing_for_it_reaches_the_tap() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = NetNs::with_tap("mmds") else { return };
+    let dir = std::env::temp_dir().join(format!("shoal-virtio-mmds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |mmds: bool| {
+        let mut config = serde_json::json!({
+            "boot-source": {"kernel_image_path": probe("virtio"), "boot_args": "console=ttyS0 virtio.arp"},
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:07"}],
+        });
+        if mmds {
+            config["mmds-config"] = serde_json::json!({"version": "V2", "network_interfaces": ["eth0"]});
+        }
+        let path = dir.join("vm.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let mut sniffer = ns.exec("python3").args(["-c", ARP_SNIFFER]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(sniffer.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let mut vm = ns.exec(vmm()).arg("--config").arg(&path).stdout(Stdio::piped()).spawn().unwrap();
+        let console = BufReader::new(vm.stdout.take().unwrap()).lines().map_while(Result::ok);
+        let arp = if mmds {
+            // The answer comes from the VMM; then the sniffer has had its chance.
+            let arp = console.into_iter().find(|l| l.starts_with("net arp")).unwrap_or_default();
+            std::thread::sleep(Duration::from_millis(300));
+            arp
+        } else {
+            // Nobody answers: wait for the request to show on the tap instead.
+            String::new()
+        };
+        let seen = if mmds {
+            let _ = sniffer.kill();
+            lines.map_while(Result::ok).collect::<Vec<String>>()
+        } else {
+            let first = lines.next().and_then(Result::ok).into_iter().collect();
+            let _ = sniffer.kill();
+            first
+        };
+        let _ = sniffer.wait();
+        let _ = vm.kill();
+        let _ = vm.wait();
+        (arp, seen)
+    };
+    // MMDS on eth0: the VMM answers with MMDS's MAC (06:01:23:45:67:01) and the host never
+    // sees the request.
+    let (arp, seen) = run(true);
+    assert_eq!(arp, "net arp op=2 mac=6:1:35:69:103:1 ip=169.254.169.254");
+    assert!(seen.is_empty(), "the request leaked to the tap: {seen:?}");
+    // Without MMDS the same request goes out on the tap (and nobody answers).
+    let (_, seen) = run(false);
+    assert_eq!(seen.first().map(String::as_str), Some("tap saw arp for mmds"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The host end of the tap: waits for the guest's frame (ethertype 0x88b5), reports its source
 /// MAC, and answers with a frame of its own.
 const PEER: &str = r#"

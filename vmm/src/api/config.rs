@@ -68,6 +68,9 @@ pub struct VmConfig {
     /// A virtio-balloon device (the last virtio device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
+    /// MMDS on the network interfaces it names (the data comes from the API or `--metadata`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<crate::devices::virtio::net::mmds::store::MmdsConfig>,
 }
 
 /// The vsock device, with Firecracker's field names (`PUT /vsock`, the `vsock` section).
@@ -297,6 +300,7 @@ impl VmConfig {
             rng_rate_limiter: None,
             vsock: None,
             balloon: None,
+            mmds: None,
         }
     }
 
@@ -325,6 +329,7 @@ impl VmConfig {
         let mut vsock = None;
         let mut rng_rate = None;
         let mut balloon = None;
+        let mut mmds = None;
         for (name, section) in sections {
             match name.as_str() {
                 "boot-source" => {
@@ -356,6 +361,9 @@ impl VmConfig {
                     net_configs = nets.into_iter().map(FirecrackerNet::into_net).collect();
                 }
                 "vsock" => vsock = serde_json::from_value(section).map_err(|e| format!("vsock: {e}"))?,
+                "mmds-config" if !section.is_null() => {
+                    mmds = Some(serde_json::from_value(section).map_err(|e| format!("mmds-config: {e}"))?);
+                }
                 "balloon" if !section.is_null() => {
                     balloon = Some(serde_json::from_value(section).map_err(|e| format!("balloon: {e}"))?);
                 }
@@ -377,6 +385,7 @@ impl VmConfig {
         config.nets = net_configs;
         config.vsock = vsock;
         config.balloon = balloon;
+        config.mmds = mmds;
         config.set_firecracker_drives(drives)?;
         Ok(config)
     }
@@ -438,6 +447,17 @@ impl VmConfig {
                     "balloon: amount_mib {} is more than the guest's {} MiB of memory",
                     b.amount_mib, self.mem_mib
                 )));
+            }
+        }
+        if let Some(m) = &self.mmds {
+            m.address().map_err(|e| ConfigError::Device(format!("mmds: {e}")))?;
+            if m.network_interfaces.is_empty() {
+                return Err(ConfigError::Device("mmds: network_interfaces is empty".into()));
+            }
+            let ids: Vec<String> =
+                self.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("eth{i}"))).collect();
+            if let Some(missing) = m.network_interfaces.iter().find(|i| !ids.contains(i)) {
+                return Err(ConfigError::Device(format!("mmds: no network interface `{missing}`")));
             }
         }
         if devices > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
@@ -572,7 +592,22 @@ mod tests {
         assert_eq!(with("drives", two_roots), "only one drive can be the root device");
         assert_eq!(with("vsock", serde_json::json!({"guest_cid": 3})), "vsock: missing field `uds_path`");
         assert_eq!(with("balloon", serde_json::json!({"amount_mib": 3})), "balloon: missing field `deflate_on_oom`");
-        assert_eq!(with("mmds-config", serde_json::json!({"version": "V2"})), "mmds-config is not supported by shoal-vmm yet");
+        assert_eq!(
+            with("mmds-config", serde_json::json!({"version": "V2"})),
+            "mmds-config: missing field `network_interfaces`"
+        );
+        assert_eq!(with("cpu-config", serde_json::json!({})), "cpu-config is not supported by shoal-vmm yet");
+        let mut m = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
+        m["mmds-config"] = serde_json::json!({"version": "V2", "network_interfaces": ["eth0"]});
+        let c = VmConfig::from_firecracker(m.clone()).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("mmds: no network interface `eth0`"));
+        m["network-interfaces"] = serde_json::json!([{"iface_id": "eth0", "host_dev_name": "tap0"}]);
+        m["mmds-config"]["ipv4_address"] = serde_json::json!("224.0.0.1");
+        let c = VmConfig::from_firecracker(m.clone()).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("not a unicast address"));
+        m["mmds-config"]["ipv4_address"] = serde_json::json!("169.254.170.2");
+        let c = VmConfig::from_firecracker(m).unwrap();
+        assert!(c.validate().is_ok() && c.mmds.unwrap().address() == Ok([169, 254, 170, 2]));
         let mut b = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
         b["balloon"] = serde_json::json!({"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 2});
         let c = VmConfig::from_firecracker(b).unwrap();

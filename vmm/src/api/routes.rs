@@ -272,6 +272,10 @@ pub struct ApiState {
     pub metrics: Option<MetricsConfig>,
     /// `PUT /balloon`, with later patches applied.
     pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
+    /// `PUT /mmds/config`.
+    pub mmds_config: Option<crate::devices::virtio::net::mmds::store::MmdsConfig>,
+    /// The MMDS data store (`PUT/PATCH/GET /mmds`), shared with the devices that serve it.
+    pub mmds: crate::devices::virtio::net::mmds::SharedStore,
 }
 
 impl Default for ApiState {
@@ -290,6 +294,10 @@ impl Default for ApiState {
             logger: None,
             metrics: None,
             balloon: None,
+            mmds_config: None,
+            mmds: std::sync::Arc::new(std::sync::Mutex::new(crate::devices::virtio::net::mmds::store::MmdsStore::new(
+                crate::devices::virtio::net::mmds::store::DEFAULT_SIZE_LIMIT,
+            ))),
         }
     }
 }
@@ -373,6 +381,7 @@ impl ApiState {
         config.rng_rate_limiter = self.entropy_rate_limiter;
         config.vsock = self.vsock.clone();
         config.balloon = self.balloon;
+        config.mmds = self.mmds_config.clone();
         config.nets = self.nets.iter().cloned().map(FirecrackerNet::into_net).collect();
         config.set_firecracker_drives(self.drives.clone()).map_err(|e| Response::fault(400, e))?;
         config.validate().map_err(|e| Response::fault(400, super::error_chain(&e)))?;
@@ -392,6 +401,7 @@ impl ApiState {
             "logger": self.logger,
             "metrics": self.metrics,
             "balloon": self.balloon,
+            "mmds-config": self.mmds_config,
         })
     }
 
@@ -562,6 +572,46 @@ impl ApiState {
                 }
                 Err(r) => r,
             },
+            ("PUT", "/mmds/config") if started => Response::fault(400, NOT_AFTER_START),
+            ("PUT", "/mmds/config") => match parse_body::<crate::devices::virtio::net::mmds::store::MmdsConfig>(req) {
+                Ok(c) => match c.address() {
+                    Err(e) => Response::fault(400, format!("Invalid MMDS configuration: {e}.")),
+                    Ok(_) if c.network_interfaces.is_empty() => {
+                        Response::fault(400, "Invalid MMDS configuration: network_interfaces is empty.")
+                    }
+                    Ok(_) => match c.network_interfaces.iter().find(|i| !self.nets.iter().any(|n| &n.iface_id == *i)) {
+                        Some(missing) => Response::fault(
+                            400,
+                            format!("Invalid MMDS configuration: the network interface `{missing}` does not exist."),
+                        ),
+                        None => {
+                            self.mmds_config = Some(c);
+                            self.configured = true;
+                            Response::no_content()
+                        }
+                    },
+                },
+                Err(r) => r,
+            },
+            ("GET", "/mmds/config") => match &self.mmds_config {
+                Some(c) => Response::json(200, serde_json::to_string(c).unwrap_or_default()),
+                None => Response::fault(400, "MMDS is not configured."),
+            },
+            ("PUT", "/mmds") | ("PATCH", "/mmds") => match serde_json::from_slice::<serde_json::Value>(&req.body) {
+                Err(e) => Response::fault(400, format!("Invalid request body: {e}")),
+                Ok(v) => {
+                    let mut store = self.mmds.lock().unwrap_or_else(|p| p.into_inner());
+                    let result = if req.method == "PUT" { store.put(v) } else { store.patch(&v) };
+                    match result {
+                        Ok(()) => Response::no_content(),
+                        Err(e) => Response::fault(400, e),
+                    }
+                }
+            },
+            ("GET", "/mmds") => {
+                let store = self.mmds.lock().unwrap_or_else(|p| p.into_inner());
+                Response::json(200, store.data().to_string())
+            }
             ("PUT", "/balloon") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/balloon") => match parse_body::<crate::devices::virtio::balloon::BalloonConfig>(req) {
                 Ok(b) if u64::from(b.amount_mib) > self.machine.mem_size_mib => Response::fault(

@@ -113,7 +113,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 }
 
 /// Serves the API on its own thread.
-pub fn spawn(listener: UnixListener, link: VmmLink, seccomp: Seccomp) -> Result<std::thread::JoinHandle<()>, ApiError> {
+pub fn spawn(
+    listener: UnixListener,
+    link: VmmLink,
+    seccomp: Seccomp,
+    mmds: crate::devices::virtio::net::mmds::SharedStore,
+) -> Result<std::thread::JoinHandle<()>, ApiError> {
     listener.set_nonblocking(true).map_err(ApiError::Thread)?;
     std::thread::Builder::new()
         .name("api".into())
@@ -123,7 +128,7 @@ pub fn spawn(listener: UnixListener, link: VmmLink, seccomp: Seccomp) -> Result<
             let mut server = Server {
                 listener,
                 link,
-                state: ApiState::default(),
+                state: ApiState { mmds, ..ApiState::default() },
                 conns: Vec::with_capacity(MAX_CONNECTIONS),
                 fds: Vec::with_capacity(MAX_CONNECTIONS + 1),
                 chunk: vec![0u8; 16 * 1024],

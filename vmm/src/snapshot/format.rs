@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Serialize};
 /// First bytes of every state file.
 pub const MAGIC: &[u8; 8] = b"SHOALSNP";
 /// The format this build writes and reads. Bump it whenever `SnapshotState` changes shape.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 /// magic + version + reserved + payload length.
 const HEADER_LEN: usize = 8 + 2 + 2 + 8;
 /// State files are small (registers, device state); anything larger is not ours.

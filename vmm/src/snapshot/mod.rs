@@ -120,6 +120,9 @@ pub struct SnapshotState {
     /// VM). A restore increments it; every clone of one snapshot gets the same value, so it
     /// tells a guest-visible "was restored" apart, not the clones from each other.
     pub generation: u64,
+    /// Which interfaces serve MMDS (its data is not in a snapshot, as in Firecracker: the
+    /// restoring VMM's store, filled through its API, is served).
+    pub mmds: Option<crate::devices::virtio::net::mmds::store::MmdsConfig>,
 }
 
 /// Errors creating or restoring snapshots.
@@ -183,6 +186,7 @@ pub enum SnapshotError {
 #[derive(Debug)]
 pub struct SnapshotSource<'a> {
     pub vm: &'a Vm,
+    pub mmds: Option<&'a crate::devices::virtio::net::mmds::store::MmdsConfig>,
     pub devices: Vec<(DeviceSpec, TransportSaved)>,
     pub mem: &'a GuestMemoryMmap,
     pub backing: &'a MemoryBacking,
@@ -239,6 +243,7 @@ pub fn create(
         serial,
         devices: src.devices.clone(),
         generation: src.generation,
+        mmds: src.mmds.cloned(),
     };
     let bytes =
         format::encode(&state).map_err(|source| SnapshotError::Format { path: state_path.to_owned(), source })?;
@@ -351,6 +356,8 @@ pub struct RestoreOptions {
     pub vsock_override: Option<VsockOverride>,
     /// Other taps for the snapshot's network interfaces (Firecracker's network_overrides).
     pub net_overrides: Vec<NetOverride>,
+    /// The data the snapshot's MMDS interfaces serve (a fresh empty store if None).
+    pub mmds_store: Option<crate::devices::virtio::net::mmds::SharedStore>,
 }
 
 /// A network interface of the snapshot (by `iface_id`) that gets another host tap and,
@@ -442,7 +449,13 @@ pub fn restore(
         }
     }
     let mut mmio = Bus::new();
-    let virtio = crate::builder::attach_virtio(&vm, &mem, &specs, &mut mmio)?;
+    let store = options.mmds_store.clone().unwrap_or_else(|| {
+        Arc::new(Mutex::new(crate::devices::virtio::net::mmds::store::MmdsStore::new(
+            crate::devices::virtio::net::mmds::store::DEFAULT_SIZE_LIMIT,
+        )))
+    });
+    let wiring = state.mmds.as_ref().map(|c| crate::builder::MmdsWiring { config: c, store: &store });
+    let virtio = crate::builder::attach_virtio(&vm, &mem, &specs, &mut mmio, wiring)?;
     for (index, (slot, (_, saved))) in virtio.iter().zip(&state.devices).enumerate() {
         let mut t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
         t.restore(saved).map_err(|why| SnapshotError::Device { index, why })?;
@@ -492,6 +505,7 @@ pub fn restore(
         machine: state.machine,
         backing: MemoryBacking::File { path: mem_path.to_owned(), file },
         generation: state.generation + 1,
+        mmds: state.mmds,
     })
 }
 

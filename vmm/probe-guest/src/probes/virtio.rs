@@ -10,7 +10,8 @@
 //!   `SHOAL-VSOCK-G2H` and prints the reply (`vsock g2h response=<0|1> reply=<text>`), then
 //!   waits for the host to connect to its port 52, answers what it receives with `pong:` and
 //!   the same text (`vsock h2g port=<p> data=<text>`).
-//! With `virtio.bench=N` on the command line, the first writable disk then takes N writes of
+//! With `virtio.arp` on the command line the net test is an ARP request for 169.254.169.254
+//! (MMDS) instead, printing the reply. With `virtio.bench=N` on the command line, the first writable disk then takes N writes of
 //! 64 KiB (rate-limit measurements). Then prints `virtio: done devices=<n>` and resets.
 #![no_std]
 #![no_main]
@@ -27,6 +28,41 @@ use virtio_mmio::*;
 /// Payload of the `virtio.bench=N` writes.
 static mut BIG: [Bytes; 16] = [const { Bytes([0; 4096]) }; 16];
 
+/// With `virtio.arp` on the command line: an ARP request for 169.254.169.254 (MMDS) from
+/// 169.254.0.2, and prints the reply: `net arp op=<op> mac=<sender MAC bytes> ip=<sender IP>`.
+fn test_arp(dev: u64, mac: [u8; 6]) {
+    let rx = buf() + 0x800;
+    let tx = buf() + 0x100;
+    let (mut rx_idx, mut tx_idx) = (0u16, 0u16);
+    submit_on(dev, 0, &[(rx, 1600, true)], &mut rx_idx, false);
+    let mut frame = [0u8; 12 + 60];
+    frame[12..18].copy_from_slice(&[0xff; 6]);
+    frame[18..24].copy_from_slice(&mac);
+    frame[24..26].copy_from_slice(&[0x08, 0x06]);
+    frame[26..34].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    frame[34..40].copy_from_slice(&mac);
+    frame[40..44].copy_from_slice(&[169, 254, 0, 2]);
+    frame[50..54].copy_from_slice(&[169, 254, 169, 254]);
+    for (i, b) in frame.iter().enumerate() {
+        poke(tx + i as u64, *b);
+    }
+    submit_on(dev, 1, &[(tx, frame.len() as u32, false)], &mut tx_idx, true);
+    match wait_used(0, rx_idx, 400_000_000) {
+        Some(len) if len >= 12 + 42 => {
+            let arp = rx + 12 + 14;
+            let op = u16::from_be_bytes([peek(arp + 6), peek(arp + 7)]);
+            let sha: [u8; 6] = core::array::from_fn(|i| peek(arp + 8 + i as u64));
+            let spa: [u8; 4] = core::array::from_fn(|i| peek(arp + 14 + i as u64));
+            say!(
+                "net arp op=", u64::from(op), " mac=", sha[0], ":", sha[1], ":", sha[2], ":", sha[3], ":", sha[4], ":",
+                sha[5], " ip=", spa[0], ".", spa[1], ".", spa[2], ".", spa[3]
+            );
+        }
+        Some(len) => say!("net arp short len=", len),
+        None => say!("net arp none"),
+    }
+}
+
 /// virtio-net: posts a receive buffer, sends one frame (ethertype 0x88b5, payload
 /// SHOAL-PROBE-TX), then waits for a frame to arrive and prints its payload.
 fn test_net(dev: u64) {
@@ -34,6 +70,9 @@ fn test_net(dev: u64) {
     for (i, m) in mac.iter_mut().enumerate() {
         // SAFETY: config space reads of the mapped window, one byte each.
         *m = unsafe { read_volatile((dev + 0x100 + i as u64) as *const u8) };
+    }
+    if ARP.load(Ordering::SeqCst) {
+        return test_arp(dev, mac);
     }
     let rx = buf() + 0x800;
     let tx = buf() + 0x100;
@@ -220,6 +259,8 @@ fn test_block(dev: u64) {
     }
 }
 
+/// `virtio.arp` on the command line: the net test asks ARP for the MMDS address instead.
+static ARP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 static BENCH_WRITES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// `virtio.bench=N`: N writes of 64 KiB, cycling over the disk; prints the count at the end.
@@ -277,7 +318,9 @@ fn test_rng(dev: u64) {
 #[no_mangle]
 pub extern "C" fn probe_main(boot_params: u64) -> ! {
     say!("SHOAL-PROBE virtio: start");
-    BENCH_WRITES.store(parse_bench(common::cmdline(boot_params)), Ordering::SeqCst);
+    let cmdline = common::cmdline(boot_params);
+    BENCH_WRITES.store(parse_bench(cmdline), Ordering::SeqCst);
+    ARP.store(cmdline.windows(10).any(|w| w == b"virtio.arp"), Ordering::SeqCst);
     map_mmio_window();
     let mut devices = 0u32;
     for i in 0..19u64 {

@@ -6,6 +6,7 @@
 //! Optional rate limiters (Firecracker's rx_rate_limiter and tx_rate_limiter) hold frames
 //! back in each direction.
 
+pub mod mmds;
 pub mod tap;
 
 use std::sync::atomic::Ordering;
@@ -167,6 +168,9 @@ impl VirtioNet {
         }
         if used_any && a.queues[TX].needs_notification(&a.mem).unwrap_or(true) {
             a.irq.signal_used();
+        }
+        if self.backend.has_local_frames() {
+            self.process_rx();
         }
     }
 

@@ -27,6 +27,11 @@ pub trait NetBackend: Send {
     fn set_offloads(&mut self, _flags: u32) -> std::io::Result<()> {
         Ok(())
     }
+    /// Frames made inside the VMM (MMDS answers) wait for the guest: the device's receive
+    /// path runs after transmitting, without waiting for the tap to become readable.
+    fn has_local_frames(&self) -> bool {
+        false
+    }
 }
 
 /// A tap device.
