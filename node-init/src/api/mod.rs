@@ -475,12 +475,17 @@ async fn watch(
 
 /// Server-sent events: every committed change after `from` that `pick` turns into an event, in
 /// order. Subscribes before reading the history so nothing falls between the two; a watcher too
-/// slow for the live channel catches up from the history again.
+/// slow for the live channel, or on a node that installed a snapshot (a jump in the state no
+/// live event describes), catches up from the history again. Where the history no longer
+/// reaches back, the watcher gets a `compacted` event (`{"type": "compacted", "revision",
+/// "requested", "oldest"}`) and the stream ends: it must list again and watch from there. A
+/// watcher never misses a change silently.
 pub(crate) fn watch_stream<F>(node: &Node, from: Option<u64>, pick: F) -> Response
 where
     F: Fn(&WatchEvent) -> Option<Result<Event, Infallible>> + Send + 'static,
 {
     let mut live = node.agent.shared.events.subscribe();
+    let mut installs = node.agent.shared.installs.subscribe();
     let after = from.unwrap_or_else(|| node.agent.shared.state().revision);
     let backlog = match node.agent.shared.state().changes_after(after) {
         Ok(b) => b,
@@ -498,15 +503,31 @@ where
             }
         }
         loop {
-            let events: Vec<WatchEvent> = match live.recv().await {
-                Ok(e) => vec![e],
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    match node.agent.shared.state().changes_after(last) {
-                        Ok(b) => b,
-                        Err(_) => return, // Fell behind the retained history: the client resumes.
-                    }
+            let catch_up = |last: u64| node.agent.shared.state().changes_after(last);
+            let refill = tokio::select! {
+                r = live.recv() => match r {
+                    Ok(e) => Ok(vec![e]),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => catch_up(last),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                r = installs.recv() => match r {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => catch_up(last),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            let events: Vec<WatchEvent> = match refill {
+                Ok(b) => b,
+                Err(e) => {
+                    // Fell behind the retained history: say so, then end; the client lists again.
+                    let (requested, oldest) = match e {
+                        StateError::Compacted { requested, oldest } => (requested, oldest),
+                        _ => (last + 1, 0),
+                    };
+                    let revision = node.agent.shared.state().revision;
+                    let data = serde_json::json!({"type": "compacted", "revision": revision, "requested": requested, "oldest": oldest});
+                    let _ = tx.send(Ok(Event::default().event("compacted").data(data.to_string()))).await;
+                    return;
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
             for e in events {
                 if e.revision <= last {

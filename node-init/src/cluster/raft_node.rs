@@ -126,12 +126,16 @@ pub struct Shared {
     pub state: RwLock<State>,
     pub status: RwLock<RaftStatus>,
     pub events: broadcast::Sender<WatchEvent>,
+    /// The revision of each state installed from a snapshot: a jump no `events` describe, so
+    /// watchers catch up from the new state's history (or are told they cannot).
+    pub installs: broadcast::Sender<u64>,
 }
 
 impl Shared {
     pub fn new(state: State) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
-        Arc::new(Shared { state: RwLock::new(state), status: RwLock::new(RaftStatus::default()), events })
+        let (installs, _) = broadcast::channel(64);
+        Arc::new(Shared { state: RwLock::new(state), status: RwLock::new(RaftStatus::default()), events, installs })
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -480,8 +484,10 @@ impl RaftThread {
         let meta = snap.get_metadata();
         self.applied = meta.index;
         self.applied_term = meta.term;
-        info!(index = meta.index, cluster_id = %state.cluster_id, "installed snapshot");
+        info!(index = meta.index, cluster_id = %state.cluster_id, revision = state.revision, "installed snapshot");
+        let revision = state.revision;
         *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        let _ = self.shared.installs.send(revision);
         self.learn_addresses();
         Ok(())
     }
