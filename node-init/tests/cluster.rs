@@ -571,3 +571,38 @@ fn a_watch_on_a_node_that_installs_a_snapshot_sees_every_change() {
         assert_eq!(keys.get(rev), Some(key), "change at revision {rev}");
     }
 }
+
+/// A server started on a copy of another node's data directory (one Raft id, two processes)
+/// is noticed through gossip: the copy stops with an error that says so, and the node it was
+/// copied from and the cluster carry on.
+#[test]
+fn a_copied_data_directory_is_refused_and_the_original_keeps_running() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("d");
+    let mut n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    let st = {
+        let refs: Vec<&Node> = n.iter().collect();
+        three_voters(&refs)
+    };
+    let mut copy = net.node(3, &[]);
+    copy.kill9();
+    // The fourth server gets node 1's identity and log, as if its disk had been cloned.
+    let _ = std::fs::remove_dir_all(copy.data_dir.join("raft"));
+    std::fs::copy(n[1].data_dir.join("node-id"), copy.data_dir.join("node-id")).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-a", n[1].data_dir.join("raft").to_str().unwrap(), copy.data_dir.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    copy.start();
+    let code = wait_for(Duration::from_secs(30), "the copy to stop", || copy.try_wait());
+    assert_eq!(code, Some(67), "log:\n{}", copy.log());
+    assert!(copy.log().contains("is a copy of that node's"), "{}", copy.log());
+    assert!(n[1].is_running() && n[1].try_wait().is_none(), "the original stopped");
+    n[1].put("after-copy", "yes").expect("the cluster still takes writes");
+    let refs: Vec<&Node> = n.iter().collect();
+    let after = wait_for(Duration::from_secs(10), "the cluster to agree", || agreed_status(&refs));
+    assert_eq!(after["cluster_id"], st["cluster_id"]);
+}

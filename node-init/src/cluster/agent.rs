@@ -22,6 +22,8 @@ use crate::state::{NodeRecord, State};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const CONTROL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long another live member must carry this node's Raft id before this one stops.
+const DUPLICATE_GRACE: Duration = Duration::from_secs(5);
 /// How long a leader leads before it hands over to a node with more room.
 const LEADER_SETTLE: Duration = Duration::from_secs(2);
 
@@ -87,8 +89,39 @@ fn node_id(data_dir: &Path) -> anyhow::Result<u64> {
             break id;
         }
     };
-    std::fs::write(&path, format!("{id:016x}\n")).with_context(|| format!("writing {}", path.display()))?;
+    write_durably(&path, format!("{id:016x}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the whole new one:
+/// a temporary file, synced, renamed over `path`, and the directory synced.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// A live gossip member other than this process that carries this node's Raft id: a copy of
+/// this node's data directory running elsewhere. Two processes with one Raft id would vote and
+/// acknowledge as one node. The one that started later (higher gossip generation; the higher
+/// address on a tie) is the copy and stops.
+fn duplicate_of_self(c: &chitchat::Chitchat, id: u64) -> Option<String> {
+    let me = c.self_chitchat_id().clone();
+    let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+    c.node_states().iter().find_map(|(cid, st)| {
+        let same_id = PeerInfo::from_state(cid, st).is_some_and(|p| p.id == id);
+        let other = cid.gossip_advertise_addr != me.gossip_advertise_addr;
+        let i_am_younger = (me.generation_id, me.gossip_advertise_addr.to_string())
+            > (cid.generation_id, cid.gossip_advertise_addr.to_string());
+        (same_id && other && live.contains(cid) && i_am_younger).then(|| cid.gossip_advertise_addr.to_string())
+    })
 }
 
 pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatHandle)> {
@@ -183,8 +216,27 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
     // When this node last became leader: leadership moves only after it has settled.
     let mut leading_since: Option<Instant> = None;
     let mut interval = tokio::time::interval(CONTROL_INTERVAL);
+    let mut duplicate_since: Option<Instant> = None;
     loop {
         interval.tick().await;
+        let duplicate = duplicate_of_self(&*chitchat.lock().await, agent.id);
+        // Seen live for a while, not just once: a process this node replaced (same id, an
+        // address it no longer has) stays in gossip until its heartbeats are missed.
+        match duplicate {
+            None => duplicate_since = None,
+            Some(other) => {
+                if duplicate_since.get_or_insert_with(Instant::now).elapsed() > DUPLICATE_GRACE {
+                    let why = format!(
+                        "node {other} runs with this node's Raft id {:016x}, and started first: this data directory ({}) is a copy of that node's; start this server with a fresh data directory",
+                        agent.id,
+                        agent.config.data_dir.display()
+                    );
+                    tracing::error!("{why}; stopping");
+                    eprintln!("shoal-node: {why}");
+                    std::process::exit(67);
+                }
+            }
+        }
         let peers = read_gossip(&chitchat).await;
         let now = Instant::now();
         {

@@ -68,9 +68,26 @@ impl std::fmt::Debug for RaftStore {
     }
 }
 
+/// Log files rotate at this size; compacted ones are removed once the log passes
+/// `PURGE_THRESHOLD`.
+const LOG_FILE_SIZE: u64 = 32 << 20;
+const PURGE_THRESHOLD: u64 = 256 << 20;
+
 impl RaftStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let cfg = Config { dir: dir.to_string_lossy().into_owned(), ..Config::default() };
+        Self::open_sized(dir, LOG_FILE_SIZE, PURGE_THRESHOLD)
+    }
+
+    /// `open` with other log file and purge sizes (tests use small ones).
+    fn open_sized(dir: &Path, file_size: u64, purge_threshold: u64) -> Result<Self, StoreError> {
+        // raft-engine purges only once its files pass `purge_threshold` (10 GB by default,
+        // far beyond what a node's log should ever hold): compacted entries would stay on disk.
+        let cfg = Config {
+            dir: dir.to_string_lossy().into_owned(),
+            target_file_size: raft_engine::ReadableSize(file_size),
+            purge_threshold: raft_engine::ReadableSize(purge_threshold),
+            ..Config::default()
+        };
         let engine = Arc::new(Engine::open(cfg)?);
         let cached = Cached {
             hard_state: engine.get_message::<HardState>(META, KEY_HARD_STATE)?.unwrap_or_default(),
@@ -287,6 +304,43 @@ mod tests {
 
     fn entry(index: u64, term: u64) -> Entry {
         Entry { index, term, ..Default::default() }
+    }
+
+    fn dir_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()
+    }
+
+    #[test]
+    fn a_compacted_log_gives_its_disk_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RaftStore::open_sized(dir.path(), 1 << 20, 4 << 20).unwrap();
+        // Incompressible (raft-engine compresses batches).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let payload: Vec<u8> = (0..64 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let cs = ConfState { voters: vec![1], ..Default::default() };
+        // 24 MiB of entries, compacted as they go, as the Raft thread does.
+        for batch in 0..24u64 {
+            let entries: Vec<Entry> = (0..16)
+                .map(|i| Entry {
+                    index: batch * 16 + i + 1,
+                    term: 1,
+                    data: payload.clone().into(),
+                    ..Default::default()
+                })
+                .collect();
+            s.append(&entries, None).unwrap();
+            s.compact(batch * 16 + 16, 1, &cs, vec![1, 2, 3]).unwrap();
+        }
+        let kept = dir_bytes(dir.path());
+        assert!(kept < 12 << 20, "{kept} bytes of log kept for 24 MiB written and compacted");
+        assert_eq!(s.first(), 385);
     }
 
     #[test]
