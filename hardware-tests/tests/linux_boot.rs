@@ -5,7 +5,8 @@
 //! snapshotted and restored in new processes, and counts on. A guest with an ext4 root on
 //! virtio-blk writes a file found in the image afterwards, cannot write its read-only disk,
 //! reads the virtio rng, and on virtio-net (a tap bridged in the server) answers the server's
-//! ping and takes a TCP message from it. All cases run in one
+//! ping and takes a TCP message from it. A guest reads its metadata from MMDS (V2, with a
+//! session token) and gives 128 MiB back through the balloon. All cases run in one
 //! emulated-server boot (or directly on a VMX/SVM host).
 
 use std::path::{Path, PathBuf};
@@ -103,6 +104,10 @@ fn boot_job() -> Job {
     script.push_str(JAIL_CASE);
     script.push_str("EOF\n");
     script.push_str("run_case jail-v2 sh jail-case.sh\n");
+    // MMDS V2 over the guest's eth0 (answered inside the VMM) and the balloon giving memory back.
+    script.push_str(
+        "run_case mmds ./shoal-snapshot-job mmds ./shoal-vmm vmlinux initramfs.cpio /tmp/mmds tap0; rm -rf /tmp/mmds\n",
+    );
     // Ctrl+Alt+Del through the API reboots the guest, which ends the VMM with status 0.
     script.push_str("run_case cad ./shoal-snapshot-job cad ./shoal-vmm vmlinux initramfs.cpio /tmp/cad\n");
     // The same with ACPI: the keyboard controller is found through the DSDT.
@@ -215,6 +220,10 @@ fn check(run: &Run) -> Vec<String> {
     if !counting || !missing.is_empty() {
         failures.push(format!("jail-v2: counting {counting}, missing {missing:?}, output {:?}", jail.output));
     }
+    let mmds = run.case("mmds");
+    if mmds.exit != Some(0) || !mmds.has_line("mmds_job result=ok") {
+        failures.push(format!("mmds: exit {:?}, output {:?}", mmds.exit, mmds.output));
+    }
     for name in ["cad", "cad-acpi"] {
         let cad = run.case(name);
         if cad.exit != Some(0) || !cad.has_line("cad_job result=ok") {
@@ -257,6 +266,9 @@ fn linux_guests_boot_to_init_and_faults_exit_nonzero() {
     }
     let _ = std::io::Write::write_all(&mut std::io::stderr(), summary.as_bytes());
     for line in run.case("jail-v2").output.iter().filter(|l| l.starts_with("SHOAL-JAIL")) {
+        println!("{line} ({mode:?})");
+    }
+    for line in run.case("mmds").output.iter().filter(|l| l.starts_with("mmds_job")) {
         println!("{line} ({mode:?})");
     }
     for line in

@@ -17,6 +17,13 @@
 //! presses Ctrl+Alt+Del through `PUT /actions {"action_type": "SendCtrlAltDel"}` and expects
 //! the guest kernel to reboot, which ends the VMM with status 0. Last line: `cad_job result=ok`
 //! or `cad_job result=FAIL: why`.
+//!
+//! `shoal-snapshot-job mmds VMM KERNEL INITRD WORKDIR TAP`: boots the guest with
+//! `shoal.test=mmds` under the API with virtio-net on TAP, MMDS V2 on eth0 (its data put
+//! through the API) and a balloon with statistics. The guest reads its instance id over HTTP
+//! with a session token, then fills and frees 160 MiB; the job inflates the balloon to 128 MiB
+//! with `PATCH /balloon` and checks the VMM's resident memory drops and the guest's statistics
+//! arrive. Prints `mmds_job ...` figures; last line `mmds_job result=ok` or `... FAIL: why`.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -110,6 +117,98 @@ fn call(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), String>
         Some(code) if code.starts_with('2') => Ok(()),
         _ => Err(format!("{method} {path}: {resp}")),
     }
+}
+
+/// A request whose answer body is wanted (GET): Ok(body) on a 2xx.
+fn fetch(sock: &Path, path: &str) -> Result<String, String> {
+    let mut s = UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    match (resp.split(' ').nth(1), resp.split_once("\r\n\r\n")) {
+        (Some(code), Some((_, body))) if code.starts_with('2') => Ok(body.to_string()),
+        _ => Err(format!("GET {path}: {resp}")),
+    }
+}
+
+/// A number field of a flat JSON object, without a JSON parser in this small binary.
+fn json_u64(body: &str, field: &str) -> Option<u64> {
+    let at = body.find(&format!("\"{field}\":"))? + field.len() + 3;
+    let digits: String = body[at..].trim_start().chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// MMDS V2 and the balloon with a Linux guest (see the module comment).
+fn mmds_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, tap: &str) -> Result<(), String> {
+    let (mut child, console, sock) = spawn_api_vmm(vmm, work, "mmds.sock")?;
+    let result = (|| {
+        wait_for_socket(&sock)?;
+        call(&sock, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)?;
+        let boot = format!(
+            r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "console=ttyS0 quiet reboot=k panic=-1 shoal.test=mmds"}}"#,
+            kernel.display(),
+            initrd.display()
+        );
+        call(&sock, "PUT", "/boot-source", &boot)?;
+        let net = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}", "guest_mac": "02:00:00:00:00:05"}}"#);
+        call(&sock, "PUT", "/network-interfaces/eth0", &net)?;
+        call(&sock, "PUT", "/mmds/config", r#"{"version": "V2", "network_interfaces": ["eth0"]}"#)?;
+        call(&sock, "PUT", "/mmds", r#"{"latest": {"meta-data": {"instance-id": "i-shoal-emulated"}}}"#)?;
+        call(&sock, "PUT", "/balloon", r#"{"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#)?;
+        call(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
+        if !console.wait(Duration::from_secs(240), |c| c.text().contains("balloon: filled and freed")) {
+            return Err(format!("the guest never filled its memory; console: {}", console.text()));
+        }
+        for want in [
+            "mmds: token-length=48",
+            "mmds: no-token=HTTP/1.1 401 Unauthorized",
+            "mmds: instance-id=i-shoal-emulated",
+            "balloon: driver=1",
+        ] {
+            if !console.text().lines().any(|l| l.trim_end_matches('\r') == want) {
+                return Err(format!("`{want}` not on the console: {}", console.text()));
+            }
+        }
+        let before = rss_kib(child.id()).ok_or("no VmRSS")?;
+        let first = fetch(&sock, "/balloon/statistics")?;
+        println!("mmds_job stats_before={first}");
+        call(&sock, "PATCH", "/balloon", r#"{"amount_mib": 128}"#)?;
+        let inflated = Instant::now();
+        let mut actual = 0;
+        while inflated.elapsed() < Duration::from_secs(120) {
+            actual = json_u64(&fetch(&sock, "/balloon/statistics")?, "actual_mib").unwrap_or(0);
+            if actual >= 128 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let after = rss_kib(child.id()).ok_or("no VmRSS")?;
+        let stats = fetch(&sock, "/balloon/statistics")?;
+        println!(
+            "mmds_job rss_before_kib={before} rss_after_kib={after} actual_mib={actual} inflate_ms={}",
+            inflated.elapsed().as_millis()
+        );
+        println!("mmds_job stats_after={stats}");
+        if actual < 128 {
+            return Err(format!("the balloon reached {actual} of 128 MiB"));
+        }
+        if before.saturating_sub(after) < 64 << 10 {
+            return Err(format!("the VMM's RSS went from {before} KiB to {after} KiB, less than 64 MiB back"));
+        }
+        if json_u64(&stats, "free_memory").is_none() || json_u64(&stats, "total_memory").is_none() {
+            return Err(format!("no memory statistics from the guest: {stats}"));
+        }
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 fn median(xs: &mut [f64]) -> f64 {
@@ -432,6 +531,23 @@ fn cad_job(vmm: &Path, kernel: &Path, initrd: &Path, work: &Path, acpi: bool) ->
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("mmds") {
+        if args.len() != 6 {
+            eprintln!("usage: shoal-snapshot-job mmds VMM KERNEL INITRD WORKDIR TAP");
+            return ExitCode::from(2);
+        }
+        let p = |i: usize| PathBuf::from(&args[i]);
+        return match mmds_job(&p(1), &p(2), &p(3), &p(4), &args[5]) {
+            Ok(()) => {
+                println!("mmds_job result=ok");
+                ExitCode::SUCCESS
+            }
+            Err(why) => {
+                println!("mmds_job result=FAIL: {why}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if args.first().map(String::as_str) == Some("cad") {
         let acpi = args.get(5).map(String::as_str) == Some("acpi");
         if args.len() != 5 && !acpi {
