@@ -606,3 +606,37 @@ fn a_copied_data_directory_is_refused_and_the_original_keeps_running() {
     let after = wait_for(Duration::from_secs(10), "the cluster to agree", || agreed_status(&refs));
     assert_eq!(after["cluster_id"], st["cluster_id"]);
 }
+
+/// Linearizable reads on a follower while the leader dies: each waits out the election (the
+/// node asks the new leader again) instead of answering 503, and sees the last write.
+#[test]
+fn reads_during_a_leader_election_wait_for_the_new_leader_instead_of_failing() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("e");
+    let mut n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    let st = {
+        let refs: Vec<&Node> = n.iter().collect();
+        three_voters(&refs)
+    };
+    let li = leader_index(&n.iter().collect::<Vec<_>>(), &st);
+    let reader = (li + 1) % 3;
+    n[li].put("before", "1").unwrap();
+    n[li].kill9();
+    let started = Instant::now();
+    let mut refused = Vec::new();
+    for _ in 0..15 {
+        match n[reader].read("before") {
+            Ok(v) => assert_eq!(v.as_deref(), Some("1")),
+            Err((status, body)) => refused.push((status, body, started.elapsed())),
+        }
+    }
+    assert!(refused.is_empty(), "reads refused during the election: {refused:?}");
+    // With no quorum left a read fails after its deadline, saying nothing was applied (safe to
+    // retry as is), unlike a write whose outcome is unknown.
+    let other = (li + 2) % 3;
+    n[other].kill9();
+    let (status, body) = n[reader].get("/v1/kv/before").unwrap();
+    assert_eq!((status, body["outcome"].as_str()), (503, Some("not_applied")), "{body}");
+}

@@ -131,13 +131,15 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// 503 for every Raft failure, with `outcome` saying what a client may do: `not_applied`
+/// (nothing was proposed or the read changed nothing: safe to retry as is) or `unknown` (a
+/// write may or may not have been applied: retry with `prev_revision` for exactly-once).
 fn request_error(e: RequestError) -> Response {
-    let status = match e {
-        RequestError::NoLeader | RequestError::Timeout | RequestError::NotMember | RequestError::Stopped => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+    let outcome = match e {
+        RequestError::NoLeader | RequestError::NotMember => "not_applied",
+        RequestError::Timeout | RequestError::Stopped => "unknown",
     };
-    error(status, e)
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": e.to_string(), "outcome": outcome }))).into_response()
 }
 
 /// The response for a refused or conditional command; `Ok(revision)` when applied.
@@ -306,11 +308,12 @@ async fn list(State(node): State<Node>, Extension(who): Extension<Principal>, Qu
     if let Err(r) = read_barrier(&node, p.stale).await {
         return r;
     }
-    let body = {
+    // Copied under the read lock, encoded after it: the Raft thread's apply waits for no JSON.
+    let (kvs, revision) = {
         let s = node.agent.shared.state();
-        let kvs: Vec<&KeyValue> = s.range(&p.prefix).collect();
-        serde_json::to_vec(&json!({ "kvs": kvs, "revision": s.revision })).unwrap_or_default()
+        (s.range(&p.prefix).cloned().collect::<Vec<KeyValue>>(), s.revision)
     };
+    let body = serde_json::to_vec(&json!({ "kvs": kvs, "revision": revision })).unwrap_or_default();
     ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

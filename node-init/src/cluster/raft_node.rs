@@ -25,6 +25,13 @@ use crate::state::{ApplyOutcome, NodeRecord, State, WatchEvent};
 
 /// How long a client waits for its write or read before it is told the outcome is unknown.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// A read whose ReadIndex got no answer in this long is asked again.
+const READ_RETRY: Duration = Duration::from_millis(150);
+
+/// The context of a ReadIndex request: this node's id and the read's sequence number.
+fn read_ctx(id: u64, seq: u64) -> Vec<u8> {
+    [id.to_be_bytes(), seq.to_be_bytes()].concat()
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct RaftTiming {
@@ -194,7 +201,9 @@ pub struct RaftThread {
     seq: u64,
     /// Waiting writers: reply, deadline, and the leader the proposal went to.
     proposals: HashMap<u64, (WriteReply, Instant, u64)>,
-    reads_pending: HashMap<u64, (ReadReply, Instant)>,
+    /// Reads waiting for a read index: reply, deadline, when the ReadIndex was last asked
+    /// (None: not yet, no leader was known).
+    reads_pending: HashMap<u64, (ReadReply, Instant, Option<Instant>)>,
     reads_ready: Vec<(u64, ReadReply, Instant)>,
     applied: u64,
     applied_term: u64,
@@ -292,6 +301,7 @@ impl RaftThread {
                     next_tick = Instant::now() + self.timing.tick;
                 }
                 self.expire();
+                self.retry_reads();
             }
             if let Err(e) = self.on_ready() {
                 // The store failed: continuing could acknowledge writes that are not durable.
@@ -339,14 +349,15 @@ impl RaftThread {
                     let _ = reply.send(Err(RequestError::NotMember));
                     return;
                 }
-                if self.node.raft.leader_id == 0 {
-                    let _ = reply.send(Err(RequestError::NoLeader));
-                    return;
-                }
+                // Without a leader (an election), or with a new leader that drops ReadIndex until
+                // it has committed in its term, the read waits and is asked again (`retry_reads`)
+                // until its deadline: a read is safe to repeat, so clients need not see the gap.
                 self.seq += 1;
-                let ctx = [self.id.to_be_bytes(), self.seq.to_be_bytes()].concat();
-                self.node.read_index(ctx);
-                self.reads_pending.insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT));
+                let asked = (self.node.raft.leader_id != 0).then(|| {
+                    self.node.read_index(read_ctx(self.id, self.seq));
+                    Instant::now()
+                });
+                self.reads_pending.insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT, asked));
             }
             Input::Membership(change) => self.propose_membership(change),
             Input::TransferLeader(to) => {
@@ -420,10 +431,38 @@ impl RaftThread {
         }
     }
 
+    /// Asks again for the read index of reads that got none within `READ_RETRY` (a new
+    /// leader drops ReadIndex until it commits in its term; a message can be lost).
+    fn retry_reads(&mut self) {
+        if self.node.raft.leader_id == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<u64> = self
+            .reads_pending
+            .iter()
+            .filter(|(_, (_, _, asked))| asked.is_none_or(|t| now.duration_since(t) >= READ_RETRY))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in due {
+            self.node.read_index(read_ctx(self.id, seq));
+            if let Some(r) = self.reads_pending.get_mut(&seq) {
+                r.2 = Some(now);
+            }
+        }
+    }
+
     fn expire(&mut self) {
         let now = Instant::now();
         self.proposals.retain(|_, (_, deadline, _)| *deadline > now);
-        self.reads_pending.retain(|_, (_, deadline)| *deadline > now);
+        // A read past its deadline changed nothing: say so (NoLeader: safe to retry).
+        let expired: Vec<u64> =
+            self.reads_pending.iter().filter(|(_, (_, d, _))| *d <= now).map(|(seq, _)| *seq).collect();
+        for seq in expired {
+            if let Some((reply, _, _)) = self.reads_pending.remove(&seq) {
+                let _ = reply.send(Err(RequestError::NoLeader));
+            }
+        }
         self.reads_ready.retain(|(_, _, deadline)| *deadline > now);
         // Dropping a sender answers its waiter with `Timeout` (see the API).
     }
@@ -459,7 +498,7 @@ impl RaftThread {
             let ctx = rs.request_ctx;
             if ctx.len() == 16 && ctx[..8] == self.id.to_be_bytes() {
                 let seq = u64::from_be_bytes(ctx[8..16].try_into().unwrap_or_default());
-                if let Some((reply, deadline)) = self.reads_pending.remove(&seq) {
+                if let Some((reply, deadline, _)) = self.reads_pending.remove(&seq) {
                     self.reads_ready.push((rs.index, reply, deadline));
                 }
             }
@@ -576,11 +615,7 @@ impl RaftThread {
                 let _ = reply.send(Err(RequestError::Timeout));
             }
         }
-        if leader == 0 {
-            for (reply, _) in self.reads_pending.drain().map(|(_, v)| v) {
-                let _ = reply.send(Err(RequestError::NoLeader));
-            }
-        }
+        // Reads are not abandoned: they wait out an election (`retry_reads` asks the next leader).
     }
 
     fn answer_reads(&mut self) {
