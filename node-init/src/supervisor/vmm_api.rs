@@ -2,13 +2,16 @@
 //! one request per connection (`Connection: close`), JSON bodies, the VMM's
 //! `{"fault_message": ...}` turned into an error.
 //!
-//! The bodies are written here as JSON values with the VMM API's field names (documented in
-//! `vmm/api/openapi.json`); node-init does not link the VMM crate.
+//! The bodies are the VMM's own request types (`shoal-vmm-config`, the leaf crate the VMM parses
+//! them with), so a renamed or retyped field fails to compile here; node-init does not link
+//! the VMM.
 
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+use shoal_vmm_config::{ActionType, BootSource, FirecrackerDrive, InstanceAction, MachineConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::state::objects::Template;
@@ -110,8 +113,9 @@ fn parse_response(buf: &[u8]) -> Result<(u16, Value), VmmApiError> {
 }
 
 /// A request that must succeed (2xx).
-pub async fn expect_ok(socket: &Path, method: &str, path: &str, body: &Value) -> Result<(), VmmApiError> {
-    let (status, reply) = call(socket, method, path, Some(body)).await?;
+pub async fn expect_ok(socket: &Path, method: &str, path: &str, body: &impl Serialize) -> Result<(), VmmApiError> {
+    let body = serde_json::to_value(body).map_err(|_| VmmApiError::Garbled)?;
+    let (status, reply) = call(socket, method, path, Some(&body)).await?;
     if (200..300).contains(&status) {
         return Ok(());
     }
@@ -126,24 +130,29 @@ pub const ROOTFS: &str = "/rootfs.img";
 
 /// Configures a fresh VMM for `template` and boots it.
 pub async fn boot(socket: &Path, template: &Template) -> Result<(), VmmApiError> {
-    expect_ok(
-        socket,
-        "PUT",
-        "/machine-config",
-        &json!({"vcpu_count": template.vcpus, "mem_size_mib": template.mem_mib}),
-    )
-    .await?;
-    let mut boot = json!({"kernel_image_path": KERNEL, "boot_args": template.cmdline});
-    if template.initrd.is_some() {
-        boot["initrd_path"] = json!(INITRD);
-    }
+    let machine =
+        MachineConfig { vcpu_count: template.vcpus, mem_size_mib: template.mem_mib, ..MachineConfig::default() };
+    expect_ok(socket, "PUT", "/machine-config", &machine).await?;
+    let boot = BootSource {
+        kernel_image_path: KERNEL.into(),
+        boot_args: Some(template.cmdline.clone()),
+        initrd_path: template.initrd.is_some().then(|| INITRD.into()),
+    };
     expect_ok(socket, "PUT", "/boot-source", &boot).await?;
     if template.rootfs.is_some() {
-        let drive =
-            json!({"drive_id": "rootfs", "path_on_host": ROOTFS, "is_root_device": true, "is_read_only": false});
+        let drive = FirecrackerDrive {
+            drive_id: "rootfs".into(),
+            path_on_host: ROOTFS.into(),
+            is_root_device: true,
+            is_read_only: false,
+            rate_limiter: None,
+            cache_type: None,
+            io_engine: None,
+            partuuid: None,
+        };
         expect_ok(socket, "PUT", "/drives/rootfs", &drive).await?;
     }
-    expect_ok(socket, "PUT", "/actions", &json!({"action_type": "InstanceStart"})).await
+    expect_ok(socket, "PUT", "/actions", &InstanceAction { action_type: ActionType::InstanceStart }).await
 }
 
 /// Whether the VMM answers and runs a guest.
@@ -153,7 +162,7 @@ pub async fn is_running(socket: &Path) -> bool {
 
 /// Presses Ctrl+Alt+Del on the guest's keyboard.
 pub async fn ctrl_alt_del(socket: &Path) -> Result<(), VmmApiError> {
-    expect_ok(socket, "PUT", "/actions", &json!({"action_type": "SendCtrlAltDel"})).await
+    expect_ok(socket, "PUT", "/actions", &InstanceAction { action_type: ActionType::SendCtrlAltDel }).await
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+pub use shoal_vmm_config::{FirecrackerDrive, FirecrackerNet, VsockConfig};
 
 use crate::devices::rate_limiter::RateLimitConfig;
 
@@ -71,41 +72,6 @@ pub struct VmConfig {
     /// MMDS on the network interfaces it names (the data comes from the API or `--metadata`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmds: Option<crate::devices::virtio::net::mmds::store::MmdsConfig>,
-}
-
-/// The vsock device, with Firecracker's field names (`PUT /vsock`, the `vsock` section).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    /// The guest's context ID (3 or more).
-    pub guest_cid: u64,
-    /// The Unix socket host programs connect to; guest connections to host port P reach
-    /// `<uds_path>_P`.
-    pub uds_path: PathBuf,
-    /// Accepted for Firecracker clients (deprecated there); there is one vsock device.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock_id: Option<String>,
-}
-
-impl VsockConfig {
-    /// Parses the CLI form `cid=N,uds=PATH`.
-    pub fn parse(spec: &str) -> Result<VsockConfig, String> {
-        let (mut cid, mut uds) = (None, None);
-        for part in spec.split(',') {
-            match part.split_once('=') {
-                Some(("cid", c)) => {
-                    cid = Some(c.parse::<u64>().map_err(|_| format!("--vsock: cid `{c}` is not a number"))?)
-                }
-                Some(("uds", u)) if !u.is_empty() => uds = Some(PathBuf::from(u)),
-                _ => return Err(format!("--vsock: unknown part `{part}` (cid=N, uds=PATH)")),
-            }
-        }
-        Ok(VsockConfig {
-            guest_cid: cid.ok_or("--vsock: cid=N is required")?,
-            uds_path: uds.ok_or("--vsock: uds=PATH is required")?,
-            vsock_id: None,
-        })
-    }
 }
 
 /// One virtio-net interface.
@@ -194,60 +160,25 @@ impl DiskConfig {
     }
 }
 
-/// A drive in Firecracker's API and config file (`PUT /drives/{id}`, `drives`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FirecrackerDrive {
-    pub drive_id: String,
-    pub path_on_host: String,
-    pub is_root_device: bool,
-    #[serde(default)]
-    pub is_read_only: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<RateLimitConfig>,
-    /// Accepted and ignored: shoal-vmm always does what Firecracker's "Unsafe" cache type does
-    /// (flush on request) with synchronous I/O.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub io_engine: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partuuid: Option<String>,
-}
-
-impl FirecrackerDrive {
-    pub fn into_disk(self) -> DiskConfig {
+impl From<FirecrackerDrive> for DiskConfig {
+    fn from(d: FirecrackerDrive) -> DiskConfig {
         DiskConfig {
-            path: self.path_on_host.into(),
-            read_only: self.is_read_only,
-            id: Some(self.drive_id),
-            rate_limiter: self.rate_limiter,
+            path: d.path_on_host.into(),
+            read_only: d.is_read_only,
+            id: Some(d.drive_id),
+            rate_limiter: d.rate_limiter,
         }
     }
 }
 
-/// A network interface in Firecracker's API and config file (`PUT /network-interfaces/{id}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FirecrackerNet {
-    pub iface_id: String,
-    pub host_dev_name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_mac: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<RateLimitConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<RateLimitConfig>,
-}
-
-impl FirecrackerNet {
-    pub fn into_net(self) -> NetConfig {
+impl From<FirecrackerNet> for NetConfig {
+    fn from(n: FirecrackerNet) -> NetConfig {
         NetConfig {
-            id: Some(self.iface_id),
-            tap: self.host_dev_name,
-            mac: self.guest_mac,
-            rx_rate_limiter: self.rx_rate_limiter,
-            tx_rate_limiter: self.tx_rate_limiter,
+            id: Some(n.iface_id),
+            tap: n.host_dev_name,
+            mac: n.guest_mac,
+            rx_rate_limiter: n.rx_rate_limiter,
+            tx_rate_limiter: n.tx_rate_limiter,
         }
     }
 }
@@ -358,7 +289,7 @@ impl VmConfig {
                 "network-interfaces" => {
                     let nets: Vec<FirecrackerNet> =
                         serde_json::from_value(section).map_err(|e| format!("network-interfaces: {e}"))?;
-                    net_configs = nets.into_iter().map(FirecrackerNet::into_net).collect();
+                    net_configs = nets.into_iter().map(NetConfig::from).collect();
                 }
                 "vsock" => vsock = serde_json::from_value(section).map_err(|e| format!("vsock: {e}"))?,
                 "mmds-config" if !section.is_null() => {
@@ -400,7 +331,7 @@ impl VmConfig {
         if let Some(r) = root.first() {
             self.cmdline.push_str(if r.is_read_only { " root=/dev/vda ro" } else { " root=/dev/vda rw" });
         }
-        self.disks = root.into_iter().chain(rest).map(FirecrackerDrive::into_disk).collect();
+        self.disks = root.into_iter().chain(rest).map(DiskConfig::from).collect();
         Ok(())
     }
 

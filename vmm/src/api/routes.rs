@@ -3,7 +3,12 @@
 //! and starting the instance. Pure request handling over `ApiState`; the server thread does
 //! the I/O and hands a start to the VMM thread.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+pub use shoal_vmm_config::{
+    ActionType, BalloonStatsUpdate, BalloonUpdate, BootSource, EntropyConfig, InstanceAction, LoggerConfig,
+    MachineConfig, MemBackend, MemBackendType, MetricsConfig, PartialDrive, PartialNet, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotTypeName, VmStateName, VmStateRequest, FIRECRACKER_API_VERSION,
+};
 
 use super::config::{FirecrackerDrive, FirecrackerNet};
 use super::http::{Request, Response};
@@ -14,172 +19,12 @@ const NOT_AFTER_START: &str = "The requested operation is not supported after st
 const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
 const NO_BALLOON: &str = "No balloon device configured.";
 
-/// `PUT/GET /machine-config`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfig {
-    pub vcpu_count: u32,
-    pub mem_size_mib: u64,
-    #[serde(default)]
-    pub smt: bool,
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    /// Shoal's extension: ACPI tables with a VM Generation ID device (see `VmConfig::acpi`).
-    #[serde(default)]
-    pub acpi: bool,
-}
-
-impl Default for MachineConfig {
-    fn default() -> Self {
-        MachineConfig { vcpu_count: 1, mem_size_mib: 128, smt: false, track_dirty_pages: false, acpi: false }
-    }
-}
-
-/// `PUT /boot-source`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BootSource {
-    pub kernel_image_path: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_args: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd_path: Option<String>,
-}
-
-/// `PUT /actions`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceAction {
-    pub action_type: ActionType,
-}
-
-/// `PATCH /vm`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmStateRequest {
-    pub state: VmStateName,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum VmStateName {
-    Paused,
-    Resumed,
-}
-
-/// The Firecracker API release whose paths and fields this server follows (the newest
-/// feature it takes is `network_overrides` on snapshot load, from Firecracker 1.12), as
-/// `GET /version` reports it to clients that gate features on it.
-pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
-
-/// `PATCH /drives/{id}` (Firecracker's PartialDrive): after the start, another backing file
-/// and/or rate limiter for a drive.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PartialDrive {
-    pub drive_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_on_host: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
-}
-
-/// `PATCH /network-interfaces/{id}` (Firecracker's PartialNetworkInterface): after the start,
-/// other rate limiters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PartialNet {
-    pub iface_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
-}
-
-/// `PATCH /balloon`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BalloonUpdate {
-    pub amount_mib: u32,
-}
-
-/// `PATCH /balloon/statistics`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BalloonStatsUpdate {
-    pub stats_polling_interval_s: u16,
-}
-
 /// A change to a running device, for the VMM thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DevicePatch {
     Drive(PartialDrive),
     Net(PartialNet),
     Balloon { amount_mib: Option<u32>, stats_polling_interval_s: Option<u16> },
-}
-
-/// `PUT /entropy`: the virtio-rng device, optionally rate-limited.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EntropyConfig {
-    #[serde(default)]
-    pub rate_limiter: Option<crate::devices::rate_limiter::RateLimitConfig>,
-}
-
-/// `PUT /snapshot/create`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotCreateParams {
-    #[serde(default)]
-    pub snapshot_type: SnapshotTypeName,
-    pub snapshot_path: String,
-    pub mem_file_path: String,
-    /// Sent by clients of Firecracker before 1.7; the format version is ours, so it is ignored.
-    #[serde(default)]
-    pub version: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum SnapshotTypeName {
-    #[default]
-    Full,
-    Diff,
-}
-
-/// `PUT /snapshot/load`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotLoadParams {
-    pub snapshot_path: String,
-    /// Firecracker's older spelling of `mem_backend` with a File backend.
-    #[serde(default)]
-    pub mem_file_path: Option<String>,
-    #[serde(default)]
-    pub mem_backend: Option<MemBackend>,
-    #[serde(default)]
-    pub enable_diff_snapshots: bool,
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    #[serde(default)]
-    pub resume_vm: bool,
-    #[serde(default)]
-    pub network_overrides: Vec<crate::snapshot::NetOverride>,
-    /// Shoal's extension: a new guest CID and/or host socket for the snapshot's vsock
-    /// device, so that clones of one snapshot differ.
-    #[serde(default)]
-    pub vsock_override: Option<crate::snapshot::VsockOverride>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemBackend {
-    pub backend_type: MemBackendType,
-    pub backend_path: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum MemBackendType {
-    File,
-    Uffd,
 }
 
 /// A checked snapshot load, for the VMM thread.
@@ -193,9 +38,11 @@ pub struct SnapshotLoad {
     pub net_overrides: Vec<crate::snapshot::NetOverride>,
 }
 
-impl SnapshotLoadParams {
-    fn check(self) -> Result<SnapshotLoad, String> {
-        let mem_path = match (self.mem_file_path, self.mem_backend) {
+/// Checks a `PUT /snapshot/load` body and resolves its memory file.
+fn check_load(params: SnapshotLoadParams) -> Result<SnapshotLoad, String> {
+    let p = params;
+    {
+        let mem_path = match (p.mem_file_path, p.mem_backend) {
             (Some(_), Some(_)) => return Err("Only one of mem_file_path and mem_backend may be given.".into()),
             (None, None) => return Err("Missing mem_backend (or mem_file_path).".into()),
             (Some(path), None)
@@ -204,31 +51,24 @@ impl SnapshotLoadParams {
                 return Err("The Uffd memory backend is not supported by shoal-vmm; use File.".into())
             }
         };
-        if self.snapshot_path.is_empty() || mem_path.is_empty() {
+        if p.snapshot_path.is_empty() || mem_path.is_empty() {
             return Err("snapshot_path and the memory file path must not be empty.".into());
         }
-        for o in &self.network_overrides {
+        for o in &p.network_overrides {
             if let Some(mac) = &o.guest_mac {
                 crate::devices::virtio::net::parse_mac(mac)
                     .map_err(|e| format!("network_overrides `{}`: {e}", o.iface_id))?;
             }
         }
         Ok(SnapshotLoad {
-            state_path: self.snapshot_path.into(),
+            state_path: p.snapshot_path.into(),
             mem_path: mem_path.into(),
-            resume: self.resume_vm,
-            track_dirty_pages: self.track_dirty_pages || self.enable_diff_snapshots,
-            vsock_override: self.vsock_override,
-            net_overrides: self.network_overrides,
+            resume: p.resume_vm,
+            track_dirty_pages: p.track_dirty_pages || p.enable_diff_snapshots,
+            vsock_override: p.vsock_override,
+            net_overrides: p.network_overrides,
         })
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum ActionType {
-    InstanceStart,
-    SendCtrlAltDel,
-    FlushMetrics,
 }
 
 /// Where the instance is in its life.
@@ -333,30 +173,6 @@ pub enum Outcome {
     Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<std::path::PathBuf> },
 }
 
-/// `PUT /logger` (Firecracker's fields; `show_level`, `show_log_origin` and `module` are
-/// accepted and ignored: lines always carry their level).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoggerConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub level: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub show_level: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub show_log_origin: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<String>,
-}
-
-/// `PUT /metrics`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub metrics_path: String,
-}
-
 fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response> {
     serde_json::from_slice(&req.body).map_err(|e| Response::fault(400, format!("Invalid request body: {e}")))
 }
@@ -382,7 +198,7 @@ impl ApiState {
         config.vsock = self.vsock.clone();
         config.balloon = self.balloon;
         config.mmds = self.mmds_config.clone();
-        config.nets = self.nets.iter().cloned().map(FirecrackerNet::into_net).collect();
+        config.nets = self.nets.iter().cloned().map(crate::api::config::NetConfig::from).collect();
         config.set_firecracker_drives(self.drives.clone()).map_err(|e| Response::fault(400, e))?;
         config.validate().map_err(|e| Response::fault(400, super::error_chain(&e)))?;
         Ok(config)
@@ -777,7 +593,7 @@ impl ApiState {
                 "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
             ),
             ("PUT", "/snapshot/load") => match parse_body::<SnapshotLoadParams>(req) {
-                Ok(p) => match p.check() {
+                Ok(p) => match check_load(p) {
                     Ok(load) => return Outcome::LoadSnapshot(load),
                     Err(message) => Response::fault(400, message),
                 },

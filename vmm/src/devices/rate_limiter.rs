@@ -9,105 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use shoal_vmm_config::{BucketConfig, RateLimitConfig, MAX_REFILL_MS, MAX_TOKENS};
 
-/// One bucket's configuration (Firecracker's `TokenBucket`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BucketConfig {
-    pub size: u64,
-    #[serde(default)]
-    pub one_time_burst: u64,
-    pub refill_time: u64,
-}
-
-/// A device's limits (Firecracker's `RateLimiter`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitConfig {
-    #[serde(default)]
-    pub bandwidth: Option<BucketConfig>,
-    #[serde(default)]
-    pub ops: Option<BucketConfig>,
-}
-
-impl RateLimitConfig {
-    /// Parses the CLI form `bw=BYTES/MS[+BURST];ops=N/MS[+BURST]` (either part optional),
-    /// e.g. `bw=10485760/1000` for 10 MiB/s.
-    pub fn parse(text: &str) -> Result<RateLimitConfig, String> {
-        let mut c = RateLimitConfig::default();
-        for part in text.split([';', ',']).filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').ok_or(format!("rate `{part}`: expected bw=... or ops=..."))?;
-            let (rate, burst) = value.split_once('+').map_or((value, None), |(r, b)| (r, Some(b)));
-            let (size, ms) = rate.split_once('/').ok_or(format!("rate `{part}`: expected TOKENS/MILLISECONDS"))?;
-            let num = |s: &str| s.parse::<u64>().map_err(|_| format!("rate `{part}`: `{s}` is not a number"));
-            let bucket = BucketConfig {
-                size: num(size)?,
-                one_time_burst: burst.map(num).transpose()?.unwrap_or(0),
-                refill_time: num(ms)?,
-            };
-            bucket.validate()?;
-            match key {
-                "bw" => c.bandwidth = Some(bucket),
-                "ops" => c.ops = Some(bucket),
-                other => return Err(format!("rate: unknown limit `{other}` (bw or ops)")),
-            }
-        }
-        Ok(c)
-    }
-}
-
-/// The largest `size` and `one_time_burst`: 2^53, the largest integer the bucket's f64
-/// arithmetic holds exactly (8 PiB, far beyond any device's rate).
-pub const MAX_TOKENS: u64 = 1 << 53;
-/// The longest `refill_time`: one day, in milliseconds.
-pub const MAX_REFILL_MS: u64 = 24 * 60 * 60 * 1000;
 /// The longest a device is told to wait at once; it asks again afterwards, so a bucket whose
 /// debt would take longer to repay still converges on its rate.
 const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
-
-impl RateLimitConfig {
-    /// Firecracker's update rules for `PATCH /drives` and `PATCH /network-interfaces`: a
-    /// bucket the patch leaves out stays as it is, one with size or refill_time 0 is removed,
-    /// any other replaces it. `None`: no limit is left.
-    pub fn patched(current: Option<RateLimitConfig>, patch: &RateLimitConfig) -> Option<RateLimitConfig> {
-        let current = current.unwrap_or_default();
-        let merge = |now: Option<BucketConfig>, new: Option<BucketConfig>| match new {
-            None => now,
-            Some(b) if b.size == 0 || b.refill_time == 0 => None,
-            Some(b) => Some(b),
-        };
-        let c = RateLimitConfig {
-            bandwidth: merge(current.bandwidth, patch.bandwidth),
-            ops: merge(current.ops, patch.ops),
-        };
-        (c.bandwidth.is_some() || c.ops.is_some()).then_some(c)
-    }
-
-    /// Checks a patch: every bucket either removes one (size or refill_time 0) or is valid.
-    pub fn validate_patch(&self) -> Result<(), String> {
-        self.bandwidth
-            .iter()
-            .chain(self.ops.iter())
-            .filter(|b| b.size != 0 && b.refill_time != 0)
-            .try_for_each(BucketConfig::validate)
-    }
-}
-
-impl BucketConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.size == 0 || self.refill_time == 0 {
-            return Err("rate limit size and refill_time must be above zero".into());
-        }
-        if self.size > MAX_TOKENS || self.one_time_burst > MAX_TOKENS {
-            return Err(format!("rate limit size and one_time_burst must be at most {MAX_TOKENS}"));
-        }
-        if self.refill_time > MAX_REFILL_MS {
-            return Err(format!("rate limit refill_time must be at most {MAX_REFILL_MS} ms (one day)"));
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug)]
 struct Bucket {
@@ -216,25 +122,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cli_form_parses_and_bad_forms_are_refused() {
-        let c = RateLimitConfig::parse("bw=1048576/1000+4096;ops=100/1000").unwrap();
-        assert_eq!(c.bandwidth, Some(BucketConfig { size: 1 << 20, one_time_burst: 4096, refill_time: 1000 }));
-        assert_eq!(c.ops, Some(BucketConfig { size: 100, one_time_burst: 0, refill_time: 1000 }));
-        for bad in [
-            "bw=10",
-            "bw=0/1000",
-            "iops=1/1",
-            "bw=x/1000",
-            "bw=10/0",
-            "bw=1/18446744073709551615",
-            "bw=18446744073709551615/1000",
-            "ops=1/1000+18446744073709551615",
-        ] {
-            assert!(RateLimitConfig::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn a_drained_bucket_blocks_until_it_refills() {
         let c = RateLimitConfig {
             bandwidth: Some(BucketConfig { size: 1000, one_time_burst: 500, refill_time: 100 }),
@@ -275,30 +162,5 @@ mod tests {
         }
         let most = BucketConfig { size: MAX_TOKENS, one_time_burst: MAX_TOKENS, refill_time: MAX_REFILL_MS };
         assert!(most.validate().is_ok());
-    }
-
-    #[test]
-    fn a_patch_keeps_replaces_or_removes_each_bucket() {
-        let b = |size| Some(BucketConfig { size, one_time_burst: 0, refill_time: 1000 });
-        let both = RateLimitConfig { bandwidth: b(100), ops: b(10) };
-        let only_ops = RateLimitConfig { bandwidth: None, ops: b(20) };
-        assert_eq!(
-            RateLimitConfig::patched(Some(both), &only_ops),
-            Some(RateLimitConfig { bandwidth: b(100), ops: b(20) })
-        );
-        let remove_bw = RateLimitConfig { bandwidth: b(0), ops: None };
-        assert_eq!(
-            RateLimitConfig::patched(Some(both), &remove_bw),
-            Some(RateLimitConfig { bandwidth: None, ops: b(10) })
-        );
-        let remove_all = RateLimitConfig { bandwidth: b(0), ops: b(0) };
-        assert_eq!(RateLimitConfig::patched(Some(both), &remove_all), None);
-        assert_eq!(RateLimitConfig::patched(None, &only_ops), Some(only_ops));
-        assert!(remove_all.validate_patch().is_ok());
-        let too_slow = RateLimitConfig {
-            bandwidth: Some(BucketConfig { size: 1, one_time_burst: 0, refill_time: u64::MAX }),
-            ops: None,
-        };
-        assert!(too_slow.validate_patch().is_err());
     }
 }

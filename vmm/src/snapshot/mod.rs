@@ -343,6 +343,8 @@ pub fn merge_dirs(diff: &Path, base: &Path) -> Result<(), SnapshotError> {
     merge(&diff.join(STATE_FILE), &diff.join(MEMORY_FILE), &base.join(STATE_FILE), &base.join(MEMORY_FILE))
 }
 
+pub use shoal_vmm_config::{NetOverride, VsockOverride};
+
 /// How to restore.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
@@ -358,30 +360,6 @@ pub struct RestoreOptions {
     pub net_overrides: Vec<NetOverride>,
     /// The data the snapshot's MMDS interfaces serve (a fresh empty store if None).
     pub mmds_store: Option<crate::devices::virtio::net::mmds::SharedStore>,
-}
-
-/// A network interface of the snapshot (by `iface_id`) that gets another host tap and,
-/// optionally, another guest MAC (Shoal's extension to Firecracker's `network_overrides`).
-/// The device reports the new MAC from the restore on; a Linux guest reads it when its driver
-/// probes the device again (unbind and bind `virtio_net`), e.g. when told it was cloned.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetOverride {
-    pub iface_id: String,
-    pub host_dev_name: String,
-    #[serde(default)]
-    pub guest_mac: Option<String>,
-}
-
-/// What a restore changes of the vsock device; the guest learns the new CID from the
-/// TRANSPORT_RESET event every restored vsock device sends.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockOverride {
-    #[serde(default)]
-    pub guest_cid: Option<u64>,
-    #[serde(default)]
-    pub uds_path: Option<std::path::PathBuf>,
 }
 
 /// Builds a microVM from a snapshot, ready to run. The guest console goes to `console`.

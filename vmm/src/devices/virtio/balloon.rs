@@ -37,39 +37,7 @@ const MAX_PFNS_PER_CHAIN: usize = 4096;
 /// Most statistics entries read from one buffer (the spec defines 10 tags).
 const MAX_STATS: usize = 32;
 
-/// The balloon's settings (Firecracker's `PUT /balloon` body and config-file section).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BalloonConfig {
-    /// Target size of the balloon: memory the guest should give back.
-    pub amount_mib: u32,
-    /// The guest may deflate the balloon when it runs out of memory.
-    pub deflate_on_oom: bool,
-    /// Seconds between statistics requests; 0 turns statistics off.
-    #[serde(default)]
-    pub stats_polling_interval_s: u16,
-}
-
-impl BalloonConfig {
-    /// Parses the CLI form `mib=N[,deflate-on-oom][,stats=SECONDS]`.
-    pub fn parse(text: &str) -> Result<BalloonConfig, String> {
-        let mut c = BalloonConfig { amount_mib: 0, deflate_on_oom: false, stats_polling_interval_s: 0 };
-        let mut mib = None;
-        for part in text.split(',').filter(|p| !p.is_empty()) {
-            match part.split_once('=') {
-                Some(("mib", v)) => mib = Some(v.parse().map_err(|_| format!("balloon: `{v}` is not a size in MiB"))?),
-                Some(("stats", v)) => {
-                    c.stats_polling_interval_s =
-                        v.parse().map_err(|_| format!("balloon: `{v}` is not an interval in seconds (0-65535)"))?
-                }
-                None if part == "deflate-on-oom" => c.deflate_on_oom = true,
-                _ => return Err(format!("balloon: unknown option `{part}` (mib=N, deflate-on-oom, stats=S)")),
-            }
-        }
-        c.amount_mib = mib.ok_or("balloon: mib=N is required")?;
-        Ok(c)
-    }
-}
+pub use shoal_vmm_config::BalloonConfig;
 
 /// The guest's memory statistics (virtio 1.2, 5.5.6.3), with Firecracker's names.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,15 +488,6 @@ mod tests {
         assert_eq!(dev.update(patch), Ok(true));
         dev.read_config(0, &mut cfg);
         assert_eq!(u32::from_le_bytes(cfg), 256);
-    }
-
-    #[test]
-    fn the_cli_form_parses_and_bad_forms_are_refused() {
-        let c = BalloonConfig::parse("mib=64,deflate-on-oom,stats=5").unwrap();
-        assert_eq!(c, BalloonConfig { amount_mib: 64, deflate_on_oom: true, stats_polling_interval_s: 5 });
-        for bad in ["", "deflate-on-oom", "mib=x", "mib=1,stats=70000", "mib=1,bogus"] {
-            assert!(BalloonConfig::parse(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

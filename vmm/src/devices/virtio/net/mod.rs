@@ -76,24 +76,7 @@ impl std::fmt::Debug for VirtioNet {
     }
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = text.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return Err(format!("MAC `{text}` is not six hex bytes separated by colons"));
-    }
-    for (i, p) in parts.iter().enumerate() {
-        mac[i] = u8::from_str_radix(p, 16)
-            .ok()
-            .filter(|_| p.len() == 2)
-            .ok_or(format!("MAC `{text}`: `{p}` is not a hex byte"))?;
-    }
-    if mac[0] & 1 == 1 {
-        return Err(format!("MAC `{text}` is a multicast address"));
-    }
-    Ok(mac)
-}
+pub use shoal_vmm_config::parse_mac;
 
 impl VirtioNet {
     pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> VirtioNet {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+pub use shoal_vmm_config::{MmdsConfig, MmdsVersion};
 
 /// Firecracker's default data store limit (its API payload limit).
 pub const DEFAULT_SIZE_LIMIT: usize = 51200;
@@ -19,39 +19,6 @@ const MAX_TOKEN_TTL_S: u64 = 21600;
 const MAX_TOKENS: usize = 1024;
 /// Longest request a guest may send (request line and headers).
 pub const MAX_REQUEST: usize = 8192;
-
-/// Which MMDS protocol the guest speaks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MmdsVersion {
-    #[default]
-    V1,
-    V2,
-}
-
-/// `PUT /mmds/config` (and the `mmds-config` section of a Firecracker config file).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MmdsConfig {
-    #[serde(default)]
-    pub version: MmdsVersion,
-    /// The network interfaces (by `iface_id`) on which the guest reaches MMDS.
-    pub network_interfaces: Vec<String>,
-    /// The address MMDS answers on; 169.254.169.254 by default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ipv4_address: Option<String>,
-}
-
-impl MmdsConfig {
-    /// The address MMDS answers on.
-    pub fn address(&self) -> Result<[u8; 4], String> {
-        let text = self.ipv4_address.as_deref().unwrap_or("169.254.169.254");
-        let ip: std::net::Ipv4Addr = text.parse().map_err(|_| format!("`{text}` is not an IPv4 address"))?;
-        if ip.is_multicast() || ip.is_broadcast() || ip.is_unspecified() {
-            return Err(format!("`{text}` is not a unicast address"));
-        }
-        Ok(ip.octets())
-    }
-}
 
 /// The document and the sessions.
 #[derive(Debug)]
