@@ -21,6 +21,31 @@ fn three_voters(nodes: &[&Node]) -> serde_json::Value {
     wait_for(FORM, "3 voters", || agreed_status(nodes).filter(|s| s["voters"].as_array().map(|v| v.len()) == Some(3)))
 }
 
+/// Opens `/v1/watch?from_revision=FROM` on `node` and collects each event's data in a thread;
+/// returns once the stream is open.
+fn watch(net: &Net, node: &Node, from: u64) -> Arc<Mutex<Vec<serde_json::Value>>> {
+    let url = format!("http://{}/v1/watch?from_revision={from}", node.addr());
+    let token = node.token().to_string();
+    let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let sink = events.clone();
+    let hub = net.hub().to_string();
+    let (connected, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        support::enter_netns(&hub);
+        let resp = ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
+        let _ = connected.send(());
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(resp.into_reader()).lines() {
+            let Ok(line) = line else { return };
+            if let Some(data) = line.strip_prefix("data:") {
+                sink.lock().unwrap().push(serde_json::from_str(data.trim()).unwrap());
+            }
+        }
+    });
+    ready.recv_timeout(Duration::from_secs(10)).unwrap();
+    events
+}
+
 fn leader_index(nodes: &[&Node], status: &serde_json::Value) -> usize {
     let leader = status["leader_id"].as_str().unwrap();
     nodes.iter().position(|n| n.id() == leader).expect("the leader is one of the nodes")
@@ -229,22 +254,7 @@ fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_chan
     let start_rev = n[writer].put("w0", "0").unwrap();
 
     // Watch from start_rev on a follower; collect events in a thread.
-    let url = format!("http://{}/v1/watch?from_revision={start_rev}", n[watched].addr());
-    let token = n[watched].token().to_string();
-    let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-    let sink = events.clone();
-    let hub = net.hub().to_string();
-    std::thread::spawn(move || {
-        support::enter_netns(&hub);
-        let resp = ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(resp.into_reader()).lines() {
-            let Ok(line) = line else { return };
-            if let Some(data) = line.strip_prefix("data:") {
-                sink.lock().unwrap().push(serde_json::from_str(data.trim()).unwrap());
-            }
-        }
-    });
+    let events = watch(&net, &n[watched], start_rev);
     let mut written = Vec::new();
     for i in 1..=20 {
         let rev = n[writer].put(&format!("w{i}"), &i.to_string()).unwrap();
@@ -518,25 +528,7 @@ fn a_watch_on_a_node_that_installs_a_snapshot_sees_every_change() {
         (n[watched].read("s0").ok()? == Some("0".into())).then_some(())
     });
 
-    let url = format!("http://{}/v1/watch?from_revision={start_rev}", n[watched].addr());
-    let token = n[watched].token().to_string();
-    let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-    let sink = events.clone();
-    let hub = net.hub().to_string();
-    let (connected, ready) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        support::enter_netns(&hub);
-        let resp = ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
-        let _ = connected.send(());
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(resp.into_reader()).lines() {
-            let Ok(line) = line else { return };
-            if let Some(data) = line.strip_prefix("data:") {
-                sink.lock().unwrap().push(serde_json::from_str(data.trim()).unwrap());
-            }
-        }
-    });
-    ready.recv_timeout(Duration::from_secs(10)).unwrap();
+    let events = watch(&net, &n[watched], start_rev);
 
     let installs_before = n[watched].log().matches("installed snapshot").count();
     // Off the bridge: the watch's connection stalls (TCP keeps it) until the link is back.

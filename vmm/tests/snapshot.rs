@@ -349,20 +349,7 @@ fn damaged_and_foreign_snapshots_are_refused_with_clear_errors() {
 
     // More virtio devices than there are interrupt lines, re-sealed with a valid checksum.
     let mut crowded: SnapshotState = format::decode(&state).unwrap();
-    let rng = (
-        DeviceSpec::Rng(RngSpec { rate_limiter: None }),
-        TransportSaved {
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            acked_features: 0,
-            status: 0,
-            config_generation: 0,
-            activated: false,
-            interrupt_status: 0,
-            queues: Vec::new(),
-        },
-    );
+    let rng = (DeviceSpec::Rng(RngSpec { rate_limiter: None }), TransportSaved::default());
     crowded.devices = vec![rng; 19];
     let err = try_restore(&format::encode(&crowded).unwrap(), None);
     assert!(err.contains("19 virtio devices, more than the 18 interrupt lines"), "{err}");

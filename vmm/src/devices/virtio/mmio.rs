@@ -90,7 +90,7 @@ impl QueueSaved {
 }
 
 /// The transport's registers and queues, as a snapshot keeps them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportSaved {
     pub queue_select: u32,
     pub device_features_select: u32,

@@ -132,6 +132,13 @@ struct Segment<'a> {
     payload: &'a [u8],
 }
 
+impl<'a> Segment<'a> {
+    /// The connection's next segment: at our next sequence number, acknowledging all received.
+    fn next(c: &Conn, key: ([u8; 4], u16), flags: u8, payload: &'a [u8]) -> Segment<'a> {
+        Segment { dst_mac: c.guest_mac, dst_ip: key.0, dst_port: key.1, seq: c.snd_nxt, ack: c.rcv_nxt, flags, payload }
+    }
+}
+
 impl MmdsStack {
     pub fn new(ip: [u8; 4], store: Arc<Mutex<MmdsStore>>) -> MmdsStack {
         let mut seed = [0u8; 4];
@@ -401,43 +408,19 @@ impl MmdsStack {
             }
             chunk.clear();
             chunk.extend(c.unsent.drain(..n));
-            self.send(&Segment {
-                dst_mac: c.guest_mac,
-                dst_ip: key.0,
-                dst_port: key.1,
-                seq: c.snd_nxt,
-                ack: c.rcv_nxt,
-                flags: ACK | PSH,
-                payload: &chunk,
-            });
+            self.send(&Segment::next(c, key, ACK | PSH, &chunk));
             c.snd_nxt = c.snd_nxt.wrapping_add(n as u32);
             need_ack = false;
         }
         let closing = c.close_after || c.peer_closed;
         if c.unsent.is_empty() && closing && matches!(c.state, State::Established) {
-            self.send(&Segment {
-                dst_mac: c.guest_mac,
-                dst_ip: key.0,
-                dst_port: key.1,
-                seq: c.snd_nxt,
-                ack: c.rcv_nxt,
-                flags: FIN | ACK,
-                payload: &[],
-            });
+            self.send(&Segment::next(c, key, FIN | ACK, &[]));
             c.snd_nxt = c.snd_nxt.wrapping_add(1);
             c.state = if c.peer_closed { State::LastAck } else { State::FinSent };
             need_ack = false;
         }
         if need_ack {
-            self.send(&Segment {
-                dst_mac: c.guest_mac,
-                dst_ip: key.0,
-                dst_port: key.1,
-                seq: c.snd_nxt,
-                ack: c.rcv_nxt,
-                flags: ACK,
-                payload: &[],
-            });
+            self.send(&Segment::next(c, key, ACK, &[]));
         }
     }
 
