@@ -9,9 +9,11 @@
 //! - [`leader`]: what only the leader does for workloads (scheduling rounds, lost nodes, image
 //!   garbage collection, the format gate).
 //! - [`api`]: the HTTP API every node serves.
+//! - [`durable`]: files that must survive a crash whole.
 
 pub mod api;
 pub mod cluster;
+pub mod durable;
 pub mod images;
 pub mod leader;
 pub mod local;

@@ -229,8 +229,8 @@ impl ControlHandler {
                     _ => None,
                 });
                 let Some((b, t)) = found else { return Err("No balloon device configured.".into()) };
-                if amount_mib.is_some_and(|m| u64::from(m) > self.machine.mem_mib) {
-                    return Err("Amount of pages requested is too large.".into());
+                if let Some(m) = amount_mib {
+                    shoal_vmm_config::check_balloon_amount(*m, self.machine.mem_mib)?;
                 }
                 let update = DeviceUpdate::Balloon {
                     amount_mib: *amount_mib,

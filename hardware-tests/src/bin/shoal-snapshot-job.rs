@@ -107,29 +107,25 @@ impl Console {
     }
 }
 
-fn call(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), String> {
+/// One API request; Ok(the answer's body) on a 2xx.
+fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<String, String> {
     let mut s = UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
     let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-    match resp.split(' ').nth(1) {
-        Some(code) if code.starts_with('2') => Ok(()),
+    match (resp.split(' ').nth(1), resp.split_once("\r\n\r\n")) {
+        (Some(code), Some((_, body))) if code.starts_with('2') => Ok(body.to_string()),
         _ => Err(format!("{method} {path}: {resp}")),
     }
 }
 
-/// A request whose answer body is wanted (GET): Ok(body) on a 2xx.
+fn call(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), String> {
+    request(sock, method, path, body).map(|_| ())
+}
+
 fn fetch(sock: &Path, path: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-    match (resp.split(' ').nth(1), resp.split_once("\r\n\r\n")) {
-        (Some(code), Some((_, body))) if code.starts_with('2') => Ok(body.to_string()),
-        _ => Err(format!("GET {path}: {resp}")),
-    }
+    request(sock, "GET", path, "")
 }
 
 /// A number field of a flat JSON object, without a JSON parser in this small binary.

@@ -300,6 +300,14 @@ async fn get_deployment(
     }
 }
 
+/// A deployment body for `tenant`/`name`, checked: who may write it, the names, the spec.
+fn deployment_body(who: &Principal, tenant: &str, name: &str, body: &Bytes) -> Result<DeploymentSpec, Response> {
+    who.require_tenant(tenant).and_then(|_| names(tenant, Some(name)))?;
+    let spec: DeploymentSpec = parse(body)?;
+    spec.validate().map_err(bad_request)?;
+    Ok(spec)
+}
+
 async fn put_deployment(
     State(node): State<Node>,
     Extension(who): Extension<Principal>,
@@ -307,16 +315,10 @@ async fn put_deployment(
     Query(p): Query<Params>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = who.require_tenant(&tenant).and_then(|_| names(&tenant, Some(&name))) {
-        return r;
-    }
-    let spec: DeploymentSpec = match parse(&body) {
+    let spec = match deployment_body(&who, &tenant, &name, &body) {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(e) = spec.validate() {
-        return bad_request(e);
-    }
     let key = (tenant.clone(), name.clone());
     let created = !node.agent.shared.state().deployments.contains_key(&key);
     let cmd = Command::PutDeployment { tenant, name, spec, prev_revision: p.prev_revision };
@@ -550,16 +552,10 @@ async fn plan_deployment(
     Query(p): Query<Params>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = who.require_tenant(&tenant).and_then(|_| names(&tenant, Some(&name))) {
-        return r;
-    }
-    let spec: DeploymentSpec = match parse(&body) {
+    let spec = match deployment_body(&who, &tenant, &name, &body) {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if let Err(e) = spec.validate() {
-        return bad_request(e);
-    }
     if let Err(r) = read_barrier(&node, p.stale).await {
         return r;
     }

@@ -89,23 +89,9 @@ fn node_id(data_dir: &Path) -> anyhow::Result<u64> {
             break id;
         }
     };
-    write_durably(&path, format!("{id:016x}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    crate::durable::write(&path, format!("{id:016x}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(id)
-}
-
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the whole new one:
-/// a temporary file, synced, renamed over `path`, and the directory synced.
-pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 /// A live gossip member other than this process that carries this node's Raft id: a copy of

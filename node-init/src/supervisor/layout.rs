@@ -197,11 +197,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::durable::write(path, &serde_json::to_vec(value).map_err(std::io::Error::other)?)
 }
 
 /// Appends to a file that is rotated once it reaches `max` bytes (the old file becomes

@@ -378,6 +378,26 @@ impl MmdsConfig {
         }
         Ok(ip.octets())
     }
+
+    /// Checks the configuration against the network interfaces the VM has (by `iface_id`).
+    pub fn check(&self, interfaces: &[&str]) -> Result<(), String> {
+        self.address()?;
+        if self.network_interfaces.is_empty() {
+            return Err("network_interfaces is empty".into());
+        }
+        match self.network_interfaces.iter().find(|i| !interfaces.contains(&i.as_str())) {
+            Some(missing) => Err(format!("the network interface `{missing}` does not exist")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A balloon target must fit in the guest's memory.
+pub fn check_balloon_amount(amount_mib: u32, mem_size_mib: u64) -> Result<(), String> {
+    if u64::from(amount_mib) > mem_size_mib {
+        return Err(format!("Amount of pages requested is too large: {amount_mib} MiB of {mem_size_mib} MiB"));
+    }
+    Ok(())
 }
 
 // --- Snapshots ---

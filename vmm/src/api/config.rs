@@ -373,23 +373,14 @@ impl VmConfig {
             }
         }
         if let Some(b) = &self.balloon {
-            if u64::from(b.amount_mib) > self.mem_mib {
-                return Err(ConfigError::Device(format!(
-                    "balloon: amount_mib {} is more than the guest's {} MiB of memory",
-                    b.amount_mib, self.mem_mib
-                )));
-            }
+            shoal_vmm_config::check_balloon_amount(b.amount_mib, self.mem_mib)
+                .map_err(|e| ConfigError::Device(format!("balloon: {e}")))?;
         }
         if let Some(m) = &self.mmds {
-            m.address().map_err(|e| ConfigError::Device(format!("mmds: {e}")))?;
-            if m.network_interfaces.is_empty() {
-                return Err(ConfigError::Device("mmds: network_interfaces is empty".into()));
-            }
             let ids: Vec<String> =
                 self.nets.iter().enumerate().map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("eth{i}"))).collect();
-            if let Some(missing) = m.network_interfaces.iter().find(|i| !ids.contains(i)) {
-                return Err(ConfigError::Device(format!("mmds: no network interface `{missing}`")));
-            }
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            m.check(&ids).map_err(|e| ConfigError::Device(format!("mmds: {e}")))?;
         }
         if devices > crate::arch::x86_64::layout::VIRTIO_MAX_DEVICES {
             return Err(ConfigError::Device(format!(
@@ -531,7 +522,7 @@ mod tests {
         let mut m = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
         m["mmds-config"] = serde_json::json!({"version": "V2", "network_interfaces": ["eth0"]});
         let c = VmConfig::from_firecracker(m.clone()).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("mmds: no network interface `eth0`"));
+        assert!(c.validate().unwrap_err().to_string().contains("mmds: the network interface `eth0` does not exist"));
         m["network-interfaces"] = serde_json::json!([{"iface_id": "eth0", "host_dev_name": "tap0"}]);
         m["mmds-config"]["ipv4_address"] = serde_json::json!("224.0.0.1");
         let c = VmConfig::from_firecracker(m.clone()).unwrap();
@@ -546,7 +537,7 @@ mod tests {
         assert!(c.validate().is_ok() && c.device_count() == 1);
         let mut big = c.clone();
         big.balloon = big.balloon.map(|b| crate::devices::virtio::balloon::BalloonConfig { amount_mib: 4096, ..b });
-        assert!(big.validate().unwrap_err().to_string().contains("more than the guest's 128 MiB"));
+        assert!(big.validate().unwrap_err().to_string().contains("too large: 4096 MiB of 128 MiB"));
         let mut j = serde_json::json!({"boot-source": {"kernel_image_path": "k"}});
         j["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "./v.sock"});
         let c = VmConfig::from_firecracker(j).unwrap();

@@ -5,9 +5,9 @@
 
 use serde::Deserialize;
 pub use shoal_vmm_config::{
-    ActionType, BalloonStatsUpdate, BalloonUpdate, BootSource, EntropyConfig, InstanceAction, LoggerConfig,
-    MachineConfig, MemBackend, MemBackendType, MetricsConfig, PartialDrive, PartialNet, SnapshotCreateParams,
-    SnapshotLoadParams, SnapshotTypeName, VmStateName, VmStateRequest, FIRECRACKER_API_VERSION,
+    check_balloon_amount, ActionType, BalloonStatsUpdate, BalloonUpdate, BootSource, EntropyConfig, InstanceAction,
+    LoggerConfig, MachineConfig, MemBackend, MemBackendType, MetricsConfig, PartialDrive, PartialNet,
+    SnapshotCreateParams, SnapshotLoadParams, SnapshotTypeName, VmStateName, VmStateRequest, FIRECRACKER_API_VERSION,
 };
 
 use super::config::{FirecrackerDrive, FirecrackerNet};
@@ -390,23 +390,17 @@ impl ApiState {
             },
             ("PUT", "/mmds/config") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/mmds/config") => match parse_body::<crate::devices::virtio::net::mmds::store::MmdsConfig>(req) {
-                Ok(c) => match c.address() {
-                    Err(e) => Response::fault(400, format!("Invalid MMDS configuration: {e}.")),
-                    Ok(_) if c.network_interfaces.is_empty() => {
-                        Response::fault(400, "Invalid MMDS configuration: network_interfaces is empty.")
-                    }
-                    Ok(_) => match c.network_interfaces.iter().find(|i| !self.nets.iter().any(|n| &n.iface_id == *i)) {
-                        Some(missing) => Response::fault(
-                            400,
-                            format!("Invalid MMDS configuration: the network interface `{missing}` does not exist."),
-                        ),
-                        None => {
+                Ok(c) => {
+                    let ids: Vec<&str> = self.nets.iter().map(|n| n.iface_id.as_str()).collect();
+                    match c.check(&ids) {
+                        Err(e) => Response::fault(400, format!("Invalid MMDS configuration: {e}.")),
+                        Ok(()) => {
                             self.mmds_config = Some(c);
                             self.configured = true;
                             Response::no_content()
                         }
-                    },
-                },
+                    }
+                }
                 Err(r) => r,
             },
             ("GET", "/mmds/config") => match &self.mmds_config {
@@ -430,18 +424,14 @@ impl ApiState {
             }
             ("PUT", "/balloon") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/balloon") => match parse_body::<crate::devices::virtio::balloon::BalloonConfig>(req) {
-                Ok(b) if u64::from(b.amount_mib) > self.machine.mem_size_mib => Response::fault(
-                    400,
-                    format!(
-                        "Amount of pages requested is too large: {} MiB of {} MiB.",
-                        b.amount_mib, self.machine.mem_size_mib
-                    ),
-                ),
-                Ok(b) => {
-                    self.balloon = Some(b);
-                    self.configured = true;
-                    Response::no_content()
-                }
+                Ok(b) => match check_balloon_amount(b.amount_mib, self.machine.mem_size_mib) {
+                    Err(e) => Response::fault(400, format!("{e}.")),
+                    Ok(()) => {
+                        self.balloon = Some(b);
+                        self.configured = true;
+                        Response::no_content()
+                    }
+                },
                 Err(r) => r,
             },
             ("GET", "/balloon") => match &self.balloon {
@@ -451,23 +441,19 @@ impl ApiState {
             ("PATCH", "/balloon") => match (parse_body::<BalloonUpdate>(req), self.balloon.as_mut()) {
                 (Err(r), _) => r,
                 (Ok(_), None) => Response::fault(400, NO_BALLOON),
-                (Ok(u), Some(_)) if u64::from(u.amount_mib) > self.machine.mem_size_mib => Response::fault(
-                    400,
-                    format!(
-                        "Amount of pages requested is too large: {} MiB of {} MiB.",
-                        u.amount_mib, self.machine.mem_size_mib
-                    ),
-                ),
-                (Ok(u), Some(_)) if started => {
-                    return Outcome::PatchDevice(DevicePatch::Balloon {
-                        amount_mib: Some(u.amount_mib),
-                        stats_polling_interval_s: None,
-                    })
-                }
-                (Ok(u), Some(b)) => {
-                    b.amount_mib = u.amount_mib;
-                    Response::no_content()
-                }
+                (Ok(u), Some(b)) => match check_balloon_amount(u.amount_mib, self.machine.mem_size_mib) {
+                    Err(e) => Response::fault(400, format!("{e}.")),
+                    Ok(()) if started => {
+                        return Outcome::PatchDevice(DevicePatch::Balloon {
+                            amount_mib: Some(u.amount_mib),
+                            stats_polling_interval_s: None,
+                        })
+                    }
+                    Ok(()) => {
+                        b.amount_mib = u.amount_mib;
+                        Response::no_content()
+                    }
+                },
             },
             ("GET", "/balloon/statistics") => match &self.balloon {
                 None => Response::fault(400, NO_BALLOON),
@@ -891,6 +877,51 @@ mod tests {
         let Outcome::PatchDevice(p) = s.handle(&req("PATCH", "/network-interfaces/eth0", off)) else { panic!() };
         s.applied(&p);
         assert_eq!(s.nets[0].tx_rate_limiter, None);
+    }
+
+    #[test]
+    fn mmds_and_balloon_requests_are_checked_and_kept() {
+        use crate::devices::virtio::net::mmds::store::MmdsVersion;
+        let mut s = ApiState::default();
+        // MMDS on an interface that does not exist, a bad address, no interfaces: refused.
+        for body in [
+            r#"{"network_interfaces": ["eth0"]}"#,
+            r#"{"network_interfaces": []}"#,
+            r#"{"network_interfaces": ["eth0"], "ipv4_address": "224.0.0.9"}"#,
+            r#"{"network_interfaces": ["eth0"], "version": "V3"}"#,
+        ] {
+            assert_eq!(reply(&mut s, "PUT", "/mmds/config", body).status, 400, "{body}");
+        }
+        let net = r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#;
+        assert_eq!(reply(&mut s, "PUT", "/network-interfaces/eth0", net).status, 204);
+        assert_eq!(
+            reply(&mut s, "PUT", "/mmds/config", r#"{"version": "V2", "network_interfaces": ["eth0"]}"#).status,
+            204
+        );
+        s.boot = Some(BootSource { kernel_image_path: "/k".into(), boot_args: None, initrd_path: None });
+        let mmds = s.vm_config().unwrap().mmds.unwrap();
+        assert_eq!((mmds.version, mmds.network_interfaces), (MmdsVersion::V2, vec!["eth0".to_string()]));
+        // The data store: an object only, merged by PATCH, read back by GET.
+        assert_eq!(reply(&mut s, "PUT", "/mmds", "[1]").status, 400);
+        assert_eq!(reply(&mut s, "PUT", "/mmds", "not json").status, 400);
+        assert_eq!(reply(&mut s, "PUT", "/mmds", r#"{"a": {"b": 1}}"#).status, 204);
+        assert_eq!(reply(&mut s, "PATCH", "/mmds", r#"{"a": {"c": 2}}"#).status, 204);
+        let got = reply(&mut s, "GET", "/mmds", "");
+        assert_eq!(got.body.as_deref(), Some(r#"{"a":{"b":1,"c":2}}"#));
+        // The balloon: bigger than the guest's memory refused, statistics only after the start.
+        let r = reply(&mut s, "PUT", "/balloon", r#"{"amount_mib": 4096, "deflate_on_oom": false}"#);
+        assert!(r.status == 400 && fault(&r).contains("too large"), "{:?}", r.body);
+        assert_eq!(reply(&mut s, "GET", "/balloon", "").status, 400);
+        let balloon = r#"{"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#;
+        assert_eq!(reply(&mut s, "PUT", "/balloon", balloon).status, 204);
+        assert_eq!(reply(&mut s, "PATCH", "/balloon", r#"{"amount_mib": 32}"#).status, 204);
+        assert!(reply(&mut s, "GET", "/balloon", "").body.unwrap_or_default().contains("\"amount_mib\":32"));
+        let r = reply(&mut s, "GET", "/balloon/statistics", "");
+        assert_eq!((r.status, fault(&r).as_str()), (400, NOT_BEFORE_START));
+        s.state = InstanceState::Running;
+        assert_eq!(reply(&mut s, "PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#).status, 400);
+        assert_eq!(reply(&mut s, "PUT", "/balloon", balloon).status, 400);
+        assert_eq!(s.handle(&req("GET", "/balloon/statistics", "")), Outcome::BalloonStats);
     }
 
     #[test]

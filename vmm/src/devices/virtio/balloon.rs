@@ -1,7 +1,9 @@
 //! virtio-balloon (virtio 1.2, 5.5), as Firecracker offers it: the host sets a target size
 //! (`num_pages` in config space, from `amount_mib`), the driver inflates the balloon by handing
 //! pages over on the inflate queue, and the VMM gives their memory back to the host
-//! (`MADV_DONTNEED`: the VMM's RSS drops; a page the guest touches again reads as zeros). The
+//! (`MADV_DONTNEED`: the VMM's RSS drops; a page the guest touches again reads as zeros, or as
+//! the snapshot's data for a VM restored from a memory file; the guest gave it up, so either
+//! does). Dropped pages are not in KVM's dirty log: a diff snapshot keeps their old data. The
 //! deflate queue only acknowledges: a page comes back when the guest touches it. With
 //! `deflate_on_oom` the driver may take pages back under memory pressure
 //! (VIRTIO_BALLOON_F_DEFLATE_ON_OOM); with a statistics interval the device offers the stats
@@ -339,15 +341,12 @@ impl VirtioDevice for VirtioBalloon {
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
         irq: Arc<IrqLine>,
-        acked: u64,
+        _acked: u64,
     ) -> Result<(), ActivateError> {
         if queues.len() != self.queue_sizes.len() {
             return Err(ActivateError::BadQueue(queues.len()));
         }
-        if acked & F_STATS_VQ == 0 && self.queue_sizes.len() > STATS {
-            // The driver declined statistics: its third queue is not in use.
-            tracing::debug!("balloon driver declined the statistics queue");
-        }
+        // A driver that declined statistics leaves the third queue unready: it yields nothing.
         self.active = Some(Active { mem, queues, irq });
         self.stats_head = None;
         self.stats_due = None;

@@ -19,10 +19,15 @@ use store::MmdsStore;
 pub type SharedStore = Arc<Mutex<MmdsStore>>;
 
 /// A tap with the MMDS endpoint in front: frames for MMDS are answered, the rest pass.
-#[allow(missing_debug_implementations)] // wraps a `dyn NetBackend`; `stack` is Debug
 pub struct MmdsBackend {
     inner: Box<dyn NetBackend>,
     stack: MmdsStack,
+}
+
+impl std::fmt::Debug for MmdsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmdsBackend").field("stack", &self.stack).finish()
+    }
 }
 
 impl MmdsBackend {

@@ -141,9 +141,10 @@ impl<'a> Segment<'a> {
 
 impl MmdsStack {
     pub fn new(ip: [u8; 4], store: Arc<Mutex<MmdsStore>>) -> MmdsStack {
+        use crate::devices::virtio::rng::{Entropy, HostEntropy};
         let mut seed = [0u8; 4];
-        // SAFETY: getrandom writes at most 4 bytes into `seed`; a failure leaves zeros.
-        let _ = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        // A failure leaves zeros: sequence numbers are then predictable, not wrong.
+        let _ = HostEntropy.fill(&mut seed);
         MmdsStack {
             ip,
             store,

@@ -174,16 +174,11 @@ impl MmdsStore {
                 self.tokens.remove(&oldest);
             }
         }
+        use crate::devices::virtio::rng::{Entropy, HostEntropy};
         let mut raw = [0u8; 24];
-        let mut filled = 0;
-        while filled < raw.len() {
-            // SAFETY: getrandom writes at most the given length into the slice.
-            let n = unsafe { libc::getrandom(raw[filled..].as_mut_ptr().cast(), raw.len() - filled, 0) };
-            if n <= 0 {
-                // No entropy source: a token that can never match is refused below.
-                return String::new();
-            }
-            filled += n as usize;
+        if HostEntropy.fill(&mut raw).is_err() {
+            // No entropy source: a token that can never match is refused below.
+            return String::new();
         }
         let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
         self.tokens.insert(token.clone(), now + ttl);
