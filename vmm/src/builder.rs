@@ -17,7 +17,6 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::{ConfigError, VmConfig};
 use crate::arch::x86_64::boot::{self, BootError, BootInfo};
 use crate::arch::x86_64::e820_map;
 use crate::arch::x86_64::layout::{CMDLINE_START, HIMEM_START};
@@ -37,11 +36,21 @@ use crate::devices::virtio::rng::VirtioRng;
 use crate::devices::virtio::vsock::{VirtioVsock, VsockError};
 use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::devices::EventFdTrigger;
-use crate::snapshot::MachineState;
 use crate::vstate::memory::{create_guest_memory, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError, VcpuWiring};
 use crate::vstate::vm::{Vm, VmError};
 use kvm_ioctls::IoEventAddress;
+use shoal_vmm_config::{ConfigError, VmConfig};
+
+/// The machine's shape, which a restore must reproduce.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub track_dirty_pages: bool,
+    /// The guest has ACPI tables, with the VM Generation ID device a restore changes.
+    pub acpi: bool,
+}
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;

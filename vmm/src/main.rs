@@ -9,7 +9,6 @@ use clap::Parser;
 use vmm_sys_util::terminal::Terminal;
 
 use shoal_vmm::api::VmConfig;
-use shoal_vmm::metrics::MetricsSnapshot;
 use shoal_vmm::seccomp::Seccomp;
 use shoal_vmm::{builder, runner, snapshot, EXIT_GUEST_FAULT, EXIT_OK, EXIT_SETUP_ERROR};
 
@@ -156,84 +155,20 @@ fn start_from_api(
     metrics_flush_secs: u64,
     mmds: &SharedStore,
 ) -> Result<(shoal_vmm::builder::MicroVm, runner::Control), String> {
-    use shoal_vmm::api::server::{self, ApiRequest, VmmLink};
+    use shoal_vmm::api::server::{self, VmmLink};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let listener = server::bind(sock).map_err(|e| error_chain(&e))?;
     let (tx, rx) = std::sync::mpsc::channel();
     let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("cannot create an eventfd: {e}"))?;
     let link_wake = wake.try_clone().map_err(|e| format!("cannot create an eventfd: {e}"))?;
     server::spawn(listener, VmmLink { tx, wake: link_wake }, seccomp, mmds.clone()).map_err(|e| error_chain(&e))?;
-    let mut metrics_file: Option<std::fs::File> = None;
+    let mut controller = shoal_vmm::controller::Controller::new(mmds.clone());
     loop {
         let Ok(request) = rx.recv() else { return Err("the API thread stopped".into()) };
-        let (built, reply) = match request {
-            ApiRequest::Start { config, reply } => {
-                (builder::build_microvm(&config, Box::new(std::io::stdout()), mmds).map_err(|e| error_chain(&e)), reply)
-            }
-            ApiRequest::LoadSnapshot { load, reply } => {
-                let options = snapshot::RestoreOptions {
-                    resume: load.resume,
-                    track_dirty_pages: load.track_dirty_pages,
-                    vsock_override: load.vsock_override.clone(),
-                    net_overrides: load.net_overrides.clone(),
-                    mmds_store: Some(mmds.clone()),
-                };
-                let vm = snapshot::restore(&load.state_path, &load.mem_path, Box::new(std::io::stdout()), options);
-                (vm.map_err(|e| format!("Cannot load the snapshot: {}", error_chain(&e))), reply)
-            }
-            ApiRequest::SetPaused { reply, .. } | ApiRequest::CreateSnapshot { reply, .. } => {
-                let _ = reply.send(Err("The microVM is not running.".into()));
-                continue;
-            }
-            ApiRequest::Logger { level, path, reply } => {
-                let _ = reply.send(shoal_vmm::logging::configure(level, path.as_deref()));
-                continue;
-            }
-            ApiRequest::Metrics { reply } => {
-                let _ = reply.send(MetricsSnapshot {
-                    utc_timestamp_ms: MetricsSnapshot::now_ms(),
-                    ..MetricsSnapshot::default()
-                });
-                continue;
-            }
-            ApiRequest::MetricsFile { path, reply } => {
-                let opened = std::fs::OpenOptions::new().create(true).append(true).open(&path);
-                let _ = reply.send(match opened {
-                    Ok(f) => {
-                        metrics_file = Some(f);
-                        Ok(())
-                    }
-                    Err(e) => Err(format!("Cannot open the metrics file {}: {e}", path.display())),
-                });
-                continue;
-            }
-            ApiRequest::FlushMetrics { reply } => {
-                let m = MetricsSnapshot { utc_timestamp_ms: MetricsSnapshot::now_ms(), ..MetricsSnapshot::default() };
-                let _ = reply.send(runner::flush_metrics(metrics_file.as_mut(), &m));
-                continue;
-            }
-            ApiRequest::SendCtrlAltDel { reply } | ApiRequest::PatchDevice { reply, .. } => {
-                let _ = reply.send(Err("The microVM is not running.".into()));
-                continue;
-            }
-            ApiRequest::BalloonStats { reply } => {
-                let _ = reply.send(Err("The microVM is not running.".into()));
-                continue;
-            }
-        };
-        match built {
-            Ok(vm) => {
-                let (written_tx, written_rx) = std::sync::mpsc::channel();
-                if reply.send(Ok(written_tx)).is_ok() {
-                    let _ = written_rx.recv_timeout(std::time::Duration::from_secs(2));
-                }
-                let metrics_flush_every =
-                    (metrics_flush_secs > 0).then(|| std::time::Duration::from_secs(metrics_flush_secs));
-                return Ok((vm, runner::Control { requests: rx, wake, metrics_file, metrics_flush_every }));
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
+        if let Some(vm) = controller.handle(request) {
+            let metrics_flush_every =
+                (metrics_flush_secs > 0).then(|| std::time::Duration::from_secs(metrics_flush_secs));
+            return Ok((vm, runner::Control { requests: rx, wake, controller, metrics_flush_every }));
         }
     }
 }
@@ -339,7 +274,7 @@ fn main() -> ExitCode {
             },
             None => {
                 let config = match &cli.config {
-                    Some(path) => match VmConfig::from_file(path) {
+                    Some(path) => match shoal_vmm::api::config::from_file(path) {
                         Ok(c) => c,
                         Err(e) => return fail(error_chain(&e)),
                     },

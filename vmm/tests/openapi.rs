@@ -7,6 +7,7 @@
 
 use serde_json::Value;
 use shoal_vmm::api::http::Request;
+use shoal_vmm::api::request::VmmAction;
 use shoal_vmm::api::routes::{ApiState, BootSource, InstanceState, Outcome};
 use shoal_vmm::devices::virtio::balloon::BalloonConfig;
 use shoal_vmm::metrics::MetricsSnapshot;
@@ -91,26 +92,28 @@ fn every_documented_operation_is_served_as_documented() {
             let response = match state.handle(&req) {
                 Outcome::Reply(r) => r,
                 // Handed to the VMM thread, which answers 204 when it succeeds.
-                Outcome::SetPaused(_)
-                | Outcome::CreateSnapshot { .. }
-                | Outcome::LoadSnapshot(_)
-                | Outcome::MetricsFile(_)
-                | Outcome::FlushMetrics
-                | Outcome::SendCtrlAltDel
-                | Outcome::PatchDevice(_)
-                | Outcome::Logger { .. } => shoal_vmm::api::http::Response::no_content(),
-                Outcome::Metrics { prometheus: true } => {
+                Outcome::Ask(
+                    VmmAction::SetPaused(_)
+                    | VmmAction::CreateSnapshot { .. }
+                    | VmmAction::LoadSnapshot(_)
+                    | VmmAction::MetricsFile(_)
+                    | VmmAction::FlushMetrics
+                    | VmmAction::SendCtrlAltDel
+                    | VmmAction::PatchDevice(_)
+                    | VmmAction::Logger { .. },
+                ) => shoal_vmm::api::http::Response::no_content(),
+                Outcome::Ask(VmmAction::Metrics { prometheus: true }) => {
                     shoal_vmm::api::http::Response::prometheus(MetricsSnapshot::default().to_prometheus())
                 }
-                Outcome::Metrics { prometheus: false } => {
+                Outcome::Ask(VmmAction::Metrics { prometheus: false }) => {
                     shoal_vmm::api::http::Response::json(200, MetricsSnapshot::default().to_json())
                 }
-                Outcome::BalloonStats => shoal_vmm::api::http::Response::json(
+                Outcome::Ask(VmmAction::BalloonStats) => shoal_vmm::api::http::Response::json(
                     200,
                     r#"{"target_pages": 4096, "actual_pages": 0, "target_mib": 16, "actual_mib": 0, "free_memory": 1}"#
                         .into(),
                 ),
-                Outcome::Start(_) => panic!("the examples do not start the VM"),
+                Outcome::Ask(VmmAction::Start(_)) => panic!("the examples do not start the VM"),
             };
             let documented = &op["responses"][response.status.to_string()];
             assert!(

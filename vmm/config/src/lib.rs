@@ -5,10 +5,16 @@
 //! `/network-interfaces`, `/vsock`, `/entropy`, `/balloon`, `/mmds/config`, `/snapshot/*`,
 //! `/logger`, `/metrics`, `/actions`, `PATCH /vm`), and the limits a value must meet (rate
 //! limiter bounds, MAC addresses, MMDS addresses, the CLI forms) are checked here, once.
+//! `VmConfig` (in `vm.rs`) is a whole microVM as the VMM builds it, and `limits` the machine
+//! bounds it is checked against.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+pub mod limits;
+mod vm;
+pub use vm::{ConfigError, DiskConfig, NetConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 
 // --- Rate limiters (Firecracker's TokenBucket and RateLimiter) ---
 

@@ -1,24 +1,16 @@
-//! Configuration and API types (serde). These describe a microVM; `builder` turns them into
-//! live objects. Nothing here touches KVM.
+//! The control API: the configuration file's forms (`config`; the types themselves are the
+//! `shoal_vmm_config` crate's), HTTP parsing (`http`), the resources (`routes`), the server
+//! thread (`server`), and the requests it hands the VMM thread (`request`). Nothing here
+//! touches KVM, builds a machine or reads a snapshot: the dependencies point one way,
+//! api -> config <- builder <- snapshot, and `controller` (on the VMM thread) decides what
+//! the API asks.
 
 pub mod config;
 pub mod http;
+pub mod request;
 pub mod routes;
 pub mod server;
 
 pub use config::{ConfigError, VmConfig};
 
-/// An error and its causes on one line (each cause once).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cause = c.source();
-    }
-    s
-}
+pub use crate::error_chain;

@@ -12,31 +12,13 @@ pub use shoal_vmm_config::{
 
 use super::config::{FirecrackerDrive, FirecrackerNet};
 use super::http::{Request, Response};
+use super::request::VmmAction;
+pub use super::request::{DevicePatch, SnapshotLoad};
 use super::VmConfig;
-use crate::snapshot::SnapshotKind;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
 const NOT_BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
 const NO_BALLOON: &str = "No balloon device configured.";
-
-/// A change to a running device, for the VMM thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DevicePatch {
-    Drive(PartialDrive),
-    Net(PartialNet),
-    Balloon { amount_mib: Option<u32>, stats_polling_interval_s: Option<u16> },
-}
-
-/// A checked snapshot load, for the VMM thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotLoad {
-    pub state_path: std::path::PathBuf,
-    pub mem_path: std::path::PathBuf,
-    pub resume: bool,
-    pub track_dirty_pages: bool,
-    pub vsock_override: Option<crate::snapshot::VsockOverride>,
-    pub net_overrides: Vec<crate::snapshot::NetOverride>,
-}
 
 /// Checks a `PUT /snapshot/load` body and resolves its memory file.
 fn check_load(params: SnapshotLoadParams) -> Result<SnapshotLoad, String> {
@@ -147,30 +129,9 @@ impl Default for ApiState {
 pub enum Outcome {
     /// Send this response.
     Reply(Response),
-    /// Ask the VMM thread to build and start this configuration; reply 204 if it does, else
-    /// 400 with its error.
-    Start(VmConfig),
-    /// Ask the VMM thread to pause (true) or resume (false) the running microVM.
-    SetPaused(bool),
-    /// Ask the VMM thread to press Ctrl+Alt+Del on the guest's keyboard.
-    SendCtrlAltDel,
-    /// Ask the VMM thread to snapshot the paused microVM.
-    CreateSnapshot { kind: SnapshotKind, state_path: std::path::PathBuf, mem_path: std::path::PathBuf },
-    /// Ask the VMM thread to build the microVM from a snapshot; reply 204 if it does.
-    LoadSnapshot(SnapshotLoad),
-    /// Ask the VMM thread for the counters: Prometheus text (true) or JSON.
-    Metrics { prometheus: bool },
-    /// Ask the VMM thread to open Firecracker's metrics file (appended to on FlushMetrics).
-    MetricsFile(std::path::PathBuf),
-    /// Ask the VMM thread to append the counters to the metrics file.
-    FlushMetrics,
-    /// Ask the VMM thread to change a running device (it knows which exist, restored ones
-    /// included); reply 204 if it did, and record it with `applied`.
-    PatchDevice(DevicePatch),
-    /// Ask the VMM thread for the balloon's state and the guest's statistics.
-    BalloonStats,
-    /// Ask the VMM thread to change the log level and/or log to a file.
-    Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<std::path::PathBuf> },
+    /// Ask the VMM thread (`controller::Controller`) to do this; reply with its answer, and
+    /// record what it did with `succeeded`.
+    Ask(VmmAction),
 }
 
 fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response> {
@@ -221,8 +182,23 @@ impl ApiState {
         })
     }
 
-    /// Records a patch the VMM thread applied, so `GET /vm/config` shows it.
-    pub fn applied(&mut self, patch: &DevicePatch) {
+    /// Records what the VMM thread did: the instance's state, and patches applied to running
+    /// devices (so `GET /vm/config` shows them).
+    pub fn succeeded(&mut self, action: &VmmAction) {
+        match action {
+            VmmAction::Start(_) => self.state = InstanceState::Running,
+            VmmAction::LoadSnapshot(load) => {
+                self.state = if load.resume { InstanceState::Running } else { InstanceState::Paused }
+            }
+            VmmAction::SetPaused(paused) => {
+                self.state = if *paused { InstanceState::Paused } else { InstanceState::Running }
+            }
+            VmmAction::PatchDevice(patch) => self.applied(patch),
+            _ => {}
+        }
+    }
+
+    fn applied(&mut self, patch: &DevicePatch) {
         use crate::devices::rate_limiter::RateLimitConfig;
         match patch {
             DevicePatch::Balloon { amount_mib, stats_polling_interval_s } => {
@@ -308,20 +284,24 @@ impl ApiState {
                     Response::fault(400, "The microVM is already running.")
                 }
                 Ok(InstanceAction { action_type: ActionType::InstanceStart }) => match self.vm_config() {
-                    Ok(config) => return Outcome::Start(config),
+                    Ok(config) => return Outcome::Ask(VmmAction::Start(Box::new(config))),
                     Err(r) => r,
                 },
-                Ok(InstanceAction { action_type: ActionType::FlushMetrics }) => return Outcome::FlushMetrics,
+                Ok(InstanceAction { action_type: ActionType::FlushMetrics }) => {
+                    return Outcome::Ask(VmmAction::FlushMetrics)
+                }
                 Ok(InstanceAction { action_type: ActionType::SendCtrlAltDel }) if !started => {
                     Response::fault(400, "The microVM is not running.")
                 }
-                Ok(InstanceAction { action_type: ActionType::SendCtrlAltDel }) => return Outcome::SendCtrlAltDel,
+                Ok(InstanceAction { action_type: ActionType::SendCtrlAltDel }) => {
+                    return Outcome::Ask(VmmAction::SendCtrlAltDel)
+                }
                 Err(r) => r,
             },
             ("PATCH", "/vm") => match parse_body::<VmStateRequest>(req) {
                 Ok(_) if !started => Response::fault(400, "The microVM is not running."),
-                Ok(VmStateRequest { state: VmStateName::Paused }) => return Outcome::SetPaused(true),
-                Ok(VmStateRequest { state: VmStateName::Resumed }) => return Outcome::SetPaused(false),
+                Ok(VmStateRequest { state: VmStateName::Paused }) => return Outcome::Ask(VmmAction::SetPaused(true)),
+                Ok(VmStateRequest { state: VmStateName::Resumed }) => return Outcome::Ask(VmmAction::SetPaused(false)),
                 Err(r) => r,
             },
             ("PATCH", p) if p.starts_with("/drives/") && !started => Response::fault(400, NOT_BEFORE_START),
@@ -339,7 +319,7 @@ impl ApiState {
                     400,
                     format!("Invalid rate limiter: {}.", patch_error(d.rate_limiter.as_ref()).unwrap_or_default()),
                 ),
-                Ok(d) => return Outcome::PatchDevice(DevicePatch::Drive(d)),
+                Ok(d) => return Outcome::Ask(VmmAction::PatchDevice(DevicePatch::Drive(d))),
                 Err(r) => r,
             },
             ("PATCH", p) if p.starts_with("/network-interfaces/") && !started => Response::fault(400, NOT_BEFORE_START),
@@ -358,7 +338,7 @@ impl ApiState {
                     let e = patch_error(n.rx_rate_limiter.as_ref()).or(patch_error(n.tx_rate_limiter.as_ref()));
                     Response::fault(400, format!("Invalid rate limiter: {}.", e.unwrap_or_default()))
                 }
-                Ok(n) => return Outcome::PatchDevice(DevicePatch::Net(n)),
+                Ok(n) => return Outcome::Ask(VmmAction::PatchDevice(DevicePatch::Net(n))),
                 Err(r) => r,
             },
             ("PUT", p) if p.starts_with("/drives/") && started => Response::fault(400, NOT_AFTER_START),
@@ -444,10 +424,10 @@ impl ApiState {
                 (Ok(u), Some(b)) => match check_balloon_amount(u.amount_mib, self.machine.mem_size_mib) {
                     Err(e) => Response::fault(400, format!("{e}.")),
                     Ok(()) if started => {
-                        return Outcome::PatchDevice(DevicePatch::Balloon {
+                        return Outcome::Ask(VmmAction::PatchDevice(DevicePatch::Balloon {
                             amount_mib: Some(u.amount_mib),
                             stats_polling_interval_s: None,
-                        })
+                        }))
                     }
                     Ok(()) => {
                         b.amount_mib = u.amount_mib;
@@ -461,16 +441,16 @@ impl ApiState {
                     Response::fault(400, "Statistics for the balloon device are not enabled.")
                 }
                 Some(_) if !started => Response::fault(400, NOT_BEFORE_START),
-                Some(_) => return Outcome::BalloonStats,
+                Some(_) => return Outcome::Ask(VmmAction::BalloonStats),
             },
             ("PATCH", "/balloon/statistics") => match (parse_body::<BalloonStatsUpdate>(req), self.balloon.as_mut()) {
                 (Err(r), _) => r,
                 (Ok(_), None) => Response::fault(400, NO_BALLOON),
                 (Ok(u), Some(_)) if started => {
-                    return Outcome::PatchDevice(DevicePatch::Balloon {
+                    return Outcome::Ask(VmmAction::PatchDevice(DevicePatch::Balloon {
                         amount_mib: None,
                         stats_polling_interval_s: Some(u.stats_polling_interval_s),
-                    })
+                    }))
                 }
                 (Ok(u), Some(b)) => {
                     b.stats_polling_interval_s = u.stats_polling_interval_s;
@@ -482,21 +462,21 @@ impl ApiState {
                     Ok(level) => {
                         let path = c.log_path.clone().filter(|p| !p.is_empty()).map(Into::into);
                         self.logger = Some(c);
-                        return Outcome::Logger { level, path };
+                        return Outcome::Ask(VmmAction::Logger { level, path });
                     }
                     Err(e) => Response::fault(400, e),
                 },
                 Err(r) => r,
             },
-            ("GET", "/shoal/metrics") => return Outcome::Metrics { prometheus: true },
-            ("GET", "/shoal/metrics.json") => return Outcome::Metrics { prometheus: false },
+            ("GET", "/shoal/metrics") => return Outcome::Ask(VmmAction::Metrics { prometheus: true }),
+            ("GET", "/shoal/metrics.json") => return Outcome::Ask(VmmAction::Metrics { prometheus: false }),
             ("PUT", "/metrics") if started => Response::fault(400, NOT_AFTER_START),
             ("PUT", "/metrics") => match parse_body::<MetricsConfig>(req) {
                 Ok(m) if m.metrics_path.is_empty() => Response::fault(400, "metrics_path must not be empty."),
                 Ok(m) => {
                     let path = m.metrics_path.clone().into();
                     self.metrics = Some(m);
-                    return Outcome::MetricsFile(path);
+                    return Outcome::Ask(VmmAction::MetricsFile(path));
                 }
                 Err(r) => r,
             },
@@ -559,15 +539,11 @@ impl ApiState {
                     Response::fault(400, "snapshot_path and mem_file_path must not be empty.")
                 }
                 Ok(p) => {
-                    let kind = match p.snapshot_type {
-                        SnapshotTypeName::Full => SnapshotKind::Full,
-                        SnapshotTypeName::Diff => SnapshotKind::Diff,
-                    };
-                    return Outcome::CreateSnapshot {
-                        kind,
+                    return Outcome::Ask(VmmAction::CreateSnapshot {
+                        kind: p.snapshot_type,
                         state_path: p.snapshot_path.into(),
                         mem_path: p.mem_file_path.into(),
-                    };
+                    })
                 }
                 Err(r) => r,
             },
@@ -580,7 +556,7 @@ impl ApiState {
             ),
             ("PUT", "/snapshot/load") => match parse_body::<SnapshotLoadParams>(req) {
                 Ok(p) => match check_load(p) {
-                    Ok(load) => return Outcome::LoadSnapshot(load),
+                    Ok(load) => return Outcome::Ask(VmmAction::LoadSnapshot(load)),
                     Err(message) => Response::fault(400, message),
                 },
                 Err(r) => r,
@@ -641,7 +617,7 @@ mod tests {
             204
         );
         match s.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) {
-            Outcome::Start(c) => {
+            Outcome::Ask(VmmAction::Start(c)) => {
                 assert_eq!(
                     (c.vcpus, c.mem_mib, c.cmdline.as_str()),
                     (2, 1024, "console=ttyS0 reboot=k panic=1 pci=off")
@@ -693,8 +669,11 @@ mod tests {
         let r = reply(&mut s, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
         assert_eq!(r.status, 400);
         assert!(reply(&mut s, "GET", "/", "").body.unwrap().contains("\"state\":\"Running\""));
-        assert_eq!(s.handle(&req("PATCH", "/vm", r#"{"state": "Paused"}"#)), Outcome::SetPaused(true));
-        assert_eq!(s.handle(&req("PATCH", "/vm", r#"{"state": "Resumed"}"#)), Outcome::SetPaused(false));
+        assert_eq!(s.handle(&req("PATCH", "/vm", r#"{"state": "Paused"}"#)), Outcome::Ask(VmmAction::SetPaused(true)));
+        assert_eq!(
+            s.handle(&req("PATCH", "/vm", r#"{"state": "Resumed"}"#)),
+            Outcome::Ask(VmmAction::SetPaused(false))
+        );
         assert_eq!(reply(&mut s, "PATCH", "/vm", r#"{"state": "Frozen"}"#).status, 400);
     }
 
@@ -708,16 +687,16 @@ mod tests {
         s.state = InstanceState::Paused;
         assert_eq!(
             s.handle(&req("PUT", "/snapshot/create", body)),
-            Outcome::CreateSnapshot {
-                kind: SnapshotKind::Full,
+            Outcome::Ask(VmmAction::CreateSnapshot {
+                kind: SnapshotTypeName::Full,
                 state_path: "./snapshot_file".into(),
                 mem_path: "./mem_file".into()
-            }
+            })
         );
         let diff = r#"{"snapshot_type": "Diff", "snapshot_path": "s", "mem_file_path": "m", "version": "1.0.0"}"#;
         assert!(matches!(
             s.handle(&req("PUT", "/snapshot/create", diff)),
-            Outcome::CreateSnapshot { kind: SnapshotKind::Diff, .. }
+            Outcome::Ask(VmmAction::CreateSnapshot { kind: SnapshotTypeName::Diff, .. })
         ));
         for bad in [
             r#"{"snapshot_type": "Partial", "snapshot_path": "s", "mem_file_path": "m"}"#,
@@ -735,19 +714,19 @@ mod tests {
         let body = r#"{"snapshot_path": "./snapshot_file", "mem_backend": {"backend_path": "./mem_file", "backend_type": "File"}, "enable_diff_snapshots": true, "resume_vm": false}"#;
         assert_eq!(
             s.handle(&req("PUT", "/snapshot/load", body)),
-            Outcome::LoadSnapshot(SnapshotLoad {
+            Outcome::Ask(VmmAction::LoadSnapshot(SnapshotLoad {
                 state_path: "./snapshot_file".into(),
                 mem_path: "./mem_file".into(),
                 resume: false,
                 track_dirty_pages: true,
                 vsock_override: None,
                 net_overrides: vec![]
-            })
+            }))
         );
         let old = r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#;
         assert!(matches!(
             s.handle(&req("PUT", "/snapshot/load", old)),
-            Outcome::LoadSnapshot(SnapshotLoad { resume: true, .. })
+            Outcome::Ask(VmmAction::LoadSnapshot(SnapshotLoad { resume: true, .. }))
         ));
         for bad in [
             r#"{"snapshot_path": "s"}"#,
@@ -759,9 +738,9 @@ mod tests {
         }
         let moved = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}"#;
         match s.handle(&req("PUT", "/snapshot/load", moved)) {
-            Outcome::LoadSnapshot(l) => assert_eq!(
+            Outcome::Ask(VmmAction::LoadSnapshot(l)) => assert_eq!(
                 l.net_overrides,
-                [crate::snapshot::NetOverride {
+                [shoal_vmm_config::NetOverride {
                     iface_id: "eth0".into(),
                     host_dev_name: "tap1".into(),
                     guest_mac: None
@@ -771,7 +750,9 @@ mod tests {
         }
         let new_mac = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1", "guest_mac": "02:00:00:00:00:12"}]}"#;
         match s.handle(&req("PUT", "/snapshot/load", new_mac)) {
-            Outcome::LoadSnapshot(l) => assert_eq!(l.net_overrides[0].guest_mac.as_deref(), Some("02:00:00:00:00:12")),
+            Outcome::Ask(VmmAction::LoadSnapshot(l)) => {
+                assert_eq!(l.net_overrides[0].guest_mac.as_deref(), Some("02:00:00:00:00:12"))
+            }
             _ => panic!("a guest_mac override accepted"),
         }
         let bad_mac = r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1", "guest_mac": "03:00:00:00:00:12"}]}"#;
@@ -800,7 +781,9 @@ mod tests {
             reply(&mut s, "PUT", "/boot-source", r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#).status,
             204
         );
-        let Outcome::Start(c) = s.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else {
+        let Outcome::Ask(VmmAction::Start(c)) =
+            s.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#))
+        else {
             panic!()
         };
         assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda rw");
@@ -813,7 +796,9 @@ mod tests {
         assert_eq!(reply(&mut n, "PUT", "/network-interfaces/eth0", eth0).status, 204);
         assert_eq!(reply(&mut n, "PUT", "/network-interfaces/eth1", eth0).status, 400, "path and body ids differ");
         assert_eq!(reply(&mut n, "PUT", "/boot-source", r#"{"kernel_image_path": "/k"}"#).status, 204);
-        let Outcome::Start(c) = n.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)) else {
+        let Outcome::Ask(VmmAction::Start(c)) =
+            n.handle(&req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#))
+        else {
             panic!()
         };
         assert_eq!((c.nets[0].tap.as_str(), c.nets[0].mac.as_deref()), ("tap0", Some("06:00:AC:10:00:02")));
@@ -861,11 +846,11 @@ mod tests {
         ] {
             assert_eq!(reply(&mut s, "PATCH", path, body).status, 400, "{path} {body}");
         }
-        let Outcome::PatchDevice(p) = s.handle(&req("PATCH", "/drives/data", patch)) else { panic!() };
-        s.applied(&p);
+        let Outcome::Ask(a) = s.handle(&req("PATCH", "/drives/data", patch)) else { panic!() };
+        s.succeeded(&a);
         let limit = r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 10}}}"#;
-        let Outcome::PatchDevice(p) = s.handle(&req("PATCH", "/network-interfaces/eth0", limit)) else { panic!() };
-        s.applied(&p);
+        let Outcome::Ask(a) = s.handle(&req("PATCH", "/network-interfaces/eth0", limit)) else { panic!() };
+        s.succeeded(&a);
         let config: serde_json::Value =
             serde_json::from_str(reply(&mut s, "GET", "/vm/config", "").body.as_deref().unwrap()).unwrap();
         assert_eq!(config["drives"][0]["path_on_host"], "/b.img");
@@ -874,8 +859,8 @@ mod tests {
         assert!(config["vsock"].is_null() && config["boot-source"].is_null());
         // A bucket of size 0 removes that limit.
         let off = r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}"#;
-        let Outcome::PatchDevice(p) = s.handle(&req("PATCH", "/network-interfaces/eth0", off)) else { panic!() };
-        s.applied(&p);
+        let Outcome::Ask(a) = s.handle(&req("PATCH", "/network-interfaces/eth0", off)) else { panic!() };
+        s.succeeded(&a);
         assert_eq!(s.nets[0].tx_rate_limiter, None);
     }
 
@@ -921,7 +906,7 @@ mod tests {
         s.state = InstanceState::Running;
         assert_eq!(reply(&mut s, "PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#).status, 400);
         assert_eq!(reply(&mut s, "PUT", "/balloon", balloon).status, 400);
-        assert_eq!(s.handle(&req("GET", "/balloon/statistics", "")), Outcome::BalloonStats);
+        assert_eq!(s.handle(&req("GET", "/balloon/statistics", "")), Outcome::Ask(VmmAction::BalloonStats));
     }
 
     #[test]

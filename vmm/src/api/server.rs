@@ -12,16 +12,14 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use super::http::{self, Response};
-use super::routes::{ApiState, DevicePatch, InstanceState, Outcome, SnapshotLoad};
-use super::VmConfig;
-use crate::metrics::MetricsSnapshot;
+pub use super::request::VmmLink;
+use super::request::{Unanswered, VmmAction, VmmData};
+use super::routes::{ApiState, Outcome};
 use crate::seccomp::{Seccomp, ThreadKind};
-use crate::snapshot::SnapshotKind;
-use std::path::PathBuf;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more are answered 503 and closed.
@@ -40,57 +38,6 @@ pub enum ApiError {
     },
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
-}
-
-/// The VMM thread's answer to a start: Ok carries a sender the API thread signals once the
-/// 204 is on the wire, so that a guest which ends at once cannot end the process first.
-pub type StartReply = Result<Sender<()>, String>;
-
-/// What the API asks of the VMM thread.
-#[derive(Debug)]
-pub enum ApiRequest {
-    /// Build and start a microVM.
-    Start { config: VmConfig, reply: Sender<StartReply> },
-    /// Pause (true) or resume (false) the running microVM.
-    SetPaused { paused: bool, reply: Sender<Result<(), String>> },
-    /// Write a snapshot of the paused microVM.
-    CreateSnapshot { kind: SnapshotKind, state_path: PathBuf, mem_path: PathBuf, reply: Sender<Result<(), String>> },
-    /// Build a microVM from a snapshot and start it (paused unless `load.resume`).
-    LoadSnapshot { load: SnapshotLoad, reply: Sender<StartReply> },
-    /// Collect the counters.
-    Metrics { reply: Sender<MetricsSnapshot> },
-    /// Change the log level and/or send logs to a file.
-    Logger {
-        level: Option<tracing_subscriber::filter::LevelFilter>,
-        path: Option<PathBuf>,
-        reply: Sender<Result<(), String>>,
-    },
-    /// Open the metrics file (before the start).
-    MetricsFile { path: PathBuf, reply: Sender<Result<(), String>> },
-    /// Append the counters to the metrics file.
-    FlushMetrics { reply: Sender<Result<(), String>> },
-    /// Press Ctrl+Alt+Del on the guest's keyboard.
-    SendCtrlAltDel { reply: Sender<Result<(), String>> },
-    /// Change a running device (another backing file, other rate limiters, a balloon target).
-    PatchDevice { patch: DevicePatch, reply: Sender<Result<(), String>> },
-    /// The balloon's state and the guest's statistics, as Firecracker's JSON.
-    BalloonStats { reply: Sender<Result<String, String>> },
-}
-
-/// The API thread's line to the VMM thread: requests, and an eventfd that wakes the VMM's
-/// event loop when one is queued.
-#[derive(Debug)]
-pub struct VmmLink {
-    pub tx: Sender<ApiRequest>,
-    pub wake: vmm_sys_util::eventfd::EventFd,
-}
-
-impl VmmLink {
-    fn send(&self, request: ApiRequest) -> bool {
-        let ok = self.tx.send(request).is_ok();
-        let _ = self.wake.write(1);
-        ok
-    }
 }
 
 /// Listens on `path`, which must not exist yet. The socket is bound under a temporary name and
@@ -318,121 +265,27 @@ fn set_nonblocking(stream: &UnixStream) -> bool {
     flags >= 0 && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0
 }
 
-/// Answers one request, handing what needs the microVM to the VMM thread.
+/// Answers one request, handing what needs the microVM to the VMM thread. A start's answer
+/// carries a sender to signal once the 204 is written.
 fn handle(state: &mut ApiState, req: &http::Request, link: &VmmLink) -> (Response, Option<Sender<()>>) {
-    match state.handle(req) {
-        Outcome::Reply(r) => (r, None),
-        Outcome::Start(config) => start(state, config, link),
-        Outcome::SetPaused(paused) => (set_paused(state, paused, link), None),
-        Outcome::CreateSnapshot { kind, state_path, mem_path } => {
-            (create_snapshot(kind, state_path, mem_path, link), None)
-        }
-        Outcome::LoadSnapshot(load) => load_snapshot(state, load, link),
-        Outcome::Metrics { prometheus } => (metrics(prometheus, link), None),
-        Outcome::MetricsFile(path) => (ask(link, |reply| ApiRequest::MetricsFile { path, reply }), None),
-        Outcome::FlushMetrics => (ask(link, |reply| ApiRequest::FlushMetrics { reply }), None),
-        Outcome::SendCtrlAltDel => (ask(link, |reply| ApiRequest::SendCtrlAltDel { reply }), None),
-        Outcome::Logger { level, path } => (ask(link, |reply| ApiRequest::Logger { level, path, reply }), None),
-        Outcome::BalloonStats => {
-            let (tx, rx) = channel();
-            if !link.send(ApiRequest::BalloonStats { reply: tx }) {
-                return (Response::fault(500, "The VMM is not accepting requests."), None);
+    let action = match state.handle(req) {
+        Outcome::Reply(r) => return (r, None),
+        Outcome::Ask(action) => action,
+    };
+    let prometheus = matches!(action, VmmAction::Metrics { prometheus: true });
+    match link.ask(action.clone()) {
+        Ok(Ok(data)) => {
+            state.succeeded(&action);
+            match data {
+                VmmData::Done => (Response::no_content(), None),
+                VmmData::Started(written) => (Response::no_content(), Some(written)),
+                VmmData::Metrics(m) if prometheus => (Response::prometheus(m.to_prometheus()), None),
+                VmmData::Metrics(m) => (Response::json(200, m.to_json()), None),
+                VmmData::Json(json) => (Response::json(200, json), None),
             }
-            let r = match rx.recv() {
-                Ok(Ok(json)) => Response::json(200, json),
-                Ok(Err(message)) => Response::fault(400, message),
-                Err(_) => Response::fault(500, "The VMM stopped before answering."),
-            };
-            (r, None)
-        }
-        Outcome::PatchDevice(patch) => {
-            let r = ask(link, |reply| ApiRequest::PatchDevice { patch: patch.clone(), reply });
-            if r.status == 204 {
-                state.applied(&patch);
-            }
-            (r, None)
-        }
-    }
-}
-
-fn start(state: &mut ApiState, config: VmConfig, starts: &VmmLink) -> (Response, Option<Sender<()>>) {
-    let (tx, rx) = channel();
-    if !starts.send(ApiRequest::Start { config, reply: tx }) {
-        return (Response::fault(500, "The VMM is not accepting a start."), None);
-    }
-    match rx.recv() {
-        Ok(Ok(written)) => {
-            state.state = InstanceState::Running;
-            (Response::no_content(), Some(written))
         }
         Ok(Err(message)) => (Response::fault(400, message), None),
-        Err(_) => (Response::fault(500, "The VMM stopped before answering."), None),
-    }
-}
-
-fn load_snapshot(state: &mut ApiState, load: SnapshotLoad, link: &VmmLink) -> (Response, Option<Sender<()>>) {
-    let (tx, rx) = channel();
-    let resume = load.resume;
-    if !link.send(ApiRequest::LoadSnapshot { load, reply: tx }) {
-        return (Response::fault(500, "The VMM is not accepting requests."), None);
-    }
-    match rx.recv() {
-        Ok(Ok(written)) => {
-            state.state = if resume { InstanceState::Running } else { InstanceState::Paused };
-            (Response::no_content(), Some(written))
-        }
-        Ok(Err(message)) => (Response::fault(400, message), None),
-        Err(_) => (Response::fault(500, "The VMM stopped before answering."), None),
-    }
-}
-
-fn create_snapshot(kind: SnapshotKind, state_path: PathBuf, mem_path: PathBuf, link: &VmmLink) -> Response {
-    let (tx, rx) = channel();
-    if !link.send(ApiRequest::CreateSnapshot { kind, state_path, mem_path, reply: tx }) {
-        return Response::fault(500, "The VMM is not accepting requests.");
-    }
-    match rx.recv() {
-        Ok(Ok(())) => Response::no_content(),
-        Ok(Err(message)) => Response::fault(400, message),
-        Err(_) => Response::fault(500, "The VMM stopped before answering."),
-    }
-}
-
-fn ask(link: &VmmLink, make: impl FnOnce(Sender<Result<(), String>>) -> ApiRequest) -> Response {
-    let (tx, rx) = channel();
-    if !link.send(make(tx)) {
-        return Response::fault(500, "The VMM is not accepting requests.");
-    }
-    match rx.recv() {
-        Ok(Ok(())) => Response::no_content(),
-        Ok(Err(message)) => Response::fault(400, message),
-        Err(_) => Response::fault(500, "The VMM stopped before answering."),
-    }
-}
-
-fn metrics(prometheus: bool, link: &VmmLink) -> Response {
-    let (tx, rx) = channel();
-    if !link.send(ApiRequest::Metrics { reply: tx }) {
-        return Response::fault(500, "The VMM is not accepting requests.");
-    }
-    match rx.recv() {
-        Ok(m) if prometheus => Response::prometheus(m.to_prometheus()),
-        Ok(m) => Response::json(200, m.to_json()),
-        Err(_) => Response::fault(500, "The VMM stopped before answering."),
-    }
-}
-
-fn set_paused(state: &mut ApiState, paused: bool, link: &VmmLink) -> Response {
-    let (tx, rx) = channel();
-    if !link.send(ApiRequest::SetPaused { paused, reply: tx }) {
-        return Response::fault(500, "The VMM is not accepting requests.");
-    }
-    match rx.recv() {
-        Ok(Ok(())) => {
-            state.state = if paused { InstanceState::Paused } else { InstanceState::Running };
-            Response::no_content()
-        }
-        Ok(Err(message)) => Response::fault(400, message),
-        Err(_) => Response::fault(500, "The VMM stopped before answering."),
+        Err(Unanswered::NotAccepting) => (Response::fault(500, "The VMM is not accepting requests."), None),
+        Err(Unanswered::Stopped) => (Response::fault(500, "The VMM stopped before answering."), None),
     }
 }

@@ -48,15 +48,8 @@ pub enum SnapshotKind {
     Diff,
 }
 
-/// The machine's shape, which a restore must reproduce.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MachineState {
-    pub vcpus: u32,
-    pub mem_mib: u64,
-    pub track_dirty_pages: bool,
-    /// The guest has ACPI tables, with the VM Generation ID device a restore changes.
-    pub acpi: bool,
-}
+/// The machine's shape (saved in every snapshot).
+pub use crate::builder::MachineState;
 
 /// Which CPU a snapshot was taken on: vendor and family/model/stepping (CPUID leaves 0 and 1).
 /// Guest state holds CPU features and MSRs of that model; another model is refused.
@@ -290,7 +283,7 @@ fn check_consistent(state: &SnapshotState) -> Result<(), SnapshotError> {
     if m.vcpus == 0 || m.vcpus > 254 || state.vcpus.len() != m.vcpus as usize {
         return Err(SnapshotError::Inconsistent(format!("{} vCPU states for {} vCPUs", state.vcpus.len(), m.vcpus)));
     }
-    let want = m.mem_mib.checked_mul(1 << 20).filter(|&b| b <= crate::api::config::MAX_MEM_MIB << 20);
+    let want = m.mem_mib.checked_mul(1 << 20).filter(|&b| b <= shoal_vmm_config::limits::MAX_MEM_MIB << 20);
     if want != Some(state.memory_bytes) {
         return Err(SnapshotError::Inconsistent(format!(
             "{} bytes of memory for {} MiB",

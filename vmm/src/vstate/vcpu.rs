@@ -491,7 +491,7 @@ impl Vcpu {
             .spawn(move || {
                 let why = match crate::seccomp::install(ThreadKind::Vcpu, seccomp) {
                     Ok(()) => self.run(&commands),
-                    Err(e) => Some(VcpuStop::RunFailed(crate::api::error_chain(&e))),
+                    Err(e) => Some(VcpuStop::RunFailed(crate::error_chain(&e))),
                 };
                 let Some(why) = why else { return };
                 tracing::debug!(vcpu = index, reason = %why, "vcpu stopped");

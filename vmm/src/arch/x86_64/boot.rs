@@ -53,13 +53,11 @@ pub const fn cmdline_max_len() -> usize {
 
 /// Checks a command line against the x86 limit before anything is loaded.
 pub fn check_cmdline(cmdline: &str) -> Result<(), BootError> {
-    if cmdline.as_bytes().contains(&0) {
-        return Err(BootError::CmdlineNul);
-    }
-    if cmdline.len() > cmdline_max_len() {
-        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max: cmdline_max_len() });
-    }
-    Ok(())
+    use shoal_vmm_config::limits::CmdlineError;
+    shoal_vmm_config::limits::check_cmdline(cmdline).map_err(|e| match e {
+        CmdlineError::Nul => BootError::CmdlineNul,
+        CmdlineError::TooLong { len, max } => BootError::CmdlineTooLong { len, max },
+    })
 }
 
 /// Checks that a bzImage's setup header allows the 64-bit entry we use.

@@ -19,7 +19,7 @@ pub const PVH_MEMMAP_START: u64 = 0x6040;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Longest command line accepted, NUL included (x86 COMMAND_LINE_SIZE).
-pub const CMDLINE_MAX_SIZE: usize = 2048;
+pub use shoal_vmm_config::limits::CMDLINE_MAX_SIZE;
 /// Start of the extended BIOS data area, where the MP table goes.
 pub const EBDA_START: u64 = 0x9fc00;
 /// First byte of memory above the legacy hole: kernels load here or higher.
@@ -33,11 +33,7 @@ pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
 /// Addresses KVM needs for its own use on Intel (TSS and identity map), inside the gap.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
-/// virtio-mmio devices: one 4 KiB window each from here, in the MMIO gap.
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
-/// First IOAPIC line for virtio-mmio devices (COM1 has 4); one line per device.
-pub const VIRTIO_FIRST_IRQ: u32 = 5;
-/// Lines 5..=22 of the IOAPIC: at most this many virtio devices (23 is the ACPI Generic
-/// Event Device's).
-pub const VIRTIO_MAX_DEVICES: usize = 18;
+/// virtio-mmio devices: one 4 KiB window each from VIRTIO_MMIO_BASE, in the MMIO gap, on
+/// IOAPIC lines from VIRTIO_FIRST_IRQ, at most VIRTIO_MAX_DEVICES of them (the configuration
+/// names them on the guest's command line, so they are the configuration crate's constants).
+pub use shoal_vmm_config::limits::{VIRTIO_FIRST_IRQ, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};

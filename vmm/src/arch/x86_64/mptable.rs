@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::layout::{APIC_DEFAULT_PHYS_BASE, EBDA_START, IOAPIC_ADDR};
 
 /// Most vCPUs an MP table can describe: APIC ids are 8 bits and the IOAPIC takes the next one.
-pub const MAX_VCPUS: u8 = 254;
+pub use shoal_vmm_config::limits::MAX_VCPUS;
 /// IOAPIC pins routed 1:1 from ISA IRQs.
 const IRQ_PINS: u8 = 24;
 const APIC_VERSION: u8 = 0x14;

@@ -75,10 +75,7 @@ pub enum VsockError {
 
 /// Checks a guest CID the way Firecracker does: 3 and up, 32 bits.
 pub fn check_cid(cid: u64) -> Result<(), VsockError> {
-    if cid < 3 || cid >= u64::from(u32::MAX) {
-        return Err(VsockError::BadCid(cid));
-    }
-    Ok(())
+    shoal_vmm_config::limits::check_cid(cid).map_err(|_| VsockError::BadCid(cid))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
