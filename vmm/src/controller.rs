@@ -12,7 +12,7 @@ use std::time::Duration;
 use vmm_sys_util::signal::Killable;
 
 use crate::api::error_chain;
-use crate::api::request::{DevicePatch, VmmAction, VmmData, VmmReply, VmmRequest};
+use crate::api::request::{DevicePatch, Restored, VmmAction, VmmData, VmmReply, VmmRequest};
 use crate::builder;
 use crate::builder::{DeviceSpec, MachineState, MicroVm};
 use crate::devices::bus::Bus;
@@ -328,6 +328,7 @@ impl Controller {
     pub fn handle(&mut self, request: VmmRequest) -> Option<MicroVm> {
         let VmmRequest { action, reply } = request;
         if self.running.is_none() {
+            let restoring = matches!(action, VmmAction::LoadSnapshot(_));
             let built = match action {
                 VmmAction::Start(config) => builder::build_microvm(&config, Box::new(std::io::stdout()), &self.mmds)
                     .map_err(|e| error_chain(&e)),
@@ -350,7 +351,8 @@ impl Controller {
             return match built {
                 Ok(vm) => {
                     let (written_tx, written_rx) = channel();
-                    if reply.send(Ok(VmmData::Started(written_tx))).is_ok() {
+                    let restored = restoring.then(|| Box::new(restored_config(&vm)));
+                    if reply.send(Ok(VmmData::Started { written: written_tx, restored })).is_ok() {
                         let _ = written_rx.recv_timeout(Duration::from_secs(2));
                     }
                     Some(vm)
@@ -420,6 +422,53 @@ impl Controller {
             tracing::warn!(error = %e, "periodic metrics flush failed");
         }
     }
+}
+
+/// A restored machine's configuration as the API shows it: its shape and its devices' specs.
+fn restored_config(vm: &MicroVm) -> Restored {
+    let mut r = Restored {
+        machine: shoal_vmm_config::MachineConfig {
+            vcpu_count: vm.machine.vcpus,
+            mem_size_mib: vm.machine.mem_mib,
+            smt: false,
+            track_dirty_pages: vm.machine.track_dirty_pages,
+            acpi: vm.machine.acpi,
+        },
+        mmds: vm.mmds.clone(),
+        ..Restored::default()
+    };
+    for (i, slot) in vm.virtio.iter().enumerate() {
+        match &slot.spec {
+            DeviceSpec::Block(d) => r.drives.push(shoal_vmm_config::FirecrackerDrive {
+                drive_id: d.id.clone().unwrap_or_else(|| format!("drive{i}")),
+                path_on_host: d.path.display().to_string(),
+                // The snapshot keeps no root flag: the guest's command line named its root.
+                is_root_device: false,
+                is_read_only: d.read_only,
+                rate_limiter: d.rate_limiter,
+                cache_type: None,
+                io_engine: None,
+                partuuid: None,
+            }),
+            DeviceSpec::Net(n) => r.nets.push(shoal_vmm_config::FirecrackerNet {
+                iface_id: n.id.clone(),
+                host_dev_name: n.tap.clone(),
+                guest_mac: Some(n.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
+            }),
+            DeviceSpec::Rng(rng) => r.entropy = Some(rng.rate_limiter),
+            DeviceSpec::Vsock(v) => {
+                r.vsock = Some(shoal_vmm_config::VsockConfig {
+                    guest_cid: v.cid,
+                    uds_path: v.uds_path.clone(),
+                    vsock_id: None,
+                })
+            }
+            DeviceSpec::Balloon(b) => r.balloon = Some(*b),
+        }
+    }
+    r
 }
 
 /// The running machine's counters, or empty ones before the boot.

@@ -226,6 +226,13 @@ fn ten_clones_of_one_snapshot_run_at_once() {
     assert_eq!(call(&mut vm.connect(), "PUT", "/snapshot/load", &body), (204, String::new()));
     console.wait_count(last + 2);
     assert!(console.text().contains("vsock reset event=0 cid=77\n"), "{}", console.text());
+    // GET /vm/config shows what was restored (with its override), though no PUT assembled it.
+    let (status, config) = call(&mut vm.connect(), "GET", "/vm/config", "");
+    assert_eq!(status, 200, "{config}");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["vsock"]["guest_cid"], 77, "{config}");
+    assert_eq!(config["vsock"]["uds_path"], dir.join("api-clone.sock").display().to_string(), "{config}");
+    assert_eq!(config["machine-config"]["vcpu_count"], 1, "{config}");
     // A CID the guest cannot have is refused before anything is built.
     let bad = format!(
         r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "vsock_override": {{"guest_cid": 2}}}}"#,

@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Sender};
 
-use shoal_vmm_config::{NetOverride, PartialDrive, PartialNet, SnapshotTypeName, VmConfig, VsockOverride};
+use shoal_vmm_config::{
+    BalloonConfig, FirecrackerDrive, FirecrackerNet, MachineConfig, MmdsConfig, NetOverride, PartialDrive, PartialNet,
+    RateLimitConfig, SnapshotTypeName, VmConfig, VsockConfig, VsockOverride,
+};
 
 use crate::metrics::MetricsSnapshot;
 
@@ -56,6 +59,20 @@ pub enum VmmAction {
     Logger { level: Option<tracing_subscriber::filter::LevelFilter>, path: Option<PathBuf> },
 }
 
+/// What a machine restored from a snapshot is made of, in the API's shapes: what
+/// `GET /vm/config` shows after a load (the API assembled none of it).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Restored {
+    pub machine: MachineConfig,
+    pub drives: Vec<FirecrackerDrive>,
+    pub nets: Vec<FirecrackerNet>,
+    pub vsock: Option<VsockConfig>,
+    /// The entropy device and its rate limiter, if there is one.
+    pub entropy: Option<Option<RateLimitConfig>>,
+    pub balloon: Option<BalloonConfig>,
+    pub mmds: Option<MmdsConfig>,
+}
+
 /// What a decided action gives back.
 #[derive(Debug)]
 pub enum VmmData {
@@ -63,7 +80,10 @@ pub enum VmmData {
     Done,
     /// The microVM is built and runs (or waits paused). The API thread signals the sender once
     /// its 204 is on the wire, so that a guest which ends at once cannot end the process first.
-    Started(Sender<()>),
+    Started {
+        written: Sender<()>,
+        restored: Option<Box<Restored>>,
+    },
     Metrics(MetricsSnapshot),
     /// A JSON document to show (200).
     Json(String),

@@ -12,8 +12,8 @@ pub use shoal_vmm_config::{
 
 use super::config::{FirecrackerDrive, FirecrackerNet};
 use super::http::{Request, Response};
-use super::request::VmmAction;
 pub use super::request::{DevicePatch, SnapshotLoad};
+use super::request::{Restored, VmmAction};
 use super::VmConfig;
 
 const NOT_AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
@@ -196,6 +196,19 @@ impl ApiState {
             VmmAction::PatchDevice(patch) => self.applied(patch),
             _ => {}
         }
+    }
+
+    /// Takes the configuration of a machine restored from a snapshot, so that `GET /vm/config`,
+    /// `GET /machine-config`, `GET /balloon` and later patches see what runs.
+    pub fn restored(&mut self, r: Restored) {
+        self.machine = r.machine;
+        self.drives = r.drives;
+        self.nets = r.nets;
+        self.vsock = r.vsock;
+        self.entropy = r.entropy.is_some();
+        self.entropy_rate_limiter = r.entropy.flatten();
+        self.balloon = r.balloon;
+        self.mmds_config = r.mmds;
     }
 
     fn applied(&mut self, patch: &DevicePatch) {

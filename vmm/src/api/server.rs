@@ -278,7 +278,12 @@ fn handle(state: &mut ApiState, req: &http::Request, link: &VmmLink) -> (Respons
             state.succeeded(&action);
             match data {
                 VmmData::Done => (Response::no_content(), None),
-                VmmData::Started(written) => (Response::no_content(), Some(written)),
+                VmmData::Started { written, restored } => {
+                    if let Some(r) = restored {
+                        state.restored(*r);
+                    }
+                    (Response::no_content(), Some(written))
+                }
                 VmmData::Metrics(m) if prometheus => (Response::prometheus(m.to_prometheus()), None),
                 VmmData::Metrics(m) => (Response::json(200, m.to_json()), None),
                 VmmData::Json(json) => (Response::json(200, json), None),
