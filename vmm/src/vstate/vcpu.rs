@@ -233,6 +233,19 @@ fn read_msrs_batched(
     Ok(saved)
 }
 
+/// The TSC-deadline timer's MSR (the guest arms its timer with it).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// `saved` in the order a restore writes them: the TSC deadline after everything else, so
+/// that it is read against the restored TSC (written before it, the deadline would be taken
+/// against the new VM's TSC and fire far too late or at once), and after the LAPIC, which
+/// must already be in TSC-deadline mode for KVM to keep it.
+fn restore_order(saved: &[kvm_msr_entry]) -> Vec<kvm_msr_entry> {
+    let mut ordered = saved.to_vec();
+    ordered.sort_by_key(|e| e.index == MSR_IA32_TSC_DEADLINE);
+    ordered
+}
+
 /// Why restoring MSRs failed.
 #[derive(Debug)]
 enum MsrWriteError {
@@ -277,7 +290,8 @@ impl Vcpu {
         let fd = vm.create_vcpu(u64::from(index)).map_err(io("create"))?;
 
         let mut cpuid = supported_cpuid.clone();
-        cpuid::normalize(cpuid.as_mut_slice(), index, count);
+        let tsc_deadline = vm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        cpuid::normalize(cpuid.as_mut_slice(), index, count, tsc_deadline);
         fd.set_cpuid2(&cpuid).map_err(io("set the CPUID"))?;
 
         let entries = msr::boot_msr_entries();
@@ -318,7 +332,7 @@ impl Vcpu {
         fd.set_xcrs(&state.xcrs).map_err(io("restore the XCRs"))?;
         fd.set_debug_regs(&state.debugregs).map_err(io("restore the debug registers"))?;
         fd.set_lapic(&state.lapic).map_err(io("restore the LAPIC"))?;
-        write_msrs_batched(&state.msrs, |msrs| fd.set_msrs(msrs)).map_err(|e| match e {
+        write_msrs_batched(&restore_order(&state.msrs), |msrs| fd.set_msrs(msrs)).map_err(|e| match e {
             MsrWriteError::Refused(msr) => VcpuError::RestoreMsr { index, msr },
             MsrWriteError::Ioctl(source) => VcpuError::Ioctl { what: "restore the MSRs", index, source },
         })?;
@@ -533,6 +547,15 @@ mod tests {
         // Exactly one full batch, then the end: nothing read twice, nothing lost.
         let list: Vec<u32> = (0..256).collect();
         assert_eq!(read_msrs_batched(&list, fake_read(&[])).unwrap().len(), 256);
+    }
+
+    #[test]
+    fn the_tsc_deadline_is_restored_after_the_tsc_and_nothing_else_moves() {
+        let msr = |index| kvm_msr_entry { index, data: u64::from(index), ..Default::default() };
+        let saved =
+            [msr(MSR_IA32_TSC_DEADLINE), msr(0x174), msr(crate::arch::x86_64::msr::MSR_IA32_TSC), msr(0xc000_0080)];
+        let order: Vec<u32> = restore_order(&saved).iter().map(|e| e.index).collect();
+        assert_eq!(order, [0x174, crate::arch::x86_64::msr::MSR_IA32_TSC, 0xc000_0080, MSR_IA32_TSC_DEADLINE]);
     }
 
     #[test]

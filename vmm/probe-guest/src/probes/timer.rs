@@ -1,5 +1,7 @@
 //! Timer probe: counts interrupts from the PIT (IRQ 0 through the 8259 PIC and LINT0 in ExtINT
-//! mode, as the VMM sets it) and from the LAPIC timer (x2APIC, periodic), then resets.
+//! mode, as the VMM sets it) and from the LAPIC timer (x2APIC, periodic), then, where CPUID
+//! offers it, from the LAPIC timer in TSC-deadline mode (armed through MSR 0x6e0 once per
+//! tick), then resets.
 #![no_std]
 #![no_main]
 
@@ -11,6 +13,13 @@ use core::sync::atomic::Ordering;
 use irq::{LAPIC_TICKS, LAPIC_VECTOR, PIT_TICKS};
 
 const TICKS_WANTED: u64 = 5;
+
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the time stamp counter.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
 
 #[no_mangle]
 pub extern "C" fn probe_main(_boot_params: u64) -> ! {
@@ -30,7 +39,21 @@ pub extern "C" fn probe_main(_boot_params: u64) -> ! {
     common::wrmsr(0x838, 10_000_000);
     irq::wait_until(&LAPIC_TICKS, TICKS_WANTED);
     common::wrmsr(0x832, 1 << 16); // mask
-    say!("timer: lapic_ticks=", LAPIC_TICKS.load(Ordering::SeqCst));
+    let periodic = LAPIC_TICKS.load(Ordering::SeqCst);
+    say!("timer: lapic_ticks=", periodic);
+
+    let (_, _, ecx, _) = common::cpuid(1, 0);
+    if ecx & (1 << 24) == 0 {
+        say!("timer: no tsc_deadline");
+    } else {
+        common::wrmsr(0x832, (2 << 17) | LAPIC_VECTOR as u64); // TSC-deadline mode
+        for i in 1..=TICKS_WANTED {
+            common::wrmsr(0x6e0, rdtsc() + 1_000_000);
+            irq::wait_until(&LAPIC_TICKS, periodic + i);
+        }
+        common::wrmsr(0x832, 1 << 16);
+        say!("timer: tsc_deadline_ticks=", LAPIC_TICKS.load(Ordering::SeqCst) - periodic);
+    }
     say!("SHOAL-PROBE timer: ok");
     common::reset()
 }
