@@ -2,7 +2,16 @@
 # make bench-boot: cold-start figures of shoal-vmm.
 #  1. the boot probe on this machine's KVM (ci/bench-boot.py): spawn -> first serial byte,
 #     spawn -> exit, VMM memory;
-#  2. the Linux guest in the emulated server (or directly on a VMX/SVM host): spawn -> /init.
+#  2. the Linux guest in the emulated server (or directly on a VMX/SVM host): spawn -> /init
+#     and spawn -> exit, medians of LINUX_RUNS (default 7).
+# Side by side with Firecracker: FIRECRACKER=/path/to/firecracker make bench-boot, with a
+# statically linked Firecracker built outside this repository (nothing of it goes in), e.g.
+#   git clone firecracker; git checkout v1.12.0; drop rust-toolchain.toml;
+#   RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p firecracker \
+#     --target x86_64-unknown-linux-gnu     (needs cmake, clang, libseccomp-dev)
+# Runs of the two alternate in one emulated server; the ratio is printed. BOOT_TRACE=1 adds a
+# run of each whose guest prints its own printk timeline (BOOT_TRACE_ARGS=initcall_debug for
+# what every initcall took).
 # Usage: bench-boot.sh SHOAL_VMM BOOT_PROBE GUEST_DIR   (name=value lines come last)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
