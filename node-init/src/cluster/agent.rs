@@ -121,7 +121,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
     let raft_listener = tokio::net::TcpListener::bind(config.raft_addr())
         .await
         .with_context(|| format!("binding the raft listener on {}", config.raft_addr()))?;
-    tokio::spawn(transport::serve(raft_listener, config.secret.key("raft"), inbox_tx.clone()));
+    tokio::spawn(transport::serve(raft_listener, config.secret.key("raft"), inbox_tx.clone(), id));
     let transport = RaftTransport::new(
         config.secret.key("raft"),
         addrs.clone(),

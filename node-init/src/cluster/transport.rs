@@ -182,18 +182,84 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, key: &PurposeKey) ->
     Message::parse_from_bytes(&payload).map(Some).map_err(FrameError::Decode)
 }
 
-/// Accepts Raft connections and hands verified messages to the Raft thread.
-pub async fn serve(listener: TcpListener, key: PurposeKey, inbox: std::sync::mpsc::Sender<Input>) {
+/// What the Raft listener allows a peer before the connection is closed.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Connections served at once; one more is closed on accept.
+    pub max_connections: usize,
+    /// Longest wait for the next frame to start (a follower's link to another follower may be
+    /// quiet for long; a closed one is reopened by the sender on its next message).
+    pub idle: Duration,
+    /// Longest a started frame may take to arrive whole.
+    pub frame: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits { max_connections: 128, idle: Duration::from_secs(300), frame: Duration::from_secs(60) }
+    }
+}
+
+/// Reads one frame within `limits`: `Ok(None)` at a clean end of stream or after `idle`.
+async fn read_frame_within<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    key: &PurposeKey,
+    limits: &ListenerLimits,
+) -> Result<Option<Message>, FrameError> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.idle, r.read(&mut first)).await {
+        Err(_) | Ok(Ok(0)) => return Ok(None),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(_)) => {}
+    }
+    let mut whole = (&first[..]).chain(&mut *r);
+    match tokio::time::timeout(limits.frame, read_frame(&mut whole, key)).await {
+        Ok(Ok(Some(m))) => Ok(Some(m)),
+        Ok(Ok(None)) => Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())),
+    }
+}
+
+/// Accepts Raft connections and hands verified messages addressed to `me` to the Raft thread.
+pub async fn serve(listener: TcpListener, key: PurposeKey, inbox: std::sync::mpsc::Sender<Input>, me: u64) {
+    serve_within(listener, key, inbox, me, ListenerLimits::default()).await
+}
+
+/// `serve` with explicit limits.
+pub async fn serve_within(
+    listener: TcpListener,
+    key: PurposeKey,
+    inbox: std::sync::mpsc::Sender<Input>,
+    me: u64,
+    limits: ListenerLimits,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let Ok((mut stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, max = limits.max_connections, "raft connection refused: too many connections");
+            drop(stream);
+            continue;
+        };
         let key = key.clone();
         let inbox = inbox.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let mut misaddressed = false;
             loop {
-                match read_frame(&mut stream, &key).await {
+                match read_frame_within(&mut stream, &key, &limits).await {
+                    // A message for another node (an address gossip had wrong, or a replay
+                    // aimed elsewhere) must not count here: raft-rs counts votes by `from`.
+                    Ok(Some(m)) if m.to != me => {
+                        if !misaddressed {
+                            warn!(%peer, to = m.to, me, "raft message for another node dropped");
+                            misaddressed = true;
+                        }
+                    }
                     Ok(Some(m)) => {
                         if inbox.send(Input::Message(m)).is_err() {
                             return;
@@ -222,6 +288,51 @@ mod tests {
         out.extend_from_slice(&key.tag(&payload));
         out.extend_from_slice(&payload);
         out
+    }
+
+    /// Whether the listener closed `s` (EOF or reset) within `within`.
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+        let mut b = [0u8; 1];
+        matches!(tokio::time::timeout(within, s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_listener_bounds_connections_and_time_and_drops_messages_for_other_nodes() {
+        let key = ClusterSecret::new("s").key("raft");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let limits =
+            ListenerLimits { max_connections: 2, idle: Duration::from_millis(300), frame: Duration::from_millis(300) };
+        tokio::spawn(serve_within(listener, key.clone(), tx, 7, limits));
+
+        // Addressed to us: delivered; to node 8: dropped, the connection kept.
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        for (to, term) in [(7, 1), (8, 2), (7, 3)] {
+            a.write_all(&frame(&key, &Message { from: 1, to, term, ..Default::default() })).await.unwrap();
+        }
+        let mut terms = Vec::new();
+        for _ in 0..2 {
+            match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+                Input::Message(m) => terms.push(m.term),
+                other => panic!("unexpected input {other:?}"),
+            }
+        }
+        assert_eq!(terms, [1, 3]);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "the message for node 8 was delivered");
+
+        // A frame that starts and never ends is dropped after `frame`.
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        b.write_all(&[0, 0, 1, 0]).await.unwrap();
+        // Two connections are open: a third is closed at once.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_within(&mut c, Duration::from_millis(200)).await, "a third connection was served");
+        assert!(closed_within(&mut b, Duration::from_secs(2)).await, "a stalled frame kept its connection");
+        // A quiet connection is closed after `idle`, and frees its slot.
+        assert!(closed_within(&mut a, Duration::from_secs(2)).await, "an idle connection stayed open");
+        let mut d = TcpStream::connect(addr).await.unwrap();
+        d.write_all(&frame(&key, &Message { from: 1, to: 7, term: 9, ..Default::default() })).await.unwrap();
+        assert!(matches!(rx.recv_timeout(Duration::from_secs(5)), Ok(Input::Message(m)) if m.term == 9));
     }
 
     #[tokio::test]
