@@ -453,7 +453,7 @@ fn restored_config(vm: &MicroVm) -> Restored {
             DeviceSpec::Net(n) => r.nets.push(shoal_vmm_config::FirecrackerNet {
                 iface_id: n.id.clone(),
                 host_dev_name: n.tap.clone(),
-                guest_mac: Some(n.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                guest_mac: Some(shoal_vmm_config::format_mac(&n.mac)),
                 rx_rate_limiter: n.rx_rate_limiter,
                 tx_rate_limiter: n.tx_rate_limiter,
             }),

@@ -271,6 +271,11 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// Writes `aa:bb:cc:dd:ee:ff` (what parse_mac reads).
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 /// `PATCH /drives/{id}` (Firecracker's PartialDrive): after the start, another backing file
 /// and/or rate limiter for a drive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,6 +579,8 @@ mod tests {
     #[test]
     fn macs_and_mmds_addresses_are_checked() {
         assert_eq!(parse_mac("02:00:00:00:00:0a"), Ok([2, 0, 0, 0, 0, 10]));
+        assert_eq!(format_mac(&[2, 0, 0xab, 0, 0, 10]), "02:00:ab:00:00:0a");
+        assert_eq!(parse_mac(&format_mac(&[6, 1, 2, 3, 4, 0xff])), Ok([6, 1, 2, 3, 4, 0xff]));
         for bad in ["02:00:00:00:00", "01:00:00:00:00:00", "02:00:00:00:00:zz", "2:0:0:0:0:0"] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }

@@ -237,6 +237,14 @@ impl VmConfig {
         }
     }
 
+    /// Takes Firecracker's machine configuration (`PUT /machine-config`, `machine-config`).
+    pub fn set_machine(&mut self, machine: &crate::MachineConfig) {
+        self.vcpus = machine.vcpu_count;
+        self.mem_mib = machine.mem_size_mib;
+        self.track_dirty_pages = machine.track_dirty_pages;
+        self.acpi = machine.acpi;
+    }
+
     /// Takes Firecracker drives as disks: the root device first (/dev/vda), named on the
     /// command line as Firecracker does (`root=/dev/vda rw|ro`).
     pub fn set_firecracker_drives(&mut self, drives: Vec<FirecrackerDrive>) -> Result<(), String> {

@@ -100,10 +100,7 @@ pub fn from_firecracker(value: serde_json::Value) -> Result<VmConfig, String> {
         }
     }
     let mut config = config.ok_or("boot-source is required")?;
-    config.vcpus = machine.vcpu_count;
-    config.mem_mib = machine.mem_size_mib;
-    config.track_dirty_pages = machine.track_dirty_pages;
-    config.acpi = machine.acpi;
+    config.set_machine(&machine);
     config.rng = rng;
     config.rng_rate_limiter = rng_rate;
     config.nets = net_configs;

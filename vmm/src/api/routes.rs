@@ -150,10 +150,7 @@ impl ApiState {
         if let Some(args) = &boot.boot_args {
             config.cmdline = args.clone();
         }
-        config.vcpus = self.machine.vcpu_count;
-        config.mem_mib = self.machine.mem_size_mib;
-        config.track_dirty_pages = self.machine.track_dirty_pages;
-        config.acpi = self.machine.acpi;
+        config.set_machine(&self.machine);
         config.rng = self.entropy;
         config.rng_rate_limiter = self.entropy_rate_limiter;
         config.vsock = self.vsock.clone();

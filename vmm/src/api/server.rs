@@ -259,10 +259,14 @@ impl Server {
 /// O_NONBLOCK through fcntl: std's `set_nonblocking` uses an ioctl the filter does not allow.
 fn set_nonblocking(stream: &UnixStream) -> bool {
     let fd = stream.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this thread owns, with integer arguments only.
+    // SAFETY: F_GETFL on a descriptor `stream` owns and keeps open; integer arguments only.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    flags >= 0 && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0
+    if flags < 0 {
+        return false;
+    }
+    // SAFETY: F_SETFL on the same open descriptor, with the flags just read plus O_NONBLOCK.
+    let set = unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    set == 0
 }
 
 /// Answers one request, handing what needs the microVM to the VMM thread. A start's answer
