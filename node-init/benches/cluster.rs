@@ -99,19 +99,20 @@ fn main() {
     report("linearizable_read_latency_follower", "ms", &mut lat);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let addr = n[li].addr();
+    let base = n[li].url("");
     let token = n[li].token().to_string();
     let hub = net.hub().to_string();
+    let agent = n[li].agent();
     let workers: Vec<_> = (0..16)
         .map(|w| {
-            let (done, stop, addr, token, hub) = (done.clone(), stop.clone(), addr.clone(), token.clone(), hub.clone());
+            let (done, stop, base, token, hub, http) =
+                (done.clone(), stop.clone(), base.clone(), token.clone(), hub.clone(), agent.clone());
             std::thread::spawn(move || {
                 support::enter_netns(&hub);
-                let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
-                    let url = format!("http://{addr}/v1/kv/tp{w}-{}", i % 100);
+                    let url = format!("{base}/v1/kv/tp{w}-{}", i % 100);
                     if http.put(&url).set("Authorization", &format!("Bearer {token}")).send_string("value").is_ok() {
                         done.fetch_add(1, Ordering::Relaxed);
                     }

@@ -222,7 +222,8 @@ mod tests {
         adv.insert(3, 9);
         adv.insert(1, 9);
         adv.insert(2, 9);
-        assert_eq!(format_to_raise(2, &voters, &adv), None, "never beyond what this binary writes");
+        assert_eq!(format_to_raise(2, &voters, &adv), Some(BINARY_FORMAT), "never beyond what this binary writes");
+        assert_eq!(format_to_raise(BINARY_FORMAT, &voters, &adv), None);
     }
 
     #[test]

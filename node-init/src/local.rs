@@ -36,6 +36,11 @@ impl LocalNode {
         ask(&self.agent.inbox, |reply| Input::Read { reply }).await
     }
 
+    /// What node-to-node HTTP dials with: this node's certificate, the cluster CA.
+    pub fn peer_tls(&self) -> Result<Arc<rustls::ClientConfig>, crate::peer::PeerError> {
+        self.agent.tls.configs().map(|c| c.client.clone()).ok_or(crate::peer::PeerError::NoIdentity)
+    }
+
     /// The API address of every node gossip reports alive, by node id.
     pub fn alive_peers(&self) -> std::collections::BTreeMap<u64, String> {
         self.agent.peers().into_iter().filter(|(_, live)| *live).map(|(p, _)| (p.id, p.api_addr)).collect()

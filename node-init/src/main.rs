@@ -95,6 +95,10 @@ struct AgentArgs {
     /// beside shoal-node, else `shoal-vmm` on PATH).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// Serve the API as plain HTTP instead of TLS (only with a loopback --listen address: a
+    /// one-node development cluster). Raft between nodes is always TLS.
+    #[arg(long)]
+    plain_http: bool,
 }
 
 /// $SHOAL_VMM, else shoal-vmm beside this program, else on PATH.
@@ -198,6 +202,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if args.min_voters == 0 {
         bail!("--min-voters must be at least 1");
     }
+    if args.plain_http && !args.listen.ip().is_loopback() {
+        bail!("--plain-http is only allowed on a loopback --listen address (the API carries tokens)");
+    }
     let secret = load_secret(&args)?;
     let api_token = match &args.api_token_file {
         Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
@@ -255,14 +262,51 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     tokio::spawn(supervisor::run(node.clone(), SupervisorConfig { vmm, shim_exe }));
     tokio::spawn(leader::run(node.clone()));
     let app = api::router(node);
+    tokio::spawn(write_client_config(agent.clone()));
+    let tls = agent.tls.clone();
+    let plain = args.plain_http;
+    let server = async move {
+        if plain {
+            axum::serve(http, app).await
+        } else {
+            axum::serve(api::tls_listener::TlsListener::spawn(http, tls)?, app).await
+        }
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        r = axum::serve(http, app) => r.context("API server")?,
+        r = server => r.context("API server")?,
         _ = term.recv() => tracing::info!("terminating"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
     }
     let _ = agent.inbox.send(cluster::raft_node::Input::Shutdown);
     Ok(())
+}
+
+/// Once this node holds its cluster certificate, writes `DATA_DIR/shoalctl.yaml`: a shoalctl
+/// config (as Talos writes a talosconfig) with this node's endpoint, the cluster token and the
+/// CA to verify it with. `SHOAL_CONFIG=DATA_DIR/shoalctl.yaml shoalctl nodes` then works, as
+/// does `curl --cacert DATA_DIR/tls/ca.crt -H "Authorization: Bearer $(cat DATA_DIR/api-token)"`.
+async fn write_client_config(agent: Arc<cluster::agent::Agent>) {
+    let configs = loop {
+        if let Some(c) = agent.tls.configs() {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let config = serde_json::json!({
+        "current-context": "shoal",
+        "contexts": [{
+            "name": "shoal",
+            "endpoint": format!("https://{}", agent.config.listen),
+            "token": agent.config.api_token,
+            "ca": configs.identity.ca_pem,
+        }],
+    });
+    let path = agent.config.data_dir.join("shoalctl.yaml");
+    // JSON is YAML; the file holds the cluster token: private.
+    if let Err(e) = write_private(&path, &format!("{config:#}\n")) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the shoalctl config");
+    }
 }
 
 fn main() {

@@ -24,7 +24,8 @@ fn three_voters(nodes: &[&Node]) -> serde_json::Value {
 /// Opens `/v1/watch?from_revision=FROM` on `node` and collects each event's data in a thread;
 /// returns once the stream is open.
 fn watch(net: &Net, node: &Node, from: u64) -> Arc<Mutex<Vec<serde_json::Value>>> {
-    let url = format!("http://{}/v1/watch?from_revision={from}", node.addr());
+    let url = node.url(&format!("/v1/watch?from_revision={from}"));
+    let http = node.agent();
     let token = node.token().to_string();
     let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
     let sink = events.clone();
@@ -32,7 +33,7 @@ fn watch(net: &Net, node: &Node, from: u64) -> Arc<Mutex<Vec<serde_json::Value>>
     let (connected, ready) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         support::enter_netns(&hub);
-        let resp = ureq::get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
+        let resp = http.get(&url).set("Authorization", &format!("Bearer {token}")).call().unwrap();
         let _ = connected.send(());
         use std::io::BufRead;
         for line in std::io::BufReader::new(resp.into_reader()).lines() {
@@ -97,16 +98,32 @@ fn three_nodes_form_one_cluster_more_join_and_a_wrong_secret_is_refused() {
     let own = stranger.status().unwrap();
     assert_eq!(own["cluster_id"], "", "the stranger must not join: {own}");
     assert!(own["leader_id"].is_null());
+    // Every member holds a certificate of one cluster CA naming its own id; the stranger has none.
+    let ca = std::fs::read_to_string(n[0].ca_file()).unwrap();
+    for x in n.iter().chain([&n3, &n4]) {
+        assert_eq!(std::fs::read_to_string(x.ca_file()).unwrap(), ca, "node {} has another CA", x.i);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(x.data_dir.join("shoalctl.yaml")).unwrap()).unwrap();
+        assert_eq!(cfg["contexts"][0]["ca"], ca.as_str());
+        assert_eq!(cfg["contexts"][0]["endpoint"], format!("https://{}", x.addr()).as_str());
+    }
+    assert!(!stranger.ca_file().exists(), "the stranger was issued a certificate");
+    // Plain HTTP gets no answer from a TLS API.
+    let plain = ureq::AgentBuilder::new().timeout(Duration::from_secs(3)).build();
+    let answered = plain.get(&format!("http://{}/v1/cluster/status", n[0].addr())).call();
+    assert!(matches!(answered, Err(ureq::Error::Transport(_))), "plain HTTP was answered: {answered:?}");
     // The seed it contacted dropped its gossip and said so.
     assert!(n[0].log().contains("without a valid cluster-secret tag"), "{}", n[0].log());
     // The API wants the cluster's token: the stranger's is refused, as is none.
     let (code, body) = n[0].call("GET", "/v1/cluster/status", None).unwrap();
     assert_eq!(code, 200, "{body}");
-    let with_wrong_token = ureq::get(&format!("http://{}/v1/cluster/status", n[0].addr()))
+    let with_wrong_token = n[0]
+        .agent()
+        .get(&n[0].url("/v1/cluster/status"))
         .set("Authorization", &format!("Bearer {}", stranger.token()))
         .call();
     assert!(matches!(with_wrong_token, Err(ureq::Error::Status(401, _))));
-    let without = ureq::get(&format!("http://{}/v1/kv/x", n[0].addr())).call();
+    let without = n[0].agent().get(&n[0].url("/v1/kv/x")).call();
     assert!(matches!(without, Err(ureq::Error::Status(401, _))));
 }
 
@@ -149,6 +166,46 @@ fn killing_the_leader_elects_another_and_its_seat_goes_to_a_learner() {
     if let Some(d) = dead {
         assert_eq!(d["state"], "dead");
     }
+}
+
+/// A voter removed from the cluster (dead past the timeout) is revoked: started again with its
+/// old data directory and certificate it is refused by every member and never readmitted.
+#[test]
+fn a_removed_node_cannot_rejoin_with_its_old_certificate() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("r");
+    let mut n: Vec<Node> = (0..4).map(|i| net.node(i, &[])).collect();
+    let st = {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(FORM, "3 voters and a learner", || {
+            agreed_status(&refs).filter(|s| s["learners"].as_array().map(|v| v.len()) == Some(1))
+        })
+    };
+    // A voter that is not the leader goes away long enough to lose its seat.
+    let li = leader_index(&n.iter().collect::<Vec<_>>(), &st);
+    let vi = (0..4).find(|&i| i != li && sorted(&st["voters"]).contains(&n[i].id())).unwrap();
+    let gone = n[vi].id();
+    n[vi].kill9();
+    let survivors: Vec<usize> = (0..4).filter(|&i| i != vi).collect();
+    wait_for(Duration::from_secs(30), "the dead voter to be removed", || {
+        let refs: Vec<&Node> = survivors.iter().map(|&i| &n[i]).collect();
+        agreed_status(&refs)
+            .filter(|s| !sorted(&s["voters"]).contains(&gone) && !sorted(&s["learners"]).contains(&gone))
+    });
+    n[vi].start();
+    std::thread::sleep(Duration::from_secs(8));
+    let refs: Vec<&Node> = survivors.iter().map(|&i| &n[i]).collect();
+    let st = agreed_status(&refs).expect("the survivors agree");
+    assert!(!sorted(&st["voters"]).contains(&gone) && !sorted(&st["learners"]).contains(&gone), "{st}");
+    assert!(
+        refs.iter().any(|x| x.log().contains("the node was removed from the cluster")),
+        "no member refused the removed node's connection: {}",
+        logs(&refs)
+    );
+    // Writes still commit among the members.
+    wait_for(Duration::from_secs(10), "a write", || n[survivors[0]].put("after", "1").ok());
 }
 
 #[test]
@@ -297,8 +354,9 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
         let refs: Vec<&Node> = n.iter().collect();
         three_voters(&refs);
     }
-    let addrs: Vec<String> = n.iter().map(|x| x.addr()).collect();
+    let addrs: Vec<String> = n.iter().map(|x| x.url("")).collect();
     let token = n[0].token().to_string();
+    let http = n[0].agent();
     let nodes = Arc::new(Mutex::new(n));
     let stop = Arc::new(AtomicBool::new(false));
     let origin = Instant::now();
@@ -307,17 +365,16 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
     let keys = ["x", "y", "z"];
     let clients: Vec<_> = (0..4)
         .map(|c| {
-            let (stop, history, addrs, token, hub) =
-                (stop.clone(), history.clone(), addrs.clone(), token.clone(), hub.clone());
+            let (stop, history, addrs, token, hub, http) =
+                (stop.clone(), history.clone(), addrs.clone(), token.clone(), hub.clone(), http.clone());
             std::thread::spawn(move || {
                 support::enter_netns(&hub);
-                let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
                 let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
                     let key = keys[(seq as usize * 7 + c) % 3];
                     let addr = &addrs[(seq as usize + c) % addrs.len()];
-                    let url = format!("http://{addr}/v1/kv/{key}");
+                    let url = format!("{addr}/v1/kv/{key}");
                     let auth = format!("Bearer {token}");
                     let invoked = origin.elapsed().as_nanos();
                     let op = if seq % 2 == 0 {
@@ -502,7 +559,7 @@ fn a_committed_entry_of_a_newer_format_stops_the_node_with_a_clear_error() {
     assert_eq!(exited, Some(65), "{}", n.log());
     let log = n.log();
     assert!(
-        log.contains("has format 99, newer than this binary knows (2): upgrade shoal-node on this node")
+        log.contains("has format 99, newer than this binary knows (3): upgrade shoal-node on this node")
             && log.contains("stopping so as not to diverge"),
         "{log}"
     );

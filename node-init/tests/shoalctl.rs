@@ -118,6 +118,8 @@ fn shoalctl_applies_gets_follows_scales_and_deletes_as_a_user_would() {
         token_file.to_str().unwrap(),
         "--tenant",
         "acme",
+        "--ca",
+        node.ca_file().to_str().unwrap(),
     ]);
     assert!(set.contains("context test set"), "{set}");
     let view = ctl.ok(&["config", "view"]);
@@ -287,4 +289,45 @@ fn shoalctl_applies_gets_follows_scales_and_deletes_as_a_user_would() {
     std::fs::write(&tenant_file, r#"{"kind": "Tenant", "name": "acme"}"#).unwrap();
     assert_eq!(ctl.ok(&["delete", "-f", tenant_file.to_str().unwrap()]).trim(), "tenant/acme deleted");
     assert_eq!(ctl.ok(&["get", "tenants", "-o", "name"]).trim(), "");
+}
+
+/// The API is TLS: the shoalctl config a node writes (with the cluster CA) and curl with
+/// `--cacert DATA_DIR/tls/ca.crt` reach it; a client that does not trust the CA is refused.
+#[test]
+fn the_node_written_config_and_its_ca_reach_the_api_and_nothing_else_verifies() {
+    if !support::can_run() {
+        return;
+    }
+    assert!(shoalctl_binary().is_file(), "{} is missing: build it (make build)", shoalctl_binary().display());
+    let mut net = Net::new("t");
+    let node = net.node(0, &["--min-voters", "1"]);
+    wait_for(Duration::from_secs(30), "a one-node cluster", || agreed_status(&[&node]));
+    let written = Ctl { config: node.data_dir.join("shoalctl.yaml") };
+    wait_for(Duration::from_secs(5), "the node to write its shoalctl config", || written.config.exists().then_some(()));
+    let names = written.ok(&["get", "nodes", "-o", "name"]);
+    assert!(names.contains(&node.id()), "{names}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bare = Ctl { config: dir.path().join("config") };
+    let token_file = node.data_dir.join("api-token");
+    let args = ["--endpoint", &node.addr(), "--token-file", token_file.to_str().unwrap(), "get", "nodes"];
+    let err = bare.fails(&args);
+    assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{err}");
+
+    let curl = Command::new("curl")
+        .args(["-sS", "--fail", "--cacert", node.ca_file().to_str().unwrap(), "-H"])
+        .arg(format!("Authorization: Bearer {}", node.token()))
+        .arg(format!("https://{}/v1/cluster/status", node.addr()))
+        .output()
+        .expect("curl runs");
+    assert!(curl.status.success(), "{}", String::from_utf8_lossy(&curl.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&curl.stdout).unwrap();
+    assert!(status["cluster_id"].as_str().is_some_and(|c| !c.is_empty()), "{status}");
+    let insecure = Command::new("curl")
+        .args(["-sS", "--fail", "-H"])
+        .arg(format!("Authorization: Bearer {}", node.token()))
+        .arg(format!("https://{}/v1/cluster/status", node.addr()))
+        .output()
+        .unwrap();
+    assert!(!insecure.status.success(), "curl trusted the node without its CA");
 }

@@ -37,11 +37,22 @@ pub struct Client {
 }
 
 impl Client {
-    /// `endpoint` may omit its scheme (`127.0.0.1:7400`).
-    pub fn new(endpoint: &str, token: &str) -> Client {
-        let endpoint = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
-        Client { endpoint: endpoint.trim_end_matches('/').to_string(), token: token.to_string(), agent }
+    /// `endpoint` may omit its scheme (`127.0.0.1:7400`: HTTPS, as nodes serve their API).
+    /// `ca_pem` holds the certificates to verify the node with: the cluster CA a node writes to
+    /// `DATA_DIR/tls/ca.crt` (without one, only publicly trusted certificates verify).
+    pub fn new(endpoint: &str, token: &str, ca_pem: Option<&str>) -> Result<Client, ClientError> {
+        let endpoint = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
+        let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5));
+        if let Some(pem) = ca_pem {
+            let tls =
+                trusting(pem).map_err(|message| ClientError::Transport { endpoint: endpoint.clone(), message })?;
+            builder = builder.tls_config(std::sync::Arc::new(tls));
+        }
+        Ok(Client {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            agent: builder.build(),
+        })
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
@@ -133,6 +144,25 @@ impl Client {
             })?;
         r.into_json().map_err(|source| ClientError::Garbled { endpoint: self.endpoint.clone(), source })
     }
+}
+
+/// A TLS 1.3 client configuration trusting the certificates in `pem`.
+fn trusting(pem: &str) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("the CA file does not parse: {e}"))?;
+        roots.add(cert).map_err(|e| format!("the CA certificate is unusable: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("the CA file holds no certificate".into());
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 fn api_error(status: u16, r: ureq::Response) -> ClientError {

@@ -14,6 +14,9 @@ pub struct Context {
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// The cluster CA (PEM) the endpoint's certificate is verified with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,8 +106,14 @@ mod tests {
     #[test]
     fn contexts_are_named_and_the_first_becomes_current() {
         let mut f = ConfigFile::default();
-        f.set(Context { name: "a".into(), endpoint: "http://1".into(), token: None, tenant: None });
-        f.set(Context { name: "b".into(), endpoint: "http://2".into(), token: Some("t".into()), tenant: None });
+        f.set(Context { name: "a".into(), endpoint: "http://1".into(), token: None, tenant: None, ca: None });
+        f.set(Context {
+            name: "b".into(),
+            endpoint: "http://2".into(),
+            token: Some("t".into()),
+            tenant: None,
+            ca: None,
+        });
         assert_eq!(f.context(None).unwrap().unwrap().endpoint, "http://1");
         assert_eq!(f.context(Some("b")).unwrap().unwrap().token.as_deref(), Some("t"));
         assert!(matches!(f.context(Some("c")), Err(ConfigError::NoContext(_))));

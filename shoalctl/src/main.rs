@@ -19,7 +19,7 @@ use client::{Client, ClientError};
 use config::{ConfigFile, Context};
 use manifest::Object;
 
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7400";
+const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7400";
 const DEFAULT_TENANT: &str = "default";
 
 /// Manage a Shoal cluster: tenants, images, deployments, instances and their consoles.
@@ -35,6 +35,10 @@ struct Cli {
     /// Read the bearer token from a file (a node writes its own to DATA_DIR/api-token).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+    /// The cluster CA to verify the node with (default: the context's, else $SHOAL_CA; a node
+    /// writes it to DATA_DIR/tls/ca.crt, and a whole context to DATA_DIR/shoalctl.yaml).
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
     /// The context of ~/.config/shoal/config to use (default: its current context).
     #[arg(long, global = true)]
     context: Option<String>,
@@ -273,7 +277,26 @@ fn session(cli: &Cli) -> Result<Session, CliError> {
         .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
     let tenant =
         cli.tenant.clone().or_else(|| ctx.and_then(|c| c.tenant.clone())).unwrap_or_else(|| DEFAULT_TENANT.into());
-    Ok(Session { client: Client::new(&endpoint, &token(cli, ctx)?), tenant, output: cli.output })
+    let ca = match ca_file(cli)? {
+        Some(pem) => Some(pem),
+        None => ctx.and_then(|c| c.ca.clone()),
+    };
+    Ok(Session { client: Client::new(&endpoint, &token(cli, ctx)?, ca.as_deref())?, tenant, output: cli.output })
+}
+
+/// The CA named by --ca or $SHOAL_CA, read.
+fn ca_file(cli: &Cli) -> Result<Option<String>, CliError> {
+    let Some(path) = cli.ca.clone().or_else(|| std::env::var_os("SHOAL_CA").map(PathBuf::from)) else {
+        return Ok(None);
+    };
+    // A node writes its CA once it has joined (or formed) the cluster: moments after it starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::fs::read_to_string(&path)
+        .map(Some)
+        .map_err(|source| CliError::Io { what: format!("reading the CA file {}", path.display()), source })
 }
 
 fn print_json(v: &Value) {
@@ -704,7 +727,8 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                     (None, None) => None,
                     _ => Some(token(cli, None)?),
                 };
-                file.set(Context { name: name.clone(), endpoint: endpoint.clone(), token, tenant: tenant.clone() });
+                let ca = ca_file(cli)?;
+                file.set(Context { name: name.clone(), endpoint: endpoint.clone(), token, tenant: tenant.clone(), ca });
                 file.save()?;
                 println!("context {name} set in {}", config::path().display());
             }

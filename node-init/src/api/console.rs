@@ -81,7 +81,11 @@ async fn console(
     };
     let tail = p.tail_bytes.map(|t| format!("&tail_bytes={t}")).unwrap_or_default();
     let path = format!("/v1/tenants/{tenant}/instances/{id}/console?local=true&follow={}{tail}", p.follow);
-    match crate::peer::get(&addr, &path, &node.peer_token).await {
+    let tls = match node.peer_tls() {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    match crate::peer::get(&addr, &path, &node.peer_token, &tls).await {
         Ok(res) => {
             let status = res.status();
             let content_type = res.headers().get(axum::http::header::CONTENT_TYPE).cloned();
@@ -245,7 +249,11 @@ async fn type_input(
         return error(StatusCode::CONFLICT, format!("instance {id} has not been placed on a node yet"));
     };
     let path = format!("/v1/tenants/{tenant}/instances/{id}/console?local=true");
-    match crate::peer::post(&addr, &path, &node.peer_token, body).await {
+    let tls = match node.peer_tls() {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+    };
+    match crate::peer::post(&addr, &path, &node.peer_token, body, &tls).await {
         Ok(res) => {
             let status = res.status();
             let bytes =

@@ -15,6 +15,7 @@
 
 mod console;
 mod images;
+pub mod tls_listener;
 mod workloads;
 
 use std::convert::Infallible;
@@ -91,9 +92,40 @@ pub fn router(node: Node) -> Router {
         .layer(axum::middleware::from_fn_with_state(node.clone(), auth));
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
+        // Authenticated by its proof of the cluster secret, not by a token.
+        .route("/v1/cluster/join", axum::routing::post(join))
         .merge(v1)
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(node)
+}
+
+/// `POST /v1/cluster/join`: a node without a certificate asks for one (see `cluster::join`).
+async fn join(State(node): State<Node>, body: axum::body::Bytes) -> Response {
+    let req: crate::cluster::join::JoinRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a join request: {e}")),
+    };
+    let pki = {
+        let state = node.agent.shared.state();
+        (state.cluster_id.clone(), state.pki.ca_cert.clone(), state.pki.ca_key_sealed.clone())
+    };
+    let propose = |c| {
+        let node = node.clone();
+        async move { node.propose(c).await.map_err(|e| e.to_string()) }
+    };
+    match crate::cluster::join::answer(&node.agent.config.secret, pki, &req, propose).await {
+        Ok(ans) => {
+            tracing::info!(node = %req.node, "issued a node certificate");
+            Json(ans).into_response()
+        }
+        Err(r) => {
+            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::CONFLICT {
+                tracing::warn!(node = %req.node, reason = %r.message, "join refused");
+            }
+            error(status, r.message)
+        }
+    }
 }
 
 pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -136,7 +168,7 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 /// write may or may not have been applied: retry with `prev_revision` for exactly-once).
 fn request_error(e: RequestError) -> Response {
     let outcome = match e {
-        RequestError::NoLeader | RequestError::NotMember => "not_applied",
+        RequestError::NoLeader | RequestError::NotMember | RequestError::Busy => "not_applied",
         RequestError::Timeout | RequestError::Stopped => "unknown",
     };
     (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": e.to_string(), "outcome": outcome }))).into_response()

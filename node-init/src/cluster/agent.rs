@@ -13,12 +13,14 @@ use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, Proto
 use tracing::info;
 
 use super::gossip::{self, GossipTiming, PeerInfo, Resources, SignedUdpTransport};
+use super::pki::{self, Identity};
 use super::policy::{self, Formation, FormingPeer, MemberView, VoterChange};
-use super::raft_node::{Input, MembershipChange, RaftParts, RaftThread, RaftTiming, Shared};
+use super::raft_node::{InboxSender, Input, MembershipChange, RaftParts, RaftThread, RaftTiming, Shared};
 use super::secret::ClusterSecret;
 use super::storage::RaftStore;
-use super::transport::{self, AddressBook, RaftTransport};
-use crate::state::{NodeRecord, State};
+use super::tls::Tls;
+use super::transport::{self, AddressBook, ListenerParts, RaftTransport};
+use crate::state::{NodeRecord, Pki, State};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const CONTROL_INTERVAL: Duration = Duration::from_millis(200);
@@ -26,6 +28,8 @@ const CONTROL_INTERVAL: Duration = Duration::from_millis(200);
 const DUPLICATE_GRACE: Duration = Duration::from_secs(5);
 /// How long a leader leads before it hands over to a node with more room.
 const LEADER_SETTLE: Duration = Duration::from_secs(2);
+/// Between join attempts of a node that has no certificate yet.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -56,8 +60,9 @@ pub struct Agent {
     pub id: u64,
     pub config: AgentConfig,
     pub shared: Arc<Shared>,
-    pub inbox: std::sync::mpsc::Sender<Input>,
+    pub inbox: InboxSender,
     pub peers: RwLock<Vec<(PeerInfo, bool)>>,
+    pub tls: Arc<Tls>,
 }
 
 impl Agent {
@@ -116,18 +121,21 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
     let store = RaftStore::open(&config.data_dir.join("raft")).context("opening the raft log")?;
     let shared = Shared::new(State::default());
     let addrs: AddressBook = Arc::new(RwLock::new(HashMap::new()));
-    let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
+    let (inbox_tx, inbox_rx) = super::raft_node::inbox();
+    let tls = Arc::new(Tls::open(&config.data_dir, id, vec![config.listen.ip()]).context("this node's TLS identity")?);
 
     let raft_listener = tokio::net::TcpListener::bind(config.raft_addr())
         .await
         .with_context(|| format!("binding the raft listener on {}", config.raft_addr()))?;
-    tokio::spawn(transport::serve(raft_listener, config.secret.key("raft"), inbox_tx.clone(), id));
-    let transport = RaftTransport::new(
-        config.secret.key("raft"),
-        addrs.clone(),
-        tokio::runtime::Handle::current(),
-        inbox_tx.clone(),
-    );
+    // A peer may speak while its certificate's key is the one registered for its id and it has
+    // not been removed.
+    let admitting = shared.clone();
+    let admit: transport::Admit = Arc::new(move |node, key| admitting.state().pki.admits(node, key));
+    tokio::spawn(transport::serve(
+        raft_listener,
+        ListenerParts { tls: tls.clone(), me: id, admit, inbox: inbox_tx.clone() },
+    ));
+    let transport = RaftTransport::new(tls.clone(), addrs.clone(), tokio::runtime::Handle::current(), inbox_tx.clone());
     let priority = config.capacity.mem_mib as i64;
     let raft = RaftThread::new(RaftParts {
         id,
@@ -171,7 +179,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
     let transport = SignedUdpTransport::new(config.secret.key("gossip"));
     let chitchat = spawn_chitchat(chitchat_config, initial, &transport).await.context("starting gossip")?;
 
-    let agent = Arc::new(Agent { id, config, shared, inbox: inbox_tx, peers: RwLock::new(Vec::new()) });
+    let agent = Arc::new(Agent { id, config, shared, inbox: inbox_tx, peers: RwLock::new(Vec::new()), tls });
     info!(node = %format!("{id:016x}"), listen = %agent.config.listen, raft = %agent.config.raft_addr(), "agent started");
     tokio::spawn(control_loop(agent.clone(), chitchat.chitchat(), addrs));
     Ok((agent, chitchat))
@@ -203,6 +211,8 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
     let mut leading_since: Option<Instant> = None;
     let mut interval = tokio::time::interval(CONTROL_INTERVAL);
     let mut duplicate_since: Option<Instant> = None;
+    let mut joining: Option<tokio::task::JoinHandle<()>> = None;
+    let mut last_join: Option<Instant> = None;
     loop {
         interval.tick().await;
         let duplicate = duplicate_of_self(&*chitchat.lock().await, agent.id);
@@ -272,6 +282,17 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
             me.set(gossip::KEY_CANDIDATE, candidate.map(|c| format!("{c:016x}")).unwrap_or_default());
         }
 
+        // A node without a certificate asks a member of the cluster gossip shows for one.
+        if agent.tls.configs().is_none() && joining.as_ref().is_none_or(|j| j.is_finished()) {
+            let member = live_peers.iter().find(|p| p.id != agent.id && p.cluster.is_some() && p.status == "member");
+            if let Some(p) = member {
+                if last_join.is_none_or(|t| t.elapsed() >= JOIN_RETRY) {
+                    last_join = Some(now);
+                    joining = Some(tokio::spawn(join(agent.clone(), p.api_addr.clone())));
+                }
+            }
+        }
+
         if cluster_id.is_empty() {
             // Two consecutive rounds must agree, so a node does not bootstrap on a view it has
             // only just published its own vote into.
@@ -279,7 +300,12 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
                 bootstrap_votes += 1;
                 if bootstrap_votes >= 2 {
                     let cluster_id = format!("{:016x}", rand::random::<u64>());
-                    let _ = agent.inbox.send(Input::Bootstrap { cluster_id, me: agent.record() });
+                    match found_ca(&agent, &cluster_id) {
+                        Ok(pki) => {
+                            let _ = agent.inbox.try_send(Input::Bootstrap { cluster_id, me: agent.record(), pki });
+                        }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot create the cluster CA"),
+                    }
                     bootstrap_votes = 0;
                 }
             } else {
@@ -297,11 +323,15 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
         let is_live = |id: u64| id == agent.id || peers.iter().any(|(p, l)| p.id == id && *l);
         let mut members: Vec<MemberView> = Vec::new();
         let mut ids: Vec<u64> = status.voters.iter().chain(status.learners.iter()).copied().collect();
-        for p in &live_peers {
-            // Admit nodes of this cluster or not yet in any (gossip only carries nodes holding
-            // the secret).
-            if !ids.contains(&p.id) && p.cluster.as_deref().is_none_or(|c| c == cluster_id) {
-                ids.push(p.id);
+        {
+            let state = agent.shared.state();
+            for p in &live_peers {
+                // Admit nodes of this cluster or not yet in any that hold a certificate of its
+                // CA (issued for their id, never to a removed node).
+                let certified = state.pki.identities.contains_key(&p.id) && !state.pki.revoked.contains(&p.id);
+                if !ids.contains(&p.id) && certified && p.cluster.as_deref().is_none_or(|c| c == cluster_id) {
+                    ids.push(p.id);
+                }
             }
         }
         for id in ids {
@@ -336,12 +366,62 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
             None => None,
         };
         if let Some(change) = change {
-            let _ = agent.inbox.send(Input::Membership(change));
+            let _ = agent.inbox.try_send(Input::Membership(change));
         } else if leading_since.is_some_and(|t| now - t >= LEADER_SETTLE) {
             if let Some(to) = policy::preferred_leader(&members, agent.id) {
-                let _ = agent.inbox.send(Input::TransferLeader(to));
+                let _ = agent.inbox.try_send(Input::TransferLeader(to));
                 leading_since = None;
             }
         }
+    }
+}
+
+/// The bootstrapping node makes the cluster CA, issues its own certificate and serves with it;
+/// the CA (its key sealed with the secret) and this node's identity go into the first state.
+fn found_ca(agent: &Agent, cluster_id: &str) -> anyhow::Result<Pki> {
+    let ca = pki::new_ca(cluster_id)?;
+    let key = agent.tls.node_key();
+    let cert = pki::issue(&ca.cert_pem, &ca.key_pem, agent.id, &pki::csr_der(agent.id, key)?, &agent.tls.cert_ips())?;
+    let identity =
+        Identity { node: agent.id, ca_pem: ca.cert_pem.clone(), cert_pem: cert, key_pem: key.serialize_pem() };
+    let key_hash = identity.key_hash()?;
+    agent.tls.install(identity)?;
+    Ok(Pki {
+        ca_cert: ca.cert_pem,
+        ca_key_sealed: pki::seal_ca_key(&agent.config.secret, cluster_id, &ca.key_pem),
+        identities: [(agent.id, key_hash)].into(),
+        revoked: Default::default(),
+    })
+}
+
+/// Asks the member whose API is at `api_addr` for this node's certificate, and installs it.
+async fn join(agent: Arc<Agent>, api_addr: String) {
+    let req = match super::join::request(&agent.config.secret, agent.id, agent.tls.node_key(), &agent.tls.cert_ips()) {
+        Ok(r) => r,
+        Err(e) => return tracing::error!(error = %format!("{e:#}"), "cannot make the join request"),
+    };
+    let body = serde_json::to_vec(&req).unwrap_or_default();
+    let config = Arc::new(super::join::AnyServer::client_config());
+    let res = crate::peer::post(&api_addr, "/v1/cluster/join", "", body.into(), &config).await;
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => return tracing::debug!(%api_addr, error = %e, "join request failed"),
+    };
+    let status = res.status();
+    let bytes = match http_body_util::BodyExt::collect(res.into_body()).await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return tracing::debug!(%api_addr, error = %e, "join answer lost"),
+    };
+    if !status.is_success() {
+        let why = String::from_utf8_lossy(&bytes);
+        return tracing::warn!(%api_addr, %status, answer = %why, "join refused");
+    }
+    let accepted = serde_json::from_slice(&bytes)
+        .map_err(anyhow::Error::from)
+        .and_then(|ans| super::join::accept(&agent.config.secret, agent.id, agent.tls.node_key(), &req, ans))
+        .and_then(|identity| agent.tls.install(identity));
+    match accepted {
+        Ok(()) => info!(%api_addr, "received this node's certificate from the cluster CA"),
+        Err(e) => tracing::warn!(%api_addr, error = %format!("{e:#}"), "join answer refused"),
     }
 }

@@ -3,8 +3,11 @@
 
 pub mod agent;
 pub mod gossip;
+pub mod join;
+pub mod pki;
 pub mod policy;
 pub mod raft_node;
 pub mod secret;
 pub mod storage;
+pub mod tls;
 pub mod transport;

@@ -7,7 +7,7 @@
 //! client is answered once the local state machine has applied the index the leader confirmed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,18 @@ use crate::state::{ApplyOutcome, NodeRecord, State, WatchEvent};
 
 /// How long a client waits for its write or read before it is told the outcome is unknown.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Inputs waiting for the Raft thread at most: past it, peers' messages are shed (Raft resends)
+/// and clients are told to retry, so a flood cannot grow the node's memory without bound.
+pub const INBOX_LEN: usize = 8192;
+
+/// The sending side of the Raft thread's bounded inbox.
+pub type InboxSender = SyncSender<Input>;
+
+/// The Raft thread's inbox.
+pub fn inbox() -> (InboxSender, Receiver<Input>) {
+    std::sync::mpsc::sync_channel(INBOX_LEN)
+}
+
 /// A read whose ReadIndex got no answer in this long is asked again.
 const READ_RETRY: Duration = Duration::from_millis(150);
 
@@ -58,6 +70,8 @@ pub enum RequestError {
     NotMember,
     #[error("the raft thread stopped")]
     Stopped,
+    #[error("the node is overloaded (its raft inbox is full); nothing was proposed")]
+    Busy,
 }
 
 /// A membership change the agent asks the leader to make.
@@ -86,6 +100,8 @@ pub enum Input {
     Bootstrap {
         cluster_id: String,
         me: NodeRecord,
+        /// The cluster CA and this node's identity.
+        pki: crate::state::Pki,
     },
     Unreachable(u64),
     SnapshotStatus {
@@ -366,8 +382,8 @@ impl RaftThread {
                     self.node.transfer_leader(to);
                 }
             }
-            Input::Bootstrap { cluster_id, me } => {
-                if let Err(e) = self.bootstrap(&cluster_id, me) {
+            Input::Bootstrap { cluster_id, me, pki } => {
+                if let Err(e) = self.bootstrap(&cluster_id, me, pki) {
                     warn!(error = %format!("{e:#}"), "bootstrap failed");
                 }
             }
@@ -382,11 +398,12 @@ impl RaftThread {
 
     /// Starts a one-voter cluster from an initial snapshot at index 1 holding the cluster identity
     /// and this node's record; later nodes receive that snapshot and learn both from it.
-    fn bootstrap(&mut self, cluster_id: &str, me: NodeRecord) -> anyhow::Result<()> {
+    fn bootstrap(&mut self, cluster_id: &str, me: NodeRecord, pki: crate::state::Pki) -> anyhow::Result<()> {
         if !self.store.is_empty() {
             return Ok(());
         }
         let mut state = State::new(cluster_id);
+        state.pki = pki;
         state.admit_node(&me, crate::state::time::now_ms());
         let mut snap = Snapshot::default();
         snap.set_data(state.to_bytes().into());
@@ -675,11 +692,14 @@ fn fatal(index: u64, what: &str) -> ! {
 
 /// Sends an input to the Raft thread and waits for its answer.
 pub async fn ask<T>(
-    inbox: &Sender<Input>,
+    inbox: &InboxSender,
     make: impl FnOnce(oneshot::Sender<Result<T, RequestError>>) -> Input,
 ) -> Result<T, RequestError> {
     let (tx, rx) = oneshot::channel();
-    inbox.send(make(tx)).map_err(|_| RequestError::Stopped)?;
+    inbox.try_send(make(tx)).map_err(|e| match e {
+        TrySendError::Full(_) => RequestError::Busy,
+        TrySendError::Disconnected(_) => RequestError::Stopped,
+    })?;
     match tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_millis(500), rx).await {
         Ok(Ok(r)) => r,
         // The thread dropped the waiter at its deadline.

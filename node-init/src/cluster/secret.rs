@@ -31,6 +31,11 @@ impl PurposeKey {
         hmac(&self.0, data)
     }
 
+    /// The key itself (to key a cipher).
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Constant-time check of a tag.
     pub fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
         let Ok(mut mac) = HmacSha256::new_from_slice(&self.0) else { return false };

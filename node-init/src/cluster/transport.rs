@@ -1,49 +1,53 @@
-//! Raft messages between nodes over TCP. Each frame is `[u32 length][32-byte HMAC][protobuf
-//! message]`; a frame whose tag does not verify under the cluster secret closes the connection, so
-//! a node without the secret cannot take part in consensus. Sending never blocks the Raft thread:
-//! each peer has a queue drained by its own task, and messages that cannot be delivered are
-//! dropped (Raft retries) and reported as unreachable.
+//! Raft messages between nodes over mutual TLS 1.3. Each side presents its node certificate of
+//! the cluster CA; the listener takes a connection's messages only if their `from` is the node
+//! its certificate names (and that node is not revoked) and their `to` is this node. Frames are
+//! `[u32 length][protobuf message]`. Sending never blocks the Raft thread: each peer has a queue
+//! drained by its own task, and messages that cannot be delivered are dropped (Raft retries) and
+//! reported as unreachable.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::raft_node::Input;
-use super::secret::{PurposeKey, TAG_LEN};
+use super::pki;
+use super::raft_node::{InboxSender, Input};
+use super::tls::{self, Tls};
 
 /// Largest frame accepted (a snapshot of the whole state travels in one message).
 pub const MAX_FRAME: usize = 64 << 20;
 const QUEUE_LEN: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest a TLS handshake may take (either side).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a connection re-checks that its peer is still admitted (not removed).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether a peer presenting a certificate for node `id` with key hash `key` may speak.
+pub type Admit = Arc<dyn Fn(u64, &str) -> bool + Send + Sync>;
 
 /// Raft ids to the addresses their Raft listeners advertise (from gossip and node records).
 pub type AddressBook = Arc<RwLock<HashMap<u64, SocketAddr>>>;
 
 #[derive(Debug)]
 pub struct RaftTransport {
-    key: PurposeKey,
+    tls: Arc<Tls>,
     addrs: AddressBook,
     peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
     runtime: tokio::runtime::Handle,
-    reports: std::sync::mpsc::Sender<Input>,
+    reports: InboxSender,
 }
 
 impl RaftTransport {
-    pub fn new(
-        key: PurposeKey,
-        addrs: AddressBook,
-        runtime: tokio::runtime::Handle,
-        reports: std::sync::mpsc::Sender<Input>,
-    ) -> Self {
-        RaftTransport { key, addrs, peers: Mutex::new(HashMap::new()), runtime, reports }
+    pub fn new(tls: Arc<Tls>, addrs: AddressBook, runtime: tokio::runtime::Handle, reports: InboxSender) -> Self {
+        RaftTransport { tls, addrs, peers: Mutex::new(HashMap::new()), runtime, reports }
     }
 
     /// Queues a message for its destination; never blocks.
@@ -52,7 +56,7 @@ impl RaftTransport {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let tx = peers.entry(to).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(QUEUE_LEN);
-            let link = PeerLink { to, key: self.key.clone(), addrs: self.addrs.clone(), reports: self.reports.clone() };
+            let link = PeerLink { to, tls: self.tls.clone(), addrs: self.addrs.clone(), reports: self.reports.clone() };
             self.runtime.spawn(link.run(rx));
             tx
         });
@@ -65,30 +69,42 @@ impl RaftTransport {
     }
 }
 
-fn report_failure(reports: &std::sync::mpsc::Sender<Input>, msg: &Message) {
-    let _ = reports.send(Input::Unreachable(msg.to));
+fn report_failure(reports: &InboxSender, msg: &Message) {
+    // A full inbox drops the report: Raft probes an unreachable peer again by itself.
+    let _ = reports.try_send(Input::Unreachable(msg.to));
     if msg.get_msg_type() == MessageType::MsgSnapshot {
-        let _ = reports.send(Input::SnapshotStatus { to: msg.to, ok: false });
+        let _ = reports.try_send(Input::SnapshotStatus { to: msg.to, ok: false });
     }
 }
 
+type PeerStream = BufWriter<tokio_rustls::client::TlsStream<TcpStream>>;
+
 struct PeerLink {
     to: u64,
-    key: PurposeKey,
+    tls: Arc<Tls>,
     addrs: AddressBook,
-    reports: std::sync::mpsc::Sender<Input>,
+    reports: InboxSender,
 }
 
 impl PeerLink {
-    async fn connect(&self) -> Option<BufWriter<TcpStream>> {
+    /// TCP, then TLS verifying that the listener is node `to` of this cluster's CA.
+    async fn connect(&self) -> Option<PeerStream> {
+        let configs = self.tls.configs()?;
         let addr = self.addrs.read().unwrap_or_else(|e| e.into_inner()).get(&self.to).copied()?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Some(BufWriter::new(s))
-            }
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 debug!(to = self.to, %addr, error = %e, "raft peer unreachable");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let _ = tcp.set_nodelay(true);
+        let connector = tokio_rustls::TlsConnector::from(configs.client.clone());
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(tls::peer_name(self.to), tcp)).await {
+            Ok(Ok(s)) => Some(BufWriter::new(s)),
+            Ok(Err(e)) => {
+                warn!(to = %format!("{:016x}", self.to), %addr, error = %e, "raft peer refused: TLS handshake failed");
                 None
             }
             Err(_) => None,
@@ -96,7 +112,7 @@ impl PeerLink {
     }
 
     async fn run(self, mut rx: mpsc::Receiver<Message>) {
-        let mut conn: Option<BufWriter<TcpStream>> = None;
+        let mut conn: Option<PeerStream> = None;
         while let Some(first) = rx.recv().await {
             if conn.is_none() {
                 conn = self.connect().await;
@@ -119,7 +135,7 @@ impl PeerLink {
             }
             let mut failed = false;
             for m in &batch {
-                if write_frame(stream, &self.key, m).await.is_err() {
+                if write_frame(stream, m).await.is_err() {
                     failed = true;
                     break;
                 }
@@ -135,16 +151,21 @@ impl PeerLink {
                 continue;
             }
             for m in batch.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot) {
-                let _ = self.reports.send(Input::SnapshotStatus { to: m.to, ok: true });
+                let _ = self.reports.try_send(Input::SnapshotStatus { to: m.to, ok: true });
             }
         }
     }
 }
 
-async fn write_frame(stream: &mut BufWriter<TcpStream>, key: &PurposeKey, m: &Message) -> std::io::Result<()> {
+async fn write_frame<W: AsyncWrite + Unpin>(stream: &mut W, m: &Message) -> std::io::Result<()> {
     let payload = m.write_to_bytes().map_err(std::io::Error::other)?;
+    if payload.len() > MAX_FRAME {
+        return Err(std::io::Error::other(format!(
+            "a raft message of {} bytes is over the frame limit",
+            payload.len()
+        )));
+    }
     stream.write_all(&(payload.len() as u32).to_be_bytes()).await?;
-    stream.write_all(&key.tag(&payload)).await?;
     stream.write_all(&payload).await
 }
 
@@ -152,8 +173,6 @@ async fn write_frame(stream: &mut BufWriter<TcpStream>, key: &PurposeKey, m: &Me
 pub enum FrameError {
     #[error("frame of {0} bytes is over the limit")]
     TooLarge(usize),
-    #[error("frame tag does not verify: the sender does not hold the cluster secret")]
-    BadTag,
     #[error("frame is not a raft message")]
     Decode(#[source] protobuf::ProtobufError),
     #[error("connection")]
@@ -161,7 +180,7 @@ pub enum FrameError {
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
-pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, key: &PurposeKey) -> Result<Option<Message>, FrameError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -172,13 +191,8 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, key: &PurposeKey) ->
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut tag = [0u8; TAG_LEN];
-    r.read_exact(&mut tag).await?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
-    if !key.verify(&payload, &tag) {
-        return Err(FrameError::BadTag);
-    }
     Message::parse_from_bytes(&payload).map(Some).map_err(FrameError::Decode)
 }
 
@@ -201,9 +215,8 @@ impl Default for ListenerLimits {
 }
 
 /// Reads one frame within `limits`: `Ok(None)` at a clean end of stream or after `idle`.
-async fn read_frame_within<R: AsyncReadExt + Unpin>(
+async fn read_frame_within<R: AsyncRead + Unpin>(
     r: &mut R,
-    key: &PurposeKey,
     limits: &ListenerLimits,
 ) -> Result<Option<Message>, FrameError> {
     let mut first = [0u8; 1];
@@ -213,7 +226,7 @@ async fn read_frame_within<R: AsyncReadExt + Unpin>(
         Ok(Ok(_)) => {}
     }
     let mut whole = (&first[..]).chain(&mut *r);
-    match tokio::time::timeout(limits.frame, read_frame(&mut whole, key)).await {
+    match tokio::time::timeout(limits.frame, read_frame(&mut whole)).await {
         Ok(Ok(Some(m))) => Ok(Some(m)),
         Ok(Ok(None)) => Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())),
         Ok(Err(e)) => Err(e),
@@ -221,22 +234,31 @@ async fn read_frame_within<R: AsyncReadExt + Unpin>(
     }
 }
 
-/// Accepts Raft connections and hands verified messages addressed to `me` to the Raft thread.
-pub async fn serve(listener: TcpListener, key: PurposeKey, inbox: std::sync::mpsc::Sender<Input>, me: u64) {
-    serve_within(listener, key, inbox, me, ListenerLimits::default()).await
+/// What the listener needs: this node's TLS, who it is, who may speak, where messages go.
+#[derive(Clone)]
+pub struct ListenerParts {
+    pub tls: Arc<Tls>,
+    pub me: u64,
+    pub admit: Admit,
+    pub inbox: InboxSender,
+}
+
+impl std::fmt::Debug for ListenerParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerParts").field("me", &self.me).finish_non_exhaustive()
+    }
+}
+
+/// Accepts Raft connections and hands authenticated messages addressed to `me` to the Raft thread.
+pub async fn serve(listener: TcpListener, parts: ListenerParts) {
+    serve_within(listener, parts, ListenerLimits::default()).await
 }
 
 /// `serve` with explicit limits.
-pub async fn serve_within(
-    listener: TcpListener,
-    key: PurposeKey,
-    inbox: std::sync::mpsc::Sender<Input>,
-    me: u64,
-    limits: ListenerLimits,
-) {
+pub async fn serve_within(listener: TcpListener, parts: ListenerParts, limits: ListenerLimits) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -245,115 +267,256 @@ pub async fn serve_within(
             drop(stream);
             continue;
         };
-        let key = key.clone();
-        let inbox = inbox.clone();
+        let parts = parts.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut misaddressed = false;
-            loop {
-                match read_frame_within(&mut stream, &key, &limits).await {
-                    // A message for another node (an address gossip had wrong, or a replay
-                    // aimed elsewhere) must not count here: raft-rs counts votes by `from`.
-                    Ok(Some(m)) if m.to != me => {
-                        if !misaddressed {
-                            warn!(%peer, to = m.to, me, "raft message for another node dropped");
-                            misaddressed = true;
-                        }
-                    }
-                    Ok(Some(m)) => {
-                        if inbox.send(Input::Message(m)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(FrameError::Io(_)) => return,
-                    Err(e) => {
-                        warn!(%peer, error = %e, "raft connection refused");
-                        return;
-                    }
+            serve_connection(stream, peer, parts, limits).await;
+        });
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, parts: ListenerParts, limits: ListenerLimits) {
+    // Without an identity (not yet joined) nobody is served: there is nothing to verify with.
+    let Some(configs) = parts.tls.configs() else { return };
+    let acceptor = tokio_rustls::TlsAcceptor::from(configs.raft_server.clone());
+    let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "raft connection refused: TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+    let identity = cert.as_deref().and_then(|c| Some((pki::cert_node_id(c)?, pki::cert_key_hash(c)?)));
+    let Some((from, key)) = identity else {
+        warn!(%peer, "raft connection refused: the certificate names no node");
+        return;
+    };
+    let admitted = |parts: &ListenerParts| (parts.admit)(from, &key);
+    if !admitted(&parts) {
+        warn!(%peer, node = %format!("{from:016x}"), "raft connection refused: the node was removed from the cluster");
+        return;
+    }
+    let mut checked = Instant::now();
+    let mut misaddressed = false;
+    loop {
+        match read_frame_within(&mut stream, &limits).await {
+            // A message for another node (an address gossip had wrong) must not count here:
+            // raft-rs counts votes by `from` and `to`.
+            Ok(Some(m)) if m.to != parts.me => {
+                if !misaddressed {
+                    warn!(%peer, to = m.to, me = parts.me, "raft message for another node dropped");
+                    misaddressed = true;
                 }
             }
-        });
+            Ok(Some(m)) if m.from != from => {
+                warn!(%peer, node = %format!("{from:016x}"), claimed = %format!("{:016x}", m.from),
+                    "raft connection closed: its peer spoke for another node");
+                return;
+            }
+            Ok(Some(m)) => {
+                if checked.elapsed() >= RECHECK {
+                    if !admitted(&parts) {
+                        warn!(%peer, node = %format!("{from:016x}"), "raft connection closed: the node was removed");
+                        return;
+                    }
+                    checked = Instant::now();
+                }
+                match parts.inbox.try_send(Input::Message(m)) {
+                    Ok(()) => {}
+                    // A full inbox sheds the message: Raft resends what still matters.
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+                }
+            }
+            Ok(None) => return,
+            Err(FrameError::Io(_)) => return,
+            Err(e) => {
+                warn!(%peer, error = %e, "raft connection refused");
+                return;
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::secret::ClusterSecret;
+    use crate::cluster::pki::Identity;
+    use crate::cluster::tls::Configs;
 
-    fn frame(key: &PurposeKey, m: &Message) -> Vec<u8> {
+    struct Ca(pki::NewCa);
+
+    impl Ca {
+        fn new() -> Ca {
+            Ca(pki::new_ca("test").unwrap())
+        }
+
+        fn identity(&self, node: u64) -> Identity {
+            let key = pki::new_node_key().unwrap();
+            let csr = pki::csr_der(node, &key).unwrap();
+            let cert = pki::issue(&self.0.cert_pem, &self.0.key_pem, node, &csr, &[]).unwrap();
+            Identity { node, ca_pem: self.0.cert_pem.clone(), cert_pem: cert, key_pem: key.serialize_pem() }
+        }
+
+        fn tls(&self, node: u64) -> (tempfile::TempDir, Arc<Tls>) {
+            let dir = tempfile::tempdir().unwrap();
+            let tls = Tls::open(dir.path(), node, vec![]).unwrap();
+            tls.install(self.identity(node)).unwrap();
+            (dir, Arc::new(tls))
+        }
+    }
+
+    fn frame(m: &Message) -> Vec<u8> {
         let payload = m.write_to_bytes().unwrap();
         let mut out = (payload.len() as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(&key.tag(&payload));
         out.extend_from_slice(&payload);
         out
     }
 
+    type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
+    /// Connects to the listener at `addr` (node `to`) as the holder of `identity`.
+    async fn dial(addr: SocketAddr, to: u64, identity: Identity) -> std::io::Result<Client> {
+        let configs = Configs::new(identity).unwrap();
+        let tcp = TcpStream::connect(addr).await?;
+        tokio_rustls::TlsConnector::from(configs.client.clone()).connect(tls::peer_name(to), tcp).await
+    }
+
     /// Whether the listener closed `s` (EOF or reset) within `within`.
-    async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    async fn closed_within<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
         let mut b = [0u8; 1];
         matches!(tokio::time::timeout(within, s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_listener_bounds_connections_and_time_and_drops_messages_for_other_nodes() {
-        let key = ClusterSecret::new("s").key("raft");
+    fn msg(from: u64, to: u64, term: u64) -> Message {
+        Message { from, to, term, ..Default::default() }
+    }
+
+    struct Listening {
+        addr: SocketAddr,
+        rx: std::sync::mpsc::Receiver<Input>,
+        revoked: Arc<Mutex<Vec<u64>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn listen(ca: &Ca, me: u64, limits: ListenerLimits) -> Listening {
+        let (dir, tls) = ca.tls(me);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+        let revoked = Arc::new(Mutex::new(Vec::new()));
+        let r = revoked.clone();
+        let admit: Admit = Arc::new(move |id, _key| !r.lock().unwrap().contains(&id));
+        tokio::spawn(serve_within(listener, ListenerParts { tls, me, admit, inbox: tx }, limits));
+        Listening { addr, rx, revoked, _dir: dir }
+    }
+
+    fn terms(rx: &std::sync::mpsc::Receiver<Input>, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|_| match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+                Input::Message(m) => m.term,
+                other => panic!("unexpected input {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_speaks_only_for_the_node_its_certificate_names() {
+        let ca = Ca::new();
+        let l = listen(&ca, 7, ListenerLimits::default()).await;
+        let mut a = dial(l.addr, 7, ca.identity(1)).await.unwrap();
+        // From node 1, to us: delivered; to node 8: dropped, the connection kept.
+        for m in [msg(1, 7, 1), msg(1, 8, 2), msg(1, 7, 3)] {
+            a.write_all(&frame(&m)).await.unwrap();
+        }
+        a.flush().await.unwrap();
+        assert_eq!(terms(&l.rx, 2), [1, 3]);
+        assert!(l.rx.recv_timeout(Duration::from_millis(100)).is_err(), "the message for node 8 was delivered");
+        // Node 1 claiming to be node 2 (a forged vote grant): not delivered, connection closed.
+        a.write_all(&frame(&msg(2, 7, 4))).await.unwrap();
+        a.flush().await.unwrap();
+        assert!(closed_within(&mut a, Duration::from_secs(2)).await, "a peer spoke for another node");
+        assert!(l.rx.recv_timeout(Duration::from_millis(100)).is_err(), "the forged message was delivered");
+
+        // A certificate of another CA, and no certificate at all, get no connection.
+        let stranger = Ca::new().identity(1);
+        let mut s = dial(l.addr, 7, stranger).await;
+        if let Ok(s) = s.as_mut() {
+            let _ = s.write_all(&frame(&msg(1, 7, 5))).await;
+            let _ = s.flush().await;
+            assert!(closed_within(s, Duration::from_secs(2)).await);
+        }
+        let tcp = TcpStream::connect(l.addr).await.unwrap();
+        let anonymous = tls::client_trusting(&ca.0.cert_pem).unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(anonymous)).connect(tls::peer_name(7), tcp).await;
+        if let Ok(s) = s.as_mut() {
+            let _ = s.write_all(&frame(&msg(1, 7, 6))).await;
+            let _ = s.flush().await;
+            assert!(closed_within(s, Duration::from_secs(2)).await);
+        }
+        assert!(l.rx.recv_timeout(Duration::from_millis(200)).is_err(), "a stranger's message was delivered");
+
+        // Dialing node 7's address expecting node 9: our side refuses the listener.
+        assert!(dial(l.addr, 9, ca.identity(1)).await.is_err(), "a listener was taken for another node");
+
+        // A removed node: its open connection closes, and it cannot connect again.
+        let mut b = dial(l.addr, 7, ca.identity(3)).await.unwrap();
+        b.write_all(&frame(&msg(3, 7, 10))).await.unwrap();
+        b.flush().await.unwrap();
+        assert_eq!(terms(&l.rx, 1), [10]);
+        l.revoked.lock().unwrap().push(3);
+        tokio::time::sleep(RECHECK + Duration::from_millis(100)).await;
+        b.write_all(&frame(&msg(3, 7, 11))).await.unwrap();
+        b.flush().await.unwrap();
+        assert!(closed_within(&mut b, Duration::from_secs(2)).await, "a removed node's connection stayed open");
+        let mut c = dial(l.addr, 7, ca.identity(3)).await.unwrap();
+        let _ = c.write_all(&frame(&msg(3, 7, 12))).await;
+        let _ = c.flush().await;
+        assert!(closed_within(&mut c, Duration::from_secs(2)).await);
+        assert!(l.rx.recv_timeout(Duration::from_millis(100)).is_err(), "a removed node's message was delivered");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_listener_bounds_connections_and_time() {
+        let ca = Ca::new();
         let limits =
             ListenerLimits { max_connections: 2, idle: Duration::from_millis(300), frame: Duration::from_millis(300) };
-        tokio::spawn(serve_within(listener, key.clone(), tx, 7, limits));
-
-        // Addressed to us: delivered; to node 8: dropped, the connection kept.
-        let mut a = TcpStream::connect(addr).await.unwrap();
-        for (to, term) in [(7, 1), (8, 2), (7, 3)] {
-            a.write_all(&frame(&key, &Message { from: 1, to, term, ..Default::default() })).await.unwrap();
-        }
-        let mut terms = Vec::new();
-        for _ in 0..2 {
-            match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
-                Input::Message(m) => terms.push(m.term),
-                other => panic!("unexpected input {other:?}"),
-            }
-        }
-        assert_eq!(terms, [1, 3]);
-        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "the message for node 8 was delivered");
-
+        let l = listen(&ca, 7, limits).await;
+        let mut a = dial(l.addr, 7, ca.identity(1)).await.unwrap();
+        a.write_all(&frame(&msg(1, 7, 1))).await.unwrap();
+        a.flush().await.unwrap();
+        assert_eq!(terms(&l.rx, 1), [1]);
         // A frame that starts and never ends is dropped after `frame`.
-        let mut b = TcpStream::connect(addr).await.unwrap();
+        let mut b = dial(l.addr, 7, ca.identity(2)).await.unwrap();
         b.write_all(&[0, 0, 1, 0]).await.unwrap();
-        // Two connections are open: a third is closed at once.
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        assert!(closed_within(&mut c, Duration::from_millis(200)).await, "a third connection was served");
+        b.flush().await.unwrap();
+        // Two connections are open: a third is closed at once (before any handshake).
+        let mut c = TcpStream::connect(l.addr).await.unwrap();
+        assert!(closed_within(&mut c, Duration::from_millis(300)).await, "a third connection was served");
         assert!(closed_within(&mut b, Duration::from_secs(2)).await, "a stalled frame kept its connection");
         // A quiet connection is closed after `idle`, and frees its slot.
         assert!(closed_within(&mut a, Duration::from_secs(2)).await, "an idle connection stayed open");
-        let mut d = TcpStream::connect(addr).await.unwrap();
-        d.write_all(&frame(&key, &Message { from: 1, to: 7, term: 9, ..Default::default() })).await.unwrap();
-        assert!(matches!(rx.recv_timeout(Duration::from_secs(5)), Ok(Input::Message(m)) if m.term == 9));
+        let mut d = dial(l.addr, 7, ca.identity(1)).await.unwrap();
+        d.write_all(&frame(&msg(1, 7, 9))).await.unwrap();
+        d.flush().await.unwrap();
+        assert_eq!(terms(&l.rx, 1), [9]);
     }
 
     #[tokio::test]
-    async fn frames_from_a_node_without_the_secret_are_refused() {
-        let key = ClusterSecret::new("right").key("raft");
-        let m = Message { from: 1, to: 2, term: 5, ..Default::default() };
-        let good = frame(&key, &m);
-        assert_eq!(read_frame(&mut &good[..], &key).await.unwrap().unwrap().term, 5);
-        let bad = frame(&ClusterSecret::new("wrong").key("raft"), &m);
-        assert!(matches!(read_frame(&mut &bad[..], &key).await, Err(FrameError::BadTag)));
+    async fn frames_are_bounded_and_must_decode() {
+        let good = frame(&msg(1, 2, 5));
+        assert_eq!(read_frame(&mut &good[..]).await.unwrap().unwrap().term, 5);
         let huge = [0xffu8, 0xff, 0xff, 0xff];
-        assert!(matches!(read_frame(&mut &huge[..], &key).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(read_frame(&mut &huge[..]).await, Err(FrameError::TooLarge(_))));
         let mut truncated = good.clone();
         truncated.truncate(good.len() - 1);
-        assert!(matches!(read_frame(&mut &truncated[..], &key).await, Err(FrameError::Io(_))));
-        // A valid tag over bytes that are not a message.
+        assert!(matches!(read_frame(&mut &truncated[..]).await, Err(FrameError::Io(_))));
         let junk = b"\x0a\xff\xff\xff\xff\xff";
         let mut f = (junk.len() as u32).to_be_bytes().to_vec();
-        f.extend_from_slice(&key.tag(junk));
         f.extend_from_slice(junk);
-        assert!(matches!(read_frame(&mut &f[..], &key).await, Err(FrameError::Decode(_))));
-        assert!(read_frame(&mut &[][..], &key).await.unwrap().is_none());
+        assert!(matches!(read_frame(&mut &f[..]).await, Err(FrameError::Decode(_))));
+        assert!(read_frame(&mut &[][..]).await.unwrap().is_none());
     }
 }

@@ -147,8 +147,14 @@ pub enum FetchError {
 }
 
 /// Copies an image from the node whose API is at `addr`, verifying its digest; returns its size.
-pub async fn fetch(store: &ImageStore, addr: &str, token: &str, digest: &str) -> Result<u64, FetchError> {
-    let res = crate::peer::get(addr, &format!("/v1/images/{digest}/blob"), token).await?;
+pub async fn fetch(
+    store: &ImageStore,
+    addr: &str,
+    token: &str,
+    digest: &str,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<u64, FetchError> {
+    let res = crate::peer::get(addr, &format!("/v1/images/{digest}/blob"), token, tls).await?;
     if res.status() != hyper::StatusCode::OK {
         return Err(FetchError::Status { addr: addr.to_string(), status: res.status().as_u16() });
     }

@@ -15,11 +15,13 @@ use super::kv::Op;
 use super::objects::{DeploymentSpec, InstanceState, Millis, NodeSpec, Resources, TenantSpec};
 
 /// The newest entry format this binary reads and writes.
-pub const BINARY_FORMAT: u32 = 2;
+pub const BINARY_FORMAT: u32 = 3;
 /// Format 1: the keyed store, cluster settings and node records (the first release).
 pub const FORMAT_KV: u32 = 1;
 /// Format 2: typed workloads (tenants, images, deployments, instances, scheduling).
 pub const FORMAT_WORKLOADS: u32 = 2;
+/// Format 3: node identities (the cluster CA's certificates, registered per node id).
+pub const FORMAT_IDENTITY: u32 = 3;
 
 /// One Raft log entry. `origin`, `boot` and `seq` let the proposing node find its waiting
 /// client when the entry is applied (`boot` is random per process start, so an entry proposed
@@ -164,6 +166,12 @@ pub enum Command {
     SetFormat {
         format: u32,
     },
+    /// Registers the key a node's certificate is issued for (the SHA-256 of its public key,
+    /// hex). One key per node id, ever; a removed node's id is never registered again.
+    RegisterIdentity {
+        node: u64,
+        key: String,
+    },
     /// A node's own labels, capacity and addresses.
     NodeUpdate {
         node: u64,
@@ -256,6 +264,7 @@ impl Command {
     pub fn format(&self) -> u32 {
         match self {
             Command::Kv(_) | Command::SetFormat { .. } => FORMAT_KV,
+            Command::RegisterIdentity { .. } => FORMAT_IDENTITY,
             _ => FORMAT_WORKLOADS,
         }
     }
@@ -264,6 +273,7 @@ impl Command {
         match self {
             Command::Kv(_) => "kv",
             Command::SetFormat { .. } => "set_format",
+            Command::RegisterIdentity { .. } => "register_identity",
             Command::NodeUpdate { .. } => "node_update",
             Command::Cordon { .. } => "cordon",
             Command::SetNodeSpec { .. } => "set_node_spec",
@@ -311,8 +321,8 @@ mod tests {
 
     #[test]
     fn newer_and_garbage_entries_are_told_apart() {
-        let newer = br#"{"format":3,"origin":1,"seq":1,"command":{"teleport":{}}}"#;
-        assert_eq!(decode(newer), Err(DecodeError::NewerFormat { found: 3 }));
+        let newer = br#"{"format":4,"origin":1,"seq":1,"command":{"teleport":{}}}"#;
+        assert_eq!(decode(newer), Err(DecodeError::NewerFormat { found: 4 }));
         assert!(matches!(decode(b"\x00\x01garbage"), Err(DecodeError::Undecodable(_))));
         let unknown = br#"{"format":2,"origin":1,"seq":1,"command":{"teleport":{}}}"#;
         assert!(matches!(decode(unknown), Err(DecodeError::Undecodable(_))));

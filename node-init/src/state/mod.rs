@@ -142,6 +142,31 @@ pub struct Indexes {
     pub tokens: BTreeMap<String, String>,
 }
 
+/// The cluster's certificate authority and the node identities it vouches for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pki {
+    /// The CA certificate (PEM), created when the cluster bootstrapped.
+    #[serde(default)]
+    pub ca_cert: String,
+    /// The CA's private key, sealed with a key derived from the cluster secret (hex): a copy of
+    /// the log or a snapshot does not give away the CA without the secret.
+    #[serde(default)]
+    pub ca_key_sealed: String,
+    /// Node id to the SHA-256 (hex) of the public key its certificate was issued for.
+    #[serde(default)]
+    pub identities: BTreeMap<u64, String>,
+    /// Nodes removed from the cluster: their certificates are refused, their ids never reissued.
+    #[serde(default)]
+    pub revoked: BTreeSet<u64>,
+}
+
+impl Pki {
+    /// Whether a peer presenting a certificate for `node` with public key hash `key` may speak.
+    pub fn admits(&self, node: u64, key: &str) -> bool {
+        !self.revoked.contains(&node) && self.identities.get(&node).is_none_or(|k| k == key)
+    }
+}
+
 /// The whole replicated state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct State {
@@ -164,6 +189,8 @@ pub struct State {
     pub images: BTreeMap<String, Image>,
     pub deployments: BTreeMap<InstanceKey, Deployment>,
     pub instances: BTreeMap<InstanceKey, Instance>,
+    /// Never shown by the API: the CA key is in here (sealed).
+    pub pki: Pki,
     pub index: Indexes,
     /// Changes of the command being applied, handed to the caller.
     events: Vec<WatchEvent>,
@@ -196,6 +223,8 @@ struct Snapshot {
     images: Vec<Image>,
     deployments: Vec<Deployment>,
     instances: Vec<Instance>,
+    #[serde(default)]
+    pki: Pki,
 }
 
 const SNAPSHOT_LAYOUT: u32 = 2;
@@ -225,6 +254,7 @@ impl State {
             images: BTreeMap::new(),
             deployments: BTreeMap::new(),
             instances: BTreeMap::new(),
+            pki: Pki::default(),
             index: Indexes::default(),
             events: Vec::new(),
             dirty_deployments: BTreeSet::new(),
@@ -282,6 +312,7 @@ impl State {
     fn apply_command(&mut self, command: &Command, at: Millis) -> ApplyOutcome {
         match command {
             Command::Kv(op) => self.apply_kv(op),
+            Command::RegisterIdentity { node, key } => self.register_identity(*node, key),
             Command::SetFormat { format } => {
                 if *format > self.format && *format <= command::BINARY_FORMAT {
                     self.format = *format;
@@ -292,6 +323,32 @@ impl State {
             }
             other => self.apply_workload(other, at),
         }
+    }
+
+    /// One key per node id; the same key again is a retry and succeeds.
+    fn register_identity(&mut self, node: u64, key: &str) -> ApplyOutcome {
+        if node == 0 || key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return reject(RejectKind::Invalid, "an identity is a node id and a 64-digit key hash");
+        }
+        if self.pki.revoked.contains(&node) {
+            return reject(
+                RejectKind::Conflict,
+                format!("node {node:016x} was removed from the cluster; start it with a fresh data directory"),
+            );
+        }
+        match self.pki.identities.get(&node) {
+            Some(k) if k == key => {}
+            Some(_) => {
+                return reject(
+                    RejectKind::Conflict,
+                    format!("node {node:016x} already has a certificate for another key"),
+                )
+            }
+            None => {
+                self.pki.identities.insert(node, key.to_string());
+            }
+        }
+        ApplyOutcome::Applied { revision: self.revision }
     }
 
     fn apply_kv(&mut self, op: &Op) -> ApplyOutcome {
@@ -379,6 +436,7 @@ impl State {
             images: self.images.values().cloned().collect(),
             deployments: self.deployments.values().cloned().collect(),
             instances: self.instances.values().cloned().collect(),
+            pki: self.pki.clone(),
         };
         // Plain data with string map keys always serializes.
         serde_json::to_vec(&snap).unwrap_or_default()
@@ -412,6 +470,7 @@ impl State {
                 state.deployments =
                     s.deployments.into_iter().map(|d| ((d.tenant.clone(), d.name.clone()), d)).collect();
                 state.instances = s.instances.into_iter().map(|i| ((i.tenant.clone(), i.id.clone()), i)).collect();
+                state.pki = s.pki;
                 state
             }
             other => {

@@ -439,3 +439,29 @@ fn every_object_change_is_one_watch_event() {
         serde_json::from_str(&events.iter().find(|e| e.key.starts_with("shoal/instances/")).unwrap().value).unwrap();
     assert_eq!(inst.template, template(1, 128));
 }
+
+#[test]
+fn an_identity_is_registered_once_per_node_and_never_again_after_removal() {
+    let mut sim = Sim::new(2, 8, 4096);
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    sim.ok(Command::RegisterIdentity { node: 7, key: a.clone() });
+    // The same key again is a retried join: it succeeds and changes nothing.
+    sim.ok(Command::RegisterIdentity { node: 7, key: a.clone() });
+    let other = sim.apply(Command::RegisterIdentity { node: 7, key: b.clone() });
+    assert!(matches!(other, ApplyOutcome::Rejected { kind: RejectKind::Conflict, .. }), "{other:?}");
+    assert!(sim.state.pki.admits(7, &a) && !sim.state.pki.admits(7, &b));
+    let bad = sim.apply(Command::RegisterIdentity { node: 8, key: "xyz".into() });
+    assert!(matches!(bad, ApplyOutcome::Rejected { kind: RejectKind::Invalid, .. }), "{bad:?}");
+    // Removing node 1 revokes it: its certificate no longer admits it, its id is not reissued.
+    sim.ok(Command::RegisterIdentity { node: 1, key: a.clone() });
+    sim.state.remove_node(1, 0);
+    assert!(!sim.state.pki.admits(1, &a));
+    let again = sim.apply(Command::RegisterIdentity { node: 1, key: b });
+    assert!(
+        matches!(&again, ApplyOutcome::Rejected { kind: RejectKind::Conflict, reason } if reason.contains("fresh data directory")),
+        "{again:?}"
+    );
+    // All of it survives a snapshot.
+    let restored = State::from_bytes(&sim.state.to_bytes()).unwrap();
+    assert_eq!(restored.pki, sim.state.pki);
+}

@@ -574,8 +574,9 @@ async fn ensure_image(ctx: &Ctx, digest: &str) -> anyhow::Result<()> {
         anyhow::bail!("no live node holds it ({} nodes did)", holders.len());
     }
     let mut last = anyhow::anyhow!("no copy came");
+    let tls = ctx.node.peer_tls()?;
     for addr in sources {
-        match crate::images::fetch(&ctx.node.images, addr, &ctx.node.peer_token, digest).await {
+        match crate::images::fetch(&ctx.node.images, addr, &ctx.node.peer_token, digest, &tls).await {
             Ok(size) => {
                 Metrics::inc(&ctx.node.metrics.image_fetches);
                 ctx.node.metrics.image_fetch_bytes.fetch_add(size, std::sync::atomic::Ordering::Relaxed);

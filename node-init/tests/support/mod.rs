@@ -159,6 +159,17 @@ impl Net {
     }
 }
 
+/// A TLS client configuration trusting every CA certificate the nodes under `dir` wrote.
+pub fn trust(dir: &std::path::Path) -> Option<rustls::ClientConfig> {
+    let mut pem = String::new();
+    for node in std::fs::read_dir(dir).ok()?.flatten() {
+        for f in ["tls/ca.crt", "tls/provisional-ca.crt"] {
+            pem.push_str(&std::fs::read_to_string(node.path().join(f)).unwrap_or_default());
+        }
+    }
+    shoal_node::cluster::tls::client_trusting(&pem).ok()
+}
+
 /// Moves the calling thread into the named network namespace (each client thread calls this:
 /// a namespace is per thread).
 pub fn enter_netns(name: &str) {
@@ -415,12 +426,23 @@ impl Node {
         &self.token
     }
 
+    /// An HTTPS client that trusts the CAs this test's nodes wrote (the cluster CA, and each
+    /// unjoined node's provisional one), as a user's client trusts `DATA_DIR/tls/ca.crt`.
     pub fn agent(&self) -> ureq::Agent {
-        ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build()
+        let mut b = ureq::AgentBuilder::new().timeout(Duration::from_secs(5));
+        if let Some(tls) = trust(self.data_dir.parent().unwrap()) {
+            b = b.tls_config(std::sync::Arc::new(tls));
+        }
+        b.build()
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr())
+        format!("https://{}{path}", self.addr())
+    }
+
+    /// The cluster CA file this node wrote once it joined.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("tls/ca.crt")
     }
 
     /// GET with this node's token: (status, body as JSON or null).
