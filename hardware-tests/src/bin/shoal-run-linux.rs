@@ -38,7 +38,9 @@ export SHOAL_CONFIG="$here/shoalctl.config"
 ./shoal-node agent --data-dir "$here/node" --listen 127.0.0.1:{port} --min-voters 1 --vmm "$here/shoal-vmm" 2>"$here/node.log" &
 agent=$!
 ctl() {{ ./shoalctl "$@"; }}
-ctl config set-context run --endpoint 127.0.0.1:{port} --token-file "$here/node/api-token" --tenant run >/dev/null
+# The API is TLS: the node writes its cluster CA once it has formed its one-node cluster.
+for _ in $(seq 600); do [ -f "$here/node/tls/ca.crt" ] && break; sleep 0.2; done
+ctl config set-context run --endpoint 127.0.0.1:{port} --token-file "$here/node/api-token" --ca "$here/node/tls/ca.crt" --tenant run >/dev/null
 echo "make run: node up; deploying the Linux guest (shoalctl apply -f linux.yaml)"
 ctl apply -f linux.yaml 2>/dev/null
 ctl rollout status linux --timeout 600 >/dev/null
