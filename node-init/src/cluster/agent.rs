@@ -176,7 +176,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
         extra_liveness_predicate: None,
         protocol_version: ProtocolVersion::V0,
     };
-    let transport = SignedUdpTransport::new(config.secret.key("gossip"));
+    let transport = SignedUdpTransport::new(config.secret.key("gossip"), id);
     let chitchat = spawn_chitchat(chitchat_config, initial, &transport).await.context("starting gossip")?;
 
     let agent = Arc::new(Agent { id, config, shared, inbox: inbox_tx, peers: RwLock::new(Vec::new()), tls });
