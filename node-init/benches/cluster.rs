@@ -73,30 +73,36 @@ fn main() {
     };
     let st = full(&n);
 
-    // Write latency (sequential, to the leader and through a follower) and throughput.
+    // Write latency (sequential, to the leader and through a follower, over one kept-alive TLS
+    // connection as clients hold one) and throughput; then the same writes each on a new
+    // connection: the difference is what a TLS handshake (P-256, TLS 1.3) costs a client.
     let li = n.iter().position(|x| x.id() == st["leader_id"].as_str().unwrap()).unwrap();
-    let mut lat = Vec::new();
-    for i in 0..500 {
-        let t = Instant::now();
-        n[li].put(&format!("lat{}", i % 50), "v").unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    report("write_latency_leader", "ms", &mut lat);
+    let timed = |node: &Node, http: &ureq::Agent, count: usize, read: bool| -> Vec<f64> {
+        let auth = format!("Bearer {}", node.token());
+        (0..count)
+            .map(|i| {
+                let url = node.url(&format!("/v1/kv/lat{}", i % 50));
+                let t = Instant::now();
+                if read {
+                    http.get(&url).set("Authorization", &auth).call().unwrap();
+                } else {
+                    http.put(&url).set("Authorization", &auth).send_string("v").unwrap();
+                }
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect()
+    };
+    let kept = n[li].agent();
+    report("write_latency_leader", "ms", &mut timed(&n[li], &kept, 500, false));
     let fi = (li + 1) % 3;
-    let mut lat = Vec::new();
-    for i in 0..200 {
-        let t = Instant::now();
-        n[fi].put(&format!("lat{}", i % 50), "v").unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    report("write_latency_via_follower", "ms", &mut lat);
-    let mut lat = Vec::new();
-    for i in 0..200 {
-        let t = Instant::now();
-        n[fi].read(&format!("lat{}", i % 50)).unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    report("linearizable_read_latency_follower", "ms", &mut lat);
+    let kept_f = n[fi].agent();
+    report("write_latency_via_follower", "ms", &mut timed(&n[fi], &kept_f, 200, false));
+    report("linearizable_read_latency_follower", "ms", &mut timed(&n[fi], &kept_f, 200, true));
+    let fresh = support::agent_without_reuse(&n[li]);
+    let mut new_conn = timed(&n[li], &fresh, 200, false);
+    let mut kept_again = timed(&n[li], &kept, 200, false);
+    report("write_latency_leader_new_tls_connection", "ms", &mut new_conn);
+    println!("tls_handshake_cost_p50_ms={:.2}", percentile(&mut new_conn, 0.5) - percentile(&mut kept_again, 0.5));
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let base = n[li].url("");

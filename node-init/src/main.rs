@@ -88,6 +88,10 @@ struct AgentArgs {
     /// Applied entries between state snapshots (and log compactions).
     #[arg(long, default_value_t = 2000)]
     snapshot_every: u64,
+    /// Log entries kept before each snapshot, so a follower briefly behind catches up from the
+    /// log instead of receiving the whole state (etcd keeps 5000).
+    #[arg(long, default_value_t = 5000)]
+    log_tail: u64,
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     gossip_interval_ms: u64,
@@ -237,6 +241,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         raft: RaftTiming {
             tick: Duration::from_millis(args.raft_tick_ms.max(1)),
             snapshot_every: args.snapshot_every.max(1),
+            log_tail: args.log_tail,
             ..RaftTiming::default()
         },
         gossip: GossipTiming {

@@ -52,11 +52,20 @@ pub struct RaftTiming {
     pub heartbeat_ticks: usize,
     /// Applied entries between state-machine snapshots (and log compactions).
     pub snapshot_every: u64,
+    /// Entries kept before each snapshot when the log is compacted: a follower less than this far
+    /// behind catches up from the log instead of receiving the whole state.
+    pub log_tail: u64,
 }
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        RaftTiming { tick: Duration::from_millis(50), election_ticks: 6, heartbeat_ticks: 2, snapshot_every: 2000 }
+        RaftTiming {
+            tick: Duration::from_millis(50),
+            election_ticks: 6,
+            heartbeat_ticks: 2,
+            snapshot_every: 2000,
+            log_tail: 5000,
+        }
     }
 }
 
@@ -652,7 +661,7 @@ impl RaftThread {
         }
         let data = self.shared.state().to_bytes();
         let cs = self.node.raft.prs().conf().to_conf_state();
-        self.store.compact(self.applied, self.applied_term, &cs, data)?;
+        self.store.compact(self.applied, self.applied_term, &cs, data, self.timing.log_tail)?;
         info!(index = self.applied, "state snapshot taken; log compacted");
         Ok(())
     }

@@ -198,7 +198,9 @@ impl RaftStore {
     }
 
     /// Stores a snapshot of the applied state at `index` and drops the log up to it.
-    pub fn compact(&self, index: u64, term: u64, cs: &ConfState, data: Vec<u8>) -> Result<(), StoreError> {
+    /// Keeps the `tail` entries before `index` in the log, so that a follower only briefly behind
+    /// catches up from the log rather than needing the whole snapshot.
+    pub fn compact(&self, index: u64, term: u64, cs: &ConfState, data: Vec<u8>, tail: u64) -> Result<(), StoreError> {
         let mut snap = Snapshot::default();
         snap.set_data(data.into());
         let meta = snap.mut_metadata();
@@ -209,7 +211,7 @@ impl RaftStore {
         batch.put_message(META, KEY_SNAPSHOT.to_vec(), &snap)?;
         self.engine.write(&mut batch, true)?;
         self.write().snapshot = snap;
-        self.engine.compact_to(ENTRIES, index + 1);
+        self.engine.compact_to(ENTRIES, (index + 1).saturating_sub(tail));
         // Reclaim files whose entries are all compacted.
         self.engine.purge_expired_files()?;
         Ok(())
@@ -220,9 +222,14 @@ impl RaftStore {
         self.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 
+    /// The first entry the log still holds: the kept tail below the snapshot counts when the
+    /// log reaches the snapshot (a received snapshot cleans the log, then it starts after it).
     fn first(&self) -> u64 {
         let snap_index = self.snapshot_meta_index();
-        self.engine.first_index(ENTRIES).map(|i| i.max(snap_index + 1)).unwrap_or(snap_index + 1)
+        match self.engine.first_index(ENTRIES).zip(self.engine.last_index(ENTRIES)) {
+            Some((lo, hi)) if hi >= snap_index => lo.min(snap_index + 1),
+            _ => snap_index + 1,
+        }
     }
 
     fn last(&self) -> u64 {
@@ -336,7 +343,7 @@ mod tests {
                 })
                 .collect();
             s.append(&entries, None).unwrap();
-            s.compact(batch * 16 + 16, 1, &cs, vec![1, 2, 3]).unwrap();
+            s.compact(batch * 16 + 16, 1, &cs, vec![1, 2, 3], 0).unwrap();
         }
         let kept = dir_bytes(dir.path());
         assert!(kept < 12 << 20, "{kept} bytes of log kept for 24 MiB written and compacted");
@@ -381,7 +388,7 @@ mod tests {
         let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
         s.append(&ents, None).unwrap();
         let cs = ConfState { voters: vec![1], ..Default::default() };
-        s.compact(6, 1, &cs, b"state".to_vec()).unwrap();
+        s.compact(6, 1, &cs, b"state".to_vec(), 0).unwrap();
         assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (7, 10));
         assert_eq!(s.term(6).unwrap(), 1);
         assert!(matches!(s.term(5), Err(raft::Error::Store(StorageError::Compacted))));
@@ -399,6 +406,31 @@ mod tests {
         drop(s);
         let s = RaftStore::open(dir.path()).unwrap();
         assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (7, 10));
+    }
+
+    #[test]
+    fn compaction_with_a_tail_keeps_entries_before_the_snapshot_to_serve_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RaftStore::open(dir.path()).unwrap();
+        let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
+        s.append(&ents, None).unwrap();
+        let cs = ConfState { voters: vec![1], ..Default::default() };
+        s.compact(8, 1, &cs, b"state".to_vec(), 4).unwrap();
+        // Entries 5..=10 remain: a follower at 4 is sent entries, not the snapshot at 8.
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (5, 10));
+        let got = s.entries(5, 9, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+        assert_eq!(s.term(5).unwrap(), 1);
+        assert!(matches!(s.term(4), Err(raft::Error::Store(StorageError::Compacted))));
+        drop(s);
+        let s = RaftStore::open(dir.path()).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.snapshot_meta_index()), (5, 8));
+        // A snapshot received from a leader replaces the log: it starts after the snapshot.
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 20;
+        snap.mut_metadata().term = 2;
+        s.apply_snapshot(&snap).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (21, 20));
     }
 
     #[test]

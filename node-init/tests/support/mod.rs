@@ -159,6 +159,16 @@ impl Net {
     }
 }
 
+/// An HTTPS client for `node` that opens a new connection (and TLS handshake) per request.
+pub fn agent_without_reuse(node: &Node) -> ureq::Agent {
+    let tls = trust(node.data_dir.parent().unwrap()).expect("a CA to trust");
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .max_idle_connections(0)
+        .tls_config(std::sync::Arc::new(tls))
+        .build()
+}
+
 /// A TLS client configuration trusting every CA certificate the nodes under `dir` wrote.
 pub fn trust(dir: &std::path::Path) -> Option<rustls::ClientConfig> {
     let mut pem = String::new();
