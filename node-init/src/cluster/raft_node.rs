@@ -95,6 +95,11 @@ pub enum MembershipChange {
 #[allow(clippy::large_enum_variant)]
 pub enum Input {
     Message(Message),
+    /// A snapshot message received whole; `applied` learns whether it was installed.
+    Snapshot {
+        msg: Message,
+        applied: oneshot::Sender<bool>,
+    },
     Propose {
         command: Command,
         reply: oneshot::Sender<Result<ApplyOutcome, RequestError>>,
@@ -124,6 +129,7 @@ impl std::fmt::Debug for Input {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Input::Message(_) => "Message",
+            Input::Snapshot { .. } => "Snapshot",
             Input::Propose { .. } => "Propose",
             Input::Read { .. } => "Read",
             Input::Membership(_) => "Membership",
@@ -232,6 +238,8 @@ pub struct RaftThread {
     reads_ready: Vec<(u64, ReadReply, Instant)>,
     applied: u64,
     applied_term: u64,
+    /// Received snapshots waiting for the ready round that installs them (or does not).
+    snapshot_acks: Vec<(u64, oneshot::Sender<bool>)>,
 }
 
 fn new_raw_node(
@@ -284,6 +292,7 @@ impl RaftThread {
             reads_ready: Vec::new(),
             applied,
             applied_term: snap.get_metadata().term,
+            snapshot_acks: Vec::new(),
         };
         t.learn_addresses();
         t.publish_status();
@@ -333,6 +342,11 @@ impl RaftThread {
                 tracing::error!(error = %format!("{e:#}"), "raft storage failed; stopping");
                 std::process::exit(70);
             }
+            // The ready round after a snapshot arrived installs it, if raft-rs took it: answer
+            // the sender now, yes when this node has applied at least the snapshot's index.
+            for (index, applied) in self.snapshot_acks.drain(..) {
+                let _ = applied.send(self.applied >= index);
+            }
             self.publish_status();
         }
     }
@@ -343,6 +357,13 @@ impl RaftThread {
                 if let Err(e) = self.node.step(m) {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
+            }
+            Input::Snapshot { msg, applied } => {
+                let index = msg.get_snapshot().get_metadata().index;
+                if let Err(e) = self.node.step(msg) {
+                    tracing::debug!(error = %e, "raft snapshot ignored");
+                }
+                self.snapshot_acks.push((index, applied));
             }
             Input::Propose { command, reply } => {
                 if self.store.is_empty() {

@@ -1,9 +1,15 @@
 //! Raft messages between nodes over mutual TLS 1.3. Each side presents its node certificate of
 //! the cluster CA; the listener takes a connection's messages only if their `from` is the node
 //! its certificate names (and that node is not revoked) and their `to` is this node. Frames are
-//! `[u32 length][protobuf message]`. Sending never blocks the Raft thread: each peer has a queue
+//! `[u32 length][u8 kind][payload]`. Sending never blocks the Raft thread: each peer has a queue
 //! drained by its own task, and messages that cannot be delivered are dropped (Raft retries) and
 //! reported as unreachable.
+//!
+//! A snapshot travels on a connection of its own, so heartbeats and appends never wait behind
+//! it: a head (the message without its data, and the data's length), the data in 1 MiB chunks
+//! (TCP's window is the flow control: a slow receiver slows the sender, nothing piles up), and
+//! an end. The receiver hands the whole message to its Raft thread and answers only once the
+//! snapshot is applied there (or refused); the sender reports the outcome to Raft then.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,8 +27,20 @@ use super::pki;
 use super::raft_node::{InboxSender, Input};
 use super::tls::{self, Tls};
 
-/// Largest frame accepted (a snapshot of the whole state travels in one message).
+/// Largest frame accepted (appends are at most 1 MiB of entries; a snapshot goes in chunks).
 pub const MAX_FRAME: usize = 64 << 20;
+/// Bytes of snapshot data per chunk frame.
+pub const CHUNK: usize = 1 << 20;
+/// Largest snapshot a receiver assembles (it is held in memory to be applied).
+pub const MAX_SNAPSHOT: u64 = 16 << 30;
+/// How long a sender waits for the receiver to apply a snapshot it has received whole.
+const SNAPSHOT_APPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+const KIND_MESSAGE: u8 = 0;
+const KIND_SNAPSHOT_HEAD: u8 = 1;
+const KIND_SNAPSHOT_CHUNK: u8 = 2;
+const KIND_SNAPSHOT_END: u8 = 3;
+const KIND_SNAPSHOT_ACK: u8 = 4;
 const QUEUE_LEN: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest a TLS handshake may take (either side).
@@ -52,6 +70,16 @@ impl RaftTransport {
 
     /// Queues a message for its destination; never blocks.
     pub fn send(&self, msg: Message) {
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            let link = PeerLink {
+                to: msg.to,
+                tls: self.tls.clone(),
+                addrs: self.addrs.clone(),
+                reports: self.reports.clone(),
+            };
+            self.runtime.spawn(async move { link.send_snapshot(msg).await });
+            return;
+        }
         let to = msg.to;
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let tx = peers.entry(to).or_insert_with(|| {
@@ -150,23 +178,61 @@ impl PeerLink {
                 }
                 continue;
             }
-            for m in batch.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot) {
-                let _ = self.reports.try_send(Input::SnapshotStatus { to: m.to, ok: true });
-            }
         }
     }
+
+    /// Streams a snapshot on its own connection and reports whether the receiver applied it.
+    async fn send_snapshot(self, msg: Message) {
+        let to = msg.to;
+        let ok = match self.stream_snapshot(msg).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                warn!(to = %format!("{to:016x}"), error = %e, "snapshot not delivered");
+                let _ = self.reports.try_send(Input::Unreachable(to));
+                false
+            }
+        };
+        let _ = self.reports.try_send(Input::SnapshotStatus { to, ok });
+    }
+
+    async fn stream_snapshot(&self, mut msg: Message) -> std::io::Result<bool> {
+        let mut stream = self.connect().await.ok_or_else(|| std::io::Error::other("peer unreachable"))?;
+        let data = std::mem::take(&mut msg.mut_snapshot().data);
+        let head = msg.write_to_bytes().map_err(std::io::Error::other)?;
+        let mut payload = (data.len() as u64).to_be_bytes().to_vec();
+        payload.extend_from_slice(&head);
+        write_raw(&mut stream, KIND_SNAPSHOT_HEAD, &payload).await?;
+        for chunk in data.chunks(CHUNK) {
+            write_raw(&mut stream, KIND_SNAPSHOT_CHUNK, chunk).await?;
+        }
+        write_raw(&mut stream, KIND_SNAPSHOT_END, &[]).await?;
+        stream.flush().await?;
+        let mut ack = [0u8; 6];
+        tokio::time::timeout(SNAPSHOT_APPLY_TIMEOUT, stream.read_exact(&mut ack))
+            .await
+            .map_err(|_| std::io::Error::other("the receiver did not apply the snapshot in time"))??;
+        if ack[..5] != [0, 0, 0, 2, KIND_SNAPSHOT_ACK] {
+            return Err(std::io::Error::other("not a snapshot acknowledgement"));
+        }
+        Ok(ack[5] == 1)
+    }
+}
+
+async fn write_raw<W: AsyncWrite + Unpin>(stream: &mut W, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+    stream.write_all(&((payload.len() + 1) as u32).to_be_bytes()).await?;
+    stream.write_all(&[kind]).await?;
+    stream.write_all(payload).await
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(stream: &mut W, m: &Message) -> std::io::Result<()> {
     let payload = m.write_to_bytes().map_err(std::io::Error::other)?;
-    if payload.len() > MAX_FRAME {
+    if payload.len() >= MAX_FRAME {
         return Err(std::io::Error::other(format!(
             "a raft message of {} bytes is over the frame limit",
             payload.len()
         )));
     }
-    stream.write_all(&(payload.len() as u32).to_be_bytes()).await?;
-    stream.write_all(&payload).await
+    write_raw(stream, KIND_MESSAGE, &payload).await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,12 +241,16 @@ pub enum FrameError {
     TooLarge(usize),
     #[error("frame is not a raft message")]
     Decode(#[source] protobuf::ProtobufError),
+    #[error("frame of unknown kind {0}, or out of order")]
+    Kind(u8),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("connection")]
     Io(#[from] std::io::Error),
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of stream.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, FrameError> {
+/// One frame: its kind and payload; `Ok(None)` at a clean end of stream.
+pub async fn read_raw<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(u8, Vec<u8>)>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -191,9 +261,76 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Messag
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len];
+    if len == 0 {
+        return Err(FrameError::Kind(0xff));
+    }
+    let mut kind = [0u8; 1];
+    r.read_exact(&mut kind).await?;
+    let mut payload = vec![0u8; len - 1];
     r.read_exact(&mut payload).await?;
-    Message::parse_from_bytes(&payload).map(Some).map_err(FrameError::Decode)
+    Ok(Some((kind[0], payload)))
+}
+
+/// Reads one message frame; `Ok(None)` at a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, FrameError> {
+    match read_raw(r).await? {
+        None => Ok(None),
+        Some((KIND_MESSAGE, payload)) => Message::parse_from_bytes(&payload).map(Some).map_err(FrameError::Decode),
+        Some((kind, _)) => Err(FrameError::Kind(kind)),
+    }
+}
+
+/// What arrives on a connection: a message, or a whole snapshot message.
+enum Incoming {
+    Message(Message),
+    Snapshot(Message),
+}
+
+/// Reads the next message, assembling a snapshot from its chunks (each frame within `limits`).
+async fn read_incoming<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limits: &ListenerLimits,
+) -> Result<Option<Incoming>, FrameError> {
+    let Some((kind, payload)) = read_raw_within(r, limits).await? else { return Ok(None) };
+    match kind {
+        KIND_MESSAGE => {
+            Message::parse_from_bytes(&payload).map(|m| Some(Incoming::Message(m))).map_err(FrameError::Decode)
+        }
+        KIND_SNAPSHOT_HEAD => {
+            if payload.len() < 8 {
+                return Err(FrameError::Snapshot("truncated head".into()));
+            }
+            let total = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
+            if total > MAX_SNAPSHOT {
+                return Err(FrameError::Snapshot(format!("{total} bytes is over the {MAX_SNAPSHOT}-byte limit")));
+            }
+            let mut msg = Message::parse_from_bytes(&payload[8..]).map_err(FrameError::Decode)?;
+            if msg.get_msg_type() != MessageType::MsgSnapshot {
+                return Err(FrameError::Snapshot("the head is not a snapshot message".into()));
+            }
+            // Grows with what arrives: a head cannot make the receiver reserve memory by itself.
+            let mut data = Vec::with_capacity((total as usize).min(MAX_FRAME));
+            loop {
+                match read_raw_within(r, limits).await? {
+                    Some((KIND_SNAPSHOT_CHUNK, chunk)) if data.len() as u64 + chunk.len() as u64 <= total => {
+                        data.extend_from_slice(&chunk)
+                    }
+                    Some((KIND_SNAPSHOT_CHUNK, _)) => {
+                        return Err(FrameError::Snapshot("more data than announced".into()))
+                    }
+                    Some((KIND_SNAPSHOT_END, _)) if data.len() as u64 == total => break,
+                    Some((KIND_SNAPSHOT_END, _)) => {
+                        return Err(FrameError::Snapshot("less data than announced".into()))
+                    }
+                    Some((k, _)) => return Err(FrameError::Kind(k)),
+                    None => return Err(FrameError::Snapshot("the connection ended inside a snapshot".into())),
+                }
+            }
+            msg.mut_snapshot().data = data.into();
+            Ok(Some(Incoming::Snapshot(msg)))
+        }
+        k => Err(FrameError::Kind(k)),
+    }
 }
 
 /// What the Raft listener allows a peer before the connection is closed.
@@ -215,10 +352,10 @@ impl Default for ListenerLimits {
 }
 
 /// Reads one frame within `limits`: `Ok(None)` at a clean end of stream or after `idle`.
-async fn read_frame_within<R: AsyncRead + Unpin>(
+async fn read_raw_within<R: AsyncRead + Unpin>(
     r: &mut R,
     limits: &ListenerLimits,
-) -> Result<Option<Message>, FrameError> {
+) -> Result<Option<(u8, Vec<u8>)>, FrameError> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.idle, r.read(&mut first)).await {
         Err(_) | Ok(Ok(0)) => return Ok(None),
@@ -226,8 +363,8 @@ async fn read_frame_within<R: AsyncRead + Unpin>(
         Ok(Ok(_)) => {}
     }
     let mut whole = (&first[..]).chain(&mut *r);
-    match tokio::time::timeout(limits.frame, read_frame(&mut whole)).await {
-        Ok(Ok(Some(m))) => Ok(Some(m)),
+    match tokio::time::timeout(limits.frame, read_raw(&mut whole)).await {
+        Ok(Ok(Some(f))) => Ok(Some(f)),
         Ok(Ok(None)) => Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into())),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(FrameError::Io(std::io::ErrorKind::TimedOut.into())),
@@ -301,7 +438,32 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, parts: ListenerPa
     let mut checked = Instant::now();
     let mut misaddressed = false;
     loop {
-        match read_frame_within(&mut stream, &limits).await {
+        let m = match read_incoming(&mut stream, &limits).await {
+            Ok(Some(Incoming::Snapshot(m))) if m.to == parts.me && m.from == from => {
+                // Handed over whole; answered once the Raft thread has applied it (or not).
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if parts.inbox.try_send(Input::Snapshot { msg: m, applied: tx }).is_err() {
+                    return;
+                }
+                let applied =
+                    tokio::time::timeout(SNAPSHOT_APPLY_TIMEOUT, rx).await.ok().and_then(|r| r.ok()).unwrap_or(false);
+                if write_raw(&mut stream, KIND_SNAPSHOT_ACK, &[applied as u8]).await.is_err()
+                    || stream.flush().await.is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(Incoming::Snapshot(m))) => {
+                warn!(%peer, node = %format!("{from:016x}"), to = m.to, claimed = %format!("{:016x}", m.from),
+                    "raft connection closed: a snapshot not from its peer or not for this node");
+                return;
+            }
+            Ok(Some(Incoming::Message(m))) => Ok(Some(m)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match m {
             // A message for another node (an address gossip had wrong) must not count here:
             // raft-rs counts votes by `from` and `to`.
             Ok(Some(m)) if m.to != parts.me => {
@@ -370,7 +532,8 @@ mod tests {
 
     fn frame(m: &Message) -> Vec<u8> {
         let payload = m.write_to_bytes().unwrap();
-        let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+        let mut out = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+        out.push(KIND_MESSAGE);
         out.extend_from_slice(&payload);
         out
     }
@@ -504,6 +667,84 @@ mod tests {
         assert_eq!(terms(&l.rx, 1), [9]);
     }
 
+    /// A snapshot larger than any frame arrives whole on its own connection, and the sender
+    /// learns that it was applied only when the receiver says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_over_the_frame_limit_streams_in_chunks_and_reports_the_receivers_outcome() {
+        let ca = Ca::new();
+        let l = listen(&ca, 7, ListenerLimits::default()).await;
+        let (_dir, tls) = ca.tls(1);
+        let addrs: AddressBook = Arc::new(RwLock::new([(7, l.addr)].into()));
+        let (reports, report_rx) = std::sync::mpsc::sync_channel(64);
+        let transport = RaftTransport::new(tls, addrs, tokio::runtime::Handle::current(), reports);
+        // An ordinary message goes on the peer's own connection.
+        transport.send(msg(1, 7, 2));
+        assert!(matches!(l.rx.recv_timeout(Duration::from_secs(10)), Ok(Input::Message(m)) if m.term == 2));
+        let data: Vec<u8> = (0..(MAX_FRAME + 5 * CHUNK + 123)).map(|i| (i % 251) as u8).collect();
+        for applied in [true, false] {
+            let mut m = Message { from: 1, to: 7, term: 3, ..Default::default() };
+            m.set_msg_type(MessageType::MsgSnapshot);
+            m.mut_snapshot().mut_metadata().index = 42;
+            m.mut_snapshot().data = data.clone().into();
+            transport.send(m);
+            // Blocking one of the two workers: the transfer runs on the other.
+            let got = l.rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            let Input::Snapshot { msg, applied: ack } = got else { panic!("not a snapshot: {got:?}") };
+            assert_eq!((msg.from, msg.get_snapshot().get_metadata().index), (1, 42));
+            assert!(msg.get_snapshot().data[..] == data[..], "the snapshot data differs");
+            // Nothing is reported before the receiver has answered.
+            assert!(report_rx.recv_timeout(Duration::from_millis(200)).is_err());
+            ack.send(applied).unwrap();
+            match report_rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                Input::SnapshotStatus { to: 7, ok } => assert_eq!(ok, applied),
+                other => panic!("unexpected report {other:?}"),
+            }
+        }
+    }
+
+    fn raw(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+        out.push(kind);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn head(total: u64, m: &Message) -> Vec<u8> {
+        let mut p = total.to_be_bytes().to_vec();
+        p.extend_from_slice(&m.write_to_bytes().unwrap());
+        raw(KIND_SNAPSHOT_HEAD, &p)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_stream_that_lies_about_its_size_or_kind_is_refused() {
+        let limits = ListenerLimits::default();
+        let mut snap = Message::default();
+        snap.set_msg_type(MessageType::MsgSnapshot);
+        let whole = [
+            head(3, &snap),
+            raw(KIND_SNAPSHOT_CHUNK, b"ab"),
+            raw(KIND_SNAPSHOT_CHUNK, b"c"),
+            raw(KIND_SNAPSHOT_END, b""),
+        ]
+        .concat();
+        match read_incoming(&mut &whole[..], &limits).await {
+            Ok(Some(Incoming::Snapshot(m))) => assert_eq!(&m.get_snapshot().data[..], b"abc"),
+            _ => panic!("a well-formed snapshot was refused"),
+        }
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("more data", [head(2, &snap), raw(KIND_SNAPSHOT_CHUNK, b"abc")].concat()),
+            ("less data", [head(4, &snap), raw(KIND_SNAPSHOT_CHUNK, b"abc"), raw(KIND_SNAPSHOT_END, b"")].concat()),
+            ("too large", head(MAX_SNAPSHOT + 1, &snap)),
+            ("not a snapshot head", head(1, &Message::default())),
+            ("cut off", [head(3, &snap), raw(KIND_SNAPSHOT_CHUNK, b"ab")].concat()),
+        ];
+        for (what, bytes) in cases {
+            assert!(read_incoming(&mut &bytes[..], &limits).await.is_err(), "{what} was taken");
+        }
+        let stray = raw(KIND_SNAPSHOT_CHUNK, b"x");
+        assert!(matches!(read_incoming(&mut &stray[..], &limits).await, Err(FrameError::Kind(KIND_SNAPSHOT_CHUNK))));
+    }
+
     #[tokio::test]
     async fn frames_are_bounded_and_must_decode() {
         let good = frame(&msg(1, 2, 5));
@@ -514,7 +755,8 @@ mod tests {
         truncated.truncate(good.len() - 1);
         assert!(matches!(read_frame(&mut &truncated[..]).await, Err(FrameError::Io(_))));
         let junk = b"\x0a\xff\xff\xff\xff\xff";
-        let mut f = (junk.len() as u32).to_be_bytes().to_vec();
+        let mut f = ((junk.len() + 1) as u32).to_be_bytes().to_vec();
+        f.push(KIND_MESSAGE);
         f.extend_from_slice(junk);
         assert!(matches!(read_frame(&mut &f[..]).await, Err(FrameError::Decode(_))));
         assert!(read_frame(&mut &[][..]).await.unwrap().is_none());
