@@ -1,6 +1,8 @@
 //! `make bench-cluster`: cluster figures from real `shoal-node` processes in network namespaces
 //! (root needed), printed as `name=value` lines: formation of 3 and of 20 nodes, leader failover
-//! over 20 kills, gossip detection of a dead node, write latency and throughput.
+//! over 20 kills, gossip detection of a dead node, write latency and throughput, TLS handshake
+//! cost, the transfer of a snapshot of about 500 MiB to a new node, and the catch-up of a learner
+//! that was down for 100,000 writes.
 #![allow(clippy::unwrap_used)] // a bench fails loudly by design
 
 #[path = "../tests/support/mod.rs"]
@@ -180,4 +182,108 @@ fn main() {
         n[li].start();
     }
     report("leader_failover", "ms", &mut failover);
+
+    drop(n);
+    drop(net);
+    learner_catch_up();
+    big_snapshot();
+}
+
+fn applied(node: &Node) -> u64 {
+    node.status().and_then(|s| s["applied_index"].as_u64()).unwrap_or(0)
+}
+
+/// Writes `count` small keys from 16 clients to `node`.
+fn write_many(net: &Net, node: &Node, count: u64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (next, base, token, hub, http) =
+                (next.clone(), node.url(""), node.token().to_string(), net.hub().to_string(), node.agent());
+            std::thread::spawn(move || {
+                support::enter_netns(&hub);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return;
+                    }
+                    let url = format!("{base}/v1/kv/cu{}", i % 1000);
+                    while http.put(&url).set("Authorization", &format!("Bearer {token}")).send_string("value").is_err()
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+/// A learner down while the others take 100,000 writes: from its restart until it has applied
+/// everything committed before it.
+fn learner_catch_up() {
+    let mut net = Net::new("c");
+    let mut n: Vec<Node> = (0..4).map(|i| net.node(i, &[])).collect();
+    let st = {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(Duration::from_secs(60), "3 voters and a learner", || {
+            agreed_status(&refs).filter(|s| s["learners"].as_array().map(|l| l.len()) == Some(1))
+        })
+    };
+    let learner_id = st["learners"][0].as_str().unwrap().to_string();
+    let li = n.iter().position(|x| x.id() == st["leader_id"].as_str().unwrap()).unwrap();
+    let lr = n.iter().position(|x| x.id() == learner_id).unwrap();
+    n[lr].kill9();
+    let t = Instant::now();
+    write_many(&net, &n[li], 100_000);
+    println!("writes_100000_16_clients_s={:.1}", t.elapsed().as_secs_f64());
+    let target = applied(&n[li]);
+    let installs = n[lr].log().matches("installed snapshot").count();
+    let t = Instant::now();
+    n[lr].start();
+    wait_for(Duration::from_secs(300), "the learner to catch up", || (applied(&n[lr]) >= target).then_some(()));
+    println!("learner_catch_up_after_100000_writes_ms={:.0}", t.elapsed().as_secs_f64() * 1000.0);
+    println!("learner_catch_up_installed_snapshot={}", n[lr].log().matches("installed snapshot").count() > installs);
+}
+
+/// A state of about 500 MiB (270 values of 1 MB; the kept history holds them again),
+/// then a new node: from its start until it has installed the snapshot and applied what was
+/// committed; throughput is the snapshot's bytes over that time.
+fn big_snapshot() {
+    let mut net = Net::new("z");
+    let n: Vec<Node> = (0..3).map(|i| net.node(i, &["--snapshot-every", "100"])).collect();
+    let st = {
+        let refs: Vec<&Node> = n.iter().collect();
+        wait_for(Duration::from_secs(60), "3 voters", || agreed_status(&refs).filter(|s| voters(s) == 3))
+    };
+    let li = n.iter().position(|x| x.id() == st["leader_id"].as_str().unwrap()).unwrap();
+    let value: String = (0..1_000_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let http = n[li].agent();
+    let auth = format!("Bearer {}", n[li].token());
+    let t = Instant::now();
+    for i in 0..270 {
+        let url = n[li].url(&format!("/v1/kv/big{i}"));
+        wait_for(Duration::from_secs(60), "a 1 MB write", || {
+            http.put(&url).set("Authorization", &auth).send_string(&value).ok()
+        });
+    }
+    println!("writes_270_values_of_1mb_s={:.1}", t.elapsed().as_secs_f64());
+    let target = applied(&n[li]);
+    let t = Instant::now();
+    let newcomer = net.node(3, &["--snapshot-every", "100"]);
+    wait_for(Duration::from_secs(600), "the new node to install the snapshot and catch up", || {
+        (newcomer.log().contains("installed snapshot") && applied(&newcomer) >= target).then_some(())
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let log = newcomer.log();
+    let bytes: f64 = log
+        .lines()
+        .filter(|l| l.contains("installed snapshot"))
+        .filter_map(|l| l.split("bytes=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .fold(0.0, f64::max);
+    println!("snapshot_bytes={bytes:.0}");
+    println!("snapshot_new_node_caught_up_ms={:.0}", secs * 1000.0);
+    println!("snapshot_transfer_mib_per_s={:.1}", bytes / (1 << 20) as f64 / secs);
 }

@@ -39,7 +39,7 @@ pub(super) fn routes() -> Router<Node> {
         .route("/v1/tenants/{tenant}/instances/{id}", get(get_instance))
         .route("/v1/tenants/{tenant}/deployments/{name}/plan", post(plan_deployment))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}", get(get_node).put(put_node))
+        .route("/v1/nodes/{id}", get(get_node).put(put_node).delete(delete_node))
         .route("/v1/nodes/{id}/cordon", put(cordon).delete(uncordon))
         .route("/v1/nodes/{id}/drain", post(drain).delete(undrain))
 }
@@ -517,6 +517,36 @@ async fn put_node(
         s.nodes.get(&id).map(|n| node_view(&node, s, n))
     })
     .await
+}
+
+/// Removes a node from the cluster for good (revokes its certificate; the leader takes its Raft
+/// seat). Refused for the leader: hand leadership over first (or remove it from another node
+/// once another leads).
+async fn delete_node(
+    State(node): State<Node>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = who.require_cluster() {
+        return r;
+    }
+    let id = match node_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    if node.agent.shared.status().leader_id == id {
+        return error(
+            StatusCode::CONFLICT,
+            format!("node {id:016x} leads the cluster; it cannot be removed while it leads"),
+        );
+    }
+    match crate::api::outcome(node.propose(Command::RevokeNode { node: id }).await) {
+        Ok(revision) => {
+            tracing::info!(node = %format!("{id:016x}"), "node removed from the cluster by the operator");
+            Json(json!({ "id": format!("{id:016x}"), "revoked": true, "revision": revision })).into_response()
+        }
+        Err(r) => r,
+    }
 }
 
 async fn set_drain(node: Node, who: Principal, id: String, drain: bool) -> Response {

@@ -351,7 +351,16 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
                 free_mem_mib: p.map(|p| p.free.mem_mib).unwrap_or(0),
             });
         }
-        let change = match policy::plan_voters(&members, agent.id, agent.config.dead_voter_timeout) {
+        // A node the operator revoked loses its seat first.
+        let revoked = {
+            let state = agent.shared.state();
+            status.voters.iter().chain(&status.learners).copied().find(|id| state.pki.revoked.contains(id))
+        };
+        let planned = match revoked {
+            Some(id) if id != agent.id => Some(VoterChange::Remove(id)),
+            _ => policy::plan_voters(&members, agent.id, agent.config.dead_voter_timeout),
+        };
+        let change = match planned {
             Some(VoterChange::AddLearner(id)) => info.get(&id).map(|p| {
                 MembershipChange::AddLearner(NodeRecord {
                     id,

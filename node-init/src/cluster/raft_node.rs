@@ -570,7 +570,7 @@ impl RaftThread {
         let meta = snap.get_metadata();
         self.applied = meta.index;
         self.applied_term = meta.term;
-        info!(index = meta.index, cluster_id = %state.cluster_id, revision = state.revision, "installed snapshot");
+        info!(index = meta.index, bytes = snap.get_data().len(), cluster_id = %state.cluster_id, revision = state.revision, "installed snapshot");
         let revision = state.revision;
         *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
         let _ = self.shared.installs.send(revision);

@@ -172,6 +172,11 @@ pub enum Command {
         node: u64,
         key: String,
     },
+    /// The operator removes a node from the cluster for good: its certificate opens no more
+    /// connections, the leader takes its Raft seat, and its id is never registered again.
+    RevokeNode {
+        node: u64,
+    },
     /// A node's own labels, capacity and addresses.
     NodeUpdate {
         node: u64,
@@ -264,7 +269,7 @@ impl Command {
     pub fn format(&self) -> u32 {
         match self {
             Command::Kv(_) | Command::SetFormat { .. } => FORMAT_KV,
-            Command::RegisterIdentity { .. } => FORMAT_IDENTITY,
+            Command::RegisterIdentity { .. } | Command::RevokeNode { .. } => FORMAT_IDENTITY,
             _ => FORMAT_WORKLOADS,
         }
     }
@@ -274,6 +279,7 @@ impl Command {
             Command::Kv(_) => "kv",
             Command::SetFormat { .. } => "set_format",
             Command::RegisterIdentity { .. } => "register_identity",
+            Command::RevokeNode { .. } => "revoke_node",
             Command::NodeUpdate { .. } => "node_update",
             Command::Cordon { .. } => "cordon",
             Command::SetNodeSpec { .. } => "set_node_spec",

@@ -155,7 +155,9 @@ pub struct Pki {
     /// Node id to the SHA-256 (hex) of the public key its certificate was issued for.
     #[serde(default)]
     pub identities: BTreeMap<u64, String>,
-    /// Nodes removed from the cluster: their certificates are refused, their ids never reissued.
+    /// Nodes the operator removed (`DELETE /v1/nodes/{id}`): their certificates are refused,
+    /// their ids never reissued. (A node the leader drops from Raft after it stayed dead keeps
+    /// its identity and is readmitted when it comes back.)
     #[serde(default)]
     pub revoked: BTreeSet<u64>,
 }
@@ -313,6 +315,13 @@ impl State {
         match command {
             Command::Kv(op) => self.apply_kv(op),
             Command::RegisterIdentity { node, key } => self.register_identity(*node, key),
+            Command::RevokeNode { node } => {
+                if !self.pki.identities.contains_key(node) && !self.nodes.contains_key(node) {
+                    return ApplyOutcome::NotFound;
+                }
+                self.pki.revoked.insert(*node);
+                ApplyOutcome::Applied { revision: self.revision }
+            }
             Command::SetFormat { format } => {
                 if *format > self.format && *format <= command::BINARY_FORMAT {
                     self.format = *format;

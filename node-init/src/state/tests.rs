@@ -452,10 +452,14 @@ fn an_identity_is_registered_once_per_node_and_never_again_after_removal() {
     assert!(sim.state.pki.admits(7, &a) && !sim.state.pki.admits(7, &b));
     let bad = sim.apply(Command::RegisterIdentity { node: 8, key: "xyz".into() });
     assert!(matches!(bad, ApplyOutcome::Rejected { kind: RejectKind::Invalid, .. }), "{bad:?}");
-    // Removing node 1 revokes it: its certificate no longer admits it, its id is not reissued.
+    // Dropped from Raft (dead too long), node 1 keeps its identity; revoked, it loses it and
+    // its id is never reissued.
     sim.ok(Command::RegisterIdentity { node: 1, key: a.clone() });
     sim.state.remove_node(1, 0);
+    assert!(sim.state.pki.admits(1, &a));
+    sim.ok(Command::RevokeNode { node: 1 });
     assert!(!sim.state.pki.admits(1, &a));
+    assert_eq!(sim.apply(Command::RevokeNode { node: 99 }), ApplyOutcome::NotFound);
     let again = sim.apply(Command::RegisterIdentity { node: 1, key: b });
     assert!(
         matches!(&again, ApplyOutcome::Rejected { kind: RejectKind::Conflict, reason } if reason.contains("fresh data directory")),

@@ -295,8 +295,6 @@ impl State {
     /// Removes a node Raft removed: what it ran is lost, what it was stopping is gone.
     pub fn remove_node(&mut self, id: u64, at: Millis) -> Vec<WatchEvent> {
         self.events.clear();
-        // Its certificate stops opening connections, and its id is never reissued.
-        self.pki.revoked.insert(id);
         if self.nodes.remove(&id).is_some() {
             self.lose_instances_of(id, "its node was removed from the cluster", at, true);
             let holding: Vec<String> =
@@ -525,9 +523,10 @@ impl State {
                 self.lose_instances_of(*node, reason, at, false);
                 applied(self)
             }
-            Command::Kv(_) | Command::SetFormat { .. } | Command::RegisterIdentity { .. } => {
-                reject(RejectKind::Invalid, "not a workload command")
-            }
+            Command::Kv(_)
+            | Command::SetFormat { .. }
+            | Command::RegisterIdentity { .. }
+            | Command::RevokeNode { .. } => reject(RejectKind::Invalid, "not a workload command"),
         }
     }
 
