@@ -609,6 +609,20 @@ fn a_committed_entry_of_a_newer_format_stops_the_node_with_a_clear_error() {
     );
 }
 
+/// Plain HTTP carries the API's tokens in the clear: it is refused unless the API listens on
+/// loopback only. (Needs no root: the node stops before it binds anything.)
+#[test]
+fn plain_http_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal-node"))
+        .args(["agent", "--data-dir", dir.path().to_str().unwrap(), "--listen", "192.0.2.1:7400", "--plain-http"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--plain-http is only allowed on a loopback --listen address"), "{err}");
+}
+
 /// A node cut off while the others write (and compact their logs) catches up by installing a
 /// snapshot: a watch open on it still sees every change, in order, with no gap.
 #[test]

@@ -314,8 +314,10 @@ fn the_node_written_config_and_its_ca_reach_the_api_and_nothing_else_verifies() 
     let err = bare.fails(&args);
     assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{err}");
 
+    // A client that connects and never starts its handshake holds up nobody.
+    let _silent = std::net::TcpStream::connect(node.addr()).unwrap();
     let curl = Command::new("curl")
-        .args(["-sS", "--fail", "--cacert", node.ca_file().to_str().unwrap(), "-H"])
+        .args(["-sS", "--fail", "--max-time", "5", "--cacert", node.ca_file().to_str().unwrap(), "-H"])
         .arg(format!("Authorization: Bearer {}", node.token()))
         .arg(format!("https://{}/v1/cluster/status", node.addr()))
         .output()

@@ -173,3 +173,22 @@ fn api_error(status: u16, r: ureq::Response) -> ClientError {
         .unwrap_or_else(|| if text.trim().is_empty() { format!("HTTP {status}") } else { text.trim().to_string() });
     ClientError::Api { status, message }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_that_holds_no_usable_certificate_is_a_clear_error() {
+        for (pem, says) in [
+            ("", "holds no certificate"),
+            ("not a certificate at all\n", "holds no certificate"),
+            ("-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n", "does not parse"),
+        ] {
+            let e = Client::new("127.0.0.1:1", "t", Some(pem)).unwrap_err().to_string();
+            assert!(e.contains(says), "{pem:?}: {e}");
+        }
+        // No scheme: HTTPS.
+        assert!(Client::new("127.0.0.1:7400", "t", None).unwrap().endpoint.starts_with("https://"));
+    }
+}

@@ -39,13 +39,15 @@ pub struct JoinAnswer {
     pub proof: String,
 }
 
-fn request_mac(secret: &ClusterSecret, node: &str, csr: &str, ips: &[IpAddr]) -> [u8; 32] {
+/// What a request's proof covers.
+fn request_text(node: &str, csr: &str, ips: &[IpAddr]) -> String {
     let ips: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
-    secret.key("join").tag(format!("request\n{node}\n{csr}\n{}", ips.join(",")).as_bytes())
+    format!("request\n{node}\n{csr}\n{}", ips.join(","))
 }
 
-fn answer_mac(secret: &ClusterSecret, request_proof: &str, ca: &str, cert: &str) -> [u8; 32] {
-    secret.key("join").tag(format!("answer\n{request_proof}\n{ca}\n{cert}").as_bytes())
+/// What an answer's proof covers: the request's proof binds it to that request.
+fn answer_text(request_proof: &str, ca: &str, cert: &str) -> String {
+    format!("answer\n{request_proof}\n{ca}\n{cert}")
 }
 
 /// Why a join was refused, with the HTTP status the API answers.
@@ -72,10 +74,7 @@ where
 {
     let (cluster_id, ca_cert, sealed) = pki_state;
     let proof = hex::decode(&req.proof).map_err(|_| refused(400, "the proof is not hex"))?;
-    if !secret
-        .key("join")
-        .verify(format!("request\n{}\n{}\n{}", req.node, req.csr, ips_text(&req.ips)).as_bytes(), &proof)
-    {
+    if !secret.key("join").verify(request_text(&req.node, &req.csr, &req.ips).as_bytes(), &proof) {
         return Err(refused(401, "the join request does not prove the cluster secret"));
     }
     let node =
@@ -95,19 +94,15 @@ where
     }
     let ca_key = pki::unseal_ca_key(secret, &cluster_id, &sealed).map_err(|e| refused(500, format!("{e:#}")))?;
     let cert = pki::issue(&ca_cert, &ca_key, node, &csr, &req.ips).map_err(|e| refused(500, format!("{e:#}")))?;
-    let proof = hex::encode(answer_mac(secret, &req.proof, &ca_cert, &cert));
+    let proof = hex::encode(secret.key("join").tag(answer_text(&req.proof, &ca_cert, &cert).as_bytes()));
     Ok(JoinAnswer { ca: ca_cert, cert, proof })
-}
-
-fn ips_text(ips: &[IpAddr]) -> String {
-    ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// The joiner's side: the request for `node`'s key.
 pub fn request(secret: &ClusterSecret, node: u64, key: &rcgen::KeyPair, ips: &[IpAddr]) -> anyhow::Result<JoinRequest> {
     let node_hex = format!("{node:016x}");
     let csr = base64::engine::general_purpose::STANDARD.encode(pki::csr_der(node, key)?);
-    let proof = hex::encode(request_mac(secret, &node_hex, &csr, ips));
+    let proof = hex::encode(secret.key("join").tag(request_text(&node_hex, &csr, ips).as_bytes()));
     Ok(JoinRequest { node: node_hex, csr, ips: ips.to_vec(), proof })
 }
 
@@ -120,10 +115,10 @@ pub fn accept(
     ans: JoinAnswer,
 ) -> anyhow::Result<Identity> {
     let proof = hex::decode(&ans.proof).context("the answer's proof is not hex")?;
-    if !secret.key("join").verify(format!("answer\n{}\n{}\n{}", req.proof, ans.ca, ans.cert).as_bytes(), &proof) {
+    if !secret.key("join").verify(answer_text(&req.proof, &ans.ca, &ans.cert).as_bytes(), &proof) {
         bail!("the join answer does not prove the cluster secret");
     }
-    let der = pki::pem_der(&ans.cert, "CERTIFICATE")?;
+    let der = pki::cert_der(&ans.cert)?;
     if pki::cert_node_id(&der) != Some(node) || pki::cert_key_hash(&der) != Some(pki::key_hash(key.public_key_raw())) {
         bail!("the issued certificate is not for this node's key");
     }

@@ -191,7 +191,7 @@ impl Identity {
     }
 
     pub fn cert_der(&self) -> anyhow::Result<Vec<u8>> {
-        pem_der(&self.cert_pem, "CERTIFICATE").context("node.crt")
+        cert_der(&self.cert_pem).context("node.crt")
     }
 
     pub fn key_hash(&self) -> anyhow::Result<String> {
@@ -199,15 +199,12 @@ impl Identity {
     }
 }
 
-/// The first PEM block labelled `label`.
-pub fn pem_der(pem: &str, label: &str) -> anyhow::Result<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = pem.find(&begin).with_context(|| format!("no {label} block"))? + begin.len();
-    let stop = pem[start..].find(&end).with_context(|| format!("unterminated {label} block"))? + start;
-    let body: String = pem[start..stop].chars().filter(|c| !c.is_whitespace()).collect();
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(body).with_context(|| format!("the {label} block is not base64"))
+/// The DER of the first certificate in `pem`.
+pub fn cert_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+    Ok(cert.to_vec())
 }
 
 #[cfg(test)]
@@ -221,13 +218,13 @@ mod tests {
         let csr = csr_der(0xabc, &key).unwrap();
         let ip: IpAddr = "10.0.0.7".parse().unwrap();
         let pem = issue(&ca.cert_pem, &ca.key_pem, 0xabc, &csr, &[ip]).unwrap();
-        let der = pem_der(&pem, "CERTIFICATE").unwrap();
+        let der = cert_der(&pem).unwrap();
         assert_eq!(cert_node_id(&der), Some(0xabc));
         assert_eq!(cert_key_hash(&der).unwrap(), key_hash(key.public_key_raw()));
         assert_eq!(csr_key_hash(&csr).unwrap(), key_hash(key.public_key_raw()));
         // A CSR that asks for another node's name still gets only the id it is issued for.
         let sneaky = csr_der(0xdef, &key).unwrap();
-        let der = pem_der(&issue(&ca.cert_pem, &ca.key_pem, 0xabc, &sneaky, &[]).unwrap(), "CERTIFICATE").unwrap();
+        let der = cert_der(&issue(&ca.cert_pem, &ca.key_pem, 0xabc, &sneaky, &[]).unwrap()).unwrap();
         assert_eq!(cert_node_id(&der), Some(0xabc));
         // A tampered CSR is refused.
         let mut bad = csr.clone();

@@ -736,3 +736,19 @@ pub async fn ask<T>(
         Ok(Err(_)) | Err(_) => Err(RequestError::Timeout),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full inbox turns a client's request away at once, saying nothing was proposed.
+    #[tokio::test]
+    async fn a_full_inbox_answers_busy_instead_of_growing() {
+        let (tx, _rx) = inbox();
+        for _ in 0..INBOX_LEN {
+            tx.try_send(Input::Unreachable(1)).unwrap();
+        }
+        let r: Result<(), RequestError> = ask(&tx, |reply| Input::Read { reply }).await;
+        assert_eq!(r, Err(RequestError::Busy));
+    }
+}

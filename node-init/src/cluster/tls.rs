@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::pki::{self, Identity};
@@ -25,20 +26,16 @@ fn chain_and_key(
     cert_pem: &str,
     key_pem: &str,
 ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let cert = CertificateDer::from(pki::pem_der(cert_pem, "CERTIFICATE")?);
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki::pem_der(key_pem, "PRIVATE KEY")?));
+    let cert = CertificateDer::from(pki::cert_der(cert_pem)?);
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| anyhow::anyhow!("not a PEM key: {e}"))?;
     Ok((vec![cert], key))
 }
 
 /// Trust roots from every certificate in `pem`.
 pub fn roots(pem: &str) -> anyhow::Result<RootCertStore> {
     let mut store = RootCertStore::empty();
-    let mut rest = pem;
-    while let Some(at) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let block = &rest[at..];
-        let end = block.find("-----END CERTIFICATE-----").context("unterminated certificate")? + 25;
-        store.add(CertificateDer::from(pki::pem_der(&block[..end], "CERTIFICATE")?))?;
-        rest = &block[end..];
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        store.add(cert.map_err(|e| anyhow::anyhow!("a certificate does not parse: {e}"))?)?;
     }
     anyhow::ensure!(!store.is_empty(), "no certificate to trust");
     Ok(store)
@@ -110,6 +107,7 @@ pub struct Tls {
     /// The addresses this node's certificates name.
     pub ips: Vec<IpAddr>,
     current: RwLock<Option<Arc<Configs>>>,
+    /// What the API serves until the identity arrives.
     provisional: Arc<ServerConfig>,
     /// The node's own key, made once and kept in `node.key`: a join retried after a lost answer
     /// asks for the same key the state registered.
@@ -139,12 +137,13 @@ impl Tls {
             Some(id) => Some(Arc::new(Configs::new(id)?)),
             None => None,
         };
+        // Made on every start (milliseconds); its CA is written only while it is what the API
+        // serves.
         let ca = pki::new_ca(&format!("provisional {}", pki::node_name(node)))?;
         let cert = pki::issue(&ca.cert_pem, &ca.key_pem, node, &pki::csr_der(node, &key)?, &with_loopback(&ips))?;
         let (chain, der_key) = chain_and_key(&cert, &key.serialize_pem())?;
         let provisional = Arc::new(server_builder().with_no_client_auth().with_single_cert(chain, der_key)?);
         if current.is_none() {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             crate::durable::write(&dir.join("provisional-ca.crt"), ca.cert_pem.as_bytes())?;
         }
         Ok(Tls { node, dir, ips, current: RwLock::new(current), provisional, key })
@@ -179,11 +178,10 @@ impl Tls {
 }
 
 fn with_loopback(ips: &[IpAddr]) -> Vec<IpAddr> {
+    let lo = IpAddr::from([127, 0, 0, 1]);
     let mut out = ips.to_vec();
-    for lo in [IpAddr::from([127, 0, 0, 1])] {
-        if !out.contains(&lo) {
-            out.push(lo);
-        }
+    if !out.contains(&lo) {
+        out.push(lo);
     }
     out
 }

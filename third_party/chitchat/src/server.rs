@@ -481,8 +481,12 @@ mod tests {
             Ok((self.value - 1) as u64)
         }
 
-        fn try_fill_bytes(&mut self, _dest: &mut [u8]) -> Result<(), Self::Error> {
-            unimplemented!();
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Self::Error> {
+            for b in dest {
+                *b = self.value as u8;
+                self.value += 1;
+            }
+            Ok(())
         }
     }
 
