@@ -384,9 +384,9 @@ fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_chan
     }
 }
 
-/// Clients write and read three keys through random nodes while a fault thread kills the leader
-/// (and restarts it) or cuts a node off (and heals it), 20 rounds; each key's history must be
-/// linearizable.
+/// Clients write, compare-and-swap and read three keys through random nodes while a fault thread
+/// kills the leader (and restarts it) or cuts a node off (and heals it), 20 rounds; each key's
+/// history must be linearizable.
 #[test]
 fn histories_under_leader_kills_and_partitions_are_linearizable() {
     if !support::can_run() {
@@ -414,48 +414,60 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
             std::thread::spawn(move || {
                 support::enter_netns(&hub);
                 let mut seq = 0u64;
+                // What this client last read of each key, with its mod_revision: what its next
+                // compare-and-swap on the key expects.
+                let mut last: BTreeMap<&str, (Option<String>, u64)> = BTreeMap::new();
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
-                    let key = keys[(seq as usize * 7 + c) % 3];
+                    // In threes on one key: write (swap on z), read, then swap what was read.
+                    // (Blind writes and swaps on different keys keep the checker's search small.)
+                    let key = keys[((seq / 3) as usize * 7 + c) % 3];
                     let addr = &addrs[(seq as usize + c) % addrs.len()];
                     let url = format!("{addr}/v1/kv/{key}");
                     let auth = format!("Bearer {token}");
                     let invoked = origin.elapsed().as_nanos();
-                    let op = if seq % 2 == 0 {
-                        let value = format!("c{c}-{seq}");
-                        let res = http.put(&url).set("Authorization", &auth).send_string(&value);
-                        let completed = origin.elapsed().as_nanos();
-                        match res {
-                            Ok(_) => Some(Operation {
-                                client: c,
-                                kind: Kind::Write(value),
-                                invoked,
-                                completed: Some(completed),
-                            }),
-                            // 409 cannot happen (no conditions); anything else leaves the outcome unknown.
-                            Err(_) => Some(Operation { client: c, kind: Kind::Write(value), invoked, completed: None }),
+                    let op = |kind, completed| Some(Operation { client: c, kind, invoked, completed });
+                    let op = match seq % 3 {
+                        0 | 2 if key != "z" => {
+                            let value = format!("c{c}-{seq}");
+                            let res = http.put(&url).set("Authorization", &auth).send_string(&value);
+                            let completed = origin.elapsed().as_nanos();
+                            // 409 cannot happen (no condition); any error leaves the outcome unknown.
+                            op(Kind::Write(value), res.is_ok().then_some(completed))
                         }
-                    } else {
-                        let res = http.get(&url).set("Authorization", &auth).call();
-                        let completed = origin.elapsed().as_nanos();
-                        match res {
-                            Ok(r) => {
-                                let v: serde_json::Value = r.into_json().unwrap();
-                                let value = v["kv"]["value"].as_str().map(str::to_string);
-                                Some(Operation {
-                                    client: c,
-                                    kind: Kind::Read(value),
-                                    invoked,
-                                    completed: Some(completed),
-                                })
+                        0 | 2 => {
+                            let (expect, rev) = last.get(key).cloned().unwrap_or((None, 0));
+                            let new = format!("c{c}-{seq}");
+                            let res = http
+                                .put(&format!("{url}?prev_revision={rev}"))
+                                .set("Authorization", &auth)
+                                .send_string(&new);
+                            let completed = origin.elapsed().as_nanos();
+                            match res {
+                                Ok(_) => op(Kind::Cas { expect, new, swapped: true }, Some(completed)),
+                                Err(ureq::Error::Status(409, _)) => {
+                                    op(Kind::Cas { expect, new, swapped: false }, Some(completed))
+                                }
+                                Err(_) => op(Kind::Cas { expect, new, swapped: true }, None),
                             }
-                            Err(ureq::Error::Status(404, _)) => Some(Operation {
-                                client: c,
-                                kind: Kind::Read(None),
-                                invoked,
-                                completed: Some(completed),
-                            }),
-                            Err(_) => None,
+                        }
+                        _ => {
+                            let res = http.get(&url).set("Authorization", &auth).call();
+                            let completed = origin.elapsed().as_nanos();
+                            match res {
+                                Ok(r) => {
+                                    let v: serde_json::Value = r.into_json().unwrap();
+                                    let value = v["kv"]["value"].as_str().map(str::to_string);
+                                    let rev = v["kv"]["mod_revision"].as_u64().unwrap_or(0);
+                                    last.insert(key, (value.clone(), rev));
+                                    op(Kind::Read(value), Some(completed))
+                                }
+                                Err(ureq::Error::Status(404, _)) => {
+                                    last.insert(key, (None, 0));
+                                    op(Kind::Read(None), Some(completed))
+                                }
+                                Err(_) => None,
+                            }
                         }
                     };
                     if let Some(op) = op {
@@ -494,9 +506,16 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
     let completed_writes =
         history.iter().filter(|(_, o)| matches!(o.kind, Kind::Write(_)) && o.completed.is_some()).count();
     let reads = history.iter().filter(|(_, o)| matches!(o.kind, Kind::Read(_))).count();
+    let swaps = |swapped| {
+        history
+            .iter()
+            .filter(|(_, o)| o.completed.is_some() && matches!(o.kind, Kind::Cas { swapped: s, .. } if s == swapped))
+            .count()
+    };
+    let (swapped, refused) = (swaps(true), swaps(false));
     assert!(
-        completed_writes > 50 && reads > 50,
-        "too little traffic to judge: {completed_writes} writes, {reads} reads"
+        completed_writes > 30 && reads > 30 && swapped > 10 && refused > 0,
+        "too little traffic to judge: {completed_writes} writes, {reads} reads, {swapped} swaps, {refused} refused swaps"
     );
     for key in keys {
         let ops: Vec<Operation> = history.iter().filter(|(k, _)| k == key).map(|(_, o)| o.clone()).collect();
@@ -504,7 +523,9 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
             panic!("key {key}: {e}\n{}", logs(&nodes.lock().unwrap().iter().collect::<Vec<_>>()));
         }
     }
-    eprintln!("linearizable: {completed_writes} acknowledged writes, {reads} reads, 20 fault rounds");
+    eprintln!(
+        "linearizable: {completed_writes} acknowledged writes, {reads} reads, {swapped} swaps and {refused} refused swaps, 20 fault rounds"
+    );
 }
 
 #[test]

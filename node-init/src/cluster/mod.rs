@@ -6,6 +6,7 @@ pub mod gossip;
 pub mod join;
 pub mod pki;
 pub mod policy;
+pub mod raft_core;
 pub mod raft_node;
 pub mod secret;
 pub mod storage;

@@ -1,26 +1,24 @@
-//! The Raft thread: owns the raft-rs `RawNode`, its durable store and the state machine, and runs
-//! the tick / step / ready / advance loop (persist before sending, apply in log order). Everything
-//! else talks to it through [`Input`] and reads what it publishes in [`Shared`].
+//! The Raft thread: drives the [`RaftCore`] (raft-rs' `RawNode`, its durable store and the state
+//! machine) with the real clock, a bounded inbox and the TLS transport. Everything else talks to
+//! it through [`Input`] and reads what it publishes in [`Shared`].
 //!
 //! Writes: any node proposes; raft-rs forwards a follower's proposal to the leader; the proposer
 //! answers its client when the entry is applied locally. Linearizable reads use ReadIndex: the
 //! client is answered once the local state machine has applied the index the leader confirmed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, Snapshot};
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::eraftpb::Message;
 use serde::Serialize;
 use tokio::sync::{broadcast, oneshot};
-use tracing::{info, warn};
 
+use super::raft_core::{CoreParts, RaftCore};
 use super::storage::RaftStore;
 use super::transport::{AddressBook, RaftTransport};
-use crate::state::command::{self, Command, LogEntry};
+use crate::state::command::Command;
 use crate::state::{ApplyOutcome, NodeRecord, State, WatchEvent};
 
 /// How long a client waits for its write or read before it is told the outcome is unknown.
@@ -37,18 +35,13 @@ pub fn inbox() -> (InboxSender, Receiver<Input>) {
     std::sync::mpsc::sync_channel(INBOX_LEN)
 }
 
-/// A read whose ReadIndex got no answer in this long is asked again.
-const READ_RETRY: Duration = Duration::from_millis(150);
-
-/// The context of a ReadIndex request: this node's id and the read's sequence number.
-fn read_ctx(id: u64, seq: u64) -> Vec<u8> {
-    [id.to_be_bytes(), seq.to_be_bytes()].concat()
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct RaftTiming {
     pub tick: Duration,
     pub election_ticks: usize,
+    /// Each election timeout is drawn from `election_ticks..max_election_ticks` (raft-rs' own
+    /// random source; the simulation makes the range one value and jitters its ticks instead).
+    pub max_election_ticks: usize,
     pub heartbeat_ticks: usize,
     /// Applied entries between state-machine snapshots (and log compactions).
     pub snapshot_every: u64,
@@ -62,6 +55,7 @@ impl Default for RaftTiming {
         RaftTiming {
             tick: Duration::from_millis(50),
             election_ticks: 6,
+            max_election_ticks: 12,
             heartbeat_ticks: 2,
             snapshot_every: 2000,
             log_tail: 5000,
@@ -185,13 +179,6 @@ impl Shared {
     }
 }
 
-fn discard_logger() -> slog::Logger {
-    slog::Logger::root(slog::Discard, slog::o!())
-}
-
-type WriteReply = oneshot::Sender<Result<ApplyOutcome, RequestError>>;
-type ReadReply = oneshot::Sender<Result<(), RequestError>>;
-
 /// What the Raft thread is built from.
 pub struct RaftParts {
     pub id: u64,
@@ -213,506 +200,76 @@ impl std::fmt::Debug for RaftParts {
 
 impl std::fmt::Debug for RaftThread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RaftThread").field("id", &self.id).field("applied", &self.applied).finish_non_exhaustive()
+        f.debug_struct("RaftThread").field("core", &self.core).finish_non_exhaustive()
     }
 }
 
+/// The Raft thread: drives a [`RaftCore`] with the real clock, the inbox and the transport.
 pub struct RaftThread {
-    id: u64,
-    priority: i64,
+    core: RaftCore,
     timing: RaftTiming,
-    store: RaftStore,
-    node: RawNode<RaftStore>,
     transport: RaftTransport,
-    shared: Arc<Shared>,
-    addrs: AddressBook,
     inbox: Receiver<Input>,
-    /// Random per process start: with `seq`, names this process's proposals uniquely.
-    boot: u64,
-    seq: u64,
-    /// Waiting writers: reply, deadline, and the leader the proposal went to.
-    proposals: HashMap<u64, (WriteReply, Instant, u64)>,
-    /// Reads waiting for a read index: reply, deadline, when the ReadIndex was last asked
-    /// (None: not yet, no leader was known).
-    reads_pending: HashMap<u64, (ReadReply, Instant, Option<Instant>)>,
-    reads_ready: Vec<(u64, ReadReply, Instant)>,
-    applied: u64,
-    applied_term: u64,
-    /// Received snapshots waiting for the ready round that installs them (or does not).
-    snapshot_acks: Vec<(u64, oneshot::Sender<bool>)>,
-}
-
-fn new_raw_node(
-    id: u64,
-    priority: i64,
-    timing: &RaftTiming,
-    store: &RaftStore,
-    applied: u64,
-) -> raft::Result<RawNode<RaftStore>> {
-    let cfg = raft::Config {
-        id,
-        election_tick: timing.election_ticks,
-        heartbeat_tick: timing.heartbeat_ticks,
-        applied,
-        max_size_per_msg: 1 << 20,
-        max_inflight_msgs: 256,
-        check_quorum: true,
-        pre_vote: true,
-        priority,
-        ..Default::default()
-    };
-    RawNode::new(&cfg, store.clone(), &discard_logger())
 }
 
 impl RaftThread {
     /// Opens the node from its store (empty for a node that has never joined a cluster).
     pub fn new(parts: RaftParts) -> anyhow::Result<Self> {
         let RaftParts { id, priority, timing, store, transport, shared, addrs, inbox } = parts;
-        let snap = store.latest_snapshot();
-        let applied = snap.get_metadata().index;
-        if applied > 0 {
-            let state = State::from_bytes(snap.get_data())?;
-            *shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
-        }
-        let node = new_raw_node(id, priority, &timing, &store, applied)?;
-        let t = RaftThread {
+        let core = RaftCore::new(CoreParts {
             id,
             priority,
             timing,
             store,
-            node,
-            transport,
             shared,
             addrs,
-            inbox,
             boot: rand::random(),
-            seq: 0,
-            proposals: HashMap::new(),
-            reads_pending: HashMap::new(),
-            reads_ready: Vec::new(),
-            applied,
-            applied_term: snap.get_metadata().term,
-            snapshot_acks: Vec::new(),
-        };
-        t.learn_addresses();
-        t.publish_status();
-        Ok(t)
-    }
-
-    fn learn_addresses(&self) {
-        let nodes: Vec<(u64, String)> =
-            self.shared.state().nodes.values().map(|n| (n.id, n.raft_addr.clone())).collect();
-        let mut book = self.addrs.write().unwrap_or_else(|e| e.into_inner());
-        for (id, raft_addr) in nodes {
-            if let Ok(a) = raft_addr.parse() {
-                book.entry(id).or_insert(a);
-            }
-        }
+            now: Instant::now(),
+            wall_ms: crate::state::time::now_ms(),
+        })?;
+        Ok(RaftThread { core, timing, transport, inbox })
     }
 
     pub fn run(mut self) {
         let mut next_tick = Instant::now() + self.timing.tick;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            match self.inbox.recv_timeout(wait) {
+            let first = self.inbox.recv_timeout(wait);
+            self.core.set_clock(Instant::now(), crate::state::time::now_ms());
+            match first {
                 Ok(Input::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(input) => {
-                    self.handle(input);
+                    self.core.handle(input);
                     // Take whatever else is queued before the (synced) ready round.
                     while let Ok(input) = self.inbox.try_recv() {
                         if matches!(input, Input::Shutdown) {
                             return;
                         }
-                        self.handle(input);
+                        self.core.handle(input);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
             if Instant::now() >= next_tick {
-                self.node.tick();
+                self.core.tick();
                 next_tick += self.timing.tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + self.timing.tick;
                 }
-                self.expire();
-                self.retry_reads();
             }
-            if let Err(e) = self.on_ready() {
+            let transport = &self.transport;
+            if let Err(e) = self.core.ready(&mut |m| transport.send(m)) {
                 // The store failed: continuing could acknowledge writes that are not durable.
                 tracing::error!(error = %format!("{e:#}"), "raft storage failed; stopping");
                 std::process::exit(70);
             }
-            // The ready round after a snapshot arrived installs it, if raft-rs took it: answer
-            // the sender now, yes when this node has applied at least the snapshot's index.
-            for (index, applied) in self.snapshot_acks.drain(..) {
-                let _ = applied.send(self.applied >= index);
-            }
-            self.publish_status();
         }
-    }
-
-    fn handle(&mut self, input: Input) {
-        match input {
-            Input::Message(m) => {
-                if let Err(e) = self.node.step(m) {
-                    tracing::debug!(error = %e, "raft message ignored");
-                }
-            }
-            Input::Snapshot { msg, applied } => {
-                let index = msg.get_snapshot().get_metadata().index;
-                if let Err(e) = self.node.step(msg) {
-                    tracing::debug!(error = %e, "raft snapshot ignored");
-                }
-                self.snapshot_acks.push((index, applied));
-            }
-            Input::Propose { command, reply } => {
-                if self.store.is_empty() {
-                    let _ = reply.send(Err(RequestError::NotMember));
-                    return;
-                }
-                self.seq += 1;
-                let entry = LogEntry {
-                    format: command.format(),
-                    origin: self.id,
-                    boot: self.boot,
-                    seq: self.seq,
-                    at_ms: crate::state::time::now_ms(),
-                    command,
-                };
-                let data = command::encode(&entry);
-                match self.node.propose(vec![], data) {
-                    Ok(()) => {
-                        self.proposals
-                            .insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT, self.node.raft.leader_id));
-                    }
-                    Err(_) => {
-                        let _ = reply.send(Err(RequestError::NoLeader));
-                    }
-                }
-            }
-            Input::Read { reply } => {
-                if self.store.is_empty() {
-                    let _ = reply.send(Err(RequestError::NotMember));
-                    return;
-                }
-                // Without a leader (an election), or with a new leader that drops ReadIndex until
-                // it has committed in its term, the read waits and is asked again (`retry_reads`)
-                // until its deadline: a read is safe to repeat, so clients need not see the gap.
-                self.seq += 1;
-                let asked = (self.node.raft.leader_id != 0).then(|| {
-                    self.node.read_index(read_ctx(self.id, self.seq));
-                    Instant::now()
-                });
-                self.reads_pending.insert(self.seq, (reply, Instant::now() + REQUEST_TIMEOUT, asked));
-            }
-            Input::Membership(change) => self.propose_membership(change),
-            Input::TransferLeader(to) => {
-                if self.node.raft.state == StateRole::Leader && self.node.raft.lead_transferee.is_none() {
-                    info!(to = %format!("{to:016x}"), "handing leadership to the voter with the most free capacity");
-                    self.node.transfer_leader(to);
-                }
-            }
-            Input::Bootstrap { cluster_id, me, pki } => {
-                if let Err(e) = self.bootstrap(&cluster_id, me, pki) {
-                    warn!(error = %format!("{e:#}"), "bootstrap failed");
-                }
-            }
-            Input::Unreachable(id) => self.node.report_unreachable(id),
-            Input::SnapshotStatus { to, ok } => {
-                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
-                self.node.report_snapshot(to, status);
-            }
-            Input::Shutdown => {}
-        }
-    }
-
-    /// Starts a one-voter cluster from an initial snapshot at index 1 holding the cluster identity
-    /// and this node's record; later nodes receive that snapshot and learn both from it.
-    fn bootstrap(&mut self, cluster_id: &str, me: NodeRecord, pki: crate::state::Pki) -> anyhow::Result<()> {
-        if !self.store.is_empty() {
-            return Ok(());
-        }
-        let mut state = State::new(cluster_id);
-        state.pki = pki;
-        state.admit_node(&me, crate::state::time::now_ms());
-        let mut snap = Snapshot::default();
-        snap.set_data(state.to_bytes().into());
-        let meta = snap.mut_metadata();
-        meta.index = 1;
-        meta.term = 1;
-        meta.mut_conf_state().voters = vec![self.id];
-        self.store.apply_snapshot(&snap)?;
-        *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
-        self.applied = 1;
-        self.applied_term = 1;
-        self.node = new_raw_node(self.id, self.priority, &self.timing, &self.store, 1)?;
-        self.node.campaign()?;
-        info!(cluster_id, node = %format!("{:016x}", self.id), "bootstrapped a new cluster");
-        Ok(())
-    }
-
-    fn propose_membership(&mut self, change: MembershipChange) {
-        if self.node.raft.state != StateRole::Leader || self.node.raft.has_pending_conf() {
-            return;
-        }
-        let mut cc = ConfChange::default();
-        let mut context = Vec::new();
-        match change {
-            MembershipChange::AddLearner(rec) => {
-                cc.set_change_type(ConfChangeType::AddLearnerNode);
-                cc.node_id = rec.id;
-                context = serde_json::to_vec(&rec).unwrap_or_default();
-            }
-            MembershipChange::Promote(id) => {
-                cc.set_change_type(ConfChangeType::AddNode);
-                cc.node_id = id;
-            }
-            MembershipChange::Remove(id) => {
-                cc.set_change_type(ConfChangeType::RemoveNode);
-                cc.node_id = id;
-            }
-        }
-        info!(change = ?cc.get_change_type(), node = %format!("{:016x}", cc.node_id), "proposing membership change");
-        if let Err(e) = self.node.propose_conf_change(context, cc) {
-            warn!(error = %e, "membership change not proposed");
-        }
-    }
-
-    /// Asks again for the read index of reads that got none within `READ_RETRY` (a new
-    /// leader drops ReadIndex until it commits in its term; a message can be lost).
-    fn retry_reads(&mut self) {
-        if self.node.raft.leader_id == 0 {
-            return;
-        }
-        let now = Instant::now();
-        let due: Vec<u64> = self
-            .reads_pending
-            .iter()
-            .filter(|(_, (_, _, asked))| asked.is_none_or(|t| now.duration_since(t) >= READ_RETRY))
-            .map(|(seq, _)| *seq)
-            .collect();
-        for seq in due {
-            self.node.read_index(read_ctx(self.id, seq));
-            if let Some(r) = self.reads_pending.get_mut(&seq) {
-                r.2 = Some(now);
-            }
-        }
-    }
-
-    fn expire(&mut self) {
-        let now = Instant::now();
-        self.proposals.retain(|_, (_, deadline, _)| *deadline > now);
-        // A read past its deadline changed nothing: say so (NoLeader: safe to retry).
-        let expired: Vec<u64> =
-            self.reads_pending.iter().filter(|(_, (_, d, _))| *d <= now).map(|(seq, _)| *seq).collect();
-        for seq in expired {
-            if let Some((reply, _, _)) = self.reads_pending.remove(&seq) {
-                let _ = reply.send(Err(RequestError::NoLeader));
-            }
-        }
-        self.reads_ready.retain(|(_, _, deadline)| *deadline > now);
-        // Dropping a sender answers its waiter with `Timeout` (see the API).
-    }
-
-    fn send(&self, msgs: Vec<Message>) {
-        for m in msgs {
-            self.transport.send(m);
-        }
-    }
-
-    fn on_ready(&mut self) -> anyhow::Result<()> {
-        if !self.node.has_ready() {
-            return Ok(());
-        }
-        let mut ready = self.node.ready();
-        if !ready.messages().is_empty() {
-            self.send(ready.take_messages());
-        }
-        if !ready.snapshot().is_empty() {
-            let snap = ready.snapshot().clone();
-            self.apply_snapshot(&snap)?;
-        }
-        let committed = ready.take_committed_entries();
-        self.apply_entries(committed)?;
-        let hs = ready.hs().cloned();
-        if !ready.entries().is_empty() || hs.is_some() {
-            self.store.append(ready.entries(), hs.as_ref())?;
-        }
-        if !ready.persisted_messages().is_empty() {
-            self.send(ready.take_persisted_messages());
-        }
-        for rs in ready.take_read_states() {
-            let ctx = rs.request_ctx;
-            if ctx.len() == 16 && ctx[..8] == self.id.to_be_bytes() {
-                let seq = u64::from_be_bytes(ctx[8..16].try_into().unwrap_or_default());
-                if let Some((reply, deadline, _)) = self.reads_pending.remove(&seq) {
-                    self.reads_ready.push((rs.index, reply, deadline));
-                }
-            }
-        }
-        let mut light = self.node.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.store.set_commit(commit)?;
-        }
-        self.send(light.take_messages());
-        let committed = light.take_committed_entries();
-        self.apply_entries(committed)?;
-        self.node.advance_apply();
-        self.answer_reads();
-        self.abandon_orphaned_proposals();
-        self.maybe_compact()?;
-        Ok(())
-    }
-
-    fn apply_snapshot(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
-        let state = State::from_bytes(snap.get_data())?;
-        self.store.apply_snapshot(snap)?;
-        let meta = snap.get_metadata();
-        self.applied = meta.index;
-        self.applied_term = meta.term;
-        info!(index = meta.index, bytes = snap.get_data().len(), cluster_id = %state.cluster_id, revision = state.revision, "installed snapshot");
-        let revision = state.revision;
-        *self.shared.state.write().unwrap_or_else(|e| e.into_inner()) = state;
-        let _ = self.shared.installs.send(revision);
-        self.learn_addresses();
-        Ok(())
-    }
-
-    fn apply_entries(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
-        for e in entries {
-            if e.index <= self.applied {
-                continue;
-            }
-            match e.get_entry_type() {
-                EntryType::EntryNormal => self.apply_normal(&e),
-                EntryType::EntryConfChange => self.apply_conf_change(&e)?,
-                EntryType::EntryConfChangeV2 => {
-                    // Shoal never proposes joint changes: one here comes from a binary this one does
-                    // not understand, and skipping it would leave this node's membership wrong.
-                    fatal(e.index, "a joint membership change (ConfChangeV2), which this binary does not apply");
-                }
-            }
-            self.applied = e.index;
-            self.applied_term = e.term;
-        }
-        Ok(())
-    }
-
-    fn apply_normal(&mut self, e: &Entry) {
-        let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
-        if e.data.is_empty() {
-            state.observe_term(e.term); // A new leader's empty entry.
-            return;
-        }
-        let entry = match command::decode(&e.data) {
-            Ok(entry) => entry,
-            // Applying around an entry would leave this node's state different from the others'.
-            Err(err) => fatal(e.index, &err.to_string()),
-        };
-        let (outcome, events) = state.apply(&entry, e.term);
-        drop(state);
-        self.publish(events);
-        if entry.origin == self.id && entry.boot == self.boot {
-            if let Some((reply, _, _)) = self.proposals.remove(&entry.seq) {
-                let _ = reply.send(Ok(outcome));
-            }
-        }
-    }
-
-    fn publish(&self, events: Vec<WatchEvent>) {
-        for ev in events {
-            let _ = self.shared.events.send(ev);
-        }
-    }
-
-    fn apply_conf_change(&mut self, e: &Entry) -> anyhow::Result<()> {
-        let cc = ConfChange::parse_from_bytes(&e.data)?;
-        let cs: ConfState = self.node.apply_conf_change(&cc)?;
-        self.store.set_conf_state(&cs)?;
-        info!(change = ?cc.get_change_type(), node = %format!("{:016x}", cc.node_id), voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-        let mut state = self.shared.state.write().unwrap_or_else(|e| e.into_inner());
-        state.observe_term(e.term);
-        let at = state.last_at;
-        let events = match cc.get_change_type() {
-            ConfChangeType::AddLearnerNode => match serde_json::from_slice::<NodeRecord>(&e.context) {
-                Ok(rec) => {
-                    if let Ok(a) = rec.raft_addr.parse() {
-                        self.addrs.write().unwrap_or_else(|e| e.into_inner()).insert(rec.id, a);
-                    }
-                    state.admit_node(&rec, at)
-                }
-                Err(_) => Vec::new(),
-            },
-            ConfChangeType::RemoveNode => state.remove_node(cc.node_id, at),
-            ConfChangeType::AddNode => Vec::new(),
-        };
-        drop(state);
-        self.publish(events);
-        Ok(())
-    }
-
-    /// A proposal forwarded to a leader that lost its role may never be committed, or may be: tell
-    /// its client at once that the outcome is unknown rather than at the deadline.
-    fn abandon_orphaned_proposals(&mut self) {
-        let leader = self.node.raft.leader_id;
-        let orphaned: Vec<u64> =
-            self.proposals.iter().filter(|(_, (_, _, l))| *l != leader).map(|(seq, _)| *seq).collect();
-        for seq in orphaned {
-            if let Some((reply, _, _)) = self.proposals.remove(&seq) {
-                let _ = reply.send(Err(RequestError::Timeout));
-            }
-        }
-        // Reads are not abandoned: they wait out an election (`retry_reads` asks the next leader).
-    }
-
-    fn answer_reads(&mut self) {
-        let applied = self.applied;
-        let (done, waiting): (Vec<_>, Vec<_>) = self.reads_ready.drain(..).partition(|(idx, _, _)| *idx <= applied);
-        self.reads_ready = waiting;
-        for (_, reply, _) in done {
-            let _ = reply.send(Ok(()));
-        }
-    }
-
-    fn maybe_compact(&mut self) -> anyhow::Result<()> {
-        let snap_index = self.store.snapshot_meta_index();
-        let wanted = self.store.take_snapshot_wanted();
-        if self.applied <= snap_index || (!wanted && self.applied < snap_index + self.timing.snapshot_every) {
-            return Ok(());
-        }
-        let data = self.shared.state().to_bytes();
-        let cs = self.node.raft.prs().conf().to_conf_state();
-        self.store.compact(self.applied, self.applied_term, &cs, data, self.timing.log_tail)?;
-        info!(index = self.applied, "state snapshot taken; log compacted");
-        Ok(())
-    }
-
-    fn publish_status(&self) {
-        let raft = &self.node.raft;
-        let cs = raft.prs().conf().to_conf_state();
-        let status = RaftStatus {
-            id: self.id,
-            leader_id: raft.leader_id,
-            term: raft.term,
-            role: format!("{:?}", raft.state).to_lowercase(),
-            commit_index: raft.raft_log.committed,
-            applied_index: self.applied,
-            last_index: raft.raft_log.last_index(),
-            voters: cs.voters.clone(),
-            learners: cs.learners.clone(),
-            matched: if raft.state == StateRole::Leader {
-                raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
-            } else {
-                BTreeMap::new()
-            },
-        };
-        *self.shared.status.write().unwrap_or_else(|e| e.into_inner()) = status;
     }
 }
 
 /// Stops the node on a committed entry it cannot apply: going on would let its state diverge
 /// from the other nodes' (they applied it). The operator upgrades or repairs the node.
-fn fatal(index: u64, what: &str) -> ! {
+pub(super) fn fatal(index: u64, what: &str) -> ! {
     tracing::error!(index, "cannot apply committed log entry {index}: {what}; stopping so as not to diverge");
     eprintln!(
         "shoal-node: cannot apply committed log entry {index}: {what}; stopping so as not to diverge from the cluster"

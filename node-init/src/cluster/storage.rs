@@ -60,6 +60,9 @@ pub struct RaftStore {
     /// taken before the receiving node was in the configuration); the Raft thread then takes a
     /// fresh one and raft-rs retries.
     snapshot_wanted: Arc<AtomicBool>,
+    /// Whether writes raft-rs needs durable are synced (always, but for `--unsafe-no-fsync`
+    /// and the simulation, whose "crashes" keep the page cache anyway).
+    sync: bool,
 }
 
 impl std::fmt::Debug for RaftStore {
@@ -76,6 +79,15 @@ const PURGE_THRESHOLD: u64 = 256 << 20;
 impl RaftStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Self::open_sized(dir, LOG_FILE_SIZE, PURGE_THRESHOLD)
+    }
+
+    /// A store that never syncs: acknowledged writes are lost when the machine loses power (as
+    /// etcd's `--unsafe-no-fsync`). For tests that show what a power cut does without syncs, and
+    /// the simulation, whose crashes keep the page cache.
+    pub fn open_unsynced(dir: &Path) -> Result<Self, StoreError> {
+        let mut store = Self::open(dir)?;
+        store.sync = false;
+        Ok(store)
     }
 
     /// `open` with other log file and purge sizes (tests use small ones).
@@ -98,6 +110,7 @@ impl RaftStore {
             engine,
             cached: Arc::new(RwLock::new(cached)),
             snapshot_wanted: Arc::new(AtomicBool::new(false)),
+            sync: true,
         })
     }
 
@@ -128,7 +141,8 @@ impl RaftStore {
         self.read().snapshot.clone()
     }
 
-    /// Appends entries (replacing any conflicting suffix) and, if given, the hard state; synced.
+    /// Appends entries (replacing any conflicting suffix) and, if given, the hard state; synced
+    /// (unless opened unsynced).
     pub fn append(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), StoreError> {
         let mut batch = LogBatch::default();
         if let Some(first) = entries.first() {
@@ -147,7 +161,7 @@ impl RaftStore {
             batch.put_message(META, KEY_HARD_STATE.to_vec(), hs)?;
         }
         if !batch.is_empty() {
-            self.engine.write(&mut batch, true)?;
+            self.engine.write(&mut batch, self.sync)?;
         }
         if let Some(hs) = hard_state {
             self.write().hard_state = hs.clone();
@@ -173,7 +187,7 @@ impl RaftStore {
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), StoreError> {
         let mut batch = LogBatch::default();
         batch.put_message(META, KEY_CONF_STATE.to_vec(), cs)?;
-        self.engine.write(&mut batch, true)?;
+        self.engine.write(&mut batch, self.sync)?;
         self.write().conf_state = cs.clone();
         Ok(())
     }
@@ -189,7 +203,7 @@ impl RaftStore {
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
         batch.put_message(META, KEY_HARD_STATE.to_vec(), &hs)?;
-        self.engine.write(&mut batch, true)?;
+        self.engine.write(&mut batch, self.sync)?;
         let mut c = self.write();
         c.snapshot = snap.clone();
         c.conf_state = meta.get_conf_state().clone();
@@ -209,7 +223,7 @@ impl RaftStore {
         meta.set_conf_state(cs.clone());
         let mut batch = LogBatch::default();
         batch.put_message(META, KEY_SNAPSHOT.to_vec(), &snap)?;
-        self.engine.write(&mut batch, true)?;
+        self.engine.write(&mut batch, self.sync)?;
         self.write().snapshot = snap;
         self.engine.compact_to(ENTRIES, (index + 1).saturating_sub(tail));
         // Reclaim files whose entries are all compacted.
