@@ -13,7 +13,14 @@ if [ -z "$pkg" ]; then
 fi
 [ -n "$pkg" ] || { echo "fetch-kernel: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
 version=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
-dest="$cache/emulated-server/$pkg-$version"
+# Load order matters: each module's dependencies come before it.
+modules="virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/x86/kvm/kvm-intel.ko \
+  drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_legacy_dev.ko \
+  drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko net/core/failover.ko \
+  drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/block/virtio_blk.ko drivers/net/tun.ko \
+  net/bridge/bridge.ko net/802/stp.ko net/llc/llc.ko"
+# The cache is keyed by the package and by the list of modules taken from it.
+dest="$cache/emulated-server/$pkg-$version-$(echo "$modules" | sha256sum | cut -c1-8)"
 if [ ! -f "$dest/vmlinuz" ]; then
   work=$(mktemp -d "${TMPDIR:-/tmp}/shoal-cloudk.XXXXXX")
   trap 'rm -rf "$work"' EXIT
@@ -21,11 +28,7 @@ if [ ! -f "$dest/vmlinuz" ]; then
   dpkg-deb -x "$work"/*.deb "$work/x"
   mkdir -p "$dest.tmp/modules"
   cp "$work"/x/boot/vmlinuz-* "$dest.tmp/vmlinuz"
-  # Load order matters: each module's dependencies come before it.
-  for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/x86/kvm/kvm-intel.ko \
-           drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_legacy_dev.ko \
-           drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko net/core/failover.ko \
-           drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/net/tun.ko net/bridge/bridge.ko net/802/stp.ko net/llc/llc.ko; do
+  for m in $modules; do
     f=$(find "$work"/x/lib/modules -path "*/kernel/$m" | head -n1)
     [ -n "$f" ] && cp "$f" "$dest.tmp/modules/"
   done

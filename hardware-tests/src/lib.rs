@@ -245,6 +245,149 @@ pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
     Ok(Run { mode, lines, finished: result.finished })
 }
 
+/// An emulated server whose data disks outlive it: booted again and again, and cut off mid-run
+/// as a power cut would cut it (QEMU killed: the server's page cache and whatever it had not yet
+/// written to its disks are gone; what it wrote stays, as on a disk without a volatile cache).
+/// Each boot runs the same job; the kernel command line tells it which boot it is.
+#[derive(Debug)]
+pub struct PowerCutServer {
+    dir: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    disks: Vec<PathBuf>,
+}
+
+impl PowerCutServer {
+    /// Stages `job` and `disks` blank ext4 disks of `disk_mib` MiB each (`/dev/vda`, ...).
+    pub fn new(job: &Job, disks: usize, disk_mib: u64) -> Result<Self, HarnessError> {
+        let dir = stage(job)?;
+        let server = repo_root().join("hardware-tests/emulated-server");
+        let kernel_dir = PathBuf::from(run_script(&server.join("fetch-kernel.sh"), &[])?);
+        let initrd = dir.join("server.cpio.gz");
+        let payload = dir.join("payload");
+        run_script(
+            &server.join("mkinitramfs.sh"),
+            &[
+                kernel_dir.to_str().unwrap_or_default(),
+                payload.to_str().unwrap_or_default(),
+                initrd.to_str().unwrap_or_default(),
+            ],
+        )?;
+        let mut paths = Vec::new();
+        for i in 0..disks {
+            let disk = dir.join(format!("disk{i}.img"));
+            let f = std::fs::File::create(&disk).map_err(|e| err(format!("cannot create {}: {e}", disk.display())))?;
+            f.set_len(disk_mib << 20).map_err(|e| err(format!("cannot size {}: {e}", disk.display())))?;
+            let out = Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&disk)
+                .output()
+                .map_err(|e| err(format!("cannot run mkfs.ext4 (package e2fsprogs): {e}")))?;
+            if !out.status.success() {
+                return Err(err(format!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr))));
+            }
+            paths.push(disk);
+        }
+        Ok(PowerCutServer { dir, kernel: kernel_dir.join("vmlinuz"), initrd, disks: paths })
+    }
+
+    /// Boots the server with `cmdline` appended to its kernel command line.
+    pub fn boot(&self, cmdline: &str) -> Result<Boot, HarnessError> {
+        let mut c = Command::new("qemu-system-x86_64");
+        // Two CPUs: no guest runs inside this server, so the AMD-V emulation fault that keeps
+        // the other jobs on one does not arise.
+        c.args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "2", "-m", "1536"])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 {cmdline}"))
+            .args(["-nographic", "-no-reboot", "-monitor", "none", "-nodefaults", "-serial", "stdio"]);
+        for d in &self.disks {
+            c.arg("-drive").arg(format!("file={},format=raw,if=virtio,cache=writeback", d.display()));
+        }
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err(format!("cannot start qemu-system-x86_64: {e}")))?;
+        let start = Instant::now();
+        let (tx, rx) = channel();
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                    if tx.send(Line { at: start.elapsed(), text }).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Boot { child, rx, lines: Vec::new() })
+    }
+}
+
+impl Drop for PowerCutServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One boot of a [`PowerCutServer`].
+#[derive(Debug)]
+pub struct Boot {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<Line>,
+    /// Every console line so far.
+    pub lines: Vec<Line>,
+}
+
+impl Boot {
+    /// The next console line (heartbeats aside) within `timeout`; None if none came or the
+    /// server ended.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.rx.recv_timeout(left).ok()?;
+            if line.text.contains(HEARTBEAT) {
+                continue;
+            }
+            let text = line.text.clone();
+            self.lines.push(line);
+            return Some(text);
+        }
+    }
+
+    /// Cuts the power: QEMU is killed at once.
+    pub fn cut_power(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The console so far, with times.
+    pub fn text(&self) -> String {
+        self.lines.iter().map(|l| format!("[{:8.3}] {}", l.at.as_secs_f64(), l.text)).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Boot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// How many times a job is started in a fresh emulated server when the server stalls.
 const MAX_ATTEMPTS: u32 = 3;
 /// The emulated server prints a heartbeat every 20 s (outer-init); this much silence means its

@@ -95,6 +95,10 @@ struct AgentArgs {
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     gossip_interval_ms: u64,
+    /// Never sync the Raft log (as etcd's flag of this name): a power cut then loses writes
+    /// the cluster acknowledged. Only for tests that show that it does.
+    #[arg(long)]
+    unsafe_no_fsync: bool,
     /// The shoal-vmm binary that runs this node's microVMs (default: $SHOAL_VMM, else the one
     /// beside shoal-node, else `shoal-vmm` on PATH).
     #[arg(long)]
@@ -160,18 +164,10 @@ fn detect_capacity() -> Resources {
     Resources { vcpus, mem_mib }
 }
 
+/// Writes a file only the owner may read, durably: a power cut right after leaves the old file or
+/// the whole new one (a truncated token or secret would lock the node out).
 fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
+    shoal_node::durable::write_private(path, contents.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn load_secret(args: &AgentArgs) -> anyhow::Result<ClusterSecret> {
@@ -248,6 +244,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             interval: Duration::from_millis(args.gossip_interval_ms.max(1)),
             ..GossipTiming::default()
         },
+        unsafe_no_fsync: args.unsafe_no_fsync,
     };
     let vmm = args.vmm.clone().unwrap_or_else(default_vmm);
     let shim_exe = std::env::current_exe().context("finding this program (it runs the shims)")?;

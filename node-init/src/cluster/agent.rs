@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub dead_voter_timeout: Duration,
     pub raft: RaftTiming,
     pub gossip: GossipTiming,
+    /// Open the Raft log unsynced (`--unsafe-no-fsync`).
+    pub unsafe_no_fsync: bool,
 }
 
 impl AgentConfig {
@@ -118,7 +120,14 @@ fn duplicate_of_self(c: &chitchat::Chitchat, id: u64) -> Option<String> {
 pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatHandle)> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let id = node_id(&config.data_dir)?;
-    let store = RaftStore::open(&config.data_dir.join("raft")).context("opening the raft log")?;
+    let raft_dir = config.data_dir.join("raft");
+    let store = if config.unsafe_no_fsync {
+        tracing::warn!("--unsafe-no-fsync: the raft log is never synced; a power cut loses acknowledged writes");
+        RaftStore::open_unsynced(&raft_dir)
+    } else {
+        RaftStore::open(&raft_dir)
+    }
+    .context("opening the raft log")?;
     let shared = Shared::new(State::default());
     let addrs: AddressBook = Arc::new(RwLock::new(HashMap::new()));
     let (inbox_tx, inbox_rx) = super::raft_node::inbox();
