@@ -75,6 +75,12 @@ enum Event {
     Fault,
     Restart(usize),
     Membership,
+    /// A snapshot job of node `at`'s process `generation` finishes.
+    SnapshotBuilt {
+        at: usize,
+        generation: u64,
+        job: Box<shoal_node::cluster::raft_core::SnapshotJob>,
+    },
 }
 
 struct SimNode {
@@ -263,6 +269,8 @@ impl Sim {
     }
 
     fn crash(&mut self, i: usize) {
+        // Its snapshot thread dies with it (and lets go of the store).
+        self.queue.retain(|_, e| !matches!(e, Event::SnapshotBuilt { at, .. } if *at == i));
         let node = &mut self.nodes[i];
         // Dropping the core drops its waiters: their clients learn the outcome is unknown.
         node.core = None;
@@ -286,6 +294,13 @@ impl Sim {
         core.set_clock(now, wall);
         if let Err(e) = core.ready(&mut |m| out.push(m)) {
             panic!("seed {}: node {} storage failed: {e:#}", self.seed, i + 1);
+        }
+        // The Raft thread builds snapshots on a thread of their own: here, a while later (the
+        // core goes on meanwhile, and a snapshot from the leader may be installed first).
+        let job = core.take_snapshot_job();
+        if let Some(job) = job {
+            let (later, generation) = (self.rng.range(0, 300), self.nodes[i].generation);
+            self.at(later, Event::SnapshotBuilt { at: i, generation, job: Box::new(job) });
         }
         for m in out {
             self.route(i, m);
@@ -647,6 +662,15 @@ impl Sim {
                     if self.faults_on && !self.up(i) {
                         self.start(i);
                         self.note(format!("node {} restarted", i + 1));
+                    }
+                }
+                Event::SnapshotBuilt { at, generation, job } => {
+                    // A process that crashed took its snapshot thread with it.
+                    if generation == self.nodes[at].generation && self.up(at) {
+                        if let Err(e) = job.run() {
+                            panic!("seed {}: node {} could not store a snapshot: {e:#}", self.seed, at + 1);
+                        }
+                        self.note(format!("node {} stored a snapshot", at + 1));
                     }
                 }
                 Event::Membership => {

@@ -12,6 +12,7 @@
 //! the local state has applied the index the leader confirmed.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,52 @@ pub struct RaftCore {
     applied_term: u64,
     /// Received snapshots waiting for the ready round that installs them (or does not).
     snapshot_acks: Vec<(u64, oneshot::Sender<bool>)>,
+    /// A state snapshot for the driver to build and store, and whether one is being built.
+    snapshot_job: Option<SnapshotJob>,
+    snapshot_in_flight: Arc<AtomicBool>,
+}
+
+/// A state snapshot to serialize and store away from the Raft thread (a large state takes
+/// seconds to write): the state as applied at `index`, copied. raft-rs goes on meanwhile; the
+/// store takes the snapshot and compacts its log when the job is done, unless a newer snapshot
+/// arrived from the leader first.
+pub struct SnapshotJob {
+    index: u64,
+    term: u64,
+    conf_state: ConfState,
+    state: State,
+    log_tail: u64,
+    store: RaftStore,
+    in_flight: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for SnapshotJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotJob").field("index", &self.index).finish_non_exhaustive()
+    }
+}
+
+impl SnapshotJob {
+    /// Serializes the state and stores it; an error is the store's (the caller stops the node).
+    pub fn run(self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let data = self.state.to_bytes();
+        let bytes = data.len();
+        self.store.compact(self.index, self.term, &self.conf_state, data, self.log_tail)?;
+        info!(
+            index = self.index,
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "state snapshot taken; log compacted"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for SnapshotJob {
+    fn drop(&mut self) {
+        self.in_flight.store(false, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for RaftCore {
@@ -150,6 +197,8 @@ impl RaftCore {
             applied,
             applied_term: snap.get_metadata().term,
             snapshot_acks: Vec::new(),
+            snapshot_job: None,
+            snapshot_in_flight: Arc::default(),
         };
         core.learn_addresses();
         core.publish_status();
@@ -400,7 +449,7 @@ impl RaftCore {
         self.node.advance_apply();
         self.answer_reads();
         self.abandon_orphaned_proposals();
-        self.maybe_compact()?;
+        self.maybe_compact();
         Ok(())
     }
 
@@ -514,17 +563,33 @@ impl RaftCore {
         }
     }
 
-    fn maybe_compact(&mut self) -> anyhow::Result<()> {
+    /// Every `snapshot_every` applied entries (or when raft-rs needs a fresher snapshot for a
+    /// follower), one snapshot job for the driver, unless one is still being built.
+    fn maybe_compact(&mut self) {
+        if self.snapshot_job.is_some() || self.snapshot_in_flight.load(Ordering::Acquire) {
+            return;
+        }
         let snap_index = self.store.snapshot_meta_index();
         let wanted = self.store.take_snapshot_wanted();
         if self.applied <= snap_index || (!wanted && self.applied < snap_index + self.timing.snapshot_every) {
-            return Ok(());
+            return;
         }
-        let data = self.shared.state().to_bytes();
-        let cs = self.node.raft.prs().conf().to_conf_state();
-        self.store.compact(self.applied, self.applied_term, &cs, data, self.timing.log_tail)?;
-        info!(index = self.applied, "state snapshot taken; log compacted");
-        Ok(())
+        self.snapshot_in_flight.store(true, Ordering::Release);
+        self.snapshot_job = Some(SnapshotJob {
+            index: self.applied,
+            term: self.applied_term,
+            conf_state: self.node.raft.prs().conf().to_conf_state(),
+            state: self.shared.state().clone(),
+            log_tail: self.timing.log_tail,
+            store: self.store.clone(),
+            in_flight: self.snapshot_in_flight.clone(),
+        });
+    }
+
+    /// The snapshot to build, if one is due: the driver runs it on a thread of its own (the
+    /// simulation runs it at once, to stay deterministic).
+    pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob> {
+        self.snapshot_job.take()
     }
 
     fn publish_status(&self) {

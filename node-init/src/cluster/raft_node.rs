@@ -260,11 +260,26 @@ impl RaftThread {
             let transport = &self.transport;
             if let Err(e) = self.core.ready(&mut |m| transport.send(m)) {
                 // The store failed: continuing could acknowledge writes that are not durable.
-                tracing::error!(error = %format!("{e:#}"), "raft storage failed; stopping");
-                std::process::exit(70);
+                storage_failed(e);
+            }
+            if let Some(job) = self.core.take_snapshot_job() {
+                // Serializing and writing a large state takes seconds: not on this thread.
+                let spawned = std::thread::Builder::new().name("raft-snapshot".into()).spawn(move || {
+                    if let Err(e) = job.run() {
+                        storage_failed(e);
+                    }
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "no thread for the state snapshot; it waits for the next one");
+                }
             }
         }
     }
+}
+
+fn storage_failed(e: anyhow::Error) -> ! {
+    tracing::error!(error = %format!("{e:#}"), "raft storage failed; stopping");
+    std::process::exit(70);
 }
 
 /// Stops the node on a committed entry it cannot apply: going on would let its state diverge

@@ -63,6 +63,9 @@ pub struct RaftStore {
     /// Whether writes raft-rs needs durable are synced (always, but for `--unsafe-no-fsync`
     /// and the simulation, whose "crashes" keep the page cache anyway).
     sync: bool,
+    /// Held while the stored snapshot is replaced: by a received snapshot on the Raft thread, or
+    /// by a compaction on the thread that built it.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for RaftStore {
@@ -111,6 +114,7 @@ impl RaftStore {
             cached: Arc::new(RwLock::new(cached)),
             snapshot_wanted: Arc::new(AtomicBool::new(false)),
             sync: true,
+            snapshot_lock: Arc::default(),
         })
     }
 
@@ -194,6 +198,7 @@ impl RaftStore {
 
     /// Replaces the log with a snapshot received from the leader (or the bootstrap snapshot).
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        let _replacing = self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
         let meta = snap.get_metadata();
         let mut batch = LogBatch::default();
         batch.add_command(ENTRIES, raft_engine::Command::Clean);
@@ -214,7 +219,13 @@ impl RaftStore {
     /// Stores a snapshot of the applied state at `index` and drops the log up to it.
     /// Keeps the `tail` entries before `index` in the log, so that a follower only briefly behind
     /// catches up from the log rather than needing the whole snapshot.
+    /// A snapshot older than the one stored (a received snapshot won the race with the thread
+    /// that built this one) is dropped.
     pub fn compact(&self, index: u64, term: u64, cs: &ConfState, data: Vec<u8>, tail: u64) -> Result<(), StoreError> {
+        let _replacing = self.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if index <= self.snapshot_meta_index() {
+            return Ok(());
+        }
         let mut snap = Snapshot::default();
         snap.set_data(data.into());
         let meta = snap.mut_metadata();
@@ -393,6 +404,24 @@ mod tests {
         assert_eq!(s.last_index().unwrap(), 3);
         assert_eq!(s.term(3).unwrap(), 2);
         assert_eq!(s.term(2).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_compaction_older_than_a_received_snapshot_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RaftStore::open(dir.path()).unwrap();
+        let ents: Vec<_> = (1..=10).map(|i| entry(i, 1)).collect();
+        s.append(&ents, None).unwrap();
+        let mut received = Snapshot::default();
+        received.mut_metadata().index = 50;
+        received.mut_metadata().term = 2;
+        received.set_data(b"received".to_vec().into());
+        s.apply_snapshot(&received).unwrap();
+        // A snapshot of index 8 built meanwhile arrives late.
+        s.compact(8, 1, &ConfState::default(), b"built".to_vec(), 0).unwrap();
+        assert_eq!(s.latest_snapshot().get_metadata().index, 50);
+        assert_eq!(s.latest_snapshot().get_data(), b"received");
+        assert_eq!(s.first_index().unwrap(), 51);
     }
 
     #[test]
