@@ -298,6 +298,89 @@ fn a_partitioned_minority_cannot_commit_and_catches_up_after_healing() {
     agreed_status(&refs).expect("all three agree after healing");
 }
 
+/// An asymmetric partition: a follower whose packets are dropped on their way out (it hears the
+/// others; they hear nothing from it) for 13 s. The others go on committing, and once the path
+/// heals the follower has the writes within seconds (about 0.25 s here): its half-dead Raft
+/// connections do not hold it back.
+#[test]
+fn a_follower_cut_off_one_way_catches_up_soon_after_the_path_heals() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("o");
+    let n: Vec<Node> = (0..3).map(|i| net.node(i, &[])).collect();
+    let refs: Vec<&Node> = n.iter().collect();
+    let st = three_voters(&refs);
+    let li = leader_index(&refs, &st);
+    let fi = (li + 1) % 3;
+    n[li].put("before", "1").expect("a write before the cut");
+    wait_for(Duration::from_secs(10), "the follower to apply it", || {
+        let (code, v) = n[fi].get("/v1/kv/before?stale=true").ok()?;
+        (code == 200 && v["kv"]["value"] == "1").then_some(())
+    });
+    for j in (0..3).filter(|&j| j != fi) {
+        net.cut_one_way(fi, j, true);
+    }
+    // The two others are a majority: writes go on.
+    for i in 0..20 {
+        wait_for(Duration::from_secs(10), "writes during the one-way cut", || n[li].put(&format!("k{i}"), "v").ok());
+    }
+    std::thread::sleep(Duration::from_secs(13));
+    for j in (0..3).filter(|&j| j != fi) {
+        net.cut_one_way(fi, j, false);
+    }
+    let healed = Instant::now();
+    let after = wait_for(Duration::from_secs(10), "a write after the heal", || {
+        let leader = agreed_status(&[&n[li], &n[(li + 2) % 3]])?;
+        let l = leader_index(&refs, &leader);
+        n[l].put("after", "2").ok()
+    });
+    assert!(after > 0);
+    wait_for(Duration::from_secs(60), "the follower to apply the writes", || {
+        let (code, v) = n[fi].get("/v1/kv/after?stale=true").ok()?;
+        (code == 200 && v["kv"]["value"] == "2").then_some(())
+    });
+    let took = healed.elapsed();
+    eprintln!("one-way: follower caught up {took:?} after the heal");
+    assert!(
+        took < Duration::from_secs(6),
+        "the follower had the writes {took:?} after the heal (TCP back-off instead of a new connection?)\n{}",
+        logs(&refs)
+    );
+    let (_, k19) = n[fi].get("/v1/kv/k19?stale=true").unwrap();
+    assert_eq!(k19["kv"]["value"], "v", "a write made during the cut");
+}
+
+/// A node whose Raft log is gone (a disk that lost it, as an unsynced power cut does) must not
+/// found a new cluster under the same secret beside its old one: it says why and waits.
+#[test]
+fn a_node_whose_raft_log_is_gone_does_not_found_a_new_cluster() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("g");
+    let mut n = net.node(0, &["--min-voters", "1"]);
+    let st = wait_for(FORM, "a one-node cluster", || n.status().filter(|s| s["leader_id"].is_string()));
+    let cluster = st["cluster_id"].as_str().unwrap().to_string();
+    n.put("k", "v").expect("a write");
+    // The node records its cluster within a control round of having one.
+    let mark = n.data_dir.join("cluster-id");
+    wait_for(Duration::from_secs(10), "the cluster recorded", || {
+        (std::fs::read_to_string(&mark).ok()?.trim() == cluster).then_some(())
+    });
+    n.stop();
+    std::fs::remove_dir_all(n.data_dir.join("raft")).unwrap();
+    n.start();
+    std::thread::sleep(Duration::from_secs(6));
+    let st = n.status().expect("the node answers");
+    assert_eq!(st["cluster_id"].as_str().unwrap_or_default(), "", "it founded a new cluster: {st}");
+    let log = n.log();
+    assert!(
+        log.contains(&format!("was part of cluster {cluster}")) && log.contains("will not found a new cluster"),
+        "{log}"
+    );
+}
+
 #[test]
 fn stopping_every_node_and_starting_again_keeps_state_and_identity() {
     if !support::can_run() {
@@ -385,8 +468,8 @@ fn a_watch_from_a_revision_sees_every_later_change_in_order_across_a_leader_chan
 }
 
 /// Clients write, compare-and-swap and read three keys through random nodes while a fault thread
-/// kills the leader (and restarts it) or cuts a node off (and heals it), 20 rounds; each key's
-/// history must be linearizable.
+/// kills the leader (and restarts it), cuts a node off both ways, or one way (it hears the
+/// others, they do not hear it), and heals, 20 rounds; each key's history must be linearizable.
 #[test]
 fn histories_under_leader_kills_and_partitions_are_linearizable() {
     if !support::can_run() {
@@ -489,12 +572,24 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
             n[li].kill9();
             std::thread::sleep(Duration::from_millis(1500));
             n[li].start();
-        } else {
+        } else if round % 4 == 1 {
             let victim = (li + round) % 3;
             let others: Vec<usize> = (0..3).filter(|&j| j != victim).collect();
             net.partition(victim, &others, true);
             std::thread::sleep(Duration::from_millis(1500));
             net.partition(victim, &others, false);
+        } else {
+            // One way: the victim (the leader, every other time) hears the others; they do not
+            // hear it.
+            let victim = (li + round / 4) % 3;
+            let others: Vec<usize> = (0..3).filter(|&j| j != victim).collect();
+            for &j in &others {
+                net.cut_one_way(victim, j, true);
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+            for &j in &others {
+                net.cut_one_way(victim, j, false);
+            }
         }
     }
     std::thread::sleep(Duration::from_secs(1));
@@ -524,7 +619,7 @@ fn histories_under_leader_kills_and_partitions_are_linearizable() {
         }
     }
     eprintln!(
-        "linearizable: {completed_writes} acknowledged writes, {reads} reads, {swapped} swaps and {refused} refused swaps, 20 fault rounds"
+        "linearizable: {completed_writes} acknowledged writes, {reads} reads, {swapped} swaps and {refused} refused swaps, 20 fault rounds (10 kills, 5 partitions, 5 one-way cuts)"
     );
 }
 

@@ -84,6 +84,9 @@ impl Agent {
     }
 }
 
+/// The file in the data directory that names the cluster the node was part of.
+const CLUSTER_MARK: &str = "cluster-id";
+
 /// This node's Raft id, created on first start and kept in the data directory.
 fn node_id(data_dir: &Path) -> anyhow::Result<u64> {
     let path = data_dir.join("node-id");
@@ -222,6 +225,10 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
     let mut duplicate_since: Option<Instant> = None;
     let mut joining: Option<tokio::task::JoinHandle<()>> = None;
     let mut last_join: Option<Instant> = None;
+    // The cluster this data directory was part of, kept outside the Raft log (see below).
+    let mark = agent.config.data_dir.join(CLUSTER_MARK);
+    let mut remembered = std::fs::read_to_string(&mark).unwrap_or_default().trim().to_string();
+    let mut refusal_logged = false;
     loop {
         interval.tick().await;
         let duplicate = duplicate_of_self(&*chitchat.lock().await, agent.id);
@@ -302,6 +309,29 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
             }
         }
 
+        if !cluster_id.is_empty() && remembered != cluster_id {
+            match crate::durable::write(&mark, format!("{cluster_id}\n").as_bytes()) {
+                Ok(()) => remembered = cluster_id.clone(),
+                Err(e) => tracing::warn!(error = %e, path = %mark.display(), "cannot record the cluster id"),
+            }
+        }
+        if cluster_id.is_empty() && !remembered.is_empty() {
+            // This data directory was part of a cluster and its Raft log is gone (a disk that
+            // lost it, a log deleted by hand): founding a new cluster would split the old one's
+            // nodes between two clusters under one secret. It may still rejoin its cluster
+            // (above) if the others are up.
+            if !refusal_logged {
+                refusal_logged = true;
+                let why = format!(
+                    "this data directory ({}) was part of cluster {remembered}, but its Raft log is empty: this node will not found a new cluster; it rejoins its cluster if that is up, else start it with a fresh data directory (or remove {} to found a new cluster)",
+                    agent.config.data_dir.display(),
+                    mark.display()
+                );
+                tracing::error!("{why}");
+                eprintln!("shoal-node: {why}");
+            }
+            continue;
+        }
         if cluster_id.is_empty() {
             // Two consecutive rounds must agree, so a node does not bootstrap on a view it has
             // only just published its own vote into.

@@ -159,6 +159,16 @@ impl Net {
     }
 }
 
+impl Net {
+    /// Drops every packet node `from` sends to node `to` (a blackhole route on `from`'s side
+    /// only): `to` hears nothing from `from`, and `from` still receives what `to` sends, though
+    /// TCP, whose acknowledgements are lost, gets nowhere. `false` heals.
+    pub fn cut_one_way(&self, from: usize, to: usize, cut: bool) {
+        let ns = format!("{}-{from}", self.prefix);
+        ip(&["-n", &ns, "route", if cut { "add" } else { "del" }, "blackhole", &format!("10.88.0.{}/32", to + 1)]);
+    }
+}
+
 /// An HTTPS client for `node` that opens a new connection (and TLS handshake) per request.
 pub fn agent_without_reuse(node: &Node) -> ureq::Agent {
     let tls = trust(node.data_dir.parent().unwrap()).expect("a CA to trust");
