@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use linearizability::{Kind, Operation};
 use raft::eraftpb::{Message, MessageType};
-use shoal_node::cluster::raft_core::{CoreParts, RaftCore};
+use shoal_node::cluster::raft_core::{CoreParts, RaftCore, SnapshotJob};
 use shoal_node::cluster::raft_node::{Input, MembershipChange, RaftTiming, RequestError, Shared};
 use shoal_node::cluster::storage::RaftStore;
 use shoal_node::state::{ApplyOutcome, Command, NodeRecord, Op, State};
@@ -79,14 +79,84 @@ enum Event {
     SnapshotBuilt {
         at: usize,
         generation: u64,
-        job: Box<shoal_node::cluster::raft_core::SnapshotJob>,
+        job: Box<SnapshotJob>,
     },
+}
+
+type Work = Box<dyn FnOnce(&mut RaftCore) + Send>;
+
+/// A node's core on a thread of its own, called synchronously (the simulation stays
+/// single-stepped). raft-engine caches the block it last read per thread, keyed by file and
+/// offset alone: engines of several nodes read on one thread (their logs laid out alike) can be
+/// handed one another's blocks. Each process start gets a fresh thread, as a process would.
+struct CoreThread {
+    tx: Option<std::sync::mpsc::Sender<Work>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CoreThread {
+    fn start(open: impl FnOnce() -> RaftCore + Send + 'static) -> CoreThread {
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut core = open();
+            let _ = opened_tx.send(());
+            for work in rx {
+                work(&mut core);
+            }
+        });
+        opened_rx.recv().expect("the core opened (else its thread panicked, above)");
+        CoreThread { tx: Some(tx), thread: Some(thread) }
+    }
+
+    fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut RaftCore) -> R + Send + 'static) -> R {
+        let (rtx, rrx) = std::sync::mpsc::channel();
+        let work: Work = Box::new(move |core| {
+            let _ = rtx.send(f(core));
+        });
+        self.tx.as_ref().and_then(|tx| tx.send(work).ok()).expect("the core thread is running");
+        rrx.recv().expect("the core thread panicked (see above)")
+    }
+
+    fn handle(&self, input: Input) {
+        self.call(move |core| core.handle(input));
+    }
+
+    fn tick(&self, now: Instant, wall_ms: u64) {
+        self.call(move |core| {
+            core.set_clock(now, wall_ms);
+            core.tick();
+        });
+    }
+
+    /// A ready round: its outcome, the messages it sends, a snapshot job if one is due.
+    fn ready(&self, now: Instant, wall_ms: u64) -> (Result<(), String>, Vec<Message>, Option<SnapshotJob>) {
+        self.call(move |core| {
+            core.set_clock(now, wall_ms);
+            let mut out = Vec::new();
+            let result = core.ready(&mut |m| out.push(m)).map_err(|e| format!("{e:#}"));
+            (result, out, core.take_snapshot_job())
+        })
+    }
+
+    fn run_job(&self, job: Box<SnapshotJob>) -> Result<(), String> {
+        self.call(move |_| job.run().map_err(|e| format!("{e:#}")))
+    }
+}
+
+impl Drop for CoreThread {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 struct SimNode {
     id: u64,
     dir: PathBuf,
-    core: Option<RaftCore>,
+    core: Option<CoreThread>,
     shared: Arc<Shared>,
     /// Snapshots received and the sender waiting to hear whether they were installed.
     snapshot_acks: Vec<(usize, oneshot::Receiver<bool>)>,
@@ -212,7 +282,7 @@ impl Sim {
         for i in 0..n {
             sim.start(i);
         }
-        if let Some(core) = sim.nodes[0].core.as_mut() {
+        if let Some(core) = sim.nodes[0].core.as_ref() {
             core.handle(Input::Bootstrap { cluster_id: format!("sim-{seed}"), me: record(1), pki: Default::default() });
         }
         sim.step(0);
@@ -246,21 +316,24 @@ impl Sim {
         let now = self.now();
         let boot = self.rng.next();
         let node = &mut self.nodes[i];
-        let store = RaftStore::open_unsynced(&node.dir).expect("open the node's store");
         node.shared = Shared::new(State::default());
-        let core = RaftCore::new(CoreParts {
-            id: node.id,
-            priority: 0,
-            timing: self.timing,
-            store,
-            shared: node.shared.clone(),
-            addrs: Arc::new(RwLock::new(HashMap::new())),
-            boot,
-            now,
-            wall_ms: WALL_START_MS + self.now_ms,
-        })
-        .expect("open the core");
-        node.core = Some(core);
+        let (id, timing, shared, dir, wall_ms) =
+            (node.id, self.timing, node.shared.clone(), node.dir.clone(), WALL_START_MS + self.now_ms);
+        node.core = Some(CoreThread::start(move || {
+            let store = RaftStore::open_unsynced(&dir).expect("open the node's store");
+            RaftCore::new(CoreParts {
+                id,
+                priority: 0,
+                timing,
+                store,
+                shared,
+                addrs: Arc::new(RwLock::new(HashMap::new())),
+                boot,
+                now,
+                wall_ms,
+            })
+            .expect("open the core")
+        }));
         node.last_digest_at = 0;
         node.generation += 1;
         let generation = node.generation;
@@ -289,15 +362,13 @@ impl Sim {
     fn step(&mut self, i: usize) {
         let now = self.now();
         let wall = WALL_START_MS + self.now_ms;
-        let mut out = Vec::new();
-        let Some(core) = self.nodes[i].core.as_mut() else { return };
-        core.set_clock(now, wall);
-        if let Err(e) = core.ready(&mut |m| out.push(m)) {
-            panic!("seed {}: node {} storage failed: {e:#}", self.seed, i + 1);
+        let Some(core) = self.nodes[i].core.as_ref() else { return };
+        let (result, out, job) = core.ready(now, wall);
+        if let Err(e) = result {
+            panic!("seed {}: node {} storage failed: {e}", self.seed, i + 1);
         }
         // The Raft thread builds snapshots on a thread of their own: here, a while later (the
         // core goes on meanwhile, and a snapshot from the leader may be installed first).
-        let job = core.take_snapshot_job();
         if let Some(job) = job {
             let (later, generation) = (self.rng.range(0, 300), self.nodes[i].generation);
             self.at(later, Event::SnapshotBuilt { at: i, generation, job: Box::new(job) });
@@ -401,7 +472,7 @@ impl Sim {
             return;
         };
         self.note(format!("node {} (leader) asked for {change:?}", l + 1));
-        if let Some(core) = self.nodes[l].core.as_mut() {
+        if let Some(core) = self.nodes[l].core.as_ref() {
             core.handle(Input::Membership(change));
         }
         self.step(l);
@@ -457,7 +528,7 @@ impl Sim {
                 if let Some(l) = self.leader() {
                     let to = self.nodes[b].id;
                     self.note(format!("leadership handed from node {} to node {to}", l + 1));
-                    if let Some(core) = self.nodes[l].core.as_mut() {
+                    if let Some(core) = self.nodes[l].core.as_ref() {
                         core.handle(Input::TransferLeader(to));
                     }
                     self.step(l);
@@ -493,7 +564,7 @@ impl Sim {
             (Input::Read { reply: tx }, Pending::Read { node, rx })
         };
         self.clients[c].pending = Some((key, self.now_ms, pending));
-        match self.nodes[node].core.as_mut() {
+        match self.nodes[node].core.as_ref() {
             Some(core) => core.handle(input),
             // A node that is down refuses the connection: nothing was asked.
             None => drop(input),
@@ -600,9 +671,8 @@ impl Sim {
                     if generation != self.nodes[i].generation {
                         continue;
                     }
-                    if let Some(core) = self.nodes[i].core.as_mut() {
-                        core.set_clock(self.origin + Duration::from_millis(when), WALL_START_MS + when);
-                        core.tick();
+                    if let Some(core) = self.nodes[i].core.as_ref() {
+                        core.tick(self.origin + Duration::from_millis(when), WALL_START_MS + when);
                         self.step(i);
                         let next = self.rng.range(TICK_MS * 7 / 10, TICK_MS * 13 / 10);
                         self.at(next, Event::Tick(i, generation));
@@ -630,22 +700,22 @@ impl Sim {
                             from + 1
                         ));
                         self.nodes[to].snapshot_acks.push((from, rx));
-                        if let Some(core) = self.nodes[to].core.as_mut() {
+                        if let Some(core) = self.nodes[to].core.as_ref() {
                             core.handle(Input::Snapshot { msg, applied: tx });
                         }
-                    } else if let Some(core) = self.nodes[to].core.as_mut() {
+                    } else if let Some(core) = self.nodes[to].core.as_ref() {
                         core.handle(Input::Message(msg));
                     }
                     self.step(to);
                 }
                 Event::SnapshotStatus { at, to, ok } => {
-                    if let Some(core) = self.nodes[at].core.as_mut() {
+                    if let Some(core) = self.nodes[at].core.as_ref() {
                         core.handle(Input::SnapshotStatus { to, ok });
                         self.step(at);
                     }
                 }
                 Event::Unreachable { at, to } => {
-                    if let Some(core) = self.nodes[at].core.as_mut() {
+                    if let Some(core) = self.nodes[at].core.as_ref() {
                         core.handle(Input::Unreachable(to));
                         self.step(at);
                     }
@@ -667,8 +737,9 @@ impl Sim {
                 Event::SnapshotBuilt { at, generation, job } => {
                     // A process that crashed took its snapshot thread with it.
                     if generation == self.nodes[at].generation && self.up(at) {
-                        if let Err(e) = job.run() {
-                            panic!("seed {}: node {} could not store a snapshot: {e:#}", self.seed, at + 1);
+                        let stored = self.nodes[at].core.as_ref().map(|core| core.run_job(job));
+                        if let Some(Err(e)) = stored {
+                            panic!("seed {}: node {} could not store a snapshot: {e}", self.seed, at + 1);
                         }
                         self.note(format!("node {} stored a snapshot", at + 1));
                     }
