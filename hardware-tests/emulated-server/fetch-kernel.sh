@@ -18,7 +18,7 @@ modules="virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko arch/
   drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko drivers/virtio/virtio_pci_legacy_dev.ko \
   drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci.ko net/core/failover.ko \
   drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/block/virtio_blk.ko drivers/net/tun.ko \
-  net/bridge/bridge.ko net/802/stp.ko net/llc/llc.ko"
+  net/bridge/bridge.ko net/802/stp.ko net/llc/llc.ko net/sched/sch_netem.ko"
 # The cache is keyed by the package and by the list of modules taken from it.
 dest="$cache/emulated-server/$pkg-$version-$(echo "$modules" | sha256sum | cut -c1-8)"
 if [ ! -f "$dest/vmlinuz" ]; then

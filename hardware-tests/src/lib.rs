@@ -248,7 +248,8 @@ pub fn run(job: &Job, mode: Mode) -> Result<Run, HarnessError> {
 /// An emulated server whose data disks outlive it: booted again and again, and cut off mid-run
 /// as a power cut would cut it (QEMU killed: the server's page cache and whatever it had not yet
 /// written to its disks are gone; what it wrote stays, as on a disk without a volatile cache).
-/// Each boot runs the same job; the kernel command line tells it which boot it is.
+/// Each boot runs the same job; the kernel command line tells it which boot it is. (With no
+/// disks, it is also how a test boots a server once and reads its console as it goes.)
 #[derive(Debug)]
 pub struct PowerCutServer {
     dir: PathBuf,

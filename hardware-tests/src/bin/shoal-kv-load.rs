@@ -8,6 +8,9 @@
 //!   (acknowledged), nothing for a write that failed (its outcome is unknown).
 //! - `verify`: reads every key under `pl/` (linearizably) and prints, per prefix, the numbers
 //!   present as ranges: `SHOAL-PL have pl/3/ 0-117,119-240`, then `SHOAL-PL verified COUNT`.
+//! - `history SECONDS CLIENTS`: CLIENTS at once write, compare-and-swap and read three keys for
+//!   SECONDS and print every operation with its times, for a linearizability check (the netem
+//!   test).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -66,10 +69,70 @@ fn ranges(numbers: &[u64]) -> String {
     out.join(",")
 }
 
+/// One client of the `history` mode (see there).
+fn history_client(client: &mut Client, c: usize, origin: Instant, stop: Instant) {
+    let us = || origin.elapsed().as_micros();
+    let mut last: BTreeMap<&str, (Option<String>, u64)> = BTreeMap::new();
+    let mut seq = 0u64;
+    while Instant::now() < stop {
+        seq += 1;
+        let key = ["x", "y", "z"][((seq / 3) as usize * 7 + c) % 3];
+        let url = format!("{}/v1/kv/{key}", client.endpoint());
+        let auth = format!("Bearer {}", client.token);
+        let invoked = us();
+        let line = match seq % 3 {
+            1 => {
+                let res = client.agent.get(&url).set("Authorization", &auth).call();
+                let done = us();
+                match res {
+                    Ok(r) => {
+                        let v: serde_json::Value = r.into_json().unwrap_or_default();
+                        let value = v["kv"]["value"].as_str().map(str::to_string);
+                        last.insert(key, (value.clone(), v["kv"]["mod_revision"].as_u64().unwrap_or(0)));
+                        Some(format!("R {key} {} - {invoked} {done}", value.as_deref().unwrap_or("-")))
+                    }
+                    Err(ureq::Error::Status(404, _)) => {
+                        last.insert(key, (None, 0));
+                        Some(format!("R {key} - - {invoked} {done}"))
+                    }
+                    // A failed read observed nothing.
+                    Err(_) => None,
+                }
+            }
+            _ if key != "z" => {
+                let value = format!("c{c}-{seq}");
+                let res = client.agent.put(&url).set("Authorization", &auth).send_string(&value);
+                let done = if res.is_ok() { us().to_string() } else { "?".to_string() };
+                Some(format!("W {key} {value} - {invoked} {done}"))
+            }
+            _ => {
+                let (expect, rev) = last.get(key).cloned().unwrap_or((None, 0));
+                let value = format!("c{c}-{seq}");
+                let res = client
+                    .agent
+                    .put(&format!("{url}?prev_revision={rev}"))
+                    .set("Authorization", &auth)
+                    .send_string(&value);
+                let expect = expect.unwrap_or_else(|| "-".to_string());
+                Some(match res {
+                    Ok(_) => format!("C {key} {value} {expect} {invoked} {}", us()),
+                    Err(ureq::Error::Status(409, _)) => format!("F {key} {value} {expect} {invoked} {}", us()),
+                    Err(_) => format!("C {key} {value} {expect} {invoked} ?"),
+                })
+            }
+        };
+        if let Some(line) = line {
+            say(&format!("SHOAL-H {c} {line}"));
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [ca, token_file, endpoints, mode, rest @ ..] = args.as_slice() else {
-        eprintln!("usage: shoal-kv-load CA TOKEN_FILE ENDPOINTS wait SECONDS|write PREFIX|verify");
+        eprintln!(
+            "usage: shoal-kv-load CA TOKEN_FILE ENDPOINTS wait SECONDS|write PREFIX|verify|history SECONDS CLIENTS"
+        );
         return ExitCode::from(2);
     };
     let ca_pem = std::fs::read_to_string(ca).unwrap_or_default();
@@ -109,6 +172,32 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        ("history", [seconds, clients]) => {
+            // Clients at once, each one operation at a time: blind writes and reads on x and y,
+            // swaps (on what it last read) and reads on z. Each finished operation is a line
+            // `SHOAL-H CLIENT KIND KEY VALUE EXPECT INVOKED_US COMPLETED_US` (`?`: outcome
+            // unknown; `-`: none), KIND W write, R read, C swap done, F swap refused.
+            let seconds: u64 = seconds.parse().unwrap_or(30);
+            let clients: usize = clients.parse().unwrap_or(4);
+            let origin = Instant::now();
+            let stop = origin + Duration::from_secs(seconds);
+            let threads: Vec<_> = (0..clients)
+                .map(|c| {
+                    let mut client = Client {
+                        agent: client.agent.clone(),
+                        token: client.token.clone(),
+                        endpoints: client.endpoints.clone(),
+                        next: c,
+                    };
+                    std::thread::spawn(move || history_client(&mut client, c, origin, stop))
+                })
+                .collect();
+            for t in threads {
+                let _ = t.join();
+            }
+            say("SHOAL-H done");
+            ExitCode::SUCCESS
+        }
         ("verify", []) => {
             let mut last = String::new();
             for _ in 0..120 {
@@ -139,7 +228,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         _ => {
-            eprintln!("usage: shoal-kv-load CA TOKEN_FILE ENDPOINTS wait SECONDS|write PREFIX|verify");
+            eprintln!(
+                "usage: shoal-kv-load CA TOKEN_FILE ENDPOINTS wait SECONDS|write PREFIX|verify|history SECONDS CLIENTS"
+            );
             ExitCode::from(2)
         }
     }
