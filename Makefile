@@ -43,7 +43,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 test: lint probes guest-kernel
-	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3 curl
+	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3 curl e2fsprogs
 	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) SHOAL_VMM=$(CURDIR)/$(VMM) \
 	  ci/test-summary.sh $(CARGO) test --workspace --locked --release --no-fail-fast
 
