@@ -314,26 +314,7 @@ impl PowerCutServer {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| err(format!("cannot start qemu-system-x86_64: {e}")))?;
-        let start = Instant::now();
-        let (tx, rx) = channel();
-        for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).split(b'\n') {
-                    let Ok(line) = line else { break };
-                    let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-                    if tx.send(Line { at: start.elapsed(), text }).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
+        let rx = console_lines(&mut child);
         Ok(Boot { child, rx, lines: Vec::new() })
     }
 }
@@ -389,6 +370,31 @@ impl Drop for Boot {
     }
 }
 
+/// The lines `child` prints (stdout and stderr), each with when it arrived, from now on.
+fn console_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<Line> {
+    let start = Instant::now();
+    let (tx, rx) = channel();
+    for stream in [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).split(b'\n') {
+                let Ok(line) = line else { break };
+                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                if tx.send(Line { at: start.elapsed(), text }).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
 /// How many times a job is started in a fresh emulated server when the server stalls.
 const MAX_ATTEMPTS: u32 = 3;
 /// The emulated server prints a heartbeat every 20 s (outer-init); this much silence means its
@@ -415,27 +421,7 @@ fn run_once(cmd: &mut Command, deadline: Instant, mode: Mode) -> Result<Attempt,
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| err(format!("cannot start the job: {e}")))?;
-    let start = Instant::now();
-    let (tx, rx) = channel();
-    for stream in [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).split(b'\n') {
-                let Ok(line) = line else { break };
-                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-                if tx.send(Line { at: start.elapsed(), text }).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
+    let rx = console_lines(&mut child);
     let mut lines = Vec::new();
     let mut finished = false;
     let mut stalled = None;
