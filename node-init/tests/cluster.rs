@@ -739,6 +739,38 @@ fn plain_http_is_refused_off_loopback() {
     assert!(err.contains("--plain-http is only allowed on a loopback --listen address"), "{err}");
 }
 
+/// Three voters started with `args`; the leader's index and a follower's.
+fn three_in_step(net: &mut Net, args: &[&str]) -> (Vec<Node>, usize, usize) {
+    let n: Vec<Node> = (0..3).map(|i| net.node(i, args)).collect();
+    let refs: Vec<&Node> = n.iter().collect();
+    let st = three_voters(&refs);
+    let li = leader_index(&refs, &st);
+    (n, li, (li + 1) % 3)
+}
+
+/// Waits until `node` has applied `key` = `value`.
+fn wait_applied(node: &Node, key: &str, value: &str) {
+    wait_for(Duration::from_secs(10), "the node to apply the write", || {
+        (node.read(key).ok()? == Some(value.into())).then_some(())
+    });
+}
+
+/// Takes `follower` off the bridge while the leader writes `{prefix}1` to `{prefix}400` — more
+/// than the leader keeps in flight to one follower (256 messages), the logs compacted meanwhile
+/// (`--snapshot-every 20`) — then puts it back. Returns each write's revision and key.
+fn writes_while_cut_off(net: &Net, n: &[Node], li: usize, follower: usize, prefix: &str) -> Vec<(u64, String)> {
+    net.set_link(follower, false);
+    let mut written = Vec::new();
+    for i in 1..=400 {
+        let key = format!("{prefix}{i}");
+        let rev = wait_for(Duration::from_secs(20), "a write to the majority", || n[li].put(&key, "v").ok());
+        written.push((rev, key));
+    }
+    assert!(n[li].log().contains("log compacted"), "the leader did not compact its log");
+    net.set_link(follower, true);
+    written
+}
+
 /// A node cut off while the others write (and compact their logs) catches up by installing a
 /// snapshot: a watch open on it still sees every change, in order, with no gap.
 #[test]
@@ -748,33 +780,13 @@ fn a_watch_on_a_node_that_installs_a_snapshot_sees_every_change() {
     }
     let mut net = Net::new("i");
     // No log tail: what the cut-off node lacks is in a snapshot only.
-    let n: Vec<Node> = (0..3).map(|i| net.node(i, &["--snapshot-every", "20", "--log-tail", "0"])).collect();
-    let st = {
-        let refs: Vec<&Node> = n.iter().collect();
-        three_voters(&refs)
-    };
-    let li = leader_index(&n.iter().collect::<Vec<_>>(), &st);
-    let watched = (li + 1) % 3;
+    let (n, li, watched) = three_in_step(&mut net, &["--snapshot-every", "20", "--log-tail", "0"]);
     let start_rev = n[li].put("s0", "0").unwrap();
-    wait_for(Duration::from_secs(10), "the watched node to apply the first write", || {
-        (n[watched].read("s0").ok()? == Some("0".into())).then_some(())
-    });
-
+    wait_applied(&n[watched], "s0", "0");
     let events = watch(&net, &n[watched], start_rev);
-
     let installs_before = n[watched].log().matches("installed snapshot").count();
-    // Off the bridge: the watch's connection stalls (TCP keeps it) until the link is back.
-    net.set_link(watched, false);
-    // More writes than the leader keeps in flight to one follower (256 messages), with the log
-    // compacted every 20: what the cut-off node lacks is only in a snapshot.
-    let mut written = Vec::new();
-    for i in 1..=400 {
-        let key = format!("s{i}");
-        let rev = wait_for(Duration::from_secs(20), "a write to the majority", || n[li].put(&key, "v").ok());
-        written.push((rev, key));
-    }
-    assert!(n[li].log().contains("log compacted"), "the leader did not compact its log");
-    net.set_link(watched, true);
+    // Off the bridge, the watch's connection stalls (TCP keeps it) until the link is back.
+    let mut written = writes_while_cut_off(&net, &n, li, watched, "s");
     wait_for(Duration::from_secs(30), "the cut-off node to install a snapshot", || {
         (n[watched].log().matches("installed snapshot").count() > installs_before).then_some(())
     });
@@ -804,25 +816,11 @@ fn a_briefly_lagging_follower_catches_up_from_the_log_tail_without_a_snapshot() 
         return;
     }
     let mut net = Net::new("l");
-    let n: Vec<Node> = (0..3).map(|i| net.node(i, &["--snapshot-every", "20", "--log-tail", "1000"])).collect();
-    let st = {
-        let refs: Vec<&Node> = n.iter().collect();
-        three_voters(&refs)
-    };
-    let li = leader_index(&n.iter().collect::<Vec<_>>(), &st);
-    let lagging = (li + 1) % 3;
+    let (n, li, lagging) = three_in_step(&mut net, &["--snapshot-every", "20", "--log-tail", "1000"]);
     n[li].put("t0", "0").unwrap();
-    wait_for(Duration::from_secs(10), "the follower to apply the first write", || {
-        (n[lagging].read("t0").ok()? == Some("0".into())).then_some(())
-    });
+    wait_applied(&n[lagging], "t0", "0");
     let installs_before = n[lagging].log().matches("installed snapshot").count();
-    net.set_link(lagging, false);
-    for i in 1..=400 {
-        let key = format!("t{i}");
-        wait_for(Duration::from_secs(20), "a write to the majority", || n[li].put(&key, "v").ok());
-    }
-    assert!(n[li].log().contains("log compacted"), "the leader did not compact its log");
-    net.set_link(lagging, true);
+    writes_while_cut_off(&net, &n, li, lagging, "t");
     wait_for(Duration::from_secs(30), "the follower to catch up", || {
         (n[lagging].read("t400").ok()? == Some("v".into())).then_some(())
     });

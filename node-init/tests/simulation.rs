@@ -25,23 +25,22 @@ use shoal_node::cluster::storage::RaftStore;
 use shoal_node::state::{ApplyOutcome, Command, NodeRecord, Op, State};
 use tokio::sync::oneshot;
 
-/// splitmix64: small, fast, and the same on every platform and crate version.
-struct Rng(u64);
+/// The simulation's one source of chance, seeded (a seed replays on the same build).
+struct Rng(rand::rngs::StdRng);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(rand::SeedableRng::seed_from_u64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        rand::Rng::gen(&mut self.0)
     }
     /// Uniform in `lo..hi`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo).max(1)
+        rand::Rng::gen_range(&mut self.0, lo..hi.max(lo + 1))
     }
     fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
+        self.range(0, 100) < percent
     }
 }
 
@@ -230,7 +229,7 @@ fn sim_root() -> PathBuf {
 
 impl Sim {
     fn new(seed: u64) -> Sim {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let n = if rng.chance(50) { 3 } else { 5 };
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -423,6 +423,12 @@ fn node_id(id: &str) -> Result<u64, Response> {
     u64::from_str_radix(id, 16).map_err(|_| bad_request("node ids are 16 hex digits"))
 }
 
+/// The prelude of the node handlers: a cluster token, and a well-formed node id.
+fn cluster_node_id(who: &Principal, id: &str) -> Result<u64, Response> {
+    who.require_cluster()?;
+    node_id(id)
+}
+
 async fn list_nodes(
     State(node): State<Node>,
     Extension(who): Extension<Principal>,
@@ -448,10 +454,7 @@ async fn get_node(
     Path(id): Path<String>,
     Query(p): Query<Params>,
 ) -> Response {
-    if let Err(r) = who.require_cluster() {
-        return r;
-    }
-    let id = match node_id(&id) {
+    let id = match cluster_node_id(&who, &id) {
         Ok(id) => id,
         Err(r) => return r,
     };
@@ -466,10 +469,7 @@ async fn get_node(
 }
 
 async fn set_cordon(node: Node, who: Principal, id: String, cordoned: bool) -> Response {
-    if let Err(r) = who.require_cluster() {
-        return r;
-    }
-    let id = match node_id(&id) {
+    let id = match cluster_node_id(&who, &id) {
         Ok(id) => id,
         Err(r) => return r,
     };
@@ -499,10 +499,7 @@ async fn put_node(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = who.require_cluster() {
-        return r;
-    }
-    let id = match node_id(&id) {
+    let id = match cluster_node_id(&who, &id) {
         Ok(id) => id,
         Err(r) => return r,
     };
@@ -527,10 +524,7 @@ async fn delete_node(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = who.require_cluster() {
-        return r;
-    }
-    let id = match node_id(&id) {
+    let id = match cluster_node_id(&who, &id) {
         Ok(id) => id,
         Err(r) => return r,
     };
@@ -550,10 +544,7 @@ async fn delete_node(
 }
 
 async fn set_drain(node: Node, who: Principal, id: String, drain: bool) -> Response {
-    if let Err(r) = who.require_cluster() {
-        return r;
-    }
-    let id = match node_id(&id) {
+    let id = match cluster_node_id(&who, &id) {
         Ok(id) => id,
         Err(r) => return r,
     };
