@@ -256,6 +256,8 @@ pub struct PowerCutServer {
     kernel: PathBuf,
     initrd: PathBuf,
     disks: Vec<PathBuf>,
+    /// Whether the job's server prints a heartbeat (non-interactive jobs).
+    heartbeat: bool,
 }
 
 impl PowerCutServer {
@@ -289,7 +291,13 @@ impl PowerCutServer {
             }
             paths.push(disk);
         }
-        Ok(PowerCutServer { dir, kernel: kernel_dir.join("vmlinuz"), initrd, disks: paths })
+        Ok(PowerCutServer {
+            dir,
+            kernel: kernel_dir.join("vmlinuz"),
+            initrd,
+            disks: paths,
+            heartbeat: !job.interactive,
+        })
     }
 
     /// Boots the server with `cmdline` appended to its kernel command line.
@@ -315,7 +323,7 @@ impl PowerCutServer {
             .spawn()
             .map_err(|e| err(format!("cannot start qemu-system-x86_64: {e}")))?;
         let rx = console_lines(&mut child);
-        Ok(Boot { child, rx, lines: Vec::new() })
+        Ok(Boot { child, rx, lines: Vec::new(), watch: self.heartbeat, last_sign: Instant::now(), stalled: false })
     }
 }
 
@@ -332,16 +340,38 @@ pub struct Boot {
     rx: std::sync::mpsc::Receiver<Line>,
     /// Every console line so far.
     pub lines: Vec<Line>,
+    /// Whether silence counts as a stall (the server prints a heartbeat).
+    watch: bool,
+    /// When the server last printed anything, heartbeats included.
+    last_sign: Instant,
+    stalled: bool,
 }
 
 impl Boot {
-    /// The next console line (heartbeats aside) within `timeout`; None if none came or the
-    /// server ended.
+    /// The next console line (heartbeats aside) within `timeout`; None if none came, the
+    /// server ended, or it went silent (see [`Boot::stalled`]).
     pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let line = self.rx.recv_timeout(left).ok()?;
+            let now = Instant::now();
+            let left = deadline.checked_duration_since(now)?;
+            // A job with a heartbeat prints something every 20 s; silence means the server
+            // as a whole is stuck (QEMU TCG now and then stalls), not the job.
+            let silence_left = if self.watch {
+                let Some(l) = SILENCE_LIMIT.checked_sub(now - self.last_sign) else {
+                    self.stalled = true;
+                    return None;
+                };
+                l
+            } else {
+                left
+            };
+            let line = match self.rx.recv_timeout(left.min(silence_left)) {
+                Ok(line) => line,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+            };
+            self.last_sign = Instant::now();
             if line.text.contains(HEARTBEAT) {
                 continue;
             }
@@ -349,6 +379,12 @@ impl Boot {
             self.lines.push(line);
             return Some(text);
         }
+    }
+
+    /// Whether the server printed nothing, not even its heartbeat, for 75 s: its kernel (or
+    /// QEMU's emulation of it) is stuck.
+    pub fn stalled(&self) -> bool {
+        self.stalled
     }
 
     /// Cuts the power: QEMU is killed at once.
