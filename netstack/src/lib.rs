@@ -1,0 +1,10 @@
+//! Host networking for Shoal nodes, done from Rust (the node image has no `ip`, no `dhclient`):
+//! the cluster network's addressing (`ipam`), names that mark what netstack owns (`names`),
+//! rtnetlink operations (`netlink`), taps (`tap`) and the reconciler that wires a node's
+//! microVMs into their tenants' overlays (`node`).
+
+pub mod ipam;
+pub mod names;
+pub mod netlink;
+pub mod node;
+pub mod tap;
