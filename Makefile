@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test lint build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster bench-workloads bench-scheduler fuzz deps clean-cache
+.PHONY: run run-probes test lint build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster bench-workloads bench-net bench-scheduler fuzz deps clean-cache
 
 deps:
 	@ci/ensure-deps.sh
@@ -43,7 +43,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 test: lint probes guest-kernel
-	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3 curl e2fsprogs
+	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3 curl e2fsprogs dnsmasq-base
 	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) SHOAL_VMM=$(CURDIR)/$(VMM) \
 	  ci/test-summary.sh $(CARGO) test --workspace --locked --release --no-fail-fast
 
@@ -74,6 +74,12 @@ bench-cluster: deps
 bench-workloads: probes
 	@ci/ensure-packages.sh iproute2
 	SHOAL_VMM=$(CURDIR)/$(VMM) $(CARGO) bench --locked -p shoal-node --bench workloads
+
+# Network figures (as root): time to wire an instance, TCP through the overlay against the
+# underlay, DHCP time to a lease from dnsmasq.
+bench-net: deps
+	@ci/ensure-packages.sh iproute2 dnsmasq-base
+	$(CARGO) bench --locked -p shoal-netstack --bench net
 
 # Placement at fleet scale on one core: 5,000 nodes, 1,000,000 instances (no root, no KVM).
 bench-scheduler: deps

@@ -62,6 +62,10 @@ pub struct Link {
     pub mtu: u32,
     /// VXLAN only: its network identifier, local address and underlay device.
     pub vxlan: Option<(u32, Option<Ipv4Addr>, Option<u32>)>,
+    /// Its hardware address, when it has an Ethernet one.
+    pub mac: Option<[u8; 6]>,
+    /// Whether the link has a carrier (IFF_LOWER_UP).
+    pub carrier: bool,
 }
 
 fn link_of(m: &LinkMessage) -> Link {
@@ -73,12 +77,15 @@ fn link_of(m: &LinkMessage) -> Link {
         up: m.header.flags.contains(LinkFlags::Up),
         mtu: 0,
         vxlan: None,
+        mac: None,
+        carrier: m.header.flags.contains(LinkFlags::LowerUp),
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
             LinkAttribute::Controller(c) => l.controller = Some(*c),
             LinkAttribute::Mtu(v) => l.mtu = *v,
+            LinkAttribute::Address(a) => l.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {
@@ -234,10 +241,69 @@ impl Netlink {
             .collect())
     }
 
+    /// The link that holds `ip` (the underlay device of a node whose address it is).
+    pub async fn device_with(&self, ip: Ipv4Addr) -> Result<Option<Link>, NetlinkError> {
+        for l in self.links().await? {
+            if self.addresses(l.index).await?.iter().any(|(a, _)| *a == ip) {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
+    }
+
     pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
         match self.handle.address().add(index, IpAddr::V4(ip), prefix).execute().await {
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
             r => r.map_err(req(format!("add {ip}/{prefix} to link {index}"))),
+        }
+    }
+
+    pub async fn delete_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req(format!("list addresses of {index}")))?;
+        for m in msgs {
+            let ours = m.header.index == index
+                && m.header.prefix_len == prefix
+                && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(a)) if *a == ip));
+            if ours {
+                match self.handle.address().del(m).execute().await {
+                    Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                    r => r.map_err(req(format!("delete {ip}/{prefix} from link {index}")))?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn default_route(gateway: Ipv4Addr, oif: u32) -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .gateway(gateway)
+            .output_interface(oif)
+            .protocol(RouteProtocol::Dhcp)
+            .build()
+    }
+
+    /// The default route through `gateway` on `oif` that the uplink's lease gives (protocol
+    /// `dhcp`, so it is told apart from netstack's instance routes).
+    pub async fn add_default_route(&self, gateway: Ipv4Addr, oif: u32) -> Result<(), NetlinkError> {
+        match self.handle.route().add(Self::default_route(gateway, oif)).execute().await {
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            res => res.map_err(req(format!("add default route via {gateway}"))),
+        }
+    }
+
+    pub async fn delete_default_route(&self, gateway: Ipv4Addr, oif: u32) -> Result<(), NetlinkError> {
+        match self.handle.route().del(Self::default_route(gateway, oif)).execute().await {
+            Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(()),
+            res => res.map_err(req(format!("delete default route via {gateway}"))),
         }
     }
 

@@ -10,7 +10,9 @@
 //! Isolation: a tenant's instances share an L2 network with its own instances only (its VNI);
 //! the host routes between tenant bridges only what the rule lets through, and the rule refuses
 //! anything from a tenant bridge to the cluster network (the gateway address itself is local
-//! and answered before the rule applies).
+//! and answered before the rule applies). Egress: an instance whose deployment allows it reaches
+//! outside the cluster network masqueraded as the node; one that does not is dropped there
+//! (`nft.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -30,6 +32,8 @@ pub struct InstanceNet {
     pub mac: [u8; 6],
     /// The jail's uid and gid: the tap's owner.
     pub owner: (u32, u32),
+    /// Whether it may reach outside the cluster network (masqueraded as the node).
+    pub egress: bool,
 }
 
 /// One tenant's network on this node.
@@ -55,6 +59,10 @@ pub struct NodeNet {
     pub subnet: Ipv4Cidr,
     /// By VNI.
     pub tenants: BTreeMap<u32, TenantNet>,
+    /// The other nodes' underlay addresses.
+    pub peers: Vec<Ipv4Addr>,
+    /// Every deployment's published ports (each node serves them all).
+    pub published: Vec<crate::nft::Published>,
 }
 
 impl NodeNet {
@@ -75,6 +83,8 @@ pub enum NetError {
     Netlink(#[from] NetlinkError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Nft(#[from] crate::nft::NftError),
     #[error("instance uid {0:?} cannot name a tap (it must be at least 8 lower-case hex digits)")]
     BadUid(String),
     #[error("{ip} of instance {uid} is not in this node's subnet {subnet}")]
@@ -196,6 +206,28 @@ pub async fn reconcile(nl: &Netlink, want: &NodeNet) -> Result<Report, NetError>
     for r in have_rules.difference(&keep_rules) {
         nl.delete_rule(r).await?;
         report.changes.push(format!("removed rule from {}", r.iif));
+    }
+    let mut rules = crate::nft::Rules {
+        cluster: Some(want.cluster),
+        node_ip: Some(want.underlay_ip),
+        peers: want.peers.clone(),
+        published: want.published.clone(),
+        ..Default::default()
+    };
+    for i in want.tenants.values().flat_map(|t| t.instances.values()) {
+        if i.egress {
+            rules.egress.push(i.ip);
+        } else {
+            rules.no_egress.push(i.ip);
+        }
+    }
+    if crate::nft::apply(&rules)? {
+        report.changes.push(format!(
+            "nf_tables: {} instances masqueraded, {} kept inside the cluster network, {} published ports",
+            rules.egress.len(),
+            rules.no_egress.len(),
+            rules.published.len()
+        ));
     }
     Ok(report)
 }

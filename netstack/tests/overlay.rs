@@ -16,6 +16,7 @@ use std::time::Duration;
 use shoal_netstack::ipam::{mac_for, Ipv4Cidr};
 use shoal_netstack::names;
 use shoal_netstack::netlink::Netlink;
+use shoal_netstack::nft::Published;
 use shoal_netstack::node::{reconcile, InstanceNet, NodeNet, Report, TenantNet};
 use support::{block_on, ip, ip_out, Guest, Netns};
 
@@ -26,12 +27,14 @@ struct Inst {
     uid: &'static str,
     vni: u32,
     ip: Ipv4Addr,
+    /// Tenant A's instances may reach outside the cluster network, B's may not.
+    egress: bool,
 }
 
-const A1: Inst = Inst { uid: "a1a1a1a1a1a1a1a1", vni: A, ip: Ipv4Addr::new(10, 240, 0, 2) };
-const B1: Inst = Inst { uid: "b1b1b1b1b1b1b1b1", vni: B, ip: Ipv4Addr::new(10, 240, 0, 3) };
-const A2: Inst = Inst { uid: "a2a2a2a2a2a2a2a2", vni: A, ip: Ipv4Addr::new(10, 240, 1, 2) };
-const B2: Inst = Inst { uid: "b2b2b2b2b2b2b2b2", vni: B, ip: Ipv4Addr::new(10, 240, 1, 3) };
+const A1: Inst = Inst { uid: "a1a1a1a1a1a1a1a1", vni: A, ip: Ipv4Addr::new(10, 240, 0, 2), egress: true };
+const B1: Inst = Inst { uid: "b1b1b1b1b1b1b1b1", vni: B, ip: Ipv4Addr::new(10, 240, 0, 3), egress: false };
+const A2: Inst = Inst { uid: "a2a2a2a2a2a2a2a2", vni: A, ip: Ipv4Addr::new(10, 240, 1, 2), egress: true };
+const B2: Inst = Inst { uid: "b2b2b2b2b2b2b2b2", vni: B, ip: Ipv4Addr::new(10, 240, 1, 3), egress: false };
 
 fn underlay_ip(node: u8) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, 77, node)
@@ -41,11 +44,10 @@ fn underlay_ip(node: u8) -> Ipv4Addr {
 fn spec(node: u8, mine: &[&Inst], theirs: &[(u8, &Inst)]) -> NodeNet {
     let mut tenants: BTreeMap<u32, TenantNet> = BTreeMap::new();
     for i in mine {
-        tenants
-            .entry(i.vni)
-            .or_default()
-            .instances
-            .insert(i.uid.to_string(), InstanceNet { ip: i.ip, mac: mac_for(i.uid), owner: (123, 123) });
+        tenants.entry(i.vni).or_default().instances.insert(
+            i.uid.to_string(),
+            InstanceNet { ip: i.ip, mac: mac_for(i.uid), owner: (123, 123), egress: i.egress },
+        );
     }
     for (n, i) in theirs {
         // Only tenants that have instances here need the others' entries.
@@ -60,6 +62,15 @@ fn spec(node: u8, mine: &[&Inst], theirs: &[(u8, &Inst)]) -> NodeNet {
         cluster: "10.240.0.0/16".parse().unwrap(),
         subnet: Ipv4Cidr::new(Ipv4Addr::new(10, 240, node - 1, 0), 24).unwrap(),
         tenants,
+        peers: vec![underlay_ip(3 - node)],
+        // Tenant A's deployment publishes UDP port 7 as 30007 on every node.
+        published: vec![Published {
+            tcp: false,
+            node_port: 30007,
+            port: 7,
+            local: mine.iter().filter(|i| i.vni == A).map(|i| i.ip).collect(),
+            remote: theirs.iter().filter(|(_, i)| i.vni == A).map(|(n, _)| underlay_ip(*n)).collect(),
+        }],
     }
 }
 
@@ -94,6 +105,11 @@ fn tenants_reach_their_own_instances_across_nodes_and_never_another_tenants() {
     let n2 = Netns::new(&format!("shoal-ovl{tag}-2"));
     ip(&format!("-n {} link add ub0 type bridge", under.name));
     ip(&format!("-n {} link set ub0 up", under.name));
+    let outside = Netns::new(&format!("shoal-ovl{tag}-o"));
+    ip(&format!("link add eth0 netns {} type veth peer name p9 netns {}", outside.name, under.name));
+    ip(&format!("-n {} link set p9 master ub0 up", under.name));
+    ip(&format!("-n {} addr add 192.168.77.100/24 dev eth0", outside.name));
+    ip(&format!("-n {} link set eth0 up", outside.name));
     for (n, ns) in [(1u8, &n1), (2, &n2)] {
         ip(&format!("link add eth0 netns {} type veth peer name p{n} netns {}", ns.name, under.name));
         ip(&format!("-n {} link set p{n} master ub0 up", under.name));
@@ -155,6 +171,54 @@ fn tenants_reach_their_own_instances_across_nodes_and_never_another_tenants() {
     assert_eq!(b, Some(mac_for(B2.uid)));
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
+
+    // Egress: a host outside the cluster network (on the underlay, with no route back to it)
+    // answers a1, whose packets leave masqueraded as node 1; b1's never leave the node.
+    let outside_host = Ipv4Addr::new(192, 168, 77, 100);
+    let through_gateway = move |g: &mut Guest| {
+        let gw = g.arp(gateway, Duration::from_secs(2)).expect("the gateway did not answer ARP");
+        g.ping(gw, outside_host, Duration::from_secs(3))
+    };
+    let out_a = with_guest(&n1, &A1, through_gateway);
+    assert!(matches!(out_a, Some(support::Frame::EchoReply { src, .. }) if src == outside_host), "{out_a:?}");
+    // A published port: the outside host's datagrams to either node's port 30007 reach both
+    // of tenant A's instances (each node spreads over its own and the other's), and the
+    // answers come back from the address they were sent to.
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = [serve(&n1, &A1, &stop), serve(&n2, &A2, &stop)];
+    std::thread::sleep(Duration::from_millis(200));
+    for node in [1u8, 2] {
+        let seen = outside.run(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..40 {
+                // A new socket each time: a new connection to spread.
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                let to = std::net::SocketAddr::from((underlay_ip(node), 30007));
+                s.send_to(format!("hello {i}").as_bytes(), to).unwrap();
+                let mut buf = [0u8; 256];
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    assert_eq!(from, to, "the answer comes from where it was sent");
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    assert!(text.starts_with(&format!("hello {i} from ")), "{text}");
+                    seen.insert(text.rsplit(' ').next().unwrap().to_string());
+                }
+            }
+            seen
+        });
+        let want: std::collections::BTreeSet<String> = [A1.ip, A2.ip].iter().map(|a| a.to_string()).collect();
+        assert_eq!(seen, want, "node {node}'s port 30007 reached {seen:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().unwrap();
+    }
+
+    // The outside host can route back to the cluster network now: only node 1's rule keeps
+    // b1's ping from getting an answer.
+    ip(&format!("-n {} route add 10.240.0.0/16 via {}", outside.name, underlay_ip(1)));
+    let out_b = with_guest(&n1, &B1, through_gateway);
+    assert!(!matches!(out_b, Some(support::Frame::EchoReply { .. })), "an instance without egress got out: {out_b:?}");
 
     // A crash mid-way left a tap of an instance that is gone and a tenant bridge nobody wants;
     // a1 stopped meanwhile. The reconcile after the restart removes all three and their

@@ -63,6 +63,15 @@ impl Netns {
         .expect("the thread in the namespace panicked")
     }
 
+    /// Runs `f` on a thread inside the namespace without waiting for it.
+    pub fn spawn_with<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+
     pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
@@ -179,6 +188,14 @@ pub enum Frame {
         id: u16,
         seq: u16,
     },
+    Udp {
+        src_mac: [u8; 6],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        data: Vec<u8>,
+    },
     /// ICMP destination unreachable, with its code.
     Unreachable {
         src: Ipv4Addr,
@@ -202,6 +219,22 @@ pub fn parse(f: &[u8]) -> Frame {
                 1 => Frame::ArpRequest { sha, spa: ip4(&p[14..18]), tpa: ip4(&p[24..28]) },
                 2 => Frame::ArpReply { sha, spa: ip4(&p[14..18]) },
                 _ => Frame::Other,
+            }
+        }
+        ETH_IP if p.len() >= 28 && p[9] == 17 => {
+            let ihl = usize::from(p[0] & 0xf) * 4;
+            let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+            if total < ihl + 8 {
+                return Frame::Other;
+            }
+            let u = &p[ihl..total];
+            Frame::Udp {
+                src_mac,
+                src: ip4(&p[12..16]),
+                dst: ip4(&p[16..20]),
+                sport: u16::from_be_bytes([u[0], u[1]]),
+                dport: u16::from_be_bytes([u[2], u[3]]),
+                data: u[8..].to_vec(),
             }
         }
         ETH_IP if p.len() >= 28 && p[9] == 1 => {
@@ -249,7 +282,8 @@ impl Guest {
         Some(buf)
     }
 
-    /// Answers ARP for its address and ICMP echo to it until `stop`.
+    /// Answers ARP for its address, ICMP echo and UDP (with what it got, then ` from <its
+    /// address>`) to it until `stop`.
     pub fn serve(mut self, stop: Arc<AtomicBool>) {
         while !stop.load(Ordering::Relaxed) {
             let Some(f) = self.recv(Duration::from_millis(100)) else { continue };
@@ -260,6 +294,17 @@ impl Guest {
                 }
                 Frame::EchoRequest { src_mac, src, dst, id, seq, data } if dst == self.ip => {
                     let reply = eth(src_mac, self.mac, ETH_IP, &ipv4(self.ip, src, 1, &icmp(0, id, seq, &data)));
+                    self.send(&reply);
+                }
+                Frame::Udp { src_mac, src, dst, sport, dport, mut data } if dst == self.ip => {
+                    data.extend_from_slice(format!(" from {}", self.ip).as_bytes());
+                    let mut u = Vec::with_capacity(8 + data.len());
+                    u.extend_from_slice(&dport.to_be_bytes());
+                    u.extend_from_slice(&sport.to_be_bytes());
+                    u.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+                    u.extend_from_slice(&[0, 0]); // no checksum (IPv4 allows it)
+                    u.extend_from_slice(&data);
+                    let reply = eth(src_mac, self.mac, ETH_IP, &ipv4(self.ip, src, 17, &u));
                     self.send(&reply);
                 }
                 _ => {}
