@@ -190,6 +190,8 @@ fn deployments(sim: &mut Sim, rng: &mut Rng, count: usize, instances: u64) {
             labels: [("app".to_string(), format!("d{d}"))].into_iter().collect(),
             template,
             placement,
+            egress: true,
+            ports: Vec::new(),
         };
         let out = sim.apply(Command::PutDeployment {
             tenant: "bench".into(),

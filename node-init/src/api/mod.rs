@@ -458,10 +458,32 @@ async fn put_setting(
     if let Err(r) = who.require_cluster() {
         return r;
     }
+    if let Err(r) = check_network_setting(&node, &name, Some(&body)) {
+        return *r;
+    }
     match setting_key(&name) {
         Ok(key) => write(&node, Command::Kv(Op::Put { key, value: body, prev_revision: None })).await,
         Err(r) => *r,
     }
+}
+
+/// The cluster network's settings change only while no node holds a subnet of it (every
+/// address handed out would otherwise be wrong), and only to a network that can serve.
+fn check_network_setting(node: &Node, name: &str, value: Option<&str>) -> Result<(), Box<Response>> {
+    use crate::state::network::{parse_network, CIDR_SETTING, NODE_PREFIX_SETTING};
+    if name != CIDR_SETTING && name != NODE_PREFIX_SETTING {
+        return Ok(());
+    }
+    let s = node.agent.shared.state();
+    let (cidr, prefix) =
+        if name == CIDR_SETTING { (value, s.setting(NODE_PREFIX_SETTING)) } else { (s.setting(CIDR_SETTING), value) };
+    let net = parse_network(cidr, prefix).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.to_string())))?;
+    s.check_network(&net).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e)))?;
+    if s.subnets_assigned() && s.cluster_network().ok() != Some(net) {
+        let msg = "the cluster network cannot change while nodes hold subnets of it (instances have addresses from it)";
+        return Err(Box::new(error(StatusCode::CONFLICT, msg)));
+    }
+    Ok(())
 }
 
 async fn delete_setting(
@@ -471,6 +493,9 @@ async fn delete_setting(
 ) -> Response {
     if let Err(r) = who.require_cluster() {
         return r;
+    }
+    if let Err(r) = check_network_setting(&node, &name, None) {
+        return *r;
     }
     match setting_key(&name) {
         Ok(key) => write(&node, Command::Kv(Op::Delete { key, prev_revision: None })).await,

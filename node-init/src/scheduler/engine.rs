@@ -31,6 +31,7 @@ pub enum Explain {
     Tainted(String),
     Vcpus(u64),
     Memory(u64),
+    Addresses,
     MissingKey(String),
     Spread { key: String, max_skew: u32 },
     MaxPerDomain { key: String, max: u32 },
@@ -48,6 +49,7 @@ impl Explain {
             Explain::Tainted(t) => format!("tainted {t}"),
             Explain::Vcpus(n) => format!("without {n} vCPUs free"),
             Explain::Memory(m) => format!("without {m} MiB free"),
+            Explain::Addresses => "without a free address in its subnet".into(),
             Explain::MissingKey(k) => format!("without the label {k}"),
             Explain::Spread { key, max_skew } => format!("{key} spread (max_skew {max_skew})"),
             Explain::MaxPerDomain { key, max } => format!("at {key} max_per_domain {max}"),
@@ -67,6 +69,7 @@ pub fn explain(checked: usize, ruled_out: &BTreeMap<Explain, usize>) -> String {
         let head = match only {
             Explain::Vcpus(n) => Some(format!("no node has {n} vCPUs free")),
             Explain::Memory(m) => Some(format!("no node has {m} MiB free")),
+            Explain::Addresses => Some("no node has a free address in its subnet".to_string()),
             Explain::NotAlive => Some("no node is alive".to_string()),
             Explain::Cordoned => Some("every node is cordoned".to_string()),
             Explain::Labels(l) => Some(format!("no node has the labels {l}")),
@@ -89,6 +92,8 @@ struct NodeView<'a> {
     labels: Cow<'a, BTreeMap<String, String>>,
     alive: bool,
     allocated: Resources,
+    /// Instances it still has addresses for (None: instances get no networks).
+    addresses: Option<u64>,
 }
 
 /// The nodes that pass an instance's static rules, and why the others do not.
@@ -155,6 +160,7 @@ struct DepRules {
 enum Why {
     Vcpus(u64),
     Memory(u64),
+    Addresses,
     MissingKey(KeyId),
     Spread(KeyId, u32),
     Cap(KeyId, u32),
@@ -217,6 +223,7 @@ impl<'a> Round<'a> {
                 },
                 alive: alive.contains(&n.id),
                 allocated: state.allocated(n.id),
+                addresses: state.free_addresses(n.id),
             })
             .collect();
         let index = nodes.iter().enumerate().map(|(i, n)| (n.node.id, i)).collect();
@@ -601,6 +608,9 @@ impl<'a> Round<'a> {
         if n.allocated.mem_mib.saturating_add(need.mem_mib) > cap.mem_mib {
             return Some(Why::Memory(need.mem_mib));
         }
+        if n.addresses == Some(0) {
+            return Some(Why::Addresses);
+        }
         for (k, sel, t, max_skew, hard) in &r.spread {
             if !hard {
                 continue;
@@ -649,6 +659,7 @@ impl<'a> Round<'a> {
         match why {
             Why::Vcpus(n) => Explain::Vcpus(n),
             Why::Memory(m) => Explain::Memory(m),
+            Why::Addresses => Explain::Addresses,
             Why::MissingKey(k) => Explain::MissingKey(self.key_name(k)),
             Why::Spread(k, max_skew) => Explain::Spread { key: self.key_name(k), max_skew },
             Why::Cap(k, max) => Explain::MaxPerDomain { key: self.key_name(k), max },
@@ -849,6 +860,9 @@ impl<'a> Round<'a> {
     /// Records a placement in every count the round keeps.
     fn commit(&mut self, dep: &InstanceKey, node: NodeIdx, need: Resources) {
         self.nodes[node].allocated.add(need);
+        if let Some(a) = &mut self.nodes[node].addresses {
+            *a = a.saturating_sub(1);
+        }
         *self.placed.entry(dep.clone()).or_default().entry(node).or_default() += 1;
         let sels = self.dep_selectors.get(dep).cloned().unwrap_or_default();
         for sel in sels {

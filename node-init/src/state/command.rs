@@ -15,13 +15,16 @@ use super::kv::Op;
 use super::objects::{DeploymentSpec, InstanceState, Millis, NodeSpec, Resources, TenantSpec};
 
 /// The newest entry format this binary reads and writes.
-pub const BINARY_FORMAT: u32 = 3;
+pub const BINARY_FORMAT: u32 = 4;
 /// Format 1: the keyed store, cluster settings and node records (the first release).
 pub const FORMAT_KV: u32 = 1;
 /// Format 2: typed workloads (tenants, images, deployments, instances, scheduling).
 pub const FORMAT_WORKLOADS: u32 = 2;
 /// Format 3: node identities (the cluster CA's certificates, registered per node id).
 pub const FORMAT_IDENTITY: u32 = 3;
+/// Format 4: the cluster network (node subnets, tenant VNIs, instance addresses), allocated
+/// when instances are placed.
+pub const FORMAT_NETWORK: u32 = 4;
 
 /// One Raft log entry. `origin`, `boot` and `seq` let the proposing node find its waiting
 /// client when the entry is applied (`boot` is random per process start, so an entry proposed
@@ -327,8 +330,8 @@ mod tests {
 
     #[test]
     fn newer_and_garbage_entries_are_told_apart() {
-        let newer = br#"{"format":4,"origin":1,"seq":1,"command":{"teleport":{}}}"#;
-        assert_eq!(decode(newer), Err(DecodeError::NewerFormat { found: 4 }));
+        let newer = format!(r#"{{"format":{},"origin":1,"seq":1,"command":{{"teleport":{{}}}}}}"#, BINARY_FORMAT + 1);
+        assert_eq!(decode(newer.as_bytes()), Err(DecodeError::NewerFormat { found: BINARY_FORMAT + 1 }));
         assert!(matches!(decode(b"\x00\x01garbage"), Err(DecodeError::Undecodable(_))));
         let unknown = br#"{"format":2,"origin":1,"seq":1,"command":{"teleport":{}}}"#;
         assert!(matches!(decode(unknown), Err(DecodeError::Undecodable(_))));

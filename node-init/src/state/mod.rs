@@ -14,6 +14,7 @@
 
 pub mod command;
 pub mod kv;
+pub mod network;
 pub mod objects;
 pub mod time;
 mod workloads;
@@ -528,6 +529,7 @@ fn node_from_record(rec: &NodeRecord, meta: objects::Meta) -> Node {
         api_labels: BTreeMap::new(),
         taints: Vec::new(),
         drain: None,
+        subnet: None,
         meta,
     }
 }

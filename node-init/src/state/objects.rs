@@ -7,8 +7,10 @@
 //! API's contract: extend them, do not rename them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
+pub use shoal_netstack::ipam::Ipv4Cidr;
 
 /// Milliseconds since the Unix epoch, as the proposing node's clock read it.
 pub type Millis = u64;
@@ -135,6 +137,10 @@ pub struct Node {
     /// Being drained: cordoned, its instances moved off within their disruption budgets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<Drain>,
+    /// Its subnet of the cluster network (`cluster_cidr`), given through Raft when the first
+    /// instance is placed on it; its instances' addresses come from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<Ipv4Cidr>,
     #[serde(flatten)]
     pub meta: Meta,
 }
@@ -265,6 +271,9 @@ pub struct Tenant {
     pub quota: Quota,
     #[serde(default)]
     pub tokens: Vec<TokenRecord>,
+    /// Its overlay network's VXLAN identifier, given when its first instance is placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
     #[serde(flatten)]
     pub meta: Meta,
 }
@@ -714,6 +723,42 @@ pub struct DeploymentSpec {
     pub template: Template,
     #[serde(default)]
     pub placement: Placement,
+    /// Whether its instances may reach outside the cluster network (through the node's
+    /// address, masqueraded). Applied to running instances as it changes, no rollout.
+    #[serde(default = "yes")]
+    pub egress: bool,
+    /// Ports every node forwards to this deployment's running instances (Kubernetes'
+    /// NodePort service): `node_port` on each node's address, spread over the instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PublishedPort>,
+}
+
+/// One published port of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// The instances' port.
+    pub port: u16,
+    /// The port on every node, in Kubernetes' NodePort range.
+    pub node_port: u16,
+    #[serde(default)]
+    pub protocol: PortProtocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// Kubernetes' default NodePort range: clear of the agent's own ports and of ephemeral ones.
+pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+/// At most this many published ports per deployment.
+pub const MAX_PORTS: usize = 16;
+
+fn yes() -> bool {
+    true
 }
 
 /// How far a deployment is from what it asks for.
@@ -824,6 +869,14 @@ pub struct Instance {
     pub started_at: Option<Millis>,
     #[serde(with = "crate::state::time::rfc3339::option", default)]
     pub finished_at: Option<Millis>,
+    /// Its address on its tenant's network, from its node's subnet: given when it is placed,
+    /// held while it may run (lost included: its node may still run it), released when it is
+    /// finished for good or removed. Never held by two live instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    /// Its interface's MAC, derived from its uid (the same on every node and every restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     #[serde(flatten)]
     pub meta: Meta,
 }
@@ -952,6 +1005,26 @@ impl DeploymentSpec {
             return Err(bad(format!("replicas must be 0 to {MAX_REPLICAS}")));
         }
         check_labels("labels", &self.labels)?;
+        if self.ports.len() > MAX_PORTS {
+            return Err(bad(format!("at most {MAX_PORTS} ports")));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.ports {
+            if p.port == 0 {
+                return Err(bad("ports: port must be 1 to 65535"));
+            }
+            if !NODE_PORTS.contains(&p.node_port) {
+                return Err(bad(format!(
+                    "ports: node_port {} is outside {}-{}",
+                    p.node_port,
+                    NODE_PORTS.start(),
+                    NODE_PORTS.end()
+                )));
+            }
+            if !seen.insert((p.node_port, p.protocol)) {
+                return Err(bad(format!("ports: node_port {} is given twice", p.node_port)));
+            }
+        }
         self.placement.validate()?;
         self.template.validate()
     }
@@ -1053,6 +1126,8 @@ mod tests {
             scheduled_at: None,
             started_at: None,
             finished_at: None,
+            address: None,
+            mac: None,
             meta: Meta::default(),
         };
         assert!(!i.is_final(), "always restarts");

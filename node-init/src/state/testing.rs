@@ -25,6 +25,8 @@ pub fn spec(replicas: u32, vcpus: u32, mem_mib: u64) -> DeploymentSpec {
         labels: BTreeMap::new(),
         template: template(vcpus, mem_mib),
         placement: Default::default(),
+        egress: true,
+        ports: Vec::new(),
     }
 }
 

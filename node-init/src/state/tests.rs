@@ -469,3 +469,144 @@ fn an_identity_is_registered_once_per_node_and_never_again_after_removal() {
     let restored = State::from_bytes(&sim.state.to_bytes()).unwrap();
     assert_eq!(restored.pki, sim.state.pki);
 }
+
+#[test]
+fn placed_instances_get_distinct_addresses_from_their_node_s_subnet_and_finished_ones_give_them_back() {
+    let mut sim = Sim::new(2, 64, 1 << 20);
+    sim.ok(Command::PutTenant { name: "u".into(), spec: TenantSpec::default(), prev_revision: None });
+    assert_eq!(sim.deploy("web", spec(6, 1, 64)), ApplyOutcome::Applied { revision: sim.state.revision });
+    sim.settle();
+    let subnets: BTreeMap<u64, objects::Ipv4Cidr> =
+        sim.state.nodes.values().map(|n| (n.id, n.subnet.expect("a node with instances has a subnet"))).collect();
+    assert_eq!(subnets.len(), 2);
+    let (a, b) = (subnets[&1], subnets[&2]);
+    assert!(!a.overlaps(&b), "{a} and {b}");
+    let cluster: objects::Ipv4Cidr = network::DEFAULT_CIDR.parse().unwrap();
+    assert!(cluster.contains(a.network()) && cluster.contains(b.network()));
+    let insts = sim.instances("web");
+    let mut seen = BTreeSet::new();
+    for i in &insts {
+        let ip = i.address.expect("a placed instance has an address");
+        assert!(subnets[&i.node.unwrap()].contains(ip), "{ip} in its node's subnet");
+        assert!(seen.insert(ip), "{ip} given twice");
+        assert_ne!(ip, shoal_netstack::ipam::gateway(&subnets[&i.node.unwrap()]), "not the gateway");
+        let mac = shoal_netstack::ipam::format_mac(&shoal_netstack::ipam::mac_for(&i.uid));
+        assert_eq!(i.mac.as_deref(), Some(mac.as_str()));
+    }
+    let vni = sim.state.tenants["t"].vni.expect("a tenant with instances has a VNI");
+    assert!(sim.state.tenants["u"].vni.is_none(), "no instances, no VNI yet");
+
+    // A second tenant's instances get another VNI and addresses no live instance holds.
+    sim.apply(Command::PutDeployment {
+        tenant: "u".into(),
+        name: "db".into(),
+        spec: spec(2, 1, 64),
+        prev_revision: None,
+    });
+    sim.settle();
+    assert_ne!(sim.state.tenants["u"].vni, Some(vni));
+    let all: Vec<_> = sim.state.instances.values().filter_map(|i| i.address).collect();
+    assert_eq!(all.iter().collect::<BTreeSet<_>>().len(), 8, "{all:?}");
+
+    // An instance finished for good gives its address back; the next one placed may take it.
+    let mut once = spec(1, 1, 64);
+    once.template.restart = RestartPolicy::Never;
+    sim.deploy("job", once);
+    sim.settle();
+    let job = sim.instances("job").pop().unwrap();
+    let ip = job.address.unwrap();
+    sim.report(&job, job.node.unwrap(), InstanceState::Exited, 0, Some(0));
+    assert_eq!(sim.instances("job")[0].address, None, "released when it ended for good");
+    let taken: BTreeSet<_> = sim.state.instances.values().filter_map(|i| i.address).collect();
+    assert!(!taken.contains(&ip));
+}
+
+#[test]
+fn an_unusable_cluster_network_keeps_instances_pending_and_says_why() {
+    let mut sim = Sim::new(1, 64, 1 << 20);
+    // The nodes of Sim live on 10.0.0.0/24.
+    sim.ok(put(&format!("{SETTINGS_PREFIX}{}", network::CIDR_SETTING), "10.0.0.0/16"));
+    sim.deploy("web", spec(1, 1, 64));
+    sim.schedule();
+    let i = sim.instances("web").pop().unwrap();
+    assert_eq!((i.node, i.address), (None, None));
+    assert!(i.reason.contains("holds node 0000000000000001's own address 10.0.0.1"), "{}", i.reason);
+    // Fixed: it is placed.
+    sim.ok(put(&format!("{SETTINGS_PREFIX}{}", network::CIDR_SETTING), "10.64.0.0/20"));
+    sim.settle();
+    let i = sim.instances("web").pop().unwrap();
+    assert_eq!(sim.state.nodes[&1].subnet.unwrap().to_string(), "10.64.0.0/24");
+    assert_eq!(i.address, Some("10.64.0.2".parse().unwrap()));
+
+    // A full subnet: the instance past it waits.
+    let mut sim = Sim::new(1, 1024, 1 << 30);
+    sim.ok(put(&format!("{SETTINGS_PREFIX}{}", network::NODE_PREFIX_SETTING), "28"));
+    sim.deploy("web", spec(14, 1, 64));
+    sim.settle();
+    let placed = sim.instances("web").iter().filter(|i| i.address.is_some()).count();
+    assert_eq!(placed, 13, "a /28 holds 13 instances besides its network, gateway and broadcast");
+    let waiting: Vec<_> = sim.instances("web").into_iter().filter(|i| i.node.is_none()).collect();
+    assert_eq!(waiting.len(), 1);
+    assert!(waiting[0].reason.contains("no node has a free address in its subnet"), "{}", waiting[0].reason);
+
+    // The scheduler counts addresses: a node with room for the vCPUs and memory but none for
+    // the address is passed over (node 1 is the less loaded one, its subnet is full).
+    sim.add_node(2, 16, 1 << 20, &[]);
+    sim.deploy("web", spec(13, 1, 64));
+    sim.deploy("api", spec(3, 1, 64));
+    sim.settle();
+    let api = sim.instances("api");
+    assert!(api.iter().all(|i| i.node == Some(2) && i.address.is_some()), "{api:#?}");
+    sim.deploy("more", spec(12, 1, 64));
+    sim.settle();
+    let more = sim.instances("more");
+    assert_eq!(more.iter().filter(|i| i.address.is_some()).count(), 10, "node 2's /28 holds 13: 3 for api, 10 more");
+    assert!(more.iter().filter(|i| i.node.is_none()).all(|i| i.reason.contains("no node has a free address")));
+}
+
+#[test]
+fn a_cluster_below_the_network_format_gives_no_addresses() {
+    let mut sim = Sim::new(1, 64, 1 << 20);
+    sim.state.format = command::FORMAT_IDENTITY;
+    sim.deploy("web", spec(2, 1, 64));
+    sim.settle();
+    assert!(sim.instances("web").iter().all(|i| i.node.is_some() && i.address.is_none()));
+    assert!(sim.state.nodes[&1].subnet.is_none());
+}
+
+#[test]
+fn a_node_port_is_published_by_one_deployment_and_only_in_its_range() {
+    use super::objects::{DeploymentSpec, PortProtocol, PublishedPort};
+    let mut sim = Sim::new(2, 4, 2048);
+    let with = |node_port: u16, protocol: PortProtocol| {
+        let mut s = spec(1, 1, 128);
+        s.ports = vec![PublishedPort { port: 80, node_port, protocol }];
+        s
+    };
+    let refused = |o: ApplyOutcome, kind: RejectKind, text: &str| match o {
+        ApplyOutcome::Rejected { kind: k, reason } => {
+            assert_eq!(k, kind, "{reason}");
+            assert!(reason.contains(text), "{reason:?} should mention {text:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(matches!(sim.deploy("web", with(30080, PortProtocol::Tcp)), ApplyOutcome::Applied { .. }));
+    // The same deployment may keep its own port; another may not take it (UDP is another port).
+    assert!(matches!(sim.deploy("web", with(30080, PortProtocol::Tcp)), ApplyOutcome::Applied { .. }));
+    refused(sim.deploy("api", with(30080, PortProtocol::Tcp)), RejectKind::Conflict, "published by t/web");
+    assert!(matches!(sim.deploy("dns", with(30080, PortProtocol::Udp)), ApplyOutcome::Applied { .. }));
+    refused(sim.deploy("api", with(80, PortProtocol::Tcp)), RejectKind::Invalid, "outside 30000-32767");
+    let mut twice = with(30081, PortProtocol::Tcp);
+    twice.ports.push(twice.ports[0].clone());
+    refused(sim.deploy("api", twice), RejectKind::Invalid, "given twice");
+    // A spec without ports or egress reads as published nothing, egress allowed.
+    let s: DeploymentSpec =
+        serde_json::from_str(&format!(r#"{{"replicas": 1, "template": {{"kernel": "{}"}}}}"#, digest('a'))).unwrap();
+    assert!(s.egress && s.ports.is_empty());
+    let s: DeploymentSpec = serde_json::from_str(&format!(
+        r#"{{"replicas": 1, "egress": false, "ports": [{{"port": 53, "node_port": 30053, "protocol": "udp"}}], "template": {{"kernel": "{}"}}}}"#,
+        digest('a')
+    ))
+    .unwrap();
+    assert!(!s.egress && s.ports[0].protocol == PortProtocol::Udp);
+}

@@ -226,7 +226,11 @@ impl State {
 
     // ---- writes that keep the indexes ------------------------------------------------------
 
-    fn write_instance(&mut self, mut inst: Instance, at: Millis) {
+    pub(super) fn write_instance(&mut self, mut inst: Instance, at: Millis) {
+        if inst.is_final() {
+            // Finished for good: its address may go to the next instance.
+            inst.address = None;
+        }
         let key = (inst.tenant.clone(), inst.id.clone());
         if let Some(old) = self.instances.get(&key).cloned() {
             self.index_instance(&old, false);
@@ -261,12 +265,12 @@ impl State {
         self.images.insert(img.digest.clone(), img);
     }
 
-    fn write_node(&mut self, mut node: Node, at: Millis) {
+    pub(super) fn write_node(&mut self, mut node: Node, at: Millis) {
         self.stamp(&mut node, at);
         self.nodes.insert(node.id, node);
     }
 
-    fn write_tenant(&mut self, mut t: Tenant, at: Millis) {
+    pub(super) fn write_tenant(&mut self, mut t: Tenant, at: Millis) {
         self.stamp(&mut t, at);
         self.tenants.insert(t.name.clone(), t);
     }
@@ -550,7 +554,13 @@ impl State {
         let tenant = match existing {
             Some(t) if t.quota == spec.quota => return applied(self),
             Some(t) => Tenant { quota: spec.quota, ..t },
-            None => Tenant { name: name.to_string(), quota: spec.quota, tokens: Vec::new(), meta: Meta::default() },
+            None => Tenant {
+                name: name.to_string(),
+                quota: spec.quota,
+                tokens: Vec::new(),
+                vni: None,
+                meta: Meta::default(),
+            },
         };
         self.write_tenant(tenant, at);
         applied(self)
@@ -623,6 +633,15 @@ impl State {
         if existing.as_ref().is_some_and(|d| d.deleting) {
             return reject(RejectKind::Conflict, format!("deployment {name:?} is being deleted"));
         }
+        // A node port is the cluster's: one deployment at a time.
+        for p in &spec.ports {
+            let taken = self.deployments.iter().find(|(k, d)| {
+                **k != key && d.spec.ports.iter().any(|q| (q.node_port, q.protocol) == (p.node_port, p.protocol))
+            });
+            if let Some(((t, n), _)) = taken {
+                return reject(RejectKind::Conflict, format!("node_port {} is published by {t}/{n}", p.node_port));
+            }
+        }
         // Steady-state quota: this deployment's replicas plus what the tenant's others hold.
         let mut others = self.index.tenant_usage.get(tenant).copied().unwrap_or_default();
         for id in self.index.deployment_instances.get(&key).into_iter().flatten() {
@@ -691,13 +710,20 @@ impl State {
             {
                 continue;
             }
-            let placed = Instance {
+            let mut placed = Instance {
                 node: Some(a.node),
                 nominated_node: None,
                 scheduled_at: Some(at),
                 reason: String::new(),
-                ..inst
+                ..inst.clone()
             };
+            if let Err(why) = self.wire(&mut placed, a.node, at) {
+                let why = format!("cannot be given an address on node {:016x}: {why}", a.node);
+                if inst.reason != why {
+                    self.write_instance(Instance { reason: why, ..inst }, at);
+                }
+                continue;
+            }
             self.write_instance(placed, at);
         }
         for p in &s.preemptions {
@@ -989,6 +1015,8 @@ impl State {
             scheduled_at: None,
             started_at: None,
             finished_at: None,
+            address: None,
+            mac: None,
             meta: Meta::default(),
         };
         self.write_instance(inst, at);

@@ -17,6 +17,7 @@
 //! It must not touch another node's instances or write anything but its own reports.
 
 pub mod layout;
+pub mod network;
 pub mod restart;
 pub mod shim;
 pub mod vmm_api;
@@ -75,6 +76,8 @@ struct Ctx {
     sent: Mutex<HashMap<String, (InstanceReport, tokio::time::Instant)>>,
     /// One fetch at a time per image: instances starting together share it.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The host's microVM networking (one reconcile at a time).
+    net: tokio::sync::Mutex<network::NetState>,
 }
 
 /// A report the state does not reflect yet is sent again after this long.
@@ -92,6 +95,7 @@ pub async fn run(node: Arc<LocalNode>, cfg: SupervisorConfig) {
         uids: Mutex::new(BTreeSet::new()),
         sent: Mutex::new(HashMap::new()),
         fetching: Mutex::new(HashMap::new()),
+        net: tokio::sync::Mutex::new(network::NetState::default()),
     });
     catch_up(&ctx).await;
     remove_unstarted(&ctx.node.instances_dir);
@@ -144,6 +148,9 @@ pub async fn run(node: Arc<LocalNode>, cfg: SupervisorConfig) {
             }
         }
         workers.retain(|_, (_, h)| !h.is_finished());
+        // Wires what was placed here and unwires what stopped (a failure is said once and
+        // retried next pass; an instance that needs it fails its start with the reason).
+        let _ = network::sync(&ctx).await;
         if record_at.elapsed() > Duration::from_secs(5) {
             refresh_record(&ctx).await;
             record_at = tokio::time::Instant::now();
@@ -391,6 +398,16 @@ async fn start(ctx: &Ctx, dir: &InstanceDir, inst: &Instance, meta: &mut Meta) -
     meta.started_at = None;
     meta.next_start_at = None;
     meta.done = false;
+    let iface = match inst.address {
+        None => None,
+        Some(ip) => match network::sync(ctx).await {
+            Ok(Some(want)) if want.tenants.values().any(|t| t.instances.contains_key(&inst.uid)) => {
+                network::iface(&want, inst)
+            }
+            Ok(_) => return failed(meta, format!("its network ({ip}) is not wired on this node yet")),
+            Err(e) => return failed(meta, format!("cannot wire its network ({ip}): {e}")),
+        },
+    };
     if let Err(e) = spawn_shim(ctx, dir, inst, meta.jail_uid).await {
         return failed(meta, format!("cannot start shoal-vmm: {e:#}"));
     }
@@ -405,7 +422,7 @@ async fn start(ctx: &Ctx, dir: &InstanceDir, inst: &Instance, meta: &mut Meta) -
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if let Err(e) = vmm_api::boot(&socket, &inst.template).await {
+    if let Err(e) = vmm_api::boot(&socket, &inst.template, iface.as_ref()).await {
         kill(dir).await;
         dir.clear_run();
         return failed(meta, format!("shoal-vmm refused the configuration: {e}"));

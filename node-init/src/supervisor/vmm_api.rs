@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use shoal_vmm_config::{ActionType, BootSource, FirecrackerDrive, InstanceAction, MachineConfig};
+use shoal_vmm_config::{ActionType, BootSource, FirecrackerDrive, FirecrackerNet, InstanceAction, MachineConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::network::Iface;
 use crate::state::objects::Template;
 
 /// Longest a single VMM API call may take.
@@ -128,14 +129,20 @@ pub const KERNEL: &str = "/kernel";
 pub const INITRD: &str = "/initrd";
 pub const ROOTFS: &str = "/rootfs.img";
 
-/// Configures a fresh VMM for `template` and boots it.
-pub async fn boot(socket: &Path, template: &Template) -> Result<(), VmmApiError> {
+/// Configures a fresh VMM for `template` (with its network interface, if it has one) and
+/// boots it.
+pub async fn boot(socket: &Path, template: &Template, iface: Option<&Iface>) -> Result<(), VmmApiError> {
     let machine =
         MachineConfig { vcpu_count: template.vcpus, mem_size_mib: template.mem_mib, ..MachineConfig::default() };
     expect_ok(socket, "PUT", "/machine-config", &machine).await?;
+    let mut cmdline = template.cmdline.clone();
+    if let Some(i) = iface {
+        // The guest's address, gateway and netmask, as Linux's ip= reads them.
+        cmdline = format!("{} {}", cmdline.trim_end(), i.ip_arg).trim_start().to_string();
+    }
     let boot = BootSource {
         kernel_image_path: KERNEL.into(),
-        boot_args: Some(template.cmdline.clone()),
+        boot_args: Some(cmdline),
         initrd_path: template.initrd.is_some().then(|| INITRD.into()),
     };
     expect_ok(socket, "PUT", "/boot-source", &boot).await?;
@@ -151,6 +158,16 @@ pub async fn boot(socket: &Path, template: &Template) -> Result<(), VmmApiError>
             partuuid: None,
         };
         expect_ok(socket, "PUT", "/drives/rootfs", &drive).await?;
+    }
+    if let Some(i) = iface {
+        let net = FirecrackerNet {
+            iface_id: "eth0".into(),
+            host_dev_name: i.tap.clone(),
+            guest_mac: Some(i.mac.clone()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        expect_ok(socket, "PUT", "/network-interfaces/eth0", &net).await?;
     }
     expect_ok(socket, "PUT", "/actions", &InstanceAction { action_type: ActionType::InstanceStart }).await
 }
