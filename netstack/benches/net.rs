@@ -47,7 +47,7 @@ fn spec(node: u8, mine: &BTreeMap<String, Ipv4Addr>, theirs: &[String]) -> NodeN
         underlay_ip: underlay_ip(node),
         underlay_mtu: 1500,
         cluster: "10.241.0.0/16".parse().unwrap(),
-        subnet: Ipv4Cidr::new(Ipv4Addr::new(10, 241, node - 1, 0), 24).unwrap(),
+        subnet: Some(Ipv4Cidr::new(Ipv4Addr::new(10, 241, node - 1, 0), 24).unwrap()),
         tenants: [(VNI, t)].into_iter().collect(),
         peers: vec![underlay_ip(3 - node)],
         published: Vec::new(),

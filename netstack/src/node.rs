@@ -55,8 +55,9 @@ pub struct NodeNet {
     /// The underlay's MTU; the overlay's is [`VXLAN_OVERHEAD`] less.
     pub underlay_mtu: u32,
     pub cluster: Ipv4Cidr,
-    /// This node's subnet of the cluster network.
-    pub subnet: Ipv4Cidr,
+    /// This node's subnet of the cluster network (None until the cluster places an instance
+    /// here: such a node still serves published ports and removes what is stale).
+    pub subnet: Option<Ipv4Cidr>,
     /// By VNI.
     pub tenants: BTreeMap<u32, TenantNet>,
     /// The other nodes' underlay addresses.
@@ -72,8 +73,9 @@ impl NodeNet {
 
     /// The kernel command line `ip=` that gives an instance its address (the guest's only
     /// interface, no autoconfiguration), as Documentation/admin-guide/nfs/nfsroot.rst reads it.
-    pub fn kernel_ip_arg(&self, ip: Ipv4Addr) -> String {
-        format!("ip={ip}::{}:{}::eth0:off", ipam::gateway(&self.subnet), self.cluster.netmask())
+    pub fn kernel_ip_arg(&self, ip: Ipv4Addr) -> Option<String> {
+        let subnet = self.subnet.as_ref()?;
+        Some(format!("ip={ip}::{}:{}::eth0:off", ipam::gateway(subnet), self.cluster.netmask()))
     }
 }
 
@@ -89,6 +91,8 @@ pub enum NetError {
     BadUid(String),
     #[error("{ip} of instance {uid} is not in this node's subnet {subnet}")]
     Foreign { uid: String, ip: Ipv4Addr, subnet: Ipv4Cidr },
+    #[error("instance {0} is to be wired but this node has no subnet of the cluster network")]
+    NoSubnet(String),
 }
 
 /// What a reconcile changed, one line each ("created bridge shb001000", ...): empty when the
@@ -106,17 +110,19 @@ pub async fn reconcile(nl: &Netlink, want: &NodeNet) -> Result<Report, NetError>
         if names::tap(uid).is_none() {
             return Err(NetError::BadUid(uid.clone()));
         }
-        if !want.subnet.contains(i.ip) {
-            return Err(NetError::Foreign { uid: uid.clone(), ip: i.ip, subnet: want.subnet });
+        let Some(subnet) = want.subnet else { return Err(NetError::NoSubnet(uid.clone())) };
+        if !subnet.contains(i.ip) {
+            return Err(NetError::Foreign { uid: uid.clone(), ip: i.ip, subnet });
         }
     }
-    if !want.tenants.is_empty() {
+    if !want.tenants.is_empty() || !want.published.is_empty() {
         // Instances' packets to their gateway for anywhere else are routed (egress, published
         // ports); the rules below keep them out of other tenants.
         crate::netlink::sysctl("net/ipv4/ip_forward", "1")?;
     }
     let mtu = want.overlay_mtu();
-    let gateway = ipam::gateway(&want.subnet);
+    // Unused without tenants (a node with instances has a subnet: checked above).
+    let gateway = want.subnet.as_ref().map(ipam::gateway).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let mut links: BTreeMap<String, Link> = nl.links().await?.into_iter().map(|l| (l.name.clone(), l)).collect();
     let mut keep_links = BTreeSet::new();
     let mut keep_routes = BTreeSet::new();

@@ -1,7 +1,9 @@
 //! Two nodes (network namespaces on one underlay bridge) wired by netstack's reconciler: a
 //! tenant's instances reach each other across the nodes over its VXLAN network, another
 //! tenant's cannot be reached at all, a second reconcile changes nothing, one after a crash
-//! cleans up what is stale, and a node that leaves is gone from every FDB.
+//! cleans up what is stale, and a node that leaves is gone from every FDB. Egress is
+//! masqueraded (or refused), and a published port on any node, even one with no instances,
+//! reaches the deployment's instances on all of them.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -60,9 +62,9 @@ fn spec(node: u8, mine: &[&Inst], theirs: &[(u8, &Inst)]) -> NodeNet {
         underlay_ip: underlay_ip(node),
         underlay_mtu: 1500,
         cluster: "10.240.0.0/16".parse().unwrap(),
-        subnet: Ipv4Cidr::new(Ipv4Addr::new(10, 240, node - 1, 0), 24).unwrap(),
+        subnet: Some(Ipv4Cidr::new(Ipv4Addr::new(10, 240, node - 1, 0), 24).unwrap()),
         tenants,
-        peers: vec![underlay_ip(3 - node)],
+        peers: (1..=3).filter(|n| *n != node).map(underlay_ip).collect(),
         // Tenant A's deployment publishes UDP port 7 as 30007 on every node.
         published: vec![Published {
             tcp: false,
@@ -110,7 +112,9 @@ fn tenants_reach_their_own_instances_across_nodes_and_never_another_tenants() {
     ip(&format!("-n {} link set p9 master ub0 up", under.name));
     ip(&format!("-n {} addr add 192.168.77.100/24 dev eth0", outside.name));
     ip(&format!("-n {} link set eth0 up", outside.name));
-    for (n, ns) in [(1u8, &n1), (2, &n2)] {
+    // Node 3 runs no instances (the cluster gave it no subnet) and still serves the port.
+    let n3 = Netns::new(&format!("shoal-ovl{tag}-3"));
+    for (n, ns) in [(1u8, &n1), (2, &n2), (3, &n3)] {
         ip(&format!("link add eth0 netns {} type veth peer name p{n} netns {}", ns.name, under.name));
         ip(&format!("-n {} link set p{n} master ub0 up", under.name));
         ip(&format!("-n {} addr add {}/24 dev eth0", ns.name, underlay_ip(n)));
@@ -122,9 +126,18 @@ fn tenants_reach_their_own_instances_across_nodes_and_never_another_tenants() {
     let first = apply(&n1, want1.clone());
     assert!(first.changes.iter().any(|c| c == "created shb001000"), "{first:?}");
     apply(&n2, want2.clone());
+    let want3 = NodeNet {
+        subnet: None,
+        tenants: BTreeMap::new(),
+        peers: vec![underlay_ip(1), underlay_ip(2)],
+        ..spec(3, &[], &[(1, &A1), (2, &A2)])
+    };
+    let third = apply(&n3, want3.clone());
+    assert!(third.changes.iter().any(|c| c.contains("1 published ports")), "{third:?}");
     // Re-running it changes nothing.
     assert_eq!(apply(&n1, want1.clone()), Report::default());
     assert_eq!(apply(&n2, want2.clone()), Report::default());
+    assert_eq!(apply(&n3, want3), Report::default());
     // The taps belong to the jail's uid, so a jailed VMM can open them.
     let tap_a1 = names::tap(A1.uid).unwrap();
     let details = ip_out(&format!("-n {} -d link show {tap_a1}", n1.name));
@@ -181,13 +194,13 @@ fn tenants_reach_their_own_instances_across_nodes_and_never_another_tenants() {
     };
     let out_a = with_guest(&n1, &A1, through_gateway);
     assert!(matches!(out_a, Some(support::Frame::EchoReply { src, .. }) if src == outside_host), "{out_a:?}");
-    // A published port: the outside host's datagrams to either node's port 30007 reach both
-    // of tenant A's instances (each node spreads over its own and the other's), and the
-    // answers come back from the address they were sent to.
+    // A published port: the outside host's datagrams to any node's port 30007 reach both of
+    // tenant A's instances (each node spreads over its own and the others'; node 3 has none
+    // and hands every one on), and the answers come back from the address they were sent to.
     let stop = Arc::new(AtomicBool::new(false));
     let servers = [serve(&n1, &A1, &stop), serve(&n2, &A2, &stop)];
     std::thread::sleep(Duration::from_millis(200));
-    for node in [1u8, 2] {
+    for node in [1u8, 2, 3] {
         let seen = outside.run(move || {
             let mut seen = std::collections::BTreeSet::new();
             for i in 0..40 {

@@ -46,12 +46,12 @@ pub fn iface(want: &NodeNet, inst: &Instance) -> Option<Iface> {
     Some(Iface {
         tap: names::tap(&inst.uid)?,
         mac: ipam::format_mac(&ipam::mac_for(&inst.uid)),
-        ip_arg: want.kernel_ip_arg(ip),
+        ip_arg: want.kernel_ip_arg(ip)?,
     })
 }
 
 /// Makes the host's microVM networking match the state; returns what it is now (None: this
-/// node has no subnet yet, nothing is wired).
+/// node is not in the state yet, nothing is wired).
 pub(super) async fn sync(ctx: &Ctx) -> Result<Option<NodeNet>, String> {
     let mut net = ctx.net.lock().await;
     if net.netlink.is_none() {
@@ -92,7 +92,7 @@ async fn wanted(ctx: &Ctx, nl: &Netlink) -> Result<Option<NodeNet>, String> {
     let (subnet, cluster, my_ip, tenants, peers, published) = {
         let state = ctx.node.agent.shared.state();
         let Some(node) = state.nodes.get(&me) else { return Ok(None) };
-        let Some(subnet) = node.subnet else { return Ok(None) };
+        let subnet = node.subnet;
         let cluster = state.cluster_network().map_err(|e| e.to_string())?.cidr;
         let my_ip = underlay_ip(node).ok_or_else(|| format!("this node's address {} is not IPv4", node.raft_addr))?;
         let mut tenants: BTreeMap<u32, TenantNet> = BTreeMap::new();
