@@ -150,7 +150,7 @@ fn shoalctl_applies_gets_follows_scales_and_deletes_as_a_user_would() {
     assert_eq!(rows.len(), 3, "{table}");
     assert_eq!(
         rows[0].split_whitespace().collect::<Vec<_>>(),
-        ["ID", "DEPLOYMENT", "NODE", "STATE", "RESTARTS", "EXIT", "AGE", "REASON"]
+        ["ID", "DEPLOYMENT", "NODE", "STATE", "ADDRESS", "RESTARTS", "EXIT", "AGE", "REASON"]
     );
     assert!(rows[1..].iter().all(|r| r.contains(" running ") && r.starts_with("web-")), "{table}");
     let json: Value = serde_json::from_str(&ctl.ok(&["get", "instances", "-o", "json"])).unwrap();

@@ -142,7 +142,7 @@ pub fn deployments(list: &Value, now: SystemTime) -> String {
 }
 
 pub fn instances(list: &Value, now: SystemTime) -> String {
-    let mut t = table(&["ID", "DEPLOYMENT", "NODE", "STATE", "RESTARTS", "EXIT", "AGE", "REASON"]);
+    let mut t = table(&["ID", "DEPLOYMENT", "NODE", "STATE", "ADDRESS", "RESTARTS", "EXIT", "AGE", "REASON"]);
     for i in items(list, "instances") {
         let state = match (i["state"].as_str(), i["desired"].as_str()) {
             (Some(s), Some("stopped")) => format!("{s} (stopping)"),
@@ -154,6 +154,7 @@ pub fn instances(list: &Value, now: SystemTime) -> String {
             text(&i["deployment"]),
             text(&i["node"]),
             state,
+            text(&i["address"]),
             text(&i["restarts"]),
             text(&i["last_exit_code"]),
             age(&i["created_at"], now),
@@ -197,13 +198,14 @@ mod tests {
     fn an_instance_table_has_a_row_per_instance() {
         let now = SystemTime::now();
         let list = json!({"instances": [
-            {"id": "web-a", "deployment": "web", "node": "01", "state": "running", "desired": "running", "restarts": 0, "last_exit_code": null, "reason": ""},
+            {"id": "web-a", "deployment": "web", "node": "01", "state": "running", "desired": "running", "address": "10.200.0.2", "restarts": 0, "last_exit_code": null, "reason": ""},
             {"id": "web-b", "deployment": "web", "node": null, "state": "pending", "desired": "running", "restarts": 0, "reason": "no node has 64 MiB free: 1 node checked"}
         ]});
         let out = instances(&list, now);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3, "{out}");
         assert!(lines[0].split_whitespace().collect::<Vec<_>>().starts_with(&["ID", "DEPLOYMENT", "NODE", "STATE"]));
+        assert!(lines[1].split_whitespace().nth(4) == Some("10.200.0.2"), "the address column: {out}");
         assert!(lines[2].contains("pending") && lines[2].contains("no node has 64 MiB free"), "{out}");
     }
 }
