@@ -31,3 +31,14 @@ run_case() {
   sed "s/^/[$_name] /" "/tmp/case-$_name.out"
   echo "SHOAL-HWTEST $_name exit=$_code"
 }
+# load_network_modules: what a node's microVM networking needs (taps, bridges, VXLAN, nf_tables
+# with NAT), each module after those it needs. The emulated server's kernel has them as modules
+# in /lib/modules; on other hosts they are not there and the kernel loads its own on demand.
+load_network_modules() {
+  for _m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover \
+    virtio_net tun llc stp bridge udp_tunnel ip6_udp_tunnel vxlan nfnetlink libcrc32c nf_defrag_ipv4 \
+    nf_defrag_ipv6 nf_conntrack nf_nat nf_tables nft_ct nft_nat nft_masq nft_numgen nft_chain_nat; do
+    [ -f "/lib/modules/$_m.ko" ] || continue
+    insmod "/lib/modules/$_m.ko" 2>/dev/null || [ -d "/sys/module/$_m" ] || echo "cannot load the module $_m"
+  done
+}

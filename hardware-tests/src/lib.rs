@@ -302,10 +302,16 @@ impl PowerCutServer {
 
     /// Boots the server with `cmdline` appended to its kernel command line.
     pub fn boot(&self, cmdline: &str) -> Result<Boot, HarnessError> {
-        let mut c = Command::new("qemu-system-x86_64");
         // Two CPUs: no guest runs inside this server, so the AMD-V emulation fault that keeps
         // the other jobs on one does not arise.
-        c.args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "2", "-m", "1536"])
+        self.boot_with(cmdline, &BootOptions { cpus: 2, nic: None })
+    }
+
+    /// Boots the server as `opts` say, with `cmdline` appended to its kernel command line.
+    pub fn boot_with(&self, cmdline: &str, opts: &BootOptions) -> Result<Boot, HarnessError> {
+        let mut c = Command::new("qemu-system-x86_64");
+        let cpus = opts.cpus.to_string();
+        c.args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", &cpus, "-m", "1536"])
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
@@ -316,15 +322,58 @@ impl PowerCutServer {
         for d in &self.disks {
             c.arg("-drive").arg(format!("file={},format=raw,if=virtio,cache=writeback", d.display()));
         }
-        let mut child = c
+        let _netns = if let Some(nic) = &opts.nic {
+            let mac = nic.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            c.args(["-netdev", &format!("tap,id=n0,ifname={},script=no,downscript=no", nic.tap)])
+                .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")]);
+            let netns = std::fs::File::open(&nic.netns)
+                .map_err(|e| err(format!("cannot open the network namespace {}: {e}", nic.netns.display())))?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&netns);
+            // SAFETY: setns is async-signal-safe; it runs in the child between fork and exec,
+            // on a descriptor the parent keeps open until spawn returns (`_netns` below).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Some(netns)
+        } else {
+            None
+        };
+        let child = c
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| err(format!("cannot start qemu-system-x86_64: {e}")))?;
-        let rx = console_lines(&mut child);
-        Ok(Boot { child, rx, lines: Vec::new(), watch: self.heartbeat, last_sign: Instant::now(), stalled: false })
+        Ok(self.watch(child))
     }
+
+    fn watch(&self, mut child: std::process::Child) -> Boot {
+        let rx = console_lines(&mut child);
+        Boot { child, rx, lines: Vec::new(), watch: self.heartbeat, last_sign: Instant::now(), stalled: false }
+    }
+}
+
+/// How a [`PowerCutServer`] boots.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// One where microVMs run inside (see [`run`] on QEMU's AMD-V emulation fault).
+    pub cpus: u32,
+    /// A network card on a tap of the host's.
+    pub nic: Option<Nic>,
+}
+
+/// The server's network card: a virtio-net on `tap`, which QEMU opens in `netns`
+/// (`/run/netns/NAME`), where a test puts it on a bridge with other servers'.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub netns: PathBuf,
+    pub tap: String,
+    pub mac: [u8; 6],
 }
 
 impl Drop for PowerCutServer {

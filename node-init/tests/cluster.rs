@@ -718,9 +718,11 @@ fn a_committed_entry_of_a_newer_format_stops_the_node_with_a_clear_error() {
     let exited = wait_for(Duration::from_secs(20), "the node to stop", || n.try_wait());
     assert_eq!(exited, Some(65), "{}", n.log());
     let log = n.log();
+    let known = shoal_node::state::command::BINARY_FORMAT;
     assert!(
-        log.contains("has format 99, newer than this binary knows (3): upgrade shoal-node on this node")
-            && log.contains("stopping so as not to diverge"),
+        log.contains(&format!(
+            "has format 99, newer than this binary knows ({known}): upgrade shoal-node on this node"
+        )) && log.contains("stopping so as not to diverge"),
         "{log}"
     );
 }

@@ -28,6 +28,8 @@ fn script(port: u16) -> String {
     format!(
         r#"set -e
 ip link set lo up 2>/dev/null || true
+# The microVM gets an address on its tenant's network: taps, a bridge, nf_tables (job-lib.sh).
+load_network_modules
 # The jail needs cgroups: the emulated server has none mounted until here (cgroup v2).
 if [ -z "$(ls -A /sys/fs/cgroup 2>/dev/null)" ]; then mkdir -p /sys/fs/cgroup; mount -t cgroup2 none /sys/fs/cgroup; fi
 # The console's input goes through a pseudo-terminal.

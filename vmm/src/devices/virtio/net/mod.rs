@@ -26,6 +26,12 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const F_MAC: u64 = 1 << 5;
+/// The device reports the largest frame payload it takes (the host tap's MTU), which Linux
+/// makes the interface's MTU and its maximum: a tap on a VXLAN overlay has 50 bytes less than
+/// Ethernet's 1500, and a guest sending 1500 would have its full-size packets dropped.
+const F_MTU: u64 = 1 << 3;
+/// What the guest is told when the backend does not say.
+const DEFAULT_MTU: u16 = 1500;
 /// The device takes frames with a partial checksum (the host completes it).
 const F_CSUM: u64 = 1 << 0;
 /// The driver takes frames with a partial checksum.
@@ -232,14 +238,17 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_MAC | OFFLOADS
+        // F_MTU always (1500 on an ordinary tap), so the features offered never depend on the
+        // tap: a snapshot's acknowledged features stay a subset on any tap it is restored on.
+        VIRTIO_F_VERSION_1 | F_MAC | F_MTU | OFFLOADS
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // mac[6], status (unused: no F_STATUS), max_virtqueue_pairs = 1.
-        let mut config = [0u8; 10];
+        // mac[6], status (unused: no F_STATUS), max_virtqueue_pairs = 1, mtu.
+        let mut config = [0u8; 12];
         config[..6].copy_from_slice(&self.mac);
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&self.backend.mtu().unwrap_or(DEFAULT_MTU).to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
 
@@ -328,6 +337,7 @@ mod tests {
         to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
         from_guest: Arc<Mutex<Vec<Vec<u8>>>>,
         offloads: Arc<Mutex<Option<u32>>>,
+        mtu: Option<u16>,
     }
 
     impl NetBackend for Wire {
@@ -347,6 +357,27 @@ mod tests {
             *self.offloads.lock().unwrap() = Some(flags);
             Ok(())
         }
+        fn mtu(&self) -> Option<u16> {
+            self.mtu
+        }
+    }
+
+    #[test]
+    fn the_guest_is_told_the_tap_s_mtu_and_ethernet_s_when_the_backend_does_not_say() {
+        let mtu_of = |dev: &VirtioNet| {
+            let mut b = [0u8; 2];
+            dev.read_config(10, &mut b);
+            u16::from_le_bytes(b)
+        };
+        let overlay = VirtioNet::new(Box::new(Wire { mtu: Some(1450), ..Wire::default() }), [2, 0, 0, 0, 0, 1]);
+        assert_ne!(overlay.features() & F_MTU, 0);
+        assert_eq!(mtu_of(&overlay), 1450);
+        let plain = VirtioNet::new(Box::new(Wire::default()), [2, 0, 0, 0, 0, 1]);
+        assert_eq!(plain.features(), overlay.features(), "the same features on any tap");
+        assert_eq!(mtu_of(&plain), 1500);
+        let mut mac = [0u8; 6];
+        plain.read_config(0, &mut mac);
+        assert_eq!(mac, [2, 0, 0, 0, 0, 1]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 /// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
 pub const VNET_HDR_LEN: usize = 12;
@@ -32,12 +32,18 @@ pub trait NetBackend: Send {
     fn has_local_frames(&self) -> bool {
         false
     }
+    /// The MTU of the host side (the tap's), which the guest is told (VIRTIO_NET_F_MTU).
+    fn mtu(&self) -> Option<u16> {
+        None
+    }
 }
 
 /// A tap device.
 #[derive(Debug)]
 pub struct Tap {
     file: File,
+    /// The tap's MTU when it was opened (a tap on an overlay has less than Ethernet's 1500).
+    mtu: Option<u16>,
 }
 
 impl Tap {
@@ -77,8 +83,30 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &size) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Tap { file })
+        Ok(Tap { file, mtu: link_mtu(name) })
     }
+}
+
+/// The MTU of the link `name` in this network namespace (SIOCGIFMTU on a throwaway socket);
+/// None if it cannot be read or does not fit virtio-net's 16 bits.
+fn link_mtu(name: &str) -> Option<u16> {
+    // SAFETY: socket has no memory preconditions; the descriptor is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is a socket just opened and owned by nothing else.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // struct ifreq: the name (16 bytes), then ifr_mtu (an int), padded to 40 bytes.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    // SAFETY: SIOCGIFMTU reads the name from and writes an int into a struct ifreq, which ifr
+    // is large enough to hold.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU as _, ifr.as_mut_ptr()) } < 0 {
+        return None;
+    }
+    let mtu = i32::from_ne_bytes([ifr[16], ifr[17], ifr[18], ifr[19]]);
+    u16::try_from(mtu).ok().filter(|m| *m >= 68)
 }
 
 impl NetBackend for Tap {
@@ -92,6 +120,10 @@ impl NetBackend for Tap {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn mtu(&self) -> Option<u16> {
+        self.mtu
     }
 
     fn set_offloads(&mut self, flags: u32) -> std::io::Result<()> {

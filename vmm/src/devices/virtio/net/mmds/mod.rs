@@ -64,4 +64,8 @@ impl NetBackend for MmdsBackend {
     fn has_local_frames(&self) -> bool {
         self.stack.has_frames()
     }
+
+    fn mtu(&self) -> Option<u16> {
+        self.inner.mtu()
+    }
 }
