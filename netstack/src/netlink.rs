@@ -243,12 +243,19 @@ impl Netlink {
 
     /// The link that holds `ip` (the underlay device of a node whose address it is).
     pub async fn device_with(&self, ip: Ipv4Addr) -> Result<Option<Link>, NetlinkError> {
+        let mut covering = None;
         for l in self.links().await? {
-            if self.addresses(l.index).await?.iter().any(|(a, _)| *a == ip) {
+            let addrs = self.addresses(l.index).await?;
+            if addrs.iter().any(|(a, _)| *a == ip) {
                 return Ok(Some(l));
             }
+            // Every address of 127.0.0.1/8 is the loopback's, assigned or not (a node listening
+            // on 127.0.0.2 runs over `lo`).
+            if ip.is_loopback() && addrs.iter().any(|(a, _)| a.is_loopback()) {
+                covering = Some(l);
+            }
         }
-        Ok(None)
+        Ok(covering)
     }
 
     pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {

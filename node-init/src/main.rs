@@ -15,6 +15,7 @@ use shoal_node::cluster::raft_node::RaftTiming;
 use shoal_node::cluster::secret::ClusterSecret;
 use shoal_node::images::ImageStore;
 use shoal_node::local::LocalNode;
+use shoal_node::state::network::NO_NETWORK_LABEL;
 use shoal_node::state::objects::Resources;
 use shoal_node::supervisor::{self, SupervisorConfig};
 use shoal_node::{api, cluster, leader};
@@ -107,6 +108,12 @@ struct AgentArgs {
     /// one-node development cluster). Raft between nodes is always TLS.
     #[arg(long)]
     plain_http: bool,
+    /// Run microVMs without network interfaces and wire nothing on this host: for several
+    /// nodes sharing one network namespace (a cluster on one machine's loopback addresses),
+    /// whose taps, bridges and rules would collide. The node says so with the label
+    /// shoal.io/instance-network=off, and the cluster gives its instances no addresses.
+    #[arg(long)]
+    no_instance_network: bool,
 }
 
 /// $SHOAL_VMM, else shoal-vmm beside this program, else on PATH.
@@ -224,11 +231,21 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if !args.dead_voter_timeout.is_finite() || args.dead_voter_timeout < 0.0 {
         bail!("--dead-voter-timeout must be a number of seconds");
     }
+    let mut labels = parse_kv(&args.labels).context("--labels")?;
+    if args.no_instance_network {
+        labels.insert(NO_NETWORK_LABEL.0.into(), NO_NETWORK_LABEL.1.into());
+    } else if labels.get(NO_NETWORK_LABEL.0).is_some_and(|v| v == NO_NETWORK_LABEL.1) {
+        bail!(
+            "the label {}={} is what --no-instance-network sets: use the flag",
+            NO_NETWORK_LABEL.0,
+            NO_NETWORK_LABEL.1
+        );
+    }
     let config = AgentConfig {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         seeds: args.seeds.clone(),
-        labels: parse_kv(&args.labels).context("--labels")?,
+        labels,
         capacity,
         min_voters: args.min_voters,
         secret,
@@ -261,7 +278,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         metrics: Default::default(),
         peer_token,
     });
-    tokio::spawn(supervisor::run(node.clone(), SupervisorConfig { vmm, shim_exe }));
+    let network = !args.no_instance_network;
+    tokio::spawn(supervisor::run(node.clone(), SupervisorConfig { vmm, shim_exe, network }));
     tokio::spawn(leader::run(node.clone()));
     let app = api::router(node);
     tokio::spawn(write_client_config(agent.clone()));

@@ -18,6 +18,8 @@ use super::State;
 
 /// The cluster network's setting.
 pub const CIDR_SETTING: &str = "cluster_cidr";
+/// The label of a node whose agent wires no instance networks (`--no-instance-network`).
+pub const NO_NETWORK_LABEL: (&str, &str) = ("shoal.io/instance-network", "off");
 /// The size of every node's subnet of it (a prefix length).
 pub const NODE_PREFIX_SETTING: &str = "node_subnet_prefix";
 /// Used when `cluster_cidr` is not set: 256 node subnets of /24.
@@ -71,11 +73,17 @@ impl State {
         Ok(())
     }
 
+    /// Whether `node` wires its instances' networks (it does unless its agent runs with
+    /// `--no-instance-network`, which labels it so).
+    pub fn node_has_network(&self, node: u64) -> bool {
+        self.nodes.get(&node).is_some_and(|n| n.labels.get(NO_NETWORK_LABEL.0).is_none_or(|v| v != NO_NETWORK_LABEL.1))
+    }
+
     /// How many more instances `node` has addresses for: what its subnet (or the subnet it would
     /// be given) holds less what its instances hold. None when instances get no networks, or
     /// the cluster network is unusable (placing says why).
     pub fn free_addresses(&self, node: u64) -> Option<u64> {
-        if !self.networking() {
+        if !self.networking() || !self.node_has_network(node) {
             return None;
         }
         let net = self.cluster_network().ok()?;
@@ -106,7 +114,7 @@ impl State {
     /// Gives `inst`, being placed on `node`, its address and MAC, its tenant a VNI and the node
     /// a subnet, whichever lack one; or says why it cannot be placed there (nothing changed).
     pub(super) fn wire(&mut self, inst: &mut Instance, node: u64, at: Millis) -> Result<(), String> {
-        if !self.networking() || inst.address.is_some() {
+        if !self.networking() || inst.address.is_some() || !self.node_has_network(node) {
             return Ok(());
         }
         let net = self.cluster_network().map_err(|e| format!("the cluster network setting is unusable: {e}"))?;

@@ -575,6 +575,26 @@ fn a_cluster_below_the_network_format_gives_no_addresses() {
 }
 
 #[test]
+fn a_node_without_instance_networking_gets_no_subnet_and_its_instances_no_addresses() {
+    let mut sim = Sim::new(0, 64, 1 << 20);
+    sim.add_node(1, 64, 1 << 20, &[network::NO_NETWORK_LABEL]);
+    // A /28 subnet holds 13 addresses: a node with networking would stop there.
+    sim.ok(put(&format!("{SETTINGS_PREFIX}{}", network::NODE_PREFIX_SETTING), "28"));
+    sim.deploy("web", spec(16, 1, 64));
+    sim.settle();
+    let web = sim.instances("web");
+    assert!(web.iter().all(|i| i.node == Some(1) && i.address.is_none() && i.mac.is_none()), "{web:#?}");
+    assert!(sim.state.nodes[&1].subnet.is_none());
+    // A node with networking beside it gets addresses for what lands there.
+    sim.add_node(2, 64, 1 << 20, &[]);
+    sim.deploy("api", spec(1, 1, 64));
+    sim.settle();
+    let api = sim.instances("api").pop().unwrap();
+    assert_eq!(api.node, Some(2), "the less loaded node: {}", api.reason);
+    assert!(api.address.is_some() && sim.state.nodes[&2].subnet.is_some());
+}
+
+#[test]
 fn a_node_port_is_published_by_one_deployment_and_only_in_its_range() {
     use super::objects::{DeploymentSpec, PortProtocol, PublishedPort};
     let mut sim = Sim::new(2, 4, 2048);

@@ -55,6 +55,8 @@ pub struct SupervisorConfig {
     pub vmm: PathBuf,
     /// This program (it runs the shim).
     pub shim_exe: PathBuf,
+    /// Whether it wires its microVMs' networks (`--no-instance-network` says no).
+    pub network: bool,
 }
 
 /// What the supervisor wants of one local instance.
@@ -400,6 +402,8 @@ async fn start(ctx: &Ctx, dir: &InstanceDir, inst: &Instance, meta: &mut Meta) -
     meta.done = false;
     let iface = match inst.address {
         None => None,
+        // (an address given before this node said it has no networking: not wired)
+        Some(_) if !ctx.cfg.network => None,
         Some(ip) => match network::sync(ctx).await {
             Ok(Some(want)) if want.tenants.values().any(|t| t.instances.contains_key(&inst.uid)) => {
                 network::iface(&want, inst)

@@ -51,8 +51,11 @@ pub fn iface(want: &NodeNet, inst: &Instance) -> Option<Iface> {
 }
 
 /// Makes the host's microVM networking match the state; returns what it is now (None: this
-/// node is not in the state yet, nothing is wired).
+/// node is not in the state yet, or wires nothing: `--no-instance-network`).
 pub(super) async fn sync(ctx: &Ctx) -> Result<Option<NodeNet>, String> {
+    if !ctx.cfg.network {
+        return Ok(None);
+    }
     let mut net = ctx.net.lock().await;
     if net.netlink.is_none() {
         net.netlink = Some(Netlink::connect().map_err(|e| format!("cannot open rtnetlink: {e}"))?);
