@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST};
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -218,17 +218,21 @@ impl Netlink {
         self.handle.link().set(b.build()).execute().await.map_err(req(format!("set link {index}")))
     }
 
-    /// The IPv4 addresses on `index`.
-    pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
-        let msgs: Vec<_> = self
-            .handle
+    /// The kernel's address messages of link `index`.
+    async fn address_messages(&self, index: u32) -> Result<Vec<AddressMessage>, NetlinkError> {
+        self.handle
             .address()
             .get()
             .set_link_index_filter(index)
             .execute()
             .try_collect()
             .await
-            .map_err(req(format!("list addresses of {index}")))?;
+            .map_err(req(format!("list addresses of {index}")))
+    }
+
+    /// The IPv4 addresses on `index`.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        let msgs = self.address_messages(index).await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.index == index)
@@ -266,15 +270,7 @@ impl Netlink {
     }
 
     pub async fn delete_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetlinkError> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(req(format!("list addresses of {index}")))?;
+        let msgs = self.address_messages(index).await?;
         for m in msgs {
             let ours = m.header.index == index
                 && m.header.prefix_len == prefix
