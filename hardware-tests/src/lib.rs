@@ -107,6 +107,16 @@ fn err(msg: impl Into<String>) -> HarnessError {
 }
 
 /// The repository root (this crate lives in hardware-tests/).
+/// A file of the project's Linux guest (`$SHOAL_GUEST_DIR`, else target/guest, where `make
+/// guest-kernel` puts it); panics saying how to build it when it is missing.
+pub fn guest_file(name: &str) -> PathBuf {
+    let dir =
+        std::env::var_os("SHOAL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"));
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `make guest-kernel`", p.display());
+    p
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shoal_hardware_tests::{repo_root, Boot, BootOptions, Job, Nic, PowerCutServer};
+use shoal_hardware_tests::{guest_file, repo_root, Boot, BootOptions, Job, Nic, PowerCutServer};
 
 /// The servers' underlay (a bridge in a namespace of this host's) and the host outside the
 /// cluster network on it.
@@ -183,14 +183,6 @@ fn clients() -> String {
 fn binary(name: &str) -> PathBuf {
     let p = repo_root().join("target/x86_64-unknown-linux-gnu/release").join(name);
     assert!(p.exists(), "{} is missing: run `make test` (it builds the workspace first)", p.display());
-    p
-}
-
-fn guest_file(name: &str) -> PathBuf {
-    let dir =
-        std::env::var_os("SHOAL_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/guest"));
-    let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run `make test` (it builds the guest kernel)", p.display());
     p
 }
 
