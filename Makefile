@@ -9,7 +9,7 @@ PROBE_DIR := target/probes
 TARGET_DIR := target/x86_64-unknown-linux-gnu/release
 VMM := $(TARGET_DIR)/shoal-vmm
 
-.PHONY: run run-probes test lint build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster bench-workloads bench-net bench-scheduler fuzz deps clean-cache
+.PHONY: run run-probes test lint build probes guest-kernel bench-boot bench-snapshot bench-devices bench-cluster bench-workloads bench-net bench-scheduler fuzz deps clean-cache image
 
 deps:
 	@ci/ensure-deps.sh
@@ -27,6 +27,12 @@ guest-kernel: deps
 	image-build/guest/build-kernel.sh $(GUEST_DIR)
 	image-build/guest/build-initramfs.sh $(GUEST_DIR)
 
+# The host image in target/image/: vmlinuz + initramfs.img + shoal.ipxe (PXE), shoal.efi (a
+# unified kernel image) and shoal.raw (a GPT disk to flash). SHOAL_IMAGE_CMDLINE adds to the
+# kernel command line (shoal.seed=, shoal.secret=, shoal.min_voters=, ...).
+image: build
+	@image-build/host/build-image.sh $(TARGET_DIR) target/image
+
 # The main job: a Linux microVM to a shell (directly on VMX/SVM hosts, else in the emulated server).
 run: build guest-kernel
 	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio
@@ -43,7 +49,7 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 test: lint probes guest-kernel
-	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3 curl e2fsprogs dnsmasq-base
+	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio tmux iproute2 python3 curl e2fsprogs dnsmasq-base ovmf
 	SHOAL_GUEST_DIR=$(CURDIR)/$(GUEST_DIR) SHOAL_PROBE_DIR=$(CURDIR)/$(PROBE_DIR) SHOAL_VMM=$(CURDIR)/$(VMM) \
 	  ci/test-summary.sh $(CARGO) test --workspace --locked --release --no-fail-fast
 

@@ -10,6 +10,8 @@
 //!   garbage collection, the format gate).
 //! - [`api`]: the HTTP API every node serves.
 //! - [`durable`]: files that must survive a crash whole.
+//! - [`pid1`]: `shoal-node` as the host image's init: mounts, modules, data disk, uplink, the
+//!   agent as its child, orphans reaped, ordered shutdown.
 
 pub mod api;
 pub mod cluster;
@@ -18,6 +20,7 @@ pub mod images;
 pub mod leader;
 pub mod local;
 pub mod peer;
+pub mod pid1;
 pub mod scheduler;
 pub mod state;
 pub mod supervisor;

@@ -1,5 +1,6 @@
 //! `shoal-node`: the Shoal host agent. `shoal-node agent` runs the cluster agent as an ordinary
-//! process (development, tests, and under the host image's PID 1).
+//! process (development, tests, and under the host image's PID 1). Started as PID 1 (the host
+//! image's `/init`) it is that init: see `shoal_node::pid1`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -330,6 +331,10 @@ async fn write_client_config(agent: Arc<cluster::agent::Agent>) {
 }
 
 fn main() {
+    // The host image's /init: the kernel passes init the command line's bare words, not ours.
+    if std::process::id() == 1 {
+        shoal_node::pid1::main();
+    }
     let cli = Cli::parse();
     if let Command::Shim(args) = &cli.command {
         // Before any thread exists: the shim forks.

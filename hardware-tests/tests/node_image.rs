@@ -1,0 +1,237 @@
+//! The host image (`image-build/host/build-image.sh`) booted as a server boots it, in QEMU
+//! under TCG with an AMD CPU model: the raw GPT disk under OVMF (UEFI, systemd-boot, the
+//! unified kernel image), and the PXE files through QEMU's iPXE from a TFTP server. In both,
+//! `shoal-node` is PID 1: it finds (and on first boot formats) the data partition, leases an
+//! address over DHCP (QEMU's user network), and its API answers through a forwarded port. A
+//! Ctrl+Alt+Del reboots in order and the node comes back with its identity and data.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use shoal_hardware_tests::repo_root;
+
+const SECRET: &str = "node-image-test-secret";
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// Builds the image once per test binary, twice over: the two builds must be the same bytes
+/// (the raw disk aside: mtools stamps two FAT directory entries with the time of the build).
+fn image() -> &'static PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let bin = repo_root().join("target/x86_64-unknown-linux-gnu/release");
+        let base = std::env::temp_dir().join(format!("shoal-image-test-{}", std::process::id()));
+        let build = |out: &Path| {
+            let o = Command::new(repo_root().join("image-build/host/build-image.sh"))
+                .arg(&bin)
+                .arg(out)
+                .env("SHOAL_IMAGE_CMDLINE", format!("shoal.min_voters=1 shoal.secret={SECRET}"))
+                .output()
+                .expect("run build-image.sh");
+            assert!(o.status.success(), "build-image.sh failed: {}", String::from_utf8_lossy(&o.stderr));
+            print!("{}", String::from_utf8_lossy(&o.stdout));
+        };
+        let (a, b) = (base.join("a"), base.join("b"));
+        build(&a);
+        build(&b);
+        for f in ["vmlinuz", "initramfs.img", "shoal.ipxe", "shoal.efi"] {
+            let read = |d: &Path| std::fs::read(d.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(read(&a) == read(&b), "two builds of {f} from the same inputs differ");
+        }
+        let size = |f: &str| std::fs::metadata(a.join(f)).map(|m| m.len()).unwrap_or(0);
+        assert!(size("vmlinuz") + size("initramfs.img") < 40 << 20, "kernel + initramfs over 40 MiB");
+        a
+    })
+}
+
+/// A QEMU server and its console lines.
+struct Server {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    started: Instant,
+    monitor: PathBuf,
+}
+
+impl Server {
+    fn start(args: &[String], tag: &str) -> Server {
+        let monitor = std::env::temp_dir().join(format!("shoal-image-{tag}-{}.mon", std::process::id()));
+        let _ = std::fs::remove_file(&monitor);
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "2", "-m", "1536"])
+            .args(["-nographic", "-nodefaults", "-serial", "stdio"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server,nowait", monitor.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("console pipe");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut buf = Vec::new();
+            while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+                let text = String::from_utf8_lossy(&buf).trim_end().to_string();
+                if let Ok(mut l) = sink.lock() {
+                    l.push(text);
+                }
+                buf.clear();
+            }
+        });
+        Server { child, lines, started: Instant::now(), monitor }
+    }
+
+    fn console(&self) -> String {
+        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    fn count(&self, part: &str) -> usize {
+        self.lines.lock().map(|l| l.iter().filter(|x| x.contains(part)).count()).unwrap_or(0)
+    }
+
+    /// Waits until the console has shown `part` `times` times.
+    fn wait_console(&self, part: &str, times: usize) {
+        let deadline = Instant::now() + LIMIT;
+        while self.count(part) < times {
+            assert!(Instant::now() < deadline, "no {part:?} (x{times}) on the console:\n{}", self.console());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Types a key combination on the server's keyboard (QEMU's monitor).
+    fn sendkey(&self, keys: &str) {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.monitor).expect("QEMU monitor");
+        std::thread::sleep(Duration::from_millis(300));
+        writeln!(s, "sendkey {keys}").expect("monitor write");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.monitor);
+    }
+}
+
+/// A free TCP port on the host's loopback for QEMU's forward.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// `GET path` on the node's API through the forward (the test trusts any certificate: it has
+/// no copy of the cluster CA, which lives on the node).
+fn api(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<serde_json::Value> {
+    let token = shoal_node::cluster::secret::ClusterSecret::new(SECRET).default_api_token();
+    let mut c = Command::new("curl");
+    c.args(["-sk", "--max-time", "10", "-X", method, "-H"])
+        .arg(format!("Authorization: Bearer {token}"))
+        .arg(format!("https://127.0.0.1:{port}{path}"));
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "--data", b]);
+    }
+    let out = c.output().ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls the status until the node leads its one-node cluster; returns it.
+fn wait_leader(server: &Server, port: u16) -> serde_json::Value {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(s) = api(port, "GET", "/v1/cluster/status", None) {
+            if s["leader_id"].is_string() && s["leader_id"] == s["node_id"] {
+                return s;
+            }
+        }
+        assert!(Instant::now() < deadline, "the API never answered with a leader; console:\n{}", server.console());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_over_a_reboot() {
+    let img = image();
+    let dir = tempfile_dir("uefi");
+    let disk = dir.join("disk.raw");
+    let vars = dir.join("vars.fd");
+    assert!(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(img.join("shoal.raw"))
+        .arg(&disk)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF (package ovmf)");
+    let port = free_port();
+    let args: Vec<String> = [
+        "-drive".into(),
+        "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+        "-drive".into(),
+        format!("if=pflash,format=raw,file={}", vars.display()),
+        "-drive".into(),
+        format!("file={},format=raw,if=virtio", disk.display()),
+        "-netdev".into(),
+        format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:7400"),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ]
+    .to_vec();
+    let server = Server::start(&args, "uefi");
+    let first = wait_leader(&server, port);
+    println!("image_uefi_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
+    assert_eq!(server.count("is blank: formatting it (first boot)"), 1, "{}", server.console());
+    assert_eq!(server.count("/dev/vda2 mounted on /var/lib/shoal"), 1);
+    // A write the reboot must keep.
+    let put = api(port, "PUT", "/v1/kv/image-test", Some("\"kept over a reboot\""));
+    assert!(put.is_some(), "the write was not answered; console:\n{}", server.console());
+
+    // Ctrl+Alt+Del: PID 1 stops the agent, syncs, unmounts and reboots; QEMU boots again.
+    server.sendkey("ctrl-alt-delete");
+    server.wait_console("phase stopping: syncing and unmounting", 1);
+    server.wait_console("/dev/vda2 mounted on /var/lib/shoal", 2);
+    let second = wait_leader(&server, port);
+    assert_eq!(second["node_id"], first["node_id"], "the node's identity changed over a reboot");
+    assert_eq!(second["cluster_id"], first["cluster_id"]);
+    assert_eq!(server.count("formatting it"), 1, "the data disk was formatted again:\n{}", server.console());
+    let kept = api(port, "GET", "/v1/kv/image-test", None);
+    assert!(
+        kept.as_ref().is_some_and(|v| v.to_string().contains("kept over a reboot")),
+        "the value written before the reboot: {kept:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_pxe_files_boot_through_ipxe_to_an_answering_api() {
+    let img = image();
+    let port = free_port();
+    let args: Vec<String> = [
+        "-boot".into(),
+        "n".into(),
+        "-no-reboot".into(),
+        "-netdev".into(),
+        format!("user,id=n0,tftp={},bootfile=shoal.ipxe,hostfwd=tcp:127.0.0.1:{port}-:7400", img.display()),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ]
+    .to_vec();
+    let server = Server::start(&args, "pxe");
+    let status = wait_leader(&server, port);
+    println!("image_pxe_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
+    assert!(server.count("shoal.ipxe") >= 1, "iPXE did not fetch the script:\n{}", server.console());
+    assert_eq!(status["voters"].as_array().map(Vec::len), Some(1));
+    // No disk: the node says it runs from RAM.
+    assert_eq!(server.count("running from RAM"), 1, "{}", server.console());
+}
+
+fn tempfile_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-image-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}

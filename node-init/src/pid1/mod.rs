@@ -1,0 +1,533 @@
+//! `shoal-node` as PID 1 of the host image: it mounts what a node needs, loads its kernel
+//! modules, finds (and on first boot formats) the data disk, brings up the uplink through
+//! netstack (DHCP or `ip=`), then runs the agent (`shoal-node agent`, a child it restarts if it
+//! dies) and reaps every orphan. It never exits: SIGTERM and SIGINT (Ctrl+Alt+Del) reboot after
+//! an ordered shutdown, SIGUSR2 and SIGPWR power off, and a fatal error is logged, synced and
+//! followed by a reboot after a countdown.
+//!
+//! Boot runs as named phases; each is printed on the console (`shoal: phase NAME: ...`) and
+//! written to `/run/shoal/phase`.
+
+pub mod cmdline;
+pub mod disk;
+pub mod modules;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cmdline::{BootConfig, API_PORT};
+
+/// Where the data disk is mounted.
+pub const DATA_MOUNT: &str = "/var/lib/shoal";
+/// The data directory of a node without a data disk (lost at every reboot).
+pub const RAM_DATA: &str = "/run/shoal/ram";
+/// The boot configuration stored on the data disk.
+pub const BOOT_FILE: &str = "boot.json";
+/// Where the image keeps mke2fs.
+const MKE2FS: &str = "/sbin/mke2fs";
+/// Seconds between a fatal error and the reboot.
+const FATAL_COUNTDOWN: u64 = 10;
+
+fn say(msg: &str) {
+    // The console is stderr (fds 0-2 are /dev/console); the kernel log gets it too when the
+    // console is not watched.
+    eprintln!("shoal: {msg}");
+}
+
+/// Enters a boot phase: printed, and written where the agent and console can read it.
+pub fn phase(name: &str, detail: &str) {
+    say(&format!("phase {name}: {detail}"));
+    let _ = std::fs::create_dir_all("/run/shoal");
+    let _ = std::fs::write("/run/shoal/phase", format!("{name}\n{detail}\n"));
+}
+
+fn c(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap_or_default()
+}
+
+fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
+    let _ = std::fs::create_dir_all(target);
+    let (src, target, fstype, data) = (c(src), c(target), c(fstype), c(data));
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let r = unsafe {
+        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr() as *const libc::c_void)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The early mounts. A failure is fatal: nothing else works without them.
+fn early_mounts() -> Result<(), String> {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for (src, target, fstype, flags, data) in [
+        ("proc", "/proc", "proc", nosuid, ""),
+        ("sysfs", "/sys", "sysfs", nosuid, ""),
+        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666"),
+        ("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, "nsdelegate"),
+    ] {
+        match mount(src, target, fstype, flags, data) {
+            Ok(()) => {}
+            // The kernel mounts devtmpfs itself with CONFIG_DEVTMPFS_MOUNT.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(format!("mount {fstype} on {target}: {e}")),
+        }
+    }
+    // The controllers the jail limits microVMs with, for the children of the root.
+    let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu +memory +pids");
+    Ok(())
+}
+
+/// Makes fds 0, 1 and 2 the console (the kernel opens it for init only when the initramfs
+/// has /dev/console; devtmpfs has it now).
+fn open_console() {
+    let Ok(f) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") else { return };
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+    for target in 0..3 {
+        // SAFETY: dup2 on a descriptor this process owns; replacing 0-2 is the intent.
+        unsafe { libc::dup2(fd, target) };
+    }
+    if fd > 2 {
+        // SAFETY: fd is ours and no longer used.
+        unsafe { libc::close(fd) };
+    }
+}
+
+fn sync() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+fn reboot(cmd: libc::c_int) {
+    // SAFETY: reboot with one of the kernel's LINUX_REBOOT_CMD values; it returns only on error.
+    unsafe { libc::reboot(cmd) };
+}
+
+/// Logs a fatal error, syncs, counts down on the console and reboots. PID 1 never exits (the
+/// kernel would panic).
+pub fn fatal(msg: &str) -> ! {
+    phase("failed", msg);
+    sync();
+    for left in (1..=FATAL_COUNTDOWN).rev() {
+        say(&format!("rebooting in {left} s"));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    reboot(libc::RB_AUTOBOOT);
+    // Only without CAP_SYS_BOOT; there is nothing left to do but wait.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// The signals PID 1 waits for (blocked everywhere, taken with sigtimedwait).
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGPWR, libc::SIGHUP]
+        {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Set while a thread of PID 1 waits for a child of its own (mke2fs): the main loop's
+/// `waitpid(-1)` must not take that child's status first.
+static OWN_WAIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs `f` (which spawns and waits for a child) with the orphan reaper paused.
+fn waiting_for_own_child<T>(f: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::Ordering;
+    OWN_WAIT.fetch_add(1, Ordering::SeqCst);
+    let r = f();
+    OWN_WAIT.fetch_sub(1, Ordering::SeqCst);
+    r
+}
+
+/// Reaps every exited child; returns the pids with their raw wait status.
+fn reap() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    if OWN_WAIT.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        return out;
+    }
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a local.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return out;
+        }
+        out.push((pid, status));
+    }
+}
+
+/// What the boot thread hands the main loop once the node can run its agent.
+#[derive(Debug, Clone)]
+pub struct AgentPlan {
+    pub data_dir: PathBuf,
+    pub listen: std::net::SocketAddr,
+    pub config: BootConfig,
+    pub secret_file: Option<PathBuf>,
+}
+
+impl AgentPlan {
+    /// `shoal-node agent`'s arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![
+            "agent".to_string(),
+            "--data-dir".into(),
+            self.data_dir.join("node").display().to_string(),
+            "--listen".into(),
+            self.listen.to_string(),
+            "--min-voters".into(),
+            self.config.min_voters.unwrap_or(3).to_string(),
+        ];
+        for s in &self.config.seeds {
+            a.extend(["--seed".into(), s.clone()]);
+        }
+        if let Some(l) = &self.config.labels {
+            a.extend(["--labels".into(), l.clone()]);
+        }
+        if let Some(f) = &self.secret_file {
+            a.extend(["--secret-file".into(), f.display().to_string()]);
+        }
+        a
+    }
+}
+
+/// The data disk: mounted at [`DATA_MOUNT`], or the RAM directory with the reason.
+fn data_disk(cfg: &BootConfig) -> PathBuf {
+    let ram = |why: &str| {
+        phase("data", &format!("{why}: running from RAM ({RAM_DATA}); nothing survives a reboot"));
+        let _ = std::fs::create_dir_all(RAM_DATA);
+        PathBuf::from(RAM_DATA)
+    };
+    let dev = match cfg.data.as_deref() {
+        Some("ram") => return ram("shoal.data=ram"),
+        Some(d) => PathBuf::from(d),
+        None => match disk::find_by_label(Path::new("/sys"), disk::DATA_LABEL) {
+            Some(d) => d,
+            None => return ram(&format!("no partition labelled {}", disk::DATA_LABEL)),
+        },
+    };
+    match disk::probe(&dev) {
+        Ok(disk::Contents::Ext4) => {}
+        Ok(disk::Contents::Blank) => {
+            phase("data", &format!("{} is blank: formatting it (first boot)", dev.display()));
+            if let Err(e) = waiting_for_own_child(|| disk::format(Path::new(MKE2FS), &dev)) {
+                return ram(&e);
+            }
+        }
+        Ok(disk::Contents::Unknown) => return ram(&format!(
+            "{} holds something that is not an ext4 file system (left as it is; clear it to let the node format it)",
+            dev.display()
+        )),
+        Err(e) => return ram(&format!("cannot read {}: {e}", dev.display())),
+    }
+    if let Err(e) = mount(&dev.display().to_string(), DATA_MOUNT, "ext4", libc::MS_NOSUID | libc::MS_NODEV, "") {
+        return ram(&format!("cannot mount {} (ext4): {e} (the file system may be damaged)", dev.display()));
+    }
+    phase("data", &format!("{} mounted on {DATA_MOUNT}", dev.display()));
+    PathBuf::from(DATA_MOUNT)
+}
+
+/// Mixes the seed an earlier boot saved into the kernel's pool and saves a new one.
+fn seed_rng(data: &Path) {
+    let file = data.join("random-seed");
+    if let Ok(old) = std::fs::read(&file) {
+        let _ = std::fs::write("/dev/urandom", old);
+    }
+    let mut fresh = [0u8; 512];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut fresh)).is_ok() {
+        let _ = crate::durable::write_private(&file, &fresh);
+    }
+}
+
+fn set_hostname(name: &str) {
+    let _ = std::fs::write("/proc/sys/kernel/hostname", name);
+    let _ = std::fs::create_dir_all("/etc");
+    let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
+}
+
+/// The uplink: up, addressed (DHCP, kept renewed by this thread, or static), and its address.
+async fn network(cfg: &BootConfig) -> Result<(Ipv4Addr, Option<[u8; 6]>), String> {
+    use shoal_netstack::dhcp;
+    let nl = shoal_netstack::netlink::Netlink::connect().map_err(|e| e.to_string())?;
+    let links = nl.links().await.map_err(|e| e.to_string())?;
+    if let Some(lo) = links.iter().find(|l| l.name == "lo") {
+        nl.set(lo.index, None, None, true).await.map_err(|e| format!("bringing up lo: {e}"))?;
+    }
+    let uplink = dhcp::parse_ip_arg(cfg.ip.as_deref().unwrap_or("dhcp")).map_err(|e| e.to_string())?;
+    let wanted = match &uplink {
+        dhcp::Uplink::Off => return Ok((Ipv4Addr::LOCALHOST, None)),
+        dhcp::Uplink::Dhcp { device } | dhcp::Uplink::Static { device, .. } => device.clone(),
+    };
+    // Every Ethernet link up, then the named one or the first with a carrier.
+    let ethernet: Vec<_> = links.iter().filter(|l| l.name != "lo" && l.mac.is_some() && l.kind.is_none()).collect();
+    for l in &ethernet {
+        let _ = nl.set(l.index, None, None, true).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let device = loop {
+        let now = nl.links().await.map_err(|e| e.to_string())?;
+        let pick = match &wanted {
+            Some(name) => now.iter().find(|l| &l.name == name).cloned(),
+            None => now
+                .iter()
+                .filter(|l| ethernet.iter().any(|e| e.index == l.index))
+                .find(|l| l.carrier)
+                .cloned()
+                .or_else(|| (Instant::now() > deadline).then(|| ethernet.first().map(|l| (*l).clone())).flatten()),
+        };
+        if let Some(l) = pick {
+            break l;
+        }
+        if Instant::now() > deadline + Duration::from_secs(20) {
+            return Err(match &wanted {
+                Some(n) => format!("no network link named {n}"),
+                None => "no Ethernet link found".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if let dhcp::Uplink::Static { address, prefix, gateway, dns, .. } = &uplink {
+        nl.set(device.index, None, None, true).await.map_err(|e| e.to_string())?;
+        nl.add_address(device.index, *address, *prefix).await.map_err(|e| e.to_string())?;
+        if let Some(g) = gateway {
+            nl.add_default_route(*g, device.index).await.map_err(|e| e.to_string())?;
+        }
+        let resolv: String = dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+        let _ = std::fs::write("/etc/resolv.conf", resolv);
+        phase("network", &format!("{} has {address}/{prefix} (ip= on the command line)", device.name));
+        return Ok((*address, device.mac));
+    }
+    phase("network", &format!("asking for a DHCP lease on {}", device.name));
+    let mut client_cfg = dhcp::Config::new(&device.name);
+    client_cfg.hostname = cfg.hostname.clone();
+    let mut client = dhcp::Client::new(nl.clone(), client_cfg).await.map_err(|e| e.to_string())?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let name = device.name.clone();
+    tokio::spawn(async move {
+        let r = client
+            .run(std::future::pending::<()>(), |e| match e {
+                dhcp::Event::Bound(l) => {
+                    let _ = std::fs::write("/etc/resolv.conf", l.resolv_conf());
+                    say(&format!("{name}: leased {}/{} from {}", l.address, l.prefix, l.server));
+                    let _ = tx.send(l.address);
+                }
+                dhcp::Event::Expired(l) => say(&format!("{name}: the lease of {} ran out", l.address)),
+                dhcp::Event::Nak { server, .. } => say(&format!("{name}: {server} refused our address")),
+                dhcp::Event::LinkDown => say(&format!("{name}: link down")),
+                _ => {}
+            })
+            .await;
+        if let Err(e) = r {
+            say(&format!("the DHCP client on {name} stopped: {e}"));
+        }
+    });
+    let address = rx.recv().await.ok_or_else(|| format!("the DHCP client on {} stopped", device.name))?;
+    phase("network", &format!("{} has {address} (DHCP)", device.name));
+    Ok((address, device.mac))
+}
+
+/// The boot, after the early mounts: modules, data disk, configuration, network. Sends the
+/// agent's plan, then keeps the uplink's lease renewed.
+fn boot(tx: mpsc::Sender<AgentPlan>) -> Result<(), String> {
+    phase("modules", "loading the node's kernel modules");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let dir = Path::new("/lib/modules").join(release.trim());
+    match modules::load_node_modules(&dir, &modules::node_modules()) {
+        Ok(l) => {
+            for (name, e) in &l.failed {
+                say(&format!("module {name}: {e}"));
+            }
+            phase("modules", &format!("{} loaded, {} failed", l.loaded, l.failed.len()));
+        }
+        Err(e) => phase("modules", &format!("no module list in {} ({e}): using what is built in", dir.display())),
+    }
+    let given = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    for k in &given.unknown {
+        say(&format!("unknown key {k} on the kernel command line (ignored)"));
+    }
+    for e in &given.errors {
+        say(e);
+    }
+    phase("data", "looking for the data disk");
+    let data = data_disk(&given);
+    seed_rng(&data);
+    let stored: BootConfig =
+        std::fs::read(data.join(BOOT_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let config = given.over(&stored);
+    if config != stored {
+        let json = serde_json::to_vec_pretty(&config).unwrap_or_default();
+        if let Err(e) = crate::durable::write_private(&data.join(BOOT_FILE), &json) {
+            say(&format!("cannot store the boot configuration: {e}"));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    phase("network", "bringing up the uplink");
+    let (address, mac) = rt.block_on(network(&config))?;
+    let hostname = config.hostname.clone().unwrap_or_else(|| match mac {
+        Some(m) => format!("shoal-{:02x}{:02x}{:02x}", m[3], m[4], m[5]),
+        None => "shoal".into(),
+    });
+    set_hostname(&hostname);
+    let secret_file = match &config.secret {
+        Some(s) => {
+            let f = PathBuf::from("/run/shoal/secret");
+            crate::durable::write_private(&f, s.as_bytes()).map_err(|e| format!("writing {}: {e}", f.display()))?;
+            Some(f)
+        }
+        None => None,
+    };
+    let plan =
+        AgentPlan { data_dir: data, listen: std::net::SocketAddr::new(address.into(), API_PORT), config, secret_file };
+    phase("agent", &format!("starting the agent ({hostname}, API on https://{})", plan.listen));
+    tx.send(plan).map_err(|_| "the main loop is gone".to_string())?;
+    // The DHCP client's task runs on this runtime: keep it turning.
+    rt.block_on(std::future::pending::<()>());
+    Ok(())
+}
+
+/// The agent child and when to restart it.
+struct Agent {
+    plan: Option<AgentPlan>,
+    pid: Option<i32>,
+    restarts: u32,
+    next_start: Instant,
+}
+
+impl Agent {
+    fn start(&mut self) {
+        let Some(plan) = &self.plan else { return };
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
+        match std::process::Command::new(exe).args(plan.args()).env("SHOAL_VMM", "/bin/shoal-vmm").spawn() {
+            Ok(child) => {
+                self.pid = Some(child.id() as i32);
+                // Reaped by the main loop's waitpid, not through the handle.
+                drop(child);
+            }
+            Err(e) => {
+                say(&format!("cannot start the agent: {e}"));
+                self.exited();
+            }
+        }
+    }
+
+    fn exited(&mut self) {
+        self.pid = None;
+        self.restarts += 1;
+        let backoff = Duration::from_secs(1u64 << self.restarts.min(5));
+        self.next_start = Instant::now() + backoff;
+        say(&format!("the agent stopped; starting it again in {} s", backoff.as_secs()));
+    }
+}
+
+/// Stops everything in order and reboots (or powers off).
+fn shutdown(agent: &mut Agent, cmd: libc::c_int) -> ! {
+    let what = if cmd == libc::RB_POWER_OFF { "powering off" } else { "rebooting" };
+    phase("stopping", &format!("{what}: stopping the agent"));
+    let wait_children = |limit: Duration, agent_pid: Option<i32>| {
+        let deadline = Instant::now() + limit;
+        let mut agent_alive = agent_pid.is_some();
+        while Instant::now() < deadline {
+            for (pid, _) in reap() {
+                if Some(pid) == agent_pid {
+                    agent_alive = false;
+                }
+            }
+            // ECHILD: no children at all.
+            // SAFETY: waitpid with WNOHANG on any child writes nothing we read.
+            let none = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } < 0;
+            if none || (agent_pid.is_some() && !agent_alive) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    if let Some(pid) = agent.pid {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        wait_children(Duration::from_secs(10), Some(pid));
+    }
+    phase("stopping", "stopping the microVMs");
+    // SAFETY: kill(-1) signals every process but this one.
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+    wait_children(Duration::from_secs(5), None);
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    wait_children(Duration::from_secs(2), None);
+    phase("stopping", "syncing and unmounting");
+    sync();
+    let target = c(DATA_MOUNT);
+    // SAFETY: a NUL-terminated path; a failure (not mounted) is harmless.
+    unsafe { libc::umount2(target.as_ptr(), 0) };
+    sync();
+    say(what);
+    reboot(cmd);
+    fatal("the kernel refused to reboot")
+}
+
+/// PID 1's entry point.
+pub fn main() -> ! {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("shoal: PID 1 panicked: {info}");
+        sync();
+        std::thread::sleep(Duration::from_secs(FATAL_COUNTDOWN));
+        reboot(libc::RB_AUTOBOOT);
+    }));
+    let set = signal_set();
+    // SAFETY: blocking signals for this thread (and the threads it starts) with a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if let Err(e) = early_mounts() {
+        open_console();
+        fatal(&e);
+    }
+    open_console();
+    // Ctrl+Alt+Del sends SIGINT to init instead of resetting at once.
+    reboot(libc::RB_DISABLE_CAD);
+    phase("init", &format!("shoal-node {} as PID 1", env!("CARGO_PKG_VERSION")));
+    let (tx, rx) = mpsc::channel();
+    let booting = std::thread::Builder::new().name("boot".into()).spawn(move || {
+        if let Err(e) = boot(tx) {
+            phase("failed", &format!("{e} (the node stays up on its console; fix and reboot)"));
+        }
+    });
+    if let Err(e) = booting {
+        fatal(&format!("cannot start the boot thread: {e}"));
+    }
+    let mut agent = Agent { plan: None, pid: None, restarts: 0, next_start: Instant::now() };
+    let timeout = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+    loop {
+        // SAFETY: sigtimedwait with a valid set and timeout; no siginfo is asked for.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+        match sig {
+            libc::SIGTERM | libc::SIGINT => shutdown(&mut agent, libc::RB_AUTOBOOT),
+            libc::SIGUSR2 | libc::SIGPWR => shutdown(&mut agent, libc::RB_POWER_OFF),
+            _ => {}
+        }
+        for (pid, _) in reap() {
+            if Some(pid) == agent.pid {
+                agent.exited();
+            }
+        }
+        if agent.plan.is_none() {
+            if let Ok(plan) = rx.try_recv() {
+                agent.plan = Some(plan);
+            }
+        }
+        if agent.plan.is_some() && agent.pid.is_none() && Instant::now() >= agent.next_start {
+            agent.start();
+        }
+    }
+}
