@@ -8,13 +8,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
 "$here/../../ci/ensure-packages.sh" dpkg-dev kmod >/dev/null
-pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-if [ -z "$pkg" ]; then
-  apt-get update -q >/dev/null 2>&1 || true
-  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-fi
-[ -n "$pkg" ] || { echo "fetch-kernel: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
-version=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+read -r pkg version < <("$here/../../ci/cloud-kernel-package.sh")
 wanted=$(grep -v '^#' "$here/modules.txt" | awk 'NF {print $1}')
 dest="$cache/host-kernel/$pkg-$version-$( (echo "$wanted"; cat "$0") | sha256sum | cut -c1-8)"
 if [ ! -f "$dest/vmlinuz" ]; then
