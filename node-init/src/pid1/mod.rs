@@ -228,10 +228,13 @@ fn data_disk(cfg: &BootConfig) -> PathBuf {
                 return ram(&e);
             }
         }
-        Ok(disk::Contents::Unknown) => return ram(&format!(
-            "{} holds something that is not an ext4 file system (left as it is; clear it to let the node format it)",
-            dev.display()
-        )),
+        Ok(disk::Contents::Unknown) => {
+            let why = format!(
+                "{} holds something that is not ext4 (left as it is; clear it to let the node format it)",
+                dev.display()
+            );
+            return ram(&why);
+        }
         Err(e) => return ram(&format!("cannot read {}: {e}", dev.display())),
     }
     if let Err(e) = mount(&dev.display().to_string(), DATA_MOUNT, "ext4", libc::MS_NOSUID | libc::MS_NODEV, "") {
