@@ -156,33 +156,7 @@ fn wait_leader(server: &Server, port: u16) -> serde_json::Value {
 
 #[test]
 fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_over_a_reboot() {
-    let img = image();
-    let dir = tempfile_dir("uefi");
-    let disk = dir.join("disk.raw");
-    let vars = dir.join("vars.fd");
-    assert!(Command::new("cp")
-        .arg("--sparse=always")
-        .arg(img.join("shoal.raw"))
-        .arg(&disk)
-        .status()
-        .unwrap()
-        .success());
-    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF (package ovmf)");
-    let port = free_port();
-    let args: Vec<String> = [
-        "-drive".into(),
-        "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
-        "-drive".into(),
-        format!("if=pflash,format=raw,file={}", vars.display()),
-        "-drive".into(),
-        format!("file={},format=raw,if=virtio", disk.display()),
-        "-netdev".into(),
-        format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:7400"),
-        "-device".into(),
-        "virtio-net-pci,netdev=n0".into(),
-    ]
-    .to_vec();
-    let server = Server::start(&args, "uefi");
+    let (server, port, dir) = boot_disk("uefi", None, true);
     let first = wait_leader(&server, port);
     println!("image_uefi_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
     assert_eq!(server.count("is blank: formatting it (first boot)"), 1, "{}", server.console());
@@ -228,6 +202,75 @@ fn the_pxe_files_boot_through_ipxe_to_an_answering_api() {
     assert_eq!(status["voters"].as_array().map(Vec::len), Some(1));
     // No disk: the node says it runs from RAM.
     assert_eq!(server.count("running from RAM"), 1, "{}", server.console());
+}
+
+/// The image's disk with the data partition's first MiB overwritten by `fill` (not zeros, not
+/// ext4: what a disk that held something else looks like), booted under OVMF.
+fn boot_disk(tag: &str, fill: Option<u8>, nic: bool) -> (Server, u16, PathBuf) {
+    let img = image();
+    let dir = tempfile_dir(tag);
+    let disk = dir.join("disk.raw");
+    let vars = dir.join("vars.fd");
+    assert!(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(img.join("shoal.raw"))
+        .arg(&disk)
+        .status()
+        .unwrap()
+        .success());
+    if let Some(byte) = fill {
+        // The data partition starts at sector 526336 (after the 256 MiB ESP at 1 MiB).
+        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(526336 * 512)).unwrap();
+        f.write_all(&vec![byte; 1 << 20]).unwrap();
+    }
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF (package ovmf)");
+    let port = free_port();
+    let mut args: Vec<String> = vec![
+        "-drive".into(),
+        "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+        "-drive".into(),
+        format!("if=pflash,format=raw,file={}", vars.display()),
+        "-drive".into(),
+        format!("file={},format=raw,if=virtio", disk.display()),
+    ];
+    if nic {
+        args.extend([
+            "-netdev".into(),
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:7400"),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
+        ]);
+    }
+    (Server::start(&args, tag), port, dir)
+}
+
+#[test]
+fn a_data_partition_holding_something_else_is_left_alone_and_the_node_runs_from_ram() {
+    let (server, port, dir) = boot_disk("foreign", Some(0xa5), true);
+    wait_leader(&server, port);
+    assert_eq!(server.count("formatting it"), 0, "a foreign partition was formatted:\n{}", server.console());
+    assert_eq!(server.count("holds something that is not ext4"), 1, "{}", server.console());
+    assert_eq!(server.count("running from RAM"), 1);
+    drop(server);
+    // The partition still holds what it held.
+    let mut f = std::fs::File::open(dir.join("disk.raw")).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(526336 * 512)).unwrap();
+    let mut head = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut f, &mut head).unwrap();
+    assert!(head.iter().all(|&b| b == 0xa5), "the foreign partition was written to");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_server_without_a_network_card_says_so_on_its_console_and_stays_up() {
+    let (server, _port, dir) = boot_disk("nonet", None, false);
+    server.wait_console("phase failed: no Ethernet link found", 1);
+    // PID 1 did not exit (the kernel would have panicked) and did not reboot.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(server.count("Kernel panic"), 0, "{}", server.console());
+    assert_eq!(server.count("phase init:"), 1, "the server rebooted:\n{}", server.console());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn tempfile_dir(tag: &str) -> PathBuf {
