@@ -216,13 +216,13 @@ fn boot_disk(tag: &str, fill: Option<u8>, nic: bool) -> (Server, u16, PathBuf) {
         .arg(img.join("shoal.raw"))
         .arg(&disk)
         .status()
-        .unwrap()
+        .expect("cp the disk image")
         .success());
     if let Some(byte) = fill {
         // The data partition starts at sector 526336 (after the 256 MiB ESP at 1 MiB).
-        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(526336 * 512)).unwrap();
-        f.write_all(&vec![byte; 1 << 20]).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).expect("open the disk copy");
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(526336 * 512)).expect("seek to the data partition");
+        f.write_all(&vec![byte; 1 << 20]).expect("fill the data partition");
     }
     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF (package ovmf)");
     let port = free_port();
