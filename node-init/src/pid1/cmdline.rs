@@ -1,8 +1,6 @@
 //! The node's boot configuration: what the kernel command line says (`shoal.*=` and `ip=`),
 //! merged with what an earlier boot stored on the data disk, so that a reboot needs none of it.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// The agent's default ports: API (TCP) and gossip (UDP) on 7400, Raft on the next.
@@ -136,17 +134,6 @@ impl BootConfig {
             errors: self.errors.clone(),
         }
     }
-
-    /// The labels as a map (for checking them before the agent does).
-    pub fn label_map(&self) -> BTreeMap<String, String> {
-        self.labels
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|p| p.trim().split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 }
 
 #[cfg(test)]
@@ -166,7 +153,6 @@ mod tests {
         assert_eq!(c.min_voters, Some(1));
         assert_eq!(c.unknown, vec!["shoal.frob"]);
         assert!(c.errors.is_empty());
-        assert_eq!(c.label_map().get("rack").map(String::as_str), Some("r1"));
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub fn find_by_label(sys: &Path, label: &str) -> Option<PathBuf> {
             }
         }
     }
-    // Two disks with the label (a copied image): the first by name, reported by the caller.
+    // Two disks with the label (a copied image): the first by name.
     found.sort();
     found.first().map(|d| PathBuf::from("/dev").join(d))
 }
