@@ -49,6 +49,8 @@ fn image() -> &'static PathBuf {
 /// A QEMU server and its console lines.
 struct Server {
     child: Child,
+    /// What is typed on the serial console.
+    keys: Mutex<std::process::ChildStdin>,
     lines: Arc<Mutex<Vec<String>>>,
     started: Instant,
     monitor: PathBuf,
@@ -64,12 +66,13 @@ impl Server {
             .arg("-monitor")
             .arg(format!("unix:{},server,nowait", monitor.display()))
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("start qemu-system-x86_64");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let keys = Mutex::new(child.stdin.take().expect("console input pipe"));
         let out = child.stdout.take().expect("console pipe");
         let sink = lines.clone();
         std::thread::spawn(move || {
@@ -83,7 +86,7 @@ impl Server {
                 buf.clear();
             }
         });
-        Server { child, lines, started: Instant::now(), monitor }
+        Server { child, keys, lines, started: Instant::now(), monitor }
     }
 
     fn console(&self) -> String {
@@ -99,6 +102,25 @@ impl Server {
         let deadline = Instant::now() + LIMIT;
         while self.count(part) < times {
             assert!(Instant::now() < deadline, "no {part:?} (x{times}) on the console:\n{}", self.console());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Types a line on the serial console, as a user would (Enter is a carriage return).
+    fn type_line(&self, text: &str) {
+        let mut keys = self.keys.lock().expect("console input");
+        for b in text.bytes().chain([b'\r']) {
+            keys.write_all(&[b]).expect("type on the console");
+            keys.flush().expect("type on the console");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until QEMU exits (the server powered off, or rebooted under `-no-reboot`).
+    fn wait_exit(&mut self) {
+        let deadline = Instant::now() + LIMIT;
+        while self.child.try_wait().expect("qemu status").is_none() {
+            assert!(Instant::now() < deadline, "the server did not go down; console:\n{}", self.console());
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -161,6 +183,26 @@ fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_
     println!("image_uefi_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
     assert_eq!(server.count("is blank: formatting it (first boot)"), 1, "{}", server.console());
     assert_eq!(server.count("/dev/vda2 mounted on /var/lib/shoal"), 1);
+    // The management console: its status screen shows this node leading, and its commands
+    // answer from the node's API.
+    let me = first["node_id"].as_str().expect("node id").to_string();
+    server.wait_console(&format!("leader     {me} (this node)"), 1);
+    server.type_line("nodes");
+    server.wait_console("NODE", 1);
+    assert!(
+        server
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with(&me) && l.contains("leader") && l.contains("(this node)")),
+        "`nodes` did not list this node as leader:\n{}",
+        server.console()
+    );
+    server.type_line("instances");
+    server.wait_console("no instances", 1);
+    server.type_line("frobnicate");
+    server.wait_console("unknown command \"frobnicate\"; type help", 1);
     // A write the reboot must keep.
     let put = api(port, "PUT", "/v1/kv/image-test", Some("\"kept over a reboot\""));
     assert!(put.is_some(), "the write was not answered; console:\n{}", server.console());
@@ -202,6 +244,29 @@ fn the_pxe_files_boot_through_ipxe_to_an_answering_api() {
     assert_eq!(status["voters"].as_array().map(Vec::len), Some(1));
     // No disk: the node says it runs from RAM.
     assert_eq!(server.count("running from RAM"), 1, "{}", server.console());
+    // The API shows the boot's phases.
+    let phases: Vec<&str> =
+        status["boot_phases"].as_array().into_iter().flatten().filter_map(|p| p["phase"].as_str()).collect();
+    for p in ["init", "modules", "data", "network", "agent"] {
+        assert!(phases.contains(&p), "no boot phase {p} in the API's status: {phases:?}");
+    }
+    // A typed reboot asks first: anything but yes cancels it; yes reboots in order (QEMU
+    // runs with -no-reboot, so it exits).
+    let mut server = server;
+    server.type_line("reboot");
+    server.type_line("no");
+    server.wait_console("cancelled", 1);
+    assert_eq!(
+        server.count("Reboot this node (its microVMs stop)? Type yes to confirm: no"),
+        1,
+        "{}",
+        server.console()
+    );
+    assert_eq!(server.count("phase stopping"), 0, "a cancelled reboot went ahead:\n{}", server.console());
+    server.type_line("reboot");
+    server.type_line("yes");
+    server.wait_console("phase stopping: syncing and unmounting", 1);
+    server.wait_exit();
 }
 
 /// The image's disk with the data partition's first MiB overwritten by `fill` (not zeros, not
@@ -270,6 +335,15 @@ fn a_server_without_a_network_card_says_so_on_its_console_and_stays_up() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(server.count("Kernel panic"), 0, "{}", server.console());
     assert_eq!(server.count("phase init:"), 1, "the server rebooted:\n{}", server.console());
+    // The console still takes commands: its status screen says what is wrong, and a confirmed
+    // poweroff powers the server off.
+    let mut server = server;
+    server.type_line("status");
+    server.wait_console("boot       failed: no Ethernet link found", 1);
+    server.type_line("poweroff");
+    server.type_line("yes");
+    server.wait_console("phase stopping: powering off", 1);
+    server.wait_exit();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

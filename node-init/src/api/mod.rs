@@ -280,7 +280,7 @@ async fn status(State(node): State<Node>, Extension(who): Extension<Principal>) 
         })
         .collect();
     let hex = |ids: &[u64]| ids.iter().map(|i| format!("{i:016x}")).collect::<Vec<_>>();
-    Json(json!({
+    let mut body = json!({
         "cluster_id": cluster_id,
         "node_id": format!("{:016x}", agent.id),
         "leader_id": if st.leader_id == 0 { None } else { Some(format!("{:016x}", st.leader_id)) },
@@ -293,8 +293,13 @@ async fn status(State(node): State<Node>, Extension(who): Extension<Principal>) 
         "voters": hex(&st.voters),
         "learners": hex(&st.learners),
         "members": members,
-    }))
-    .into_response()
+    });
+    // A node booted from the host image: PID 1's boot phases (`[{phase, detail, at_s}]`).
+    if let Some(file) = std::env::var_os("SHOAL_BOOT_PHASES") {
+        let phases = std::fs::read(file).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        body["boot_phases"] = phases.unwrap_or(serde_json::Value::Null);
+    }
+    Json(body).into_response()
 }
 
 #[derive(Deserialize, Default)]

@@ -9,6 +9,7 @@
 //! written to `/run/shoal/phase`.
 
 pub mod cmdline;
+pub mod console;
 pub mod disk;
 pub mod modules;
 
@@ -30,17 +31,36 @@ const MKE2FS: &str = "/sbin/mke2fs";
 /// Seconds between a fatal error and the reboot.
 const FATAL_COUNTDOWN: u64 = 10;
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     // The console is stderr (fds 0-2 are /dev/console); the kernel log gets it too when the
     // console is not watched.
     eprintln!("shoal: {msg}");
 }
 
+/// Every phase of this boot so far: name, detail, seconds since the kernel started.
+static PHASES: std::sync::Mutex<Vec<(String, String, f64)>> = std::sync::Mutex::new(Vec::new());
+/// The boot's phases as JSON, for the agent's API (`boot_phases` in `/v1/cluster/status`).
+pub const PHASES_FILE: &str = "/run/shoal/phases.json";
+
 /// Enters a boot phase: printed, and written where the agent and console can read it.
 pub fn phase(name: &str, detail: &str) {
     say(&format!("phase {name}: {detail}"));
+    let uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0.0);
+    let mut phases = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    phases.push((name.to_string(), detail.to_string(), uptime));
+    let json: Vec<_> = phases.iter().map(|(n, d, t)| serde_json::json!({"phase": n, "detail": d, "at_s": t})).collect();
     let _ = std::fs::create_dir_all("/run/shoal");
     let _ = std::fs::write("/run/shoal/phase", format!("{name}\n{detail}\n"));
+    let _ = std::fs::write(PHASES_FILE, serde_json::to_vec(&json).unwrap_or_default());
+}
+
+/// The phase the boot is in (or ended in), with its detail.
+pub fn current_phase() -> (String, String) {
+    let phases = PHASES.lock().unwrap_or_else(|e| e.into_inner());
+    phases.last().map(|(n, d, _)| (n.clone(), d.clone())).unwrap_or_default()
 }
 
 fn c(s: &str) -> std::ffi::CString {
@@ -408,15 +428,32 @@ struct Agent {
     pid: Option<i32>,
     restarts: u32,
     next_start: Instant,
+    /// Stopped on purpose to restart with a new plan (the console's `join`).
+    replacing: bool,
 }
 
 impl Agent {
     fn start(&mut self) {
         let Some(plan) = &self.plan else { return };
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
-        match std::process::Command::new(exe).args(plan.args()).env("SHOAL_VMM", "/bin/shoal-vmm").spawn() {
-            Ok(child) => {
+        // The console is the management console's: the agent's output goes to its log.
+        let spawned = std::process::Command::new(exe)
+            .args(plan.args())
+            .env("SHOAL_VMM", "/bin/shoal-vmm")
+            .env("SHOAL_BOOT_PHASES", PHASES_FILE)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
                 self.pid = Some(child.id() as i32);
+                if let Some(out) = child.stdout.take() {
+                    console::collect_log(out);
+                }
+                if let Some(err) = child.stderr.take() {
+                    console::collect_log(err);
+                }
                 // Reaped by the main loop's waitpid, not through the handle.
                 drop(child);
             }
@@ -429,6 +466,12 @@ impl Agent {
 
     fn exited(&mut self) {
         self.pid = None;
+        if std::mem::take(&mut self.replacing) {
+            // Stopped to take a new plan: start again at once.
+            self.restarts = 0;
+            self.next_start = Instant::now();
+            return;
+        }
         self.restarts += 1;
         let backoff = Duration::from_secs(1u64 << self.restarts.min(5));
         self.next_start = Instant::now() + backoff;
@@ -501,6 +544,7 @@ pub fn main() -> ! {
     reboot(libc::RB_DISABLE_CAD);
     phase("init", &format!("shoal-node {} as PID 1", env!("CARGO_PKG_VERSION")));
     let (tx, rx) = mpsc::channel();
+    console::start(tx.clone());
     let booting = std::thread::Builder::new().name("boot".into()).spawn(move || {
         if let Err(e) = boot(tx) {
             phase("failed", &format!("{e} (the node stays up on its console; fix and reboot)"));
@@ -509,7 +553,7 @@ pub fn main() -> ! {
     if let Err(e) = booting {
         fatal(&format!("cannot start the boot thread: {e}"));
     }
-    let mut agent = Agent { plan: None, pid: None, restarts: 0, next_start: Instant::now() };
+    let mut agent = Agent { plan: None, pid: None, restarts: 0, next_start: Instant::now(), replacing: false };
     let timeout = libc::timespec { tv_sec: 1, tv_nsec: 0 };
     loop {
         // SAFETY: sigtimedwait with a valid set and timeout; no siginfo is asked for.
@@ -524,9 +568,14 @@ pub fn main() -> ! {
                 agent.exited();
             }
         }
-        if agent.plan.is_none() {
-            if let Ok(plan) = rx.try_recv() {
-                agent.plan = Some(plan);
+        // The boot's plan, or a new one from the console: the agent restarts with it.
+        if let Ok(plan) = rx.try_recv() {
+            *console::PLAN.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan.clone());
+            agent.plan = Some(plan);
+            if let Some(pid) = agent.pid {
+                agent.replacing = true;
+                // SAFETY: a signal to our own child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
             }
         }
         if agent.plan.is_some() && agent.pid.is_none() && Instant::now() >= agent.next_start {
