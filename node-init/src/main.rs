@@ -63,6 +63,14 @@ struct AgentArgs {
     /// Gossip address of a node to join through (repeatable).
     #[arg(long = "seed")]
     seeds: Vec<String>,
+    /// Find the other nodes on the LAN segment: broadcast this node's gossip address (tagged
+    /// with a key of the cluster secret) and take other nodes' as seeds. For servers booted
+    /// with no seed; every node of the cluster should announce.
+    #[arg(long)]
+    discover: bool,
+    /// The UDP port of LAN discovery.
+    #[arg(long, default_value_t = shoal_node::cluster::discovery::DEFAULT_PORT)]
+    discovery_port: u16,
     /// Labels published with this node, `k=v,...` (zone=... spreads voters across zones).
     #[arg(long, default_value = "")]
     labels: String,
@@ -246,6 +254,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         seeds: args.seeds.clone(),
+        discovery_port: args.discover.then_some(args.discovery_port),
         labels,
         capacity,
         min_voters: args.min_voters,

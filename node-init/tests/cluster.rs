@@ -52,6 +52,43 @@ fn leader_index(nodes: &[&Node], status: &serde_json::Value) -> usize {
     nodes.iter().position(|n| n.id() == leader).expect("the leader is one of the nodes")
 }
 
+/// Servers booted from one PXE script get no seed: they find each other by authenticated
+/// broadcast on their LAN segment and form one cluster; a node of another secret on the same
+/// segment hears the broadcasts but never joins, and a node added later still finds the cluster.
+#[test]
+fn nodes_with_no_seed_find_each_other_on_the_lan_and_form_one_cluster() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("d");
+    let started = Instant::now();
+    let n: Vec<Node> = (0..3).map(|i| net.node_discovering(i, support::SECRET, &[])).collect();
+    let refs: Vec<&Node> = n.iter().collect();
+    let st = three_voters(&refs);
+    println!("lan_discovery_formation_s={:.2}", started.elapsed().as_secs_f64());
+    let bootstraps = n.iter().filter(|x| x.log().contains("bootstrapped a new cluster")).count();
+    assert_eq!(bootstraps, 1, "{}", logs(&refs));
+    for x in &n {
+        assert!(x.log().contains("found a node on the LAN"), "node {} found nobody:\n{}", x.i, x.log());
+    }
+    // Another cluster's node on the same segment: its broadcasts and ours fail the tag.
+    let stranger = net.node_discovering(3, "some-other-secret", &["--min-voters", "1"]);
+    // A fourth node of ours, started after the cluster formed, finds it too.
+    let late = net.node_discovering(4, support::SECRET, &[]);
+    let ours: Vec<&Node> = n.iter().chain([&late]).collect();
+    let joined = wait_for(FORM, "the late node in the cluster", || {
+        agreed_status(&ours).filter(|s| s["members"].as_array().map(Vec::len) == Some(4))
+    });
+    assert_eq!(joined["cluster_id"], st["cluster_id"]);
+    let ids: Vec<&str> = joined["members"].as_array().unwrap().iter().filter_map(|m| m["id_hex"].as_str()).collect();
+    assert!(!ids.contains(&stranger.id().as_str()), "the stranger joined: {ids:?}");
+    let own = wait_for(FORM, "the stranger's own one-node cluster", || {
+        stranger.status().filter(|s| s["leader_id"].is_string())
+    });
+    assert_ne!(own["cluster_id"], st["cluster_id"], "the stranger is in our cluster");
+    assert!(!stranger.log().contains("found a node on the LAN"), "{}", stranger.log());
+}
+
 #[test]
 fn three_nodes_form_one_cluster_more_join_and_a_wrong_secret_is_refused() {
     if !support::can_run() {

@@ -37,6 +37,9 @@ pub struct AgentConfig {
     /// API (TCP) and gossip (UDP) address; Raft listens on the next port.
     pub listen: SocketAddr,
     pub seeds: Vec<String>,
+    /// Announce this node and find others on the LAN by broadcast on this UDP port
+    /// (`--discover`; for nodes booted with no seed).
+    pub discovery_port: Option<u16>,
     pub labels: BTreeMap<String, String>,
     pub capacity: Resources,
     pub min_voters: usize,
@@ -190,6 +193,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
     };
     let transport = SignedUdpTransport::new(config.secret.key("gossip"), id);
     let chitchat = spawn_chitchat(chitchat_config, initial, &transport).await.context("starting gossip")?;
+    if let Some(port) = config.discovery_port {
+        let seeds = chitchat.seed_adder();
+        let key = config.secret.key("discovery");
+        tokio::spawn(super::discovery::run(key, id, config.listen, port, move |addr| seeds.add(addr)));
+    }
 
     let agent = Arc::new(Agent { id, config, shared, inbox: inbox_tx, peers: RwLock::new(Vec::new()), tls });
     info!(node = %format!("{id:016x}"), listen = %agent.config.listen, raft = %agent.config.raft_addr(), "agent started");

@@ -2,6 +2,7 @@
 //! policies (bootstrap, voter placement) that make nodes form and heal one cluster on their own.
 
 pub mod agent;
+pub mod discovery;
 pub mod gossip;
 pub mod join;
 pub mod pki;

@@ -215,6 +215,10 @@ impl AgentPlan {
         for s in &self.config.seeds {
             a.extend(["--seed".into(), s.clone()]);
         }
+        // No seed: find the other servers on the LAN (a rack booted from one PXE script).
+        if self.config.seeds.is_empty() {
+            a.push("--discover".into());
+        }
         if let Some(l) = &self.config.labels {
             a.extend(["--labels".into(), l.clone()]);
         }

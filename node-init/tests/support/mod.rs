@@ -112,6 +112,16 @@ impl Net {
     }
 
     pub fn node_with_secret(&mut self, i: usize, secret: &str, extra: &[&str]) -> Node {
+        let seed = format!("10.88.0.1:{PORT}");
+        self.node_seeded(i, secret, &["--seed", &seed], extra)
+    }
+
+    /// Starts node `i` with no seed: it finds the others by LAN discovery (`--discover`).
+    pub fn node_discovering(&mut self, i: usize, secret: &str, extra: &[&str]) -> Node {
+        self.node_seeded(i, secret, &["--discover"], extra)
+    }
+
+    fn node_seeded(&mut self, i: usize, secret: &str, seeding: &[&str], extra: &[&str]) -> Node {
         let ns = self.node_ns(i);
         let data_dir = self.dir.path().join(format!("n{i}"));
         std::fs::create_dir_all(&data_dir).unwrap();
@@ -123,8 +133,6 @@ impl Net {
             data_dir.to_str().unwrap(),
             "--listen",
             &format!("10.88.0.{}:{PORT}", i + 1),
-            "--seed",
-            &format!("10.88.0.1:{PORT}"),
             "--secret-file",
             secret_file.to_str().unwrap(),
             "--dead-voter-timeout",
@@ -135,7 +143,7 @@ impl Net {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(seeding.iter().chain(extra).map(|s| s.to_string()));
         let mut node = Node { i, ns, data_dir, args, child: None, token: String::new() };
         node.start();
         node

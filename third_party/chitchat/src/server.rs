@@ -30,11 +30,29 @@ pub struct ChitchatHandle {
     chitchat: Arc<Mutex<Chitchat>>,
     join_handle: JoinHandle<Result<(), anyhow::Error>>,
     termination_watcher: watch::Receiver<Option<Result<(), String>>>,
+    seed_addrs_tx: Arc<watch::Sender<HashSet<SocketAddr>>>,
 }
 
 impl ChitchatHandle {
     pub fn abort(&self) {
         self.join_handle.abort();
+    }
+
+    /// Something that adds seed addresses while the server runs (found by discovery); they are
+    /// kept over DNS refreshes.
+    pub fn seed_adder(&self) -> SeedAdder {
+        SeedAdder(self.seed_addrs_tx.clone())
+    }
+}
+
+/// Adds seed addresses to a running server.
+#[derive(Clone)]
+pub struct SeedAdder(Arc<watch::Sender<HashSet<SocketAddr>>>);
+
+impl SeedAdder {
+    /// Adds `addr`; true when it was not a seed yet.
+    pub fn add(&self, addr: SocketAddr) -> bool {
+        self.0.send_if_modified(|seeds| seeds.insert(addr))
     }
 }
 
@@ -43,9 +61,10 @@ const DNS_POLLING_DURATION: Duration = Duration::from_secs(60);
 async fn dns_refresh_loop(
     seed_hosts_requiring_dns: HashSet<String>,
     seed_addrs_not_requiring_resolution: HashSet<SocketAddr>,
-    seed_addrs_tx: watch::Sender<HashSet<SocketAddr>>,
+    seed_addrs_tx: Arc<watch::Sender<HashSet<SocketAddr>>>,
 ) {
     let mut interval = time::interval(DNS_POLLING_DURATION);
+    let mut resolved_before: HashSet<SocketAddr> = HashSet::new();
     // The first `interval.tick()` is no-op but we DO NOT want to resolve the seed hosts right away
     // (see comment in `spawn_dns_refresh_loop`), hence this tick.
     interval.tick().await;
@@ -53,11 +72,18 @@ async fn dns_refresh_loop(
     loop {
         interval.tick().await;
 
-        let mut seed_addrs = seed_addrs_not_requiring_resolution.clone();
+        let mut resolved = HashSet::new();
         for seed_host in &seed_hosts_requiring_dns {
-            resolve_seed_host(seed_host, &mut seed_addrs).await;
+            resolve_seed_host(seed_host, &mut resolved).await;
         }
-        if seed_addrs_tx.send(seed_addrs).is_err() {
+        // Addresses added through a `SeedAdder` stay; what DNS no longer names goes.
+        seed_addrs_tx.send_modify(|seeds| {
+            seeds.retain(|a| !resolved_before.contains(a) || resolved.contains(a));
+            seeds.extend(seed_addrs_not_requiring_resolution.iter().copied());
+            seeds.extend(resolved.iter().copied());
+        });
+        resolved_before = resolved;
+        if seed_addrs_tx.is_closed() {
             return;
         }
     }
@@ -91,7 +117,12 @@ async fn resolve_seed_host(seed_host: &str, seed_addrs: &mut HashSet<SocketAddr>
 // The newcomers are supposed to chime in too,
 // so there is no need to refresh it too often,
 // especially if it is not empty.
-async fn spawn_dns_refresh_loop(seeds: &[String]) -> watch::Receiver<HashSet<SocketAddr>> {
+async fn spawn_dns_refresh_loop(
+    seeds: &[String],
+) -> (
+    watch::Receiver<HashSet<SocketAddr>>,
+    Arc<watch::Sender<HashSet<SocketAddr>>>,
+) {
     let mut seed_addrs_not_requiring_resolution: HashSet<SocketAddr> = Default::default();
     let mut first_round_seed_resolution: HashSet<SocketAddr> = Default::default();
     let mut seed_requiring_dns: HashSet<String> = Default::default();
@@ -114,14 +145,15 @@ async fn spawn_dns_refresh_loop(seeds: &[String]) -> watch::Receiver<HashSet<Soc
         .collect();
 
     let (seed_addrs_tx, seed_addrs_rx) = watch::channel(initial_seed_addrs);
+    let seed_addrs_tx = Arc::new(seed_addrs_tx);
     if !seed_requiring_dns.is_empty() {
         tokio::task::spawn(dns_refresh_loop(
             seed_requiring_dns,
             seed_addrs_not_requiring_resolution,
-            seed_addrs_tx,
+            seed_addrs_tx.clone(),
         ));
     }
-    seed_addrs_rx
+    (seed_addrs_rx, seed_addrs_tx)
 }
 
 /// Launches a new Chitchat server.
@@ -134,8 +166,7 @@ pub async fn spawn_chitchat(
 ) -> anyhow::Result<ChitchatHandle> {
     let (command_tx, command_rx) = mpsc::unbounded_channel();
 
-    let seed_addrs: watch::Receiver<HashSet<SocketAddr>> =
-        spawn_dns_refresh_loop(&config.seed_nodes).await;
+    let (seed_addrs, seed_addrs_tx) = spawn_dns_refresh_loop(&config.seed_nodes).await;
 
     let socket = transport.open(config.listen_addr).await?;
     let chitchat_id = config.chitchat_id.clone();
@@ -161,6 +192,7 @@ pub async fn spawn_chitchat(
         chitchat: chitchat_arc,
         join_handle,
         termination_watcher,
+        seed_addrs_tx,
     })
 }
 
