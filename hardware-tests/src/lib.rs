@@ -7,6 +7,8 @@
 //! Jobs report with lines `SHOAL-HWTEST <case> exit=<code>`; `run_case` in `job-lib.sh`
 //! prints them and prefixes each line of a case's output with `[<case>] `.
 
+pub mod server;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -106,7 +108,6 @@ fn err(msg: impl Into<String>) -> HarnessError {
     HarnessError(msg.into())
 }
 
-/// The repository root (this crate lives in hardware-tests/).
 /// A file of the project's Linux guest (`$SHOAL_GUEST_DIR`, else target/guest, where `make
 /// guest-kernel` puts it); panics saying how to build it when it is missing.
 pub fn guest_file(name: &str) -> PathBuf {
@@ -117,6 +118,7 @@ pub fn guest_file(name: &str) -> PathBuf {
     p
 }
 
+/// The repository root (this crate lives in hardware-tests/).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }

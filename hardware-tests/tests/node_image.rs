@@ -5,34 +5,23 @@
 //! address over DHCP (QEMU's user network), and its API answers through a forwarded port. A
 //! Ctrl+Alt+Del reboots in order and the node comes back with its identity and data.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use shoal_hardware_tests::repo_root;
+use shoal_hardware_tests::server::{build_image, Server, LIMIT};
 
 const SECRET: &str = "node-image-test-secret";
-const LIMIT: Duration = Duration::from_secs(240);
 
 /// Builds the image once per test binary, twice over: the two builds must be the same bytes
 /// (the raw disk aside: mtools stamps two FAT directory entries with the time of the build).
 fn image() -> &'static PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let bin = repo_root().join("target/x86_64-unknown-linux-gnu/release");
         let base = std::env::temp_dir().join(format!("shoal-image-test-{}", std::process::id()));
-        let build = |out: &Path| {
-            let o = Command::new(repo_root().join("image-build/host/build-image.sh"))
-                .arg(&bin)
-                .arg(out)
-                .env("SHOAL_IMAGE_CMDLINE", format!("shoal.min_voters=1 shoal.secret={SECRET}"))
-                .output()
-                .expect("run build-image.sh");
-            assert!(o.status.success(), "build-image.sh failed: {}", String::from_utf8_lossy(&o.stderr));
-            print!("{}", String::from_utf8_lossy(&o.stdout));
-        };
+        let build = |out: &Path| build_image(out, &format!("shoal.min_voters=1 shoal.secret={SECRET}"));
         let (a, b) = (base.join("a"), base.join("b"));
         build(&a);
         build(&b);
@@ -44,102 +33,6 @@ fn image() -> &'static PathBuf {
         assert!(size("vmlinuz") + size("initramfs.img") < 40 << 20, "kernel + initramfs over 40 MiB");
         a
     })
-}
-
-/// A QEMU server and its console lines.
-struct Server {
-    child: Child,
-    /// What is typed on the serial console.
-    keys: Mutex<std::process::ChildStdin>,
-    lines: Arc<Mutex<Vec<String>>>,
-    started: Instant,
-    monitor: PathBuf,
-}
-
-impl Server {
-    fn start(args: &[String], tag: &str) -> Server {
-        let monitor = std::env::temp_dir().join(format!("shoal-image-{tag}-{}.mon", std::process::id()));
-        let _ = std::fs::remove_file(&monitor);
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "EPYC", "-smp", "2", "-m", "1536"])
-            .args(["-nographic", "-nodefaults", "-serial", "stdio"])
-            .arg("-monitor")
-            .arg(format!("unix:{},server,nowait", monitor.display()))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qemu-system-x86_64");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let keys = Mutex::new(child.stdin.take().expect("console input pipe"));
-        let out = child.stdout.take().expect("console pipe");
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(out);
-            let mut buf = Vec::new();
-            while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
-                let text = String::from_utf8_lossy(&buf).trim_end().to_string();
-                if let Ok(mut l) = sink.lock() {
-                    l.push(text);
-                }
-                buf.clear();
-            }
-        });
-        Server { child, keys, lines, started: Instant::now(), monitor }
-    }
-
-    fn console(&self) -> String {
-        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
-    }
-
-    fn count(&self, part: &str) -> usize {
-        self.lines.lock().map(|l| l.iter().filter(|x| x.contains(part)).count()).unwrap_or(0)
-    }
-
-    /// Waits until the console has shown `part` `times` times.
-    fn wait_console(&self, part: &str, times: usize) {
-        let deadline = Instant::now() + LIMIT;
-        while self.count(part) < times {
-            assert!(Instant::now() < deadline, "no {part:?} (x{times}) on the console:\n{}", self.console());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Types a line on the serial console, as a user would (Enter is a carriage return).
-    fn type_line(&self, text: &str) {
-        let mut keys = self.keys.lock().expect("console input");
-        for b in text.bytes().chain([b'\r']) {
-            keys.write_all(&[b]).expect("type on the console");
-            keys.flush().expect("type on the console");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits until QEMU exits (the server powered off, or rebooted under `-no-reboot`).
-    fn wait_exit(&mut self) {
-        let deadline = Instant::now() + LIMIT;
-        while self.child.try_wait().expect("qemu status").is_none() {
-            assert!(Instant::now() < deadline, "the server did not go down; console:\n{}", self.console());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Types a key combination on the server's keyboard (QEMU's monitor).
-    fn sendkey(&self, keys: &str) {
-        let mut s = std::os::unix::net::UnixStream::connect(&self.monitor).expect("QEMU monitor");
-        std::thread::sleep(Duration::from_millis(300));
-        writeln!(s, "sendkey {keys}").expect("monitor write");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.monitor);
-    }
 }
 
 /// A free TCP port on the host's loopback for QEMU's forward.
@@ -237,7 +130,7 @@ fn the_pxe_files_boot_through_ipxe_to_an_answering_api() {
         "virtio-net-pci,netdev=n0".into(),
     ]
     .to_vec();
-    let server = Server::start(&args, "pxe");
+    let server = Server::start(&args, "pxe", None, 2, 1536);
     let status = wait_leader(&server, port);
     println!("image_pxe_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
     assert!(server.count("shoal.ipxe") >= 1, "iPXE did not fetch the script:\n{}", server.console());
@@ -307,7 +200,7 @@ fn boot_disk(tag: &str, fill: Option<u8>, nic: bool) -> (Server, u16, PathBuf) {
             "virtio-net-pci,netdev=n0".into(),
         ]);
     }
-    (Server::start(&args, tag), port, dir)
+    (Server::start(&args, tag, None, 2, 1536), port, dir)
 }
 
 #[test]
