@@ -6,6 +6,7 @@ mod client;
 mod config;
 mod manifest;
 mod table;
+mod trust;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -215,6 +216,11 @@ enum ConfigCommand {
         /// The token, or read it from --token-file (the global flags).
         #[arg(long)]
         tenant: Option<String>,
+        /// Trust the cluster from its secret alone: the token is derived from it, and the CA is
+        /// fetched from the node, kept only if the node proves it holds the secret (for a node
+        /// booted from the host image, whose CA is on the node).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
     /// Make a context the current one.
     UseContext { name: String },
@@ -722,12 +728,21 @@ fn run(cli: &Cli) -> Result<(), CliError> {
     if let Command::Config { command } = &cli.command {
         let mut file = ConfigFile::load()?;
         match command {
-            ConfigCommand::SetContext { name, endpoint, tenant } => {
-                let token = match (&cli.token, &cli.token_file) {
+            ConfigCommand::SetContext { name, endpoint, tenant, secret_file } => {
+                let mut token = match (&cli.token, &cli.token_file) {
                     (None, None) => None,
                     _ => Some(token(cli, None)?),
                 };
-                let ca = ca_file(cli)?;
+                let mut ca = ca_file(cli)?;
+                if let Some(f) = secret_file {
+                    if ca.is_some() {
+                        return Err(CliError::Usage("--secret-file fetches the CA: give it or --ca, not both".into()));
+                    }
+                    let secret = std::fs::read_to_string(f)
+                        .map_err(|source| CliError::Io { what: format!("reading {}", f.display()), source })?;
+                    ca = Some(trust::fetch_ca(endpoint, &secret).map_err(CliError::Usage)?);
+                    token = token.or_else(|| Some(trust::api_token(&secret)));
+                }
                 file.set(Context { name: name.clone(), endpoint: endpoint.clone(), token, tenant: tenant.clone(), ca });
                 file.save()?;
                 println!("context {name} set in {}", config::path().display());

@@ -94,9 +94,29 @@ pub fn router(node: Node) -> Router {
         .route("/health", get(|| async { "ok\n" }))
         // Authenticated by its proof of the cluster secret, not by a token.
         .route("/v1/cluster/join", axum::routing::post(join))
+        // Public: the CA with this node's proof that it holds the secret (how a client with the
+        // secret and nothing else comes to trust the cluster).
+        .route("/v1/cluster/ca", get(cluster_ca))
         .merge(v1)
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(node)
+}
+
+/// The purpose of the key that proves a CA to a client (`GET /v1/cluster/ca`).
+pub const CA_PROOF_PURPOSE: &str = "ca-proof";
+
+/// `GET /v1/cluster/ca`: `{"ca": PEM, "proof": hex HMAC of the PEM under the secret's ca-proof
+/// key}`. A client that holds the secret checks the proof and then verifies the API with the
+/// CA, so its first contact needs no CA file and trusts nothing unproven (`shoalctl config
+/// set-context --secret-file`). Only secret holders can make a proof; a replayed one names the
+/// same, real CA.
+async fn cluster_ca(State(node): State<Node>) -> Response {
+    let ca = node.agent.shared.state().pki.ca_cert.clone();
+    if ca.is_empty() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the cluster has not formed yet: no CA".to_string());
+    }
+    let proof = hex::encode(node.agent.config.secret.key(CA_PROOF_PURPOSE).tag(ca.as_bytes()));
+    Json(json!({"ca": ca, "proof": proof})).into_response()
 }
 
 /// `POST /v1/cluster/join`: a node without a certificate asks for one (see `cluster::join`).

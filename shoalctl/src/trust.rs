@@ -1,0 +1,140 @@
+//! First contact with a cluster from its secret alone (`config set-context --secret-file`):
+//! the node's API token is derived from the secret as nodes derive it, and the cluster CA is
+//! fetched from `GET /v1/cluster/ca` over a connection not yet verified, then kept only if its
+//! proof (an HMAC of the CA under a key of the secret) checks out. Whoever can make the proof
+//! holds the secret, so is the cluster; from then on the CA verifies every connection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::DigitallySignedStruct;
+use serde_json::Value;
+
+type HmacSha256 = Hmac<sha2::Sha256>;
+
+/// How long to wait for a node that is still forming its cluster.
+const WAIT: Duration = Duration::from_secs(120);
+
+fn mac(secret: &str, purpose: &str) -> HmacSha256 {
+    // The node's derivation (cluster::secret): HMAC-SHA256(secret, "shoal/PURPOSE") is the key.
+    let mut m = HmacSha256::new_from_slice(secret.trim().as_bytes()).unwrap_or_else(|_| unreachable!());
+    m.update(format!("shoal/{purpose}").as_bytes());
+    let key = m.finalize().into_bytes();
+    HmacSha256::new_from_slice(&key).unwrap_or_else(|_| unreachable!())
+}
+
+/// The API token a node accepts when it was given no other: derived from the secret.
+pub fn api_token(secret: &str) -> String {
+    let mut m = HmacSha256::new_from_slice(secret.trim().as_bytes()).unwrap_or_else(|_| unreachable!());
+    m.update(b"shoal/api-token");
+    hex::encode(m.finalize().into_bytes())
+}
+
+/// Whether `proof` (hex) is the secret's proof of `ca`.
+pub fn proves(secret: &str, ca: &str, proof: &str) -> bool {
+    let Ok(tag) = hex::decode(proof) else { return false };
+    let mut m = mac(secret, "ca-proof");
+    m.update(ca.as_bytes());
+    m.verify_slice(&tag).is_ok()
+}
+
+/// Accepts any certificate: only for fetching the CA, whose proof is checked instead.
+#[derive(Debug)]
+struct Unverified(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Fetches the cluster CA from `endpoint` and checks its proof with `secret`; waits while the
+/// node is unreachable or has no cluster yet.
+pub fn fetch_ca(endpoint: &str, secret: &str) -> Result<String, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+        .with_no_client_auth();
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .tls_config(Arc::new(tls))
+        .build();
+    let base = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
+    let url = format!("{}/v1/cluster/ca", base.trim_end_matches('/'));
+    let started = Instant::now();
+    let answer: Value = loop {
+        let why = match agent.get(&url).call() {
+            Ok(r) => break r.into_json().map_err(|e| format!("{url}: the answer is not JSON: {e}"))?,
+            Err(ureq::Error::Status(503, _)) => "the node has no cluster yet".to_string(),
+            Err(ureq::Error::Status(code, _)) => return Err(format!("{url} answered {code}")),
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() > WAIT {
+            return Err(format!("{url}: {why} (waited {} s)", WAIT.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let ca = answer["ca"].as_str().unwrap_or("");
+    let proof = answer["proof"].as_str().unwrap_or("");
+    if ca.is_empty() || !proves(secret, ca, proof) {
+        return Err(format!(
+            "{base} could not prove that it holds the cluster secret: a wrong secret, or not a node of this cluster"
+        ));
+    }
+    Ok(ca.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proof_checks_only_with_the_secret_and_the_ca_it_was_made_for() {
+        let secret = "s3cret";
+        let mut m = mac(secret, "ca-proof");
+        m.update(b"CA PEM");
+        let proof = hex::encode(m.finalize().into_bytes());
+        assert!(proves(secret, "CA PEM", &proof));
+        assert!(proves(" s3cret\n", "CA PEM", &proof), "the secret is trimmed, as nodes trim it");
+        assert!(!proves("other", "CA PEM", &proof));
+        assert!(!proves(secret, "ANOTHER CA", &proof));
+        assert!(!proves(secret, "CA PEM", "not hex"));
+        assert!(!proves(secret, "CA PEM", ""));
+    }
+}
