@@ -33,10 +33,13 @@ guest-kernel: deps
 image: build
 	@image-build/host/build-image.sh $(TARGET_DIR) target/image
 
-# The main job: a Linux microVM to a shell (directly on VMX/SVM hosts, else in the emulated server).
+# The main job: the host image booted in QEMU (KVM on VMX/SVM hosts, else TCG), a Linux microVM
+# deployed on its node and this terminal attached to the microVM's console.
 run: build guest-kernel
 	@ci/ensure-packages.sh qemu-system-x86 busybox-static cpio
-	@$(TARGET_DIR)/shoal-run-linux $(VMM) $(GUEST_DIR)
+	@echo "make run: building the host image (target/image), then booting it with a Linux microVM on its node"
+	@image-build/host/build-image.sh $(TARGET_DIR) target/image >/dev/null
+	@$(TARGET_DIR)/shoal-run-image target/image $(GUEST_DIR)
 
 # The probe guests on this machine's KVM (what works on the nested development machines).
 run-probes: probes
