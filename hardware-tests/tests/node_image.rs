@@ -96,6 +96,9 @@ fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_
     server.wait_console("no instances", 1);
     server.type_line("frobnicate");
     server.wait_console("unknown command \"frobnicate\"; type help", 1);
+    // systemd-boot counted this boot against the entry's three tries; once the node has run for
+    // a while PID 1 blesses it (drops the counter).
+    server.wait_console("booted well: blessed EFI/Linux/shoal-a+2-1.efi is now EFI/Linux/shoal-a.efi", 1);
     // A write the reboot must keep.
     let put = api(port, "PUT", "/v1/kv/image-test", Some("\"kept over a reboot\""));
     assert!(put.is_some(), "the write was not answered; console:\n{}", server.console());
@@ -113,6 +116,12 @@ fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_
         kept.as_ref().is_some_and(|v| v.to_string().contains("kept over a reboot")),
         "the value written before the reboot: {kept:?}"
     );
+    // A blessed entry is booted without counting: nothing to bless the second time.
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(server.count("booted well"), 1, "{}", server.console());
+    drop(server);
+    assert_eq!(esp_entries(&image().join("shoal.raw")), ["shoal-a+3.efi"], "the image as built");
+    assert_eq!(esp_entries(&dir.join("disk.raw")), ["shoal-a.efi"], "the disk after a blessed boot");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -238,6 +247,26 @@ fn a_server_without_a_network_card_says_so_on_its_console_and_stays_up() {
     server.wait_console("phase stopping: powering off", 1);
     server.wait_exit();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The UKIs in `EFI/Linux` of a disk's ESP (read with mtools, which the image build installs).
+fn esp_entries(disk: &Path) -> Vec<String> {
+    let out = Command::new("mdir")
+        .arg("-b")
+        .arg("-i")
+        .arg(format!("{}@@1M", disk.display()))
+        .arg("::/EFI/Linux")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .expect("mdir (mtools)");
+    assert!(out.status.success(), "mdir: {}", String::from_utf8_lossy(&out.stderr));
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().rsplit('/').next().map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .collect();
+    names.sort();
+    names
 }
 
 fn tempfile_dir(tag: &str) -> PathBuf {

@@ -94,7 +94,9 @@ export MTOOLS_SKIP_CHECK=1 SOURCE_DATE_EPOCH=$epoch
 mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/EFI/Linux ::/loader
 mcopy -m -i "$esp" /usr/lib/systemd/boot/efi/systemd-bootx64.efi ::/EFI/BOOT/BOOTX64.EFI
 mcopy -m -i "$esp" "$work/loader.conf" ::/loader/loader.conf
-mcopy -m -i "$esp" "$work/shoal.efi" ::/EFI/Linux/shoal-a.efi
+# Boot counting (systemd-boot): three tries; the node blesses the entry (drops the +3) once it
+# has booted well, and an entry out of tries sorts after a B image's.
+mcopy -m -i "$esp" "$work/shoal.efi" ::/EFI/Linux/shoal-a+3.efi
 disk="$work/shoal.raw"
 truncate -s $(( (1 + esp_mib + data_mib + 1) << 20 )) "$disk"
 # (No -q: with it this sgdisk writes nothing.)

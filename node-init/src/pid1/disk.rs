@@ -52,19 +52,26 @@ pub fn probe(dev: &Path) -> std::io::Result<Contents> {
 /// The device (`/dev/NAME`) of the partition named `label`, from the kernel's block devices
 /// (`PARTNAME=` in their uevent files); `sys` is `/sys`.
 pub fn find_by_label(sys: &Path, label: &str) -> Option<PathBuf> {
-    let mut found: Vec<String> = Vec::new();
-    for e in std::fs::read_dir(sys.join("class/block")).ok()?.flatten() {
+    // Two disks with the label (a copied image): the first by name.
+    let mut found = all_by_label(sys, label);
+    found.sort();
+    found.into_iter().next()
+}
+
+/// Every partition whose GPT name is `label`.
+pub fn all_by_label(sys: &Path, label: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    let Ok(entries) = std::fs::read_dir(sys.join("class/block")) else { return found };
+    for e in entries.flatten() {
         let Ok(uevent) = std::fs::read_to_string(e.path().join("uevent")) else { continue };
         let field = |k: &str| uevent.lines().find_map(|l| l.strip_prefix(k)).map(str::to_string);
         if field("PARTNAME=").as_deref() == Some(label) {
             if let Some(dev) = field("DEVNAME=") {
-                found.push(dev);
+                found.push(PathBuf::from("/dev").join(dev));
             }
         }
     }
-    // Two disks with the label (a copied image): the first by name.
-    found.sort();
-    found.first().map(|d| PathBuf::from("/dev").join(d))
+    found
 }
 
 /// Formats `dev` as ext4 with `mke2fs` (shipped in the image).

@@ -8,6 +8,7 @@
 //! Boot runs as named phases; each is printed on the console (`shoal: phase NAME: ...`) and
 //! written to `/run/shoal/phase`.
 
+pub mod boot_count;
 pub mod cmdline;
 pub mod console;
 pub mod disk;
@@ -28,6 +29,8 @@ pub const RAM_DATA: &str = "/run/shoal/ram";
 pub const BOOT_FILE: &str = "boot.json";
 /// Where the image keeps mke2fs.
 const MKE2FS: &str = "/sbin/mke2fs";
+/// How long the agent must have run for a boot to count as good (its boot entry blessed).
+const BOOT_GOOD_AFTER: Duration = Duration::from_secs(15);
 /// Seconds between a fatal error and the reboot.
 const FATAL_COUNTDOWN: u64 = 10;
 
@@ -63,11 +66,11 @@ pub fn current_phase() -> (String, String) {
     phases.last().map(|(n, d, _)| (n.clone(), d.clone())).unwrap_or_default()
 }
 
-fn c(s: &str) -> std::ffi::CString {
+pub(crate) fn c(s: &str) -> std::ffi::CString {
     std::ffi::CString::new(s).unwrap_or_default()
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
+pub(crate) fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> std::io::Result<()> {
     let _ = std::fs::create_dir_all(target);
     let (src, target, fstype, data) = (c(src), c(target), c(fstype), c(data));
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
@@ -121,7 +124,7 @@ fn open_console() {
     }
 }
 
-fn sync() {
+pub(crate) fn sync() {
     // SAFETY: sync takes no arguments and cannot fail.
     unsafe { libc::sync() };
 }
@@ -434,6 +437,8 @@ struct Agent {
     next_start: Instant,
     /// Stopped on purpose to restart with a new plan (the console's `join`).
     replacing: bool,
+    /// When the running agent was started.
+    started_at: Instant,
 }
 
 impl Agent {
@@ -452,6 +457,7 @@ impl Agent {
         match spawned {
             Ok(mut child) => {
                 self.pid = Some(child.id() as i32);
+                self.started_at = Instant::now();
                 if let Some(out) = child.stdout.take() {
                     console::collect_log(out);
                 }
@@ -557,7 +563,15 @@ pub fn main() -> ! {
     if let Err(e) = booting {
         fatal(&format!("cannot start the boot thread: {e}"));
     }
-    let mut agent = Agent { plan: None, pid: None, restarts: 0, next_start: Instant::now(), replacing: false };
+    let mut agent = Agent {
+        plan: None,
+        pid: None,
+        restarts: 0,
+        next_start: Instant::now(),
+        replacing: false,
+        started_at: Instant::now(),
+    };
+    let mut blessed = false;
     let timeout = libc::timespec { tv_sec: 1, tv_nsec: 0 };
     loop {
         // SAFETY: sigtimedwait with a valid set and timeout; no siginfo is asked for.
@@ -584,6 +598,15 @@ pub fn main() -> ! {
         }
         if agent.plan.is_some() && agent.pid.is_none() && Instant::now() >= agent.next_start {
             agent.start();
+        }
+        // A boot that got this far and kept its agent running is a good one: bless its entry.
+        if !blessed && agent.pid.is_some() && agent.started_at.elapsed() >= BOOT_GOOD_AFTER {
+            blessed = true;
+            let _ = std::thread::Builder::new().name("bless".into()).spawn(|| match boot_count::bless() {
+                Ok(Some(what)) => phase("boot", &format!("booted well: blessed {what}")),
+                Ok(None) => {}
+                Err(e) => say(&format!("cannot bless this boot's entry: {e}")),
+            });
         }
     }
 }
