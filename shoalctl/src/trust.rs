@@ -16,7 +16,7 @@ use serde_json::Value;
 type HmacSha256 = Hmac<sha2::Sha256>;
 
 /// How long to wait for a node that is still forming its cluster.
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(300);
 
 fn mac(secret: &str, purpose: &str) -> HmacSha256 {
     // The node's derivation (cluster::secret): HMAC-SHA256(secret, "shoal/PURPOSE") is the key.

@@ -83,7 +83,9 @@ fn main() -> ExitCode {
     } else {
         "console=ttyS0 quiet reboot=k panic=1 shoal.test=1"
     };
+    // The run's secret is the cluster's admin key: the staging directory is ours alone.
     let staging = std::fs::create_dir_all(&staged)
+        .and_then(|_| std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
         .and_then(|_| std::fs::write(staged.join("linux.yaml"), manifest(guest_cmdline)))
         .and_then(|_| std::fs::write(staged.join("secret"), &secret))
         .and_then(|_| std::os::unix::fs::symlink(guest_dir.join("vmlinux"), staged.join("vmlinux")))

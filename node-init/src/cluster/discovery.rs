@@ -47,7 +47,9 @@ pub fn decode(key: &PurposeKey, packet: &[u8]) -> Option<(u64, SocketAddrV4)> {
     let node = u64::from_be_bytes(body[8..16].try_into().ok()?);
     let ip = Ipv4Addr::new(body[16], body[17], body[18], body[19]);
     let port = u16::from_be_bytes([body[20], body[21]]);
-    Some((node, SocketAddrV4::new(ip, port)))
+    // Nodes always announce their own address; a wildcard would make the receiver trust the
+    // packet's (spoofable) source instead.
+    (!ip.is_unspecified() && !ip.is_broadcast() && port != 0).then(|| (node, SocketAddrV4::new(ip, port)))
 }
 
 /// The broadcast address of the subnet holding `ip` (255.255.255.255 when none does).
@@ -105,8 +107,7 @@ pub async fn run(key: PurposeKey, node: u64, gossip: SocketAddr, port: u16, foun
                     tracing::debug!(%from, "dropped a LAN announcement that is not ours");
                     continue;
                 };
-                // The announced address, or the sender's when it announced none.
-                let addr = if addr.ip().is_unspecified() { SocketAddr::new(from.ip(), addr.port()) } else { addr.into() };
+                let addr = SocketAddr::V4(addr);
                 if peer != node && found(addr) {
                     tracing::info!(node = %format!("{peer:016x}"), %addr, "found a node on the LAN");
                 }
@@ -136,5 +137,7 @@ mod tests {
         assert_eq!(decode(&key, &p[..p.len() - 1]), None);
         assert_eq!(decode(&key, &[p.clone(), vec![0]].concat()), None);
         assert_eq!(decode(&key, b""), None);
+        let wildcard = encode(&key, 0xfeed, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7400));
+        assert_eq!(decode(&key, &wildcard), None, "an announcement must name its address");
     }
 }

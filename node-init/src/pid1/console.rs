@@ -20,6 +20,8 @@ use super::AgentPlan;
 
 /// Lines of the agent's output kept in memory for `logs`.
 const LOG_LINES: usize = 2000;
+/// The longest agent log line kept (characters).
+const MAX_LOG_LINE: usize = 2048;
 /// Lines `logs` and `dmesg` print.
 const SHOWN_LINES: usize = 40;
 /// How often an idle status screen looks for changes.
@@ -41,7 +43,15 @@ pub fn collect_log(pipe: impl Read + Send + 'static) {
         let mut r = std::io::BufReader::new(pipe);
         let mut buf = Vec::new();
         while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
-            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+            // Bounded lines, without terminal controls (colours aside, they would upset the
+            // console when shown).
+            let text = String::from_utf8_lossy(&buf);
+            let line: String = text
+                .trim_end()
+                .chars()
+                .filter(|c| *c == '\t' || *c == '\u{1b}' || !c.is_control())
+                .take(MAX_LOG_LINE)
+                .collect();
             let mut log = lock(&AGENT_LOG);
             if log.len() == LOG_LINES {
                 log.pop_front();
@@ -228,15 +238,17 @@ impl Console {
             ("net", None) => self.rt.block_on(net()),
             ("reboot", None) => return self.ask(Action::Reboot),
             ("poweroff", None) => return self.ask(Action::Poweroff),
-            ("join", Some(seed)) => match seed
-                .parse::<std::net::IpAddr>()
-                .ok()
-                .map(|_| ())
-                .or_else(|| super::cmdline::seed_with_port(seed).parse::<std::net::SocketAddr>().ok().map(|_| ()))
-            {
-                Some(()) => return self.ask(Action::Join(super::cmdline::seed_with_port(seed))),
-                None => format!("{seed:?} is not an address (join 10.0.0.5 or join 10.0.0.5:7400)"),
-            },
+            ("join", Some(seed)) => {
+                // A bare IPv6 address would take `:7400` as part of itself: build the pair.
+                let addr = match seed.parse::<std::net::IpAddr>() {
+                    Ok(ip) => Some(std::net::SocketAddr::new(ip, super::cmdline::API_PORT)),
+                    Err(_) => seed.parse::<std::net::SocketAddr>().ok(),
+                };
+                match addr {
+                    Some(a) => return self.ask(Action::Join(a.to_string())),
+                    None => format!("{seed:?} is not an address (join 10.0.0.5 or join 10.0.0.5:7400)"),
+                }
+            }
             ("join", None) => "join takes the address of a node of the cluster: join 10.0.0.5".into(),
             _ => {
                 let shown: String = line.chars().take(40).collect();
@@ -276,8 +288,13 @@ impl Console {
                 if let Err(e) = crate::durable::write_private(&plan.data_dir.join(super::BOOT_FILE), &json) {
                     return format!("cannot store the seed: {e}");
                 }
+                let kept = if plan.data_dir == std::path::Path::new(super::RAM_DATA) {
+                    "this node runs from RAM: a reboot forgets it"
+                } else {
+                    "kept for later boots"
+                };
                 let _ = self.plans.send(plan);
-                format!("joining through {seed}: the agent restarts with it (kept for later boots)")
+                format!("joining through {seed}: the agent restarts with it ({kept})")
             }
         }
     }
