@@ -82,6 +82,7 @@ fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_
     server.wait_console(&format!("leader     {me} (this node)"), 1);
     server.type_line("nodes");
     server.wait_console("NODE", 1);
+    server.wait_console("(this node)", 1);
     assert!(
         server
             .lines
@@ -119,6 +120,7 @@ fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_
     // A blessed entry is booted without counting: nothing to bless the second time.
     std::thread::sleep(Duration::from_secs(20));
     assert_eq!(server.count("booted well"), 1, "{}", server.console());
+    assert_eq!(server.count("cannot bless"), 0, "{}", server.console());
     drop(server);
     assert_eq!(esp_entries(&image().join("shoal.raw")), ["shoal-a+3.efi"], "the image as built");
     assert_eq!(esp_entries(&dir.join("disk.raw")), ["shoal-a.efi"], "the disk after a blessed boot");
