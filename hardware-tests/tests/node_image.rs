@@ -231,6 +231,55 @@ fn a_data_partition_holding_something_else_is_left_alone_and_the_node_runs_from_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The image's kernel and initramfs booted directly (as PXE hands them over) with `append` as
+/// the command line, and the disk in `dir` (a copy of the raw image) as its disk.
+fn boot_kernel_with_disk(dir: &Path, tag: &str, append: &str) -> (Server, u16) {
+    let img = image();
+    let port = free_port();
+    let args: Vec<String> = vec![
+        "-kernel".into(),
+        img.join("vmlinuz").display().to_string(),
+        "-initrd".into(),
+        img.join("initramfs.img").display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0,115200 panic=-1 quiet shoal.min_voters=1 {append}"),
+        "-drive".into(),
+        format!("file={},format=raw,if=virtio", dir.join("disk.raw").display()),
+        "-netdev".into(),
+        format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:7400"),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ];
+    (Server::start(&args, tag, None, 2, 1536), port)
+}
+
+#[test]
+fn a_server_booted_with_another_secret_than_its_cluster_says_so_and_keeps_its_data() {
+    let (mut server, port, dir) = boot_disk("secret", None, true);
+    let first = wait_leader(&server, port);
+    assert!(api(port, "PUT", "/v1/kv/secret-test", Some("\"still here\"")).is_some(), "{}", server.console());
+    server.type_line("poweroff");
+    server.type_line("yes");
+    server.wait_exit();
+    // The same disk, booted with another secret on the command line: the agent refuses to run
+    // this node's cluster data under it, and the console says why and stays up.
+    let (wrong, _) = boot_kernel_with_disk(&dir, "secret-wrong", "shoal.secret=not-the-secret-of-this-cluster");
+    wrong.wait_console("the agent stopped: wrong cluster secret", 1);
+    wrong.type_line("status");
+    wrong.wait_console("agent      stopped: wrong cluster secret", 1);
+    assert_eq!(wrong.count("Kernel panic"), 0, "{}", wrong.console());
+    drop(wrong);
+    // Booted with the cluster's secret again, it is the same node with its data.
+    let (right, port) = boot_kernel_with_disk(&dir, "secret-right", &format!("shoal.secret={SECRET}"));
+    let again = wait_leader(&right, port);
+    assert_eq!(again["node_id"], first["node_id"]);
+    assert_eq!(again["cluster_id"], first["cluster_id"]);
+    let kept = api(port, "GET", "/v1/kv/secret-test", None);
+    assert!(kept.as_ref().is_some_and(|v| v.to_string().contains("still here")), "{kept:?}");
+    drop(right);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_server_without_a_network_card_says_so_on_its_console_and_stays_up() {
     let (server, _port, dir) = boot_disk("nonet", None, false);

@@ -222,6 +222,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         bail!("--plain-http is only allowed on a loopback --listen address (the API carries tokens)");
     }
     let secret = load_secret(&args)?;
+    // Before anything is written under the new secret (the API token).
+    shoal_node::cluster::pki::check_secret(&args.data_dir, &secret)?;
     let api_token = match &args.api_token_file {
         Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
         None => {

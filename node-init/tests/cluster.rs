@@ -419,6 +419,39 @@ fn a_node_whose_raft_log_is_gone_does_not_found_a_new_cluster() {
 }
 
 #[test]
+fn a_node_started_with_another_secret_than_its_cluster_stops_with_a_clear_error_and_keeps_its_data() {
+    if !support::can_run() {
+        return;
+    }
+    let mut net = Net::new("w");
+    let mut n = net.node(0, &["--min-voters", "1"]);
+    let st = wait_for(FORM, "a one-node cluster", || n.status().filter(|s| s["leader_id"].is_string()));
+    n.put("k", "kept").expect("a write");
+    n.stop();
+    let token = std::fs::read(n.data_dir.join("api-token")).unwrap();
+    // The same data directory, started with another secret (a server booted with the wrong
+    // shoal.secret=): the agent says so and stops, writing nothing under the wrong secret.
+    let secret_file = n.data_dir.join("test-secret");
+    std::fs::write(&secret_file, "a-different-cluster-secret").unwrap();
+    n.start();
+    let code = wait_for(Duration::from_secs(20), "the agent to stop", || n.try_wait());
+    assert_eq!(code, Some(1), "{}", n.log());
+    let log = n.log();
+    assert!(
+        log.contains("wrong cluster secret") && log.contains("belongs to a cluster formed with another secret"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read(n.data_dir.join("api-token")).unwrap(), token, "the API token was rewritten");
+    // With its own secret again, it is the same node of the same cluster, with its data.
+    std::fs::write(&secret_file, support::SECRET).unwrap();
+    n.start();
+    let again = wait_for(FORM, "the node back as leader", || n.status().filter(|s| s["leader_id"].is_string()));
+    assert_eq!(again["cluster_id"], st["cluster_id"]);
+    assert_eq!(again["node_id"], st["node_id"]);
+    assert_eq!(n.read("k").unwrap(), Some("kept".to_string()));
+}
+
+#[test]
 fn stopping_every_node_and_starting_again_keeps_state_and_identity() {
     if !support::can_run() {
         return;

@@ -441,7 +441,7 @@ fn found_ca(agent: &Agent, cluster_id: &str) -> anyhow::Result<Pki> {
     let identity =
         Identity { node: agent.id, ca_pem: ca.cert_pem.clone(), cert_pem: cert, key_pem: key.serialize_pem() };
     let key_hash = identity.key_hash()?;
-    agent.tls.install(identity)?;
+    agent.tls.install(identity, &agent.config.secret)?;
     Ok(Pki {
         ca_cert: ca.cert_pem,
         ca_key_sealed: pki::seal_ca_key(&agent.config.secret, cluster_id, &ca.key_pem),
@@ -475,7 +475,7 @@ async fn join(agent: Arc<Agent>, api_addr: String) {
     let accepted = serde_json::from_slice(&bytes)
         .map_err(anyhow::Error::from)
         .and_then(|ans| super::join::accept(&agent.config.secret, agent.id, agent.tls.node_key(), &req, ans))
-        .and_then(|identity| agent.tls.install(identity));
+        .and_then(|identity| agent.tls.install(identity, &agent.config.secret));
     match accepted {
         Ok(()) => info!(%api_addr, "received this node's certificate from the cluster CA"),
         Err(e) => tracing::warn!(%api_addr, error = %format!("{e:#}"), "join answer refused"),

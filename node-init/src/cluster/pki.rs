@@ -163,6 +163,40 @@ pub fn tls_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("tls")
 }
 
+/// The file in the TLS directory that ties the node's identity to the secret it was issued
+/// under: an HMAC of the cluster CA under a key of that secret.
+const SECRET_CHECK: &str = "secret-check";
+
+fn secret_check(secret: &ClusterSecret, ca_pem: &str) -> String {
+    hex::encode(secret.key("secret-check").tag(ca_pem.as_bytes()))
+}
+
+/// Records that the identity in `dir` (its CA `ca_pem`) belongs to the cluster of `secret`.
+pub fn remember_secret(dir: &Path, secret: &ClusterSecret, ca_pem: &str) -> anyhow::Result<()> {
+    let path = dir.join(SECRET_CHECK);
+    crate::durable::write(&path, secret_check(secret, ca_pem).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Refuses to run a node whose cluster identity was issued under another secret (a server
+/// booted with the wrong `shoal.secret=`): it could reach none of its peers, and it would serve
+/// its cluster's data under the wrong token. A node with no identity yet takes any secret; one
+/// whose data predates this check is tied to the secret it has now.
+pub fn check_secret(data_dir: &Path, secret: &ClusterSecret) -> anyhow::Result<()> {
+    let dir = tls_dir(data_dir);
+    let Ok(ca_pem) = std::fs::read_to_string(dir.join("ca.crt")) else { return Ok(()) };
+    match std::fs::read_to_string(dir.join(SECRET_CHECK)) {
+        Ok(have) if have.trim() == secret_check(secret, &ca_pem) => Ok(()),
+        Ok(_) => bail!(
+            "wrong cluster secret: this node's data ({}) belongs to a cluster formed with another secret; \
+             start it with that cluster's secret, or clear its data to join a cluster as a new node",
+            data_dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => remember_secret(&dir, secret, &ca_pem),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.join(SECRET_CHECK).display())),
+    }
+}
+
 impl Identity {
     /// The identity in `dir`, if this node has been issued one.
     pub fn load(dir: &Path, node: u64) -> anyhow::Result<Option<Identity>> {

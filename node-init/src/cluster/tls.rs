@@ -17,6 +17,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use super::pki::{self, Identity};
+use super::secret::ClusterSecret;
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -157,10 +158,11 @@ impl Tls {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Takes a newly issued identity: stored first, then served.
-    pub fn install(&self, identity: Identity) -> anyhow::Result<()> {
+    /// Takes a newly issued identity: stored (tied to the cluster's secret) first, then served.
+    pub fn install(&self, identity: Identity, secret: &ClusterSecret) -> anyhow::Result<()> {
         let configs = Arc::new(Configs::new(identity)?);
         configs.identity.store(&self.dir)?;
+        pki::remember_secret(&self.dir, secret, &configs.identity.ca_pem)?;
         let _ = std::fs::remove_file(self.dir.join("provisional-ca.crt"));
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(configs);
         Ok(())
@@ -206,12 +208,19 @@ mod tests {
         let ca = pki::new_ca("c").unwrap();
         let key = tls.node_key();
         let cert = pki::issue(&ca.cert_pem, &ca.key_pem, 5, &pki::csr_der(5, key).unwrap(), &[]).unwrap();
-        tls.install(Identity { node: 5, ca_pem: ca.cert_pem.clone(), cert_pem: cert, key_pem: key.serialize_pem() })
-            .unwrap();
+        tls.install(
+            Identity { node: 5, ca_pem: ca.cert_pem.clone(), cert_pem: cert, key_pem: key.serialize_pem() },
+            &ClusterSecret::new("tls-test-secret"),
+        )
+        .unwrap();
         assert!(tls.configs().is_some());
         // A restart finds it; the provisional CA is gone.
         let again = Tls::open(dir.path(), 5, vec![]).unwrap();
         assert_eq!(again.configs().unwrap().identity.ca_pem, ca.cert_pem);
+        // The identity is tied to the secret it was issued under.
+        assert!(pki::check_secret(dir.path(), &ClusterSecret::new("tls-test-secret")).is_ok());
+        let wrong = pki::check_secret(dir.path(), &ClusterSecret::new("another-secret")).unwrap_err();
+        assert!(format!("{wrong:#}").contains("wrong cluster secret"), "{wrong:#}");
         // Another node's certificate in the directory is refused.
         assert!(Tls::open(dir.path(), 6, vec![]).is_err());
     }

@@ -525,7 +525,7 @@ mod tests {
         fn tls(&self, node: u64) -> (tempfile::TempDir, Arc<Tls>) {
             let dir = tempfile::tempdir().unwrap();
             let tls = Tls::open(dir.path(), node, vec![]).unwrap();
-            tls.install(self.identity(node)).unwrap();
+            tls.install(self.identity(node), &crate::cluster::secret::ClusterSecret::new("transport-test")).unwrap();
             (dir, Arc::new(tls))
         }
     }

@@ -32,6 +32,8 @@ const MAX_LINE: usize = 256;
 static AGENT_LOG: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
 /// What the agent runs with, once the boot got that far.
 pub static PLAN: Mutex<Option<AgentPlan>> = Mutex::new(None);
+/// Why the agent last stopped by itself, until it has run well again.
+pub static AGENT_STOPPED: Mutex<Option<String>> = Mutex::new(None);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -536,6 +538,20 @@ async fn instance_log(api: Api, which: &str) -> Result<String, String> {
     Ok(if text.trim().is_empty() { format!("{tenant}/{id} has printed nothing") } else { text })
 }
 
+/// The agent's last words before it exited: its fatal error, once its pipes have drained
+/// (`shoal-node: ...`), else its last line.
+pub fn agent_last_error() -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        let found =
+            lock(&AGENT_LOG).iter().rev().take(5).find_map(|l| l.strip_prefix("shoal-node: ").map(str::to_string));
+        if found.is_some() || std::time::Instant::now() > deadline {
+            return found.or_else(|| lock(&AGENT_LOG).back().cloned());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn agent_log() -> String {
     let log = lock(&AGENT_LOG);
     if log.is_empty() {
@@ -634,6 +650,9 @@ async fn status_screen() -> String {
     let mut s = format!("Shoal node {} (shoal-node {})\n\n", hostname(), env!("CARGO_PKG_VERSION"));
     let (phase, detail) = super::current_phase();
     s += &format!("  boot       {phase}: {detail}\n");
+    if let Some(why) = lock(&AGENT_STOPPED).clone() {
+        s += &format!("  agent      stopped: {why}\n");
+    }
     let addrs = local_addresses().await;
     s += &format!("  addresses  {}\n", if addrs.is_empty() { "none".into() } else { addrs.join(", ") });
     let plan = lock(&PLAN).clone();

@@ -485,7 +485,10 @@ impl Agent {
         self.restarts += 1;
         let backoff = Duration::from_secs(1u64 << self.restarts.min(5));
         self.next_start = Instant::now() + backoff;
-        say(&format!("the agent stopped; starting it again in {} s", backoff.as_secs()));
+        // What went wrong stays on the status screen until the agent runs well again.
+        let why = console::agent_last_error().unwrap_or_else(|| "it printed nothing".into());
+        say(&format!("the agent stopped: {why}; starting it again in {} s", backoff.as_secs()));
+        *console::AGENT_STOPPED.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 }
 
@@ -599,8 +602,12 @@ pub fn main() -> ! {
         if agent.plan.is_some() && agent.pid.is_none() && Instant::now() >= agent.next_start {
             agent.start();
         }
+        let running_well = agent.pid.is_some() && agent.started_at.elapsed() >= BOOT_GOOD_AFTER;
+        if running_well {
+            console::AGENT_STOPPED.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         // A boot that got this far and kept its agent running is a good one: bless its entry.
-        if !blessed && agent.pid.is_some() && agent.started_at.elapsed() >= BOOT_GOOD_AFTER {
+        if !blessed && running_well {
             blessed = true;
             let _ = std::thread::Builder::new().name("bless".into()).spawn(|| match boot_count::bless() {
                 Ok(Some(what)) => phase("boot", &format!("booted well: blessed {what}")),
