@@ -231,6 +231,27 @@ fn a_data_partition_holding_something_else_is_left_alone_and_the_node_runs_from_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A provisioning server on the host's loopback that answers every GET with the secret; its
+/// URL as the guest sees it, and how many times it answered.
+fn serve_secret() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port for the secret");
+    let port = listener.local_addr().expect("its address").port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut req = [0u8; 1024];
+            let _ = std::io::Read::read(&mut conn, &mut req);
+            let answer = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{SECRET}\n", SECRET.len() + 1);
+            if conn.write_all(answer.as_bytes()).is_ok() {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    (format!("http://10.0.2.2:{port}/secret"), served)
+}
+
 /// The image's kernel and initramfs booted directly (as PXE hands them over) with `append` as
 /// the command line, and the disk in `dir` (a copy of the raw image) as its disk.
 fn boot_kernel_with_disk(dir: &Path, tag: &str, append: &str) -> (Server, u16) {
@@ -269,14 +290,99 @@ fn a_server_booted_with_another_secret_than_its_cluster_says_so_and_keeps_its_da
     wrong.wait_console("agent      stopped: wrong cluster secret", 1);
     assert_eq!(wrong.count("Kernel panic"), 0, "{}", wrong.console());
     drop(wrong);
-    // Booted with the cluster's secret again, it is the same node with its data.
-    let (right, port) = boot_kernel_with_disk(&dir, "secret-right", &format!("shoal.secret={SECRET}"));
+    // Booted with the cluster's secret again, fetched from a provisioning server this time
+    // (shoal.secret_url=; QEMU's user network shows the host's loopback as 10.0.2.2), it is the
+    // same node with its data.
+    let (url, served) = serve_secret();
+    let (right, port) = boot_kernel_with_disk(&dir, "secret-right", &format!("shoal.secret_url={url}"));
     let again = wait_leader(&right, port);
+    assert_eq!(right.count(&format!("phase secret: fetched from {url}")), 1, "{}", right.console());
+    assert!(served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert_eq!(again["node_id"], first["node_id"]);
     assert_eq!(again["cluster_id"], first["cluster_id"]);
     let kept = api(port, "GET", "/v1/kv/secret-test", None);
     assert!(kept.as_ref().is_some_and(|v| v.to_string().contains("still here")), "{kept:?}");
     drop(right);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `shoalctl` (the release build the image is made from) with its config in `dir`.
+fn shoalctl(dir: &Path, args: &[&str]) -> std::process::Output {
+    let bin = shoal_hardware_tests::repo_root().join("target/x86_64-unknown-linux-gnu/release/shoalctl");
+    Command::new(bin)
+        .args(args)
+        .env("SHOAL_CONFIG", dir.join("shoalctl.config"))
+        .env_remove("SHOAL_TOKEN")
+        .output()
+        .expect("run shoalctl")
+}
+
+#[test]
+fn a_server_booted_with_no_secret_waits_in_maintenance_mode_until_shoalctl_configures_it() {
+    let dir = tempfile_dir("maintenance");
+    assert!(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(image().join("shoal.raw"))
+        .arg(dir.join("disk.raw"))
+        .status()
+        .expect("cp the disk image")
+        .success());
+    let (server, port) = boot_kernel_with_disk(&dir, "maintenance", "");
+    server.wait_console("maintenance token ", 1);
+    let line = server.lines.lock().unwrap().iter().find(|l| l.contains("maintenance token ")).cloned().unwrap();
+    let token = line.split("maintenance token ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().to_string();
+    assert_eq!(token.len(), 26 + 5, "{line}");
+    // The status screen shows how to configure the node; the API says it is in maintenance.
+    server.type_line("status");
+    server.wait_console(&format!("shoalctl node configure --endpoint 10.0.2.15:7400 --token {token}"), 2);
+    let other = Command::new("curl")
+        .args(["-sk", "--max-time", "10"])
+        .arg(format!("https://127.0.0.1:{port}/v1/cluster/status"))
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&other.stdout).contains("maintenance mode"), "{other:?}");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let endpoint = format!("127.0.0.1:{port}");
+    let configure = |token: &str| {
+        shoalctl(
+            &dir,
+            &[
+                "node",
+                "configure",
+                "--endpoint",
+                &endpoint,
+                "--token",
+                token,
+                "--secret-file",
+                secret.to_str().unwrap(),
+                "--min-voters",
+                "1",
+                "--set-context",
+                "m",
+            ],
+        )
+    };
+    // A wrong token: the node cannot prove it, and the secret is never sent.
+    let wrong = configure("aaaaa-bbbbb-ccccc-ddddd-eeeee-f");
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("could not prove that it holds this token"), "{wrong:?}");
+    let ok = configure(&token);
+    assert!(ok.status.success(), "{ok:?}\nconsole:\n{}", server.console());
+    let first = wait_leader(&server, port);
+    let nodes = shoalctl(&dir, &["get", "nodes"]);
+    assert!(
+        String::from_utf8_lossy(&nodes.stdout).contains(first["node_id"].as_str().unwrap()),
+        "the saved context reaches the node: {nodes:?}"
+    );
+    // Used once: the token configures nothing more, and a reboot needs none of it.
+    assert!(!configure(&token).status.success());
+    server.sendkey("ctrl-alt-delete");
+    server.wait_console("/dev/vda2 mounted on /var/lib/shoal", 2);
+    let again = wait_leader(&server, port);
+    assert_eq!(again["node_id"], first["node_id"]);
+    assert_eq!(server.count("maintenance token "), 1, "{}", server.console());
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use shoal_node::cluster::agent::AgentConfig;
 use shoal_node::cluster::gossip::GossipTiming;
 use shoal_node::cluster::raft_node::RaftTiming;
-use shoal_node::cluster::secret::ClusterSecret;
+use shoal_node::cluster::secret::{self, ClusterSecret};
 use shoal_node::images::ImageStore;
 use shoal_node::local::LocalNode;
 use shoal_node::state::network::NO_NETWORK_LABEL;
@@ -189,15 +189,11 @@ fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
 fn load_secret(args: &AgentArgs) -> anyhow::Result<ClusterSecret> {
     if let Some(f) = &args.secret_file {
         let s = std::fs::read_to_string(f).with_context(|| format!("reading the secret file {}", f.display()))?;
-        if s.trim().len() < 8 {
-            bail!("the cluster secret in {} is shorter than 8 characters", f.display());
-        }
+        secret::check_strength(&s).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
         return Ok(ClusterSecret::new(&s));
     }
     if let Ok(s) = std::env::var("SHOAL_CLUSTER_SECRET") {
-        if s.trim().len() < 8 {
-            bail!("SHOAL_CLUSTER_SECRET is shorter than 8 characters");
-        }
+        secret::check_strength(&s).map_err(|e| anyhow::anyhow!("SHOAL_CLUSTER_SECRET: {e}"))?;
         return Ok(ClusterSecret::new(&s));
     }
     let path = args.data_dir.join("secret");

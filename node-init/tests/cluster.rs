@@ -432,6 +432,11 @@ fn a_node_started_with_another_secret_than_its_cluster_stops_with_a_clear_error_
     // The same data directory, started with another secret (a server booted with the wrong
     // shoal.secret=): the agent says so and stops, writing nothing under the wrong secret.
     let secret_file = n.data_dir.join("test-secret");
+    // A secret short enough to guess is refused outright.
+    std::fs::write(&secret_file, "guessable").unwrap();
+    n.start();
+    assert_eq!(wait_for(Duration::from_secs(20), "the agent to stop", || n.try_wait()), Some(1));
+    assert!(n.log().contains("has 9 characters, fewer than 16"), "{}", n.log());
     std::fs::write(&secret_file, "a-different-cluster-secret").unwrap();
     n.start();
     let code = wait_for(Duration::from_secs(20), "the agent to stop", || n.try_wait());

@@ -171,6 +171,12 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// A node by itself: `node configure` gives a node in maintenance mode (booted with no
+    /// cluster secret) its configuration.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Contexts in ~/.config/shoal/config.
     Config {
         #[command(subcommand)]
@@ -204,6 +210,35 @@ enum ImageCommand {
 enum TokenCommand {
     /// A new token for the tenant (shown once).
     Create { tenant: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Configure a node in maintenance mode: --endpoint is its address (ADDRESS:7400) and
+    /// --token the one-time token its console shows. The node stores the configuration and
+    /// starts its agent with it: it joins the cluster of this secret (through --seed, or found
+    /// on its LAN), or forms one.
+    Configure {
+        /// The cluster secret (16 characters at least).
+        #[arg(long)]
+        secret_file: PathBuf,
+        /// Gossip addresses of nodes to join through (HOST[:PORT]; repeat for more).
+        #[arg(long = "seed")]
+        seeds: Vec<String>,
+        /// Labels published with the node (k=v,...).
+        #[arg(long)]
+        labels: Option<String>,
+        /// Nodes that must see each other before a new cluster bootstraps (default 3).
+        #[arg(long)]
+        min_voters: Option<usize>,
+        /// The node's hostname.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Then wait for the node to be up and save a context of this name for it (as
+        /// `config set-context NAME --secret-file`).
+        #[arg(long)]
+        set_context: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -724,7 +759,52 @@ fn edit_node(s: &Session, node: &str, changes: &[String], taints: bool) -> Resul
     Ok(())
 }
 
+/// `node configure`.
+fn configure_node(cli: &Cli, command: &NodeCommand) -> Result<(), CliError> {
+    let NodeCommand::Configure { secret_file, seeds, labels, min_voters, hostname, set_context } = command;
+    let endpoint = cli.endpoint.as_deref().ok_or_else(|| usage("node configure needs --endpoint ADDRESS:7400"))?;
+    let token =
+        cli.token.as_deref().ok_or_else(|| usage("node configure needs --token (it is on the node's console)"))?;
+    let secret = std::fs::read_to_string(secret_file)
+        .map_err(|source| CliError::Io { what: format!("reading {}", secret_file.display()), source })?;
+    let mut body = json!({ "secret": secret.trim(), "seeds": seeds });
+    for (key, value) in [("labels", labels.clone().map(Value::from)), ("hostname", hostname.clone().map(Value::from))] {
+        if let Some(v) = value {
+            body[key] = v;
+        }
+    }
+    if let Some(n) = min_voters {
+        body["min_voters"] = json!(n);
+    }
+    let name = trust::configure(endpoint, token, &body).map_err(CliError::Usage)?;
+    println!("{name} is configured: it starts its agent with this secret now");
+    match set_context {
+        Some(ctx) => {
+            let ca = trust::fetch_ca(endpoint, &secret).map_err(CliError::Usage)?;
+            let mut file = ConfigFile::load()?;
+            let context = Context {
+                name: ctx.clone(),
+                endpoint: endpoint.into(),
+                token: Some(trust::api_token(&secret)),
+                tenant: None,
+                ca: Some(ca),
+            };
+            file.set(context);
+            file.save()?;
+            println!("context {ctx} set in {}", config::path().display());
+        }
+        None => println!(
+            "once it is up: shoalctl config set-context NAME --endpoint {endpoint} --secret-file {}",
+            secret_file.display()
+        ),
+    }
+    Ok(())
+}
+
 fn run(cli: &Cli) -> Result<(), CliError> {
+    if let Command::Node { command } = &cli.command {
+        return configure_node(cli, command);
+    }
     if let Command::Config { command } = &cli.command {
         let mut file = ConfigFile::load()?;
         match command {
@@ -820,7 +900,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Config { .. } => Ok(()),
+        Command::Config { .. } | Command::Node { .. } => Ok(()),
     }
 }
 

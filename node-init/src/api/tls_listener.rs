@@ -25,6 +25,14 @@ pub struct TlsListener {
 
 impl TlsListener {
     pub fn spawn(tcp: TcpListener, tls: Arc<Tls>) -> std::io::Result<TlsListener> {
+        TlsListener::spawn_with(tcp, move || tls.api_server())
+    }
+
+    /// As [`TlsListener::spawn`], each handshake with the configuration `config` gives then.
+    pub fn spawn_with(
+        tcp: TcpListener,
+        config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
+    ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(HANDSHAKES);
         tokio::spawn(async move {
@@ -39,7 +47,7 @@ impl TlsListener {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.api_server());
+                let acceptor = tokio_rustls::TlsAcceptor::from(config());
                 if tx.is_closed() {
                     return;
                 }

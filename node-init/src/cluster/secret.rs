@@ -44,6 +44,24 @@ impl PurposeKey {
     }
 }
 
+/// The fewest characters a cluster secret may have. Everything a node publishes under the
+/// secret (gossip tags, discovery announcements, the CA's proof) lets whoever captures it test
+/// guesses offline: the secret must be too long to guess, as a random one is (`openssl rand
+/// -hex 16` gives 32 characters).
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// Refuses a secret too short to resist guessing.
+pub fn check_strength(secret: &str) -> Result<(), String> {
+    let n = secret.trim().chars().count();
+    if n < MIN_SECRET_CHARS {
+        return Err(format!(
+            "the cluster secret has {n} characters, fewer than {MIN_SECRET_CHARS}: use a long random one \
+             (openssl rand -hex 16)"
+        ));
+    }
+    Ok(())
+}
+
 /// The shared secret every node of a cluster holds.
 #[derive(Clone)]
 pub struct ClusterSecret(Vec<u8>);
@@ -77,6 +95,14 @@ impl ClusterSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_secret_is_refused_and_blanks_do_not_count() {
+        assert!(check_strength("0123456789abcdef").is_ok());
+        let e = check_strength("  0123456789abcde \n").unwrap_err();
+        assert!(e.contains("has 15 characters, fewer than 16"), "{e}");
+        assert!(check_strength("").is_err());
+    }
 
     #[test]
     fn tags_verify_only_with_the_same_secret_and_purpose() {

@@ -100,6 +100,12 @@ impl Configs {
     }
 }
 
+/// A TLS 1.3 server configuration presenting `cert_pem` (no client certificates asked for).
+pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<ServerConfig>> {
+    let (chain, key) = chain_and_key(cert_pem, key_pem)?;
+    Ok(Arc::new(server_builder().with_no_client_auth().with_single_cert(chain, key)?))
+}
+
 /// This node's TLS: the identity once it has one, a provisional API certificate before.
 #[derive(Debug)]
 pub struct Tls {

@@ -32,6 +32,8 @@ const MAX_LINE: usize = 256;
 static AGENT_LOG: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
 /// What the agent runs with, once the boot got that far.
 pub static PLAN: Mutex<Option<AgentPlan>> = Mutex::new(None);
+/// In maintenance mode: the command that configures this node (it holds the one-time token).
+pub static MAINTENANCE: Mutex<Option<String>> = Mutex::new(None);
 /// Why the agent last stopped by itself, until it has run well again.
 pub static AGENT_STOPPED: Mutex<Option<String>> = Mutex::new(None);
 
@@ -650,6 +652,9 @@ async fn status_screen() -> String {
     let mut s = format!("Shoal node {} (shoal-node {})\n\n", hostname(), env!("CARGO_PKG_VERSION"));
     let (phase, detail) = super::current_phase();
     s += &format!("  boot       {phase}: {detail}\n");
+    if let Some(how) = lock(&MAINTENANCE).clone() {
+        s += &format!("  maintenance  no cluster secret; configure this node from a client:\n    {how}\n");
+    }
     if let Some(why) = lock(&AGENT_STOPPED).clone() {
         s += &format!("  agent      stopped: {why}\n");
     }

@@ -12,6 +12,7 @@ pub mod boot_count;
 pub mod cmdline;
 pub mod console;
 pub mod disk;
+pub mod maintenance;
 pub mod modules;
 
 use std::net::Ipv4Addr;
@@ -271,6 +272,59 @@ fn data_disk(cfg: &BootConfig) -> PathBuf {
     PathBuf::from(DATA_MOUNT)
 }
 
+/// Stores the boot configuration on the data disk (or the RAM directory) for later boots.
+fn store(data: &Path, config: &BootConfig) {
+    let json = serde_json::to_vec_pretty(config).unwrap_or_default();
+    if let Err(e) = crate::durable::write_private(&data.join(BOOT_FILE), &json) {
+        say(&format!("cannot store the boot configuration: {e}"));
+    }
+}
+
+/// Fetches the cluster secret from `url` (`http://HOST[:PORT]/PATH`, a provisioning server on
+/// the boot network, as iPXE fetched the kernel), retrying for a minute while it does not answer.
+async fn fetch_secret(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs are fetched (a server on the boot network)")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let target = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(10), http_get(&target, authority, path)).await;
+        let why = match attempt {
+            Ok(Ok(body)) => {
+                let secret = String::from_utf8(body).map_err(|_| "the answer is not text".to_string())?;
+                crate::cluster::secret::check_strength(&secret)?;
+                return Ok(secret.trim().to_string());
+            }
+            Ok(Err(e)) => e,
+            Err(_) => "no answer within 10 s".into(),
+        };
+        if Instant::now() > deadline {
+            return Err(why);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// One HTTP/1.0 GET; the body of a 200 answer (at most 64 KiB).
+async fn http_get(target: &str, host: &str, path: &str) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(target).await.map_err(|e| format!("connecting to {target}: {e}"))?;
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: shoal-node\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    conn.take(64 << 10).read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").ok_or("the answer is not HTTP")?;
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let status = head.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("the server answered {status:?}"));
+    }
+    Ok(answer[split + 4..].to_vec())
+}
+
 /// Mixes the seed an earlier boot saved into the kernel's pool and saves a new one.
 fn seed_rng(data: &Path) {
     let file = data.join("random-seed");
@@ -397,12 +451,9 @@ fn boot(tx: mpsc::Sender<AgentPlan>) -> Result<(), String> {
     seed_rng(&data);
     let stored: BootConfig =
         std::fs::read(data.join(BOOT_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    let config = given.over(&stored);
+    let mut config = given.over(&stored);
     if config != stored {
-        let json = serde_json::to_vec_pretty(&config).unwrap_or_default();
-        if let Err(e) = crate::durable::write_private(&data.join(BOOT_FILE), &json) {
-            say(&format!("cannot store the boot configuration: {e}"));
-        }
+        store(&data, &config);
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     phase("network", "bringing up the uplink");
@@ -412,6 +463,45 @@ fn boot(tx: mpsc::Sender<AgentPlan>) -> Result<(), String> {
         None => "shoal".into(),
     });
     set_hostname(&hostname);
+    // shoal.secret_url= on this boot's command line (without shoal.secret=) is fetched, and wins
+    // over a stored secret; a stored URL whose secret never came is tried again. When the
+    // server does not answer, the stored secret (if any) is used.
+    let fetch = given.secret.is_none() && (given.secret_url.is_some() || config.secret.is_none());
+    if let Some(url) = config.secret_url.clone().filter(|_| fetch) {
+        phase("secret", &format!("fetching the cluster secret from {url}"));
+        match rt.block_on(fetch_secret(&url)) {
+            Ok(secret) => {
+                config.secret = Some(secret);
+                store(&data, &config);
+                phase("secret", &format!("fetched from {url} and stored with the boot configuration"));
+            }
+            Err(e) => say(&format!("cannot fetch the cluster secret from {url}: {e}")),
+        }
+    }
+    // No secret and no cluster: wait to be told (shoalctl node configure).
+    if config.secret.is_none() && !data.join("node/tls/ca.crt").exists() {
+        let listen = std::net::SocketAddr::new(address.into(), API_PORT);
+        let token = maintenance::new_token();
+        let how = format!(
+            "shoalctl node configure --endpoint {listen} --token {} --secret-file FILE [--seed HOST]",
+            maintenance::shown(&token)
+        );
+        *console::MAINTENANCE.lock().unwrap_or_else(|e| e.into_inner()) = Some(how.clone());
+        phase("maintenance", &format!("no cluster secret: waiting to be configured on https://{listen}"));
+        say(&format!(
+            "maintenance token {} (the node's one-time token; from a client: {how})",
+            maintenance::shown(&token)
+        ));
+        let asked = rt.block_on(maintenance::serve(listen, &token, &hostname));
+        *console::MAINTENANCE.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        config = asked?.over(&config);
+        store(&data, &config);
+        if let Some(h) = &config.hostname {
+            set_hostname(h);
+        }
+        phase("maintenance", "configured: the configuration is stored; starting the agent with it");
+    }
+    let hostname = config.hostname.clone().unwrap_or(hostname);
     let secret_file = match &config.secret {
         Some(s) => {
             let f = PathBuf::from("/run/shoal/secret");
