@@ -176,6 +176,12 @@ fn the_pxe_files_boot_through_ipxe_to_an_answering_api() {
 /// The image's disk with the data partition's first MiB overwritten by `fill` (not zeros, not
 /// ext4: what a disk that held something else looks like), booted under OVMF.
 fn boot_disk(tag: &str, fill: Option<u8>, nic: bool) -> (Server, u16, PathBuf) {
+    boot_disk_on(tag, fill, nic, false)
+}
+
+/// As [`boot_disk`]; `server_hardware`: the disk on the SATA (AHCI) controller and an Intel
+/// e1000e NIC, the drivers of real servers, instead of virtio.
+fn boot_disk_on(tag: &str, fill: Option<u8>, nic: bool, server_hardware: bool) -> (Server, u16, PathBuf) {
     let img = image();
     let dir = tempfile_dir(tag);
     let disk = dir.join("disk.raw");
@@ -200,18 +206,39 @@ fn boot_disk(tag: &str, fill: Option<u8>, nic: bool) -> (Server, u16, PathBuf) {
         "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
         "-drive".into(),
         format!("if=pflash,format=raw,file={}", vars.display()),
-        "-drive".into(),
-        format!("file={},format=raw,if=virtio", disk.display()),
     ];
+    if server_hardware {
+        args.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=d0", disk.display()),
+            "-device".into(),
+            "ide-hd,drive=d0,bus=ide.0".into(),
+        ]);
+    } else {
+        args.extend(["-drive".into(), format!("file={},format=raw,if=virtio", disk.display())]);
+    }
     if nic {
         args.extend([
             "-netdev".into(),
             format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:7400"),
             "-device".into(),
-            "virtio-net-pci,netdev=n0".into(),
+            format!("{},netdev=n0", if server_hardware { "e1000e" } else { "virtio-net-pci" }),
         ]);
     }
     (Server::start(&args, tag, None, 2, 1536), port, dir)
+}
+
+#[test]
+fn the_disk_image_boots_on_a_sata_disk_and_an_intel_nic_as_real_servers_have() {
+    let (server, port, dir) = boot_disk_on("sata", None, true, true);
+    wait_leader(&server, port);
+    println!("image_sata_e1000e_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
+    assert_eq!(server.count("/dev/sda2 is blank: formatting it (first boot)"), 1, "{}", server.console());
+    assert_eq!(server.count("/dev/sda2 mounted on /var/lib/shoal"), 1);
+    assert_eq!(server.count(" loaded, 0 failed"), 1, "a module did not load:\n{}", server.console());
+    assert_eq!(server.count("phase failed"), 0, "{}", server.console());
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

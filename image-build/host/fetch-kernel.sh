@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fetches the host image's kernel: Debian's cloud kernel package (the one the emulated server
-# runs), unpacked, not installed; keeps vmlinuz and the modules modules.txt names with every
+# Fetches the host image's kernel: Debian's generic kernel package (linux-image-amd64: the disk
+# and network drivers of real servers, as modules; the cloud kernel the emulated server runs has
+# no AHCI or Intel/Mellanox/Broadcom NIC drivers), unpacked, not installed; keeps vmlinuz and the modules modules.txt names with every
 # module they need, and writes their modules.dep with depmod. Cached by package version and
 # module list.
 # Usage: fetch-kernel.sh   (prints the cache directory: vmlinuz, release, lib/modules/<release>/)
@@ -8,7 +9,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
 "$here/../../ci/ensure-packages.sh" dpkg-dev kmod >/dev/null
-read -r pkg version < <("$here/../../ci/cloud-kernel-package.sh")
+read -r pkg version < <("$here/../../ci/cloud-kernel-package.sh" linux-image-amd64)
 wanted=$(grep -v '^#' "$here/modules.txt" | awk 'NF {print $1}')
 dest="$cache/host-kernel/$pkg-$version-$( (echo "$wanted"; cat "$0") | sha256sum | cut -c1-8)"
 if [ ! -f "$dest/vmlinuz" ]; then

@@ -32,6 +32,8 @@ pub const BOOT_FILE: &str = "boot.json";
 const MKE2FS: &str = "/sbin/mke2fs";
 /// How long the agent must have run for a boot to count as good (its boot entry blessed).
 const BOOT_GOOD_AFTER: Duration = Duration::from_secs(15);
+/// How long the agent has to stop when asked before it is killed.
+const AGENT_STOP_WAIT: Duration = Duration::from_secs(10);
 /// Seconds between a fatal error and the reboot.
 const FATAL_COUNTDOWN: u64 = 10;
 
@@ -435,7 +437,15 @@ fn boot(tx: mpsc::Sender<AgentPlan>) -> Result<(), String> {
             for (name, e) in &l.failed {
                 say(&format!("module {name}: {e}"));
             }
-            phase("modules", &format!("{} loaded, {} failed", l.loaded, l.failed.len()));
+            phase(
+                "modules",
+                &format!(
+                    "{} loaded, {} failed ({} drivers for hardware this server lacks not loaded)",
+                    l.loaded,
+                    l.failed.len(),
+                    l.skipped
+                ),
+            );
         }
         Err(e) => phase("modules", &format!("no module list in {} ({e}): using what is built in", dir.display())),
     }
@@ -527,6 +537,8 @@ struct Agent {
     next_start: Instant,
     /// Stopped on purpose to restart with a new plan (the console's `join`).
     replacing: bool,
+    /// When it was asked to stop for that (it is killed if it lingers).
+    replacing_since: Instant,
     /// When the running agent was started.
     started_at: Instant,
 }
@@ -607,7 +619,7 @@ fn shutdown(agent: &mut Agent, cmd: libc::c_int) -> ! {
     if let Some(pid) = agent.pid {
         // SAFETY: a signal to our own child.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        wait_children(Duration::from_secs(10), Some(pid));
+        wait_children(AGENT_STOP_WAIT, Some(pid));
     }
     phase("stopping", "stopping the microVMs");
     // SAFETY: kill(-1) signals every process but this one.
@@ -662,6 +674,7 @@ pub fn main() -> ! {
         restarts: 0,
         next_start: Instant::now(),
         replacing: false,
+        replacing_since: Instant::now(),
         started_at: Instant::now(),
     };
     let mut blessed = false;
@@ -685,9 +698,17 @@ pub fn main() -> ! {
             agent.plan = Some(plan);
             if let Some(pid) = agent.pid {
                 agent.replacing = true;
+                agent.replacing_since = Instant::now();
                 // SAFETY: a signal to our own child.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
+        }
+        // An agent that does not stop within 10 s of being asked is killed.
+        if let Some(pid) = agent.pid.filter(|_| agent.replacing && agent.replacing_since.elapsed() > AGENT_STOP_WAIT) {
+            say("the agent did not stop within 10 s: killing it");
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            agent.replacing_since = Instant::now();
         }
         if agent.plan.is_some() && agent.pid.is_none() && Instant::now() >= agent.next_start {
             agent.start();

@@ -11,10 +11,56 @@ use std::path::{Path, PathBuf};
 /// The image carries the same list (`image-build/host/modules.txt`, one file for both). KVM's
 /// vendor module is chosen from the CPU.
 pub fn node_modules() -> Vec<&'static str> {
+    list().map(|(name, _)| name).collect()
+}
+
+/// The list's lines: each module's name and whether it is a driver loaded only for hardware
+/// that is present (`if-present`).
+fn list() -> impl Iterator<Item = (&'static str, bool)> {
     include_str!("../../../image-build/host/modules.txt")
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("kvm_"))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            Some((words.next()?, words.next() == Some("if-present")))
+        })
+}
+
+/// The drivers of the list that are loaded only when a device matches them.
+pub fn if_present() -> Vec<&'static str> {
+    list().filter(|(_, p)| *p).map(|(name, _)| name).collect()
+}
+
+/// Whether `pattern` (a modules.alias glob) matches `modalias`.
+fn glob(pattern: &str, modalias: &str) -> bool {
+    let (Ok(p), Ok(m)) = (std::ffi::CString::new(pattern), std::ffi::CString::new(modalias)) else {
+        return false;
+    };
+    // SAFETY: two NUL-terminated strings valid for the call.
+    unsafe { libc::fnmatch(p.as_ptr(), m.as_ptr(), 0) == 0 }
+}
+
+/// The modules of `aliases` (modules.alias) that claim one of `devices` (modaliases).
+pub fn matching(aliases: &str, devices: &[String]) -> BTreeSet<String> {
+    aliases
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("alias")).then_some(())?;
+            Some((w.next()?, w.next()?))
+        })
+        .filter(|(pattern, _)| devices.iter().any(|d| glob(pattern, d)))
+        .map(|(_, module)| module.replace('-', "_"))
+        .collect()
+}
+
+/// The modaliases of this server's PCI devices.
+fn pci_devices() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/pci/devices") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|d| std::fs::read_to_string(d.path().join("modalias")).ok())
+        .map(|s| s.trim().to_string())
         .collect()
 }
 
@@ -99,6 +145,8 @@ pub fn load(path: &Path) -> std::io::Result<()> {
 pub struct Loaded {
     pub loaded: usize,
     pub failed: Vec<(String, String)>,
+    /// `if-present` drivers no device of this server needs.
+    pub skipped: usize,
 }
 
 /// Loads `wanted` (and KVM for this CPU's vendor) from `dir` (`/lib/modules/<release>`).
@@ -112,9 +160,17 @@ pub fn load_node_modules(dir: &Path, wanted: &[&str]) -> std::io::Result<Loaded>
     } else if cpuinfo.contains(" vmx") {
         all.push("kvm_intel");
     }
-    all.extend_from_slice(wanted);
-    let (files, _) = deps.order(&all);
+    // Device drivers only for devices that are there (without an alias list: all of them).
     let mut done = Loaded::default();
+    let conditional = if_present();
+    let needed = std::fs::read_to_string(dir.join("modules.alias")).ok().map(|a| matching(&a, &pci_devices()));
+    for m in wanted {
+        match &needed {
+            Some(n) if conditional.contains(m) && !n.contains(*m) => done.skipped += 1,
+            _ => all.push(m),
+        }
+    }
+    let (files, _) = deps.order(&all);
     for f in files {
         let path: PathBuf = dir.join(&f);
         match load(&path) {
@@ -157,6 +213,27 @@ kernel/net/llc/llc.ko:
         let m = node_modules();
         assert!(m.contains(&"virtio_net") && m.contains(&"vxlan") && m.contains(&"ext4"));
         assert!(!m.iter().any(|n| n.starts_with('#') || n.starts_with("kvm")));
+    }
+
+    #[test]
+    fn drivers_are_chosen_by_the_devices_their_aliases_match() {
+        let aliases = "# Aliases extracted from modules themselves.
+alias pci:v*d*sv*sd*bc01sc06i01* ahci
+alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e
+alias pci:v000015B3d00001017sv*sd*bc*sc*i* mlx5_core
+alias pci:v00001AF4d00001041sv*sd*bc*sc*i* virtio-pci
+alias fs-ext4 ext4
+";
+        let devices = [
+            "pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00".to_string(),
+            "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01".to_string(),
+        ];
+        let m = matching(aliases, &devices);
+        assert_eq!(m.into_iter().collect::<Vec<_>>(), ["ahci", "e1000e"]);
+        assert!(matching(aliases, &[]).is_empty());
+        let p = if_present();
+        assert!(p.contains(&"mlx5_core") && p.contains(&"ahci") && !p.contains(&"ext4") && !p.contains(&"virtio_net"));
+        assert!(node_modules().contains(&"mlx5_core"), "the image carries them all");
     }
 
     #[test]
