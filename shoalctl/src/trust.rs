@@ -45,60 +45,11 @@ pub fn proves(secret: &str, ca: &str, proof: &str) -> bool {
     m.verify_slice(&tag).is_ok()
 }
 
-/// Accepts any certificate: only for fetching the CA, whose proof is checked instead.
-#[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Fetches the cluster CA from `endpoint` and checks its proof with `secret`; waits while the
 /// node is unreachable or has no cluster yet.
 pub fn fetch_ca(endpoint: &str, secret: &str) -> Result<String, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
-        .with_no_client_auth();
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .tls_config(Arc::new(tls))
-        .build();
+    // Any certificate: the CA's proof is checked instead.
+    let (agent, _) = pinned_agent(None)?;
     let base = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
     let url = format!("{}/v1/cluster/ca", base.trim_end_matches('/'));
     let started = Instant::now();
@@ -124,7 +75,8 @@ pub fn fetch_ca(endpoint: &str, secret: &str) -> Result<String, String> {
     Ok(ca.to_string())
 }
 
-/// Accepts any certificate, and remembers the last one shown; or, pinned, only that one.
+/// Accepts any certificate (for first contact, where a proof is checked instead) and remembers
+/// the last one shown; or, pinned, only that one.
 #[derive(Debug)]
 struct Pin {
     provider: Arc<rustls::crypto::CryptoProvider>,
