@@ -39,7 +39,12 @@ impl TlsListener {
             let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                let (stream, peer) = match tcp.accept().await {
+                // The server dropped its end: let the port go now, not at the next connection.
+                let accepted = tokio::select! {
+                    a = tcp.accept() => a,
+                    _ = tx.closed() => return,
+                };
+                let (stream, peer) = match accepted {
                     Ok(s) => s,
                     Err(_) => {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -82,5 +87,28 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dropping_the_listener_frees_its_port_without_waiting_for_a_connection() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let ca = crate::cluster::pki::new_ca("t").unwrap();
+        let config = crate::cluster::tls::server_config(&ca.cert_pem, &ca.key_pem).unwrap();
+        let listener = TlsListener::spawn_with(tcp, move || config.clone()).unwrap();
+        drop(listener);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(_) => break,
+                Err(e) => assert!(std::time::Instant::now() < deadline, "the port is still held: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

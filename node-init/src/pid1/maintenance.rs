@@ -208,14 +208,26 @@ pub async fn serve(listen: SocketAddr, token: &str, hostname: &str) -> Result<Co
     let tcp = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("binding {listen}: {e}"))?;
     let tls =
         crate::api::tls_listener::TlsListener::spawn_with(tcp, move || config.clone()).map_err(|e| e.to_string())?;
-    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
-    let server = axum::serve(tls, app).with_graceful_shutdown(async move {
-        if let Ok(req) = rx.await {
-            let _ = got_tx.send(req);
-        }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(async move {
+        axum::serve(tls, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await
     });
-    server.await.map_err(|e| format!("the maintenance API: {e}"))?;
-    got_rx.await.map_err(|_| "the maintenance API ended unconfigured".to_string())
+    let req = tokio::select! {
+        r = rx => r.map_err(|_| "the maintenance API ended unconfigured".to_string())?,
+        r = &mut server => return Err(format!("the maintenance API stopped: {r:?}")),
+    };
+    let _ = stop_tx.send(());
+    // Open connections get a moment (the configuring request's answer), then the port is the
+    // agent's: an idle client cannot hold the node in maintenance.
+    if tokio::time::timeout(std::time::Duration::from_secs(3), &mut server).await.is_err() {
+        server.abort();
+        let _ = server.await;
+    }
+    Ok(req)
 }
 
 #[cfg(test)]
