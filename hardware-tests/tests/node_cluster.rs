@@ -3,7 +3,9 @@
 //! line, which names no seed. They find each other on the LAN and form one cluster with no
 //! step in between; a deployment posted to one of them from the host runs its Linux microVMs
 //! (a real KVM inside each emulated server) on the nodes the scheduler chose, their consoles
-//! read through the API; cutting one server's power moves its microVM to the server left.
+//! read through the API; a server rebooted from its console hands its microVM to the server
+//! with room before it goes down and comes back with its identity (its data disk); cutting one
+//! server's power moves its microVM to the server left.
 //! Needs root (the bridge and taps), QEMU, dnsmasq.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
@@ -66,9 +68,16 @@ impl Rack {
         Rack { ns, dnsmasq, dir: dir.to_path_buf() }
     }
 
-    /// Powers on server `n`: PXE from the bridge, one vCPU (so a 1-vCPU microVM fills it).
+    /// Powers on server `n`: PXE from the bridge, one vCPU (so a 1-vCPU microVM fills it), and
+    /// a data disk, blank until the server's first boot formats it.
     fn power_on(&self, n: usize) -> Server {
+        let disk = self.dir.join(format!("disk{n}.raw"));
+        if !disk.exists() {
+            std::fs::File::create(&disk).unwrap().set_len(512 << 20).unwrap();
+        }
         let args: Vec<String> = [
+            "-drive",
+            &format!("file={},format=raw,if=virtio", disk.display()),
             "-boot",
             "n",
             "-netdev",
@@ -180,7 +189,7 @@ fn running(rack: &Rack, via: usize, ids: &BTreeMap<String, usize>) -> Option<BTr
 }
 
 #[test]
-fn three_servers_booted_alike_form_one_cluster_run_microvms_and_move_them_off_a_dead_server() {
+fn three_servers_booted_alike_form_one_cluster_run_microvms_and_move_them_off_a_rebooting_and_a_dead_server() {
     let dir = std::env::temp_dir().join(format!("shoal-rack-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let image = dir.join("image");
@@ -192,7 +201,7 @@ fn three_servers_booted_alike_form_one_cluster_run_microvms_and_move_them_off_a_
     std::fs::write(
         dir.join("rack.ipxe"),
         format!(
-            "#!ipxe\nkernel vmlinuz initrd=initramfs.img console=ttyS0,115200 panic=-1 quiet shoal.secret={SECRET}\ninitrd initramfs.img\nboot\n"
+            "#!ipxe\nkernel vmlinuz initrd=initramfs.img console=ttyS0,115200 panic=-1 quiet shoal.secret={SECRET} shoal.data=/dev/vda\ninitrd initramfs.img\nboot\n"
         ),
     )
     .unwrap();
@@ -246,6 +255,35 @@ fn three_servers_booted_alike_form_one_cluster_run_microvms_and_move_them_off_a_
     println!("rack_deploy_to_two_guests_running_s={:.1}", deployed.elapsed().as_secs_f64());
     let used: BTreeSet<usize> = first.values().copied().collect();
     assert_eq!(used.len(), 2, "two replicas on one server: {first:?}");
+
+    // An ordered reboot, typed on the console of a server that runs one (the leader if it
+    // does): before it goes down, its microVM starts on the server that had room, with no
+    // grace period to wait out; it comes back with its identity and rejoins.
+    let leader = ids[status["leader_id"].as_str().unwrap()];
+    let rebooted = if used.contains(&leader) { leader } else { *used.iter().next().unwrap() };
+    let via = (0..SERVERS).find(|n| *n != rebooted).unwrap();
+    let asked = Instant::now();
+    {
+        let s = servers[rebooted].as_ref().unwrap();
+        s.type_line("reboot");
+        s.type_line("yes");
+    }
+    let moved = wait("the rebooting server's microVM to run elsewhere", &servers, || {
+        running(&rack, via, &ids).filter(|r| r.len() == 2 && r.values().all(|n| *n != rebooted))
+    });
+    println!("rack_ordered_reboot_to_microvm_running_elsewhere_s={:.1}", asked.elapsed().as_secs_f64());
+    let s = servers[rebooted].as_ref().unwrap();
+    assert!(s.count("phase stopping: rebooting: moving this node's microVMs") >= 1, "{}", s.console());
+    let back = wait("the rebooted server to rejoin with its identity", &servers, || {
+        let st = rack.json(rebooted, "/v1/cluster/status")?;
+        let alive = st["members"].as_array()?.iter().all(|m| m["state"] == "alive");
+        let voters = st["voters"].as_array().map(Vec::len) == Some(SERVERS);
+        (alive && voters && st["leader_id"].is_string()).then_some(st)
+    });
+    assert_eq!(ids.get(back["node_id"].as_str().unwrap()), Some(&rebooted), "a new identity after the reboot: {back}");
+    assert!(servers[rebooted].as_ref().unwrap().count("phase init:") >= 2, "it did not reboot");
+    let used: BTreeSet<usize> = moved.values().copied().collect();
+    let first = moved;
 
     // Cut the power of a server that runs one (not the one the test asks).
     let victim = *used.iter().find(|&&n| n != 0).unwrap_or(&0);

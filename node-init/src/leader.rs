@@ -37,6 +37,14 @@ pub fn seconds_setting(state: &State, name: &str, default: Duration) -> Duration
         .unwrap_or(default)
 }
 
+/// Nodes shutting down (gossip says so) with instances still counted as running there: their
+/// instances are declared lost at once, with no grace, so replacements start elsewhere while
+/// the node stops its microVMs.
+pub fn stopping_nodes(state: &State, stopping: &BTreeSet<u64>) -> Vec<u64> {
+    let now: BTreeMap<u64, Duration> = stopping.iter().map(|id| (*id, Duration::MAX)).collect();
+    lost_nodes(state, &now, Duration::ZERO)
+}
+
 /// The format to raise the cluster to: the highest every voter advertises, if above the current.
 pub fn format_to_raise(current: u32, voters: &[u64], advertised: &BTreeMap<u64, u32>) -> Option<u32> {
     let lowest = voters.iter().map(|v| advertised.get(v).copied().unwrap_or(1)).min()?;
@@ -144,6 +152,14 @@ pub async fn run(node: Arc<LocalNode>) {
         for id in &alive {
             last_seen.insert(*id, now);
         }
+        // Nodes shutting down are alive but take nothing new.
+        let stopping: BTreeSet<u64> = peers
+            .iter()
+            .filter(|(p, live)| *live && p.stopping)
+            .map(|(p, _)| p.id)
+            .chain(node.agent.is_stopping().then(|| node.id()))
+            .collect();
+        let placeable: BTreeSet<u64> = alive.difference(&stopping).copied().collect();
         if status.role != "leader" {
             continue;
         }
@@ -160,6 +176,12 @@ pub async fn run(node: Arc<LocalNode>) {
             let grace = seconds_setting(&state, NODE_GRACE_SETTING, NODE_GRACE_DEFAULT);
             if let Some(format) = format_to_raise(state.format, &status.voters, &advertised) {
                 Some(Command::SetFormat { format })
+            } else if let Some(lost) = stopping_nodes(&state, &stopping).first() {
+                Some(Command::NodeLost {
+                    node: *lost,
+                    term: status.term,
+                    reason: format!("node {lost:016x} is shutting down"),
+                })
             } else if let Some(lost) = lost_nodes(&state, &dead_for, grace).first() {
                 let secs = dead_for.get(lost).map(|d| d.as_secs()).unwrap_or(0);
                 Some(Command::NodeLost {
@@ -171,7 +193,7 @@ pub async fn run(node: Arc<LocalNode>) {
                 Some(evict)
             } else if let Some(s) = crate::scheduler::schedule_with(
                 &state,
-                &alive,
+                &placeable,
                 status.term,
                 &crate::scheduler::Options::from_settings(&state),
             ) {
@@ -240,6 +262,26 @@ mod tests {
         sim.ok(Command::NodeLost { node: 2, term: 1, reason: "gone".into() });
         assert!(sim.instances("web").iter().any(|i| i.state == InstanceState::Lost));
         assert!(lost_nodes(&sim.state, &dead, grace).is_empty(), "nothing left to declare lost there");
+    }
+
+    #[test]
+    fn a_node_shutting_down_is_lost_at_once_and_its_instances_are_placed_elsewhere() {
+        let mut sim = Sim::new(3, 8, 4096);
+        sim.deploy("web", spec(3, 1, 128));
+        sim.schedule();
+        sim.run_all("web");
+        let stopping: BTreeSet<u64> = [2].into_iter().collect();
+        assert_eq!(stopping_nodes(&sim.state, &stopping), vec![2], "no grace for a node that says it is going");
+        assert!(stopping_nodes(&sim.state, &BTreeSet::new()).is_empty());
+        sim.ok(Command::NodeLost { node: 2, term: 1, reason: "node 2 is shutting down".into() });
+        assert!(stopping_nodes(&sim.state, &stopping).is_empty(), "declared once");
+        let placeable: BTreeSet<u64> = [1, 3].into_iter().collect();
+        for _ in 0..5 {
+            sim.schedule_with(&placeable);
+        }
+        let active: Vec<_> = sim.instances("web").into_iter().filter(|i| i.is_active()).collect();
+        assert_eq!(active.len(), 3, "{active:#?}");
+        assert!(active.iter().all(|i| i.node.is_some_and(|n| n != 2)), "{active:#?}");
     }
 
     #[test]

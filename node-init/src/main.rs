@@ -22,6 +22,10 @@ use shoal_node::supervisor::{self, SupervisorConfig};
 use shoal_node::{api, cluster, leader};
 use std::sync::Arc;
 
+/// How long the agent of a node that is shutting down waits for its microVMs to stop and its
+/// instances to be placed elsewhere (PID 1 waits a little longer for it).
+const NODE_SHUTDOWN_LIMIT: Duration = Duration::from_secs(25);
+
 #[derive(Parser, Debug)]
 #[command(name = "shoal-node", version, about = "Shoal host agent: gossip membership, Raft-replicated state, HTTP API")]
 struct Cli {
@@ -289,6 +293,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let network = !args.no_instance_network;
     tokio::spawn(supervisor::run(node.clone(), SupervisorConfig { vmm, shim_exe, network }));
     tokio::spawn(leader::run(node.clone()));
+    let handover = node.clone();
     let app = api::router(node);
     tokio::spawn(write_client_config(agent.clone()));
     let tls = agent.tls.clone();
@@ -301,10 +306,19 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut node_down = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let server = tokio::spawn(server);
     tokio::select! {
-        r = server => r.context("API server")?,
+        r = server => r.context("API server")?.context("API server")?,
+        // The agent alone stops (a restart, a new plan): the microVMs keep running.
         _ = term.recv() => tracing::info!("terminating"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        // The whole node goes down (PID 1's ordered shutdown): hand everything over first,
+        // the API still serving.
+        _ = node_down.recv() => {
+            tracing::info!("the node is shutting down: moving its microVMs and its leadership to other nodes");
+            supervisor::hand_over(&handover, NODE_SHUTDOWN_LIMIT).await;
+        }
     }
     let _ = agent.inbox.send(cluster::raft_node::Input::Shutdown);
     Ok(())

@@ -1,6 +1,7 @@
 //! Workloads end to end with real `shoal-node` processes in network namespaces running probe
 //! guests on this machine's KVM: a deployment spread over three nodes, scaled up and down, its
-//! consoles read through any node; a node that dies and comes back; an agent restarted under
+//! consoles read through any node; a node that dies and comes back; a node that shuts down in
+//! order (its instances and leadership handed over first); an agent restarted under
 //! its running microVMs; a crash loop; refusals that explain themselves; hostile requests.
 //! Needs root (namespaces, jails) and /dev/kvm.
 
@@ -211,6 +212,70 @@ fn a_dead_node_s_instances_run_elsewhere_and_it_runs_none_of_them_when_it_comes_
     assert!(nodes[1].log().contains("no longer owns"), "{}", logs(&all));
     let dirs = std::fs::read_dir(nodes[1].data_dir.join("instances")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(dirs, 0, "its old instance directories are removed");
+}
+
+#[test]
+fn a_node_shutting_down_hands_its_instances_and_leadership_over_before_its_agent_exits() {
+    if !can_run() {
+        return;
+    }
+    let mut net = Net::new("h");
+    let mut nodes = cluster(&mut net, 3, &[]);
+    // Far longer than the test waits: only the hand-over can move the instances in time.
+    assert_eq!(nodes[0].send("PUT", "/v1/cluster/settings/node_grace_seconds", &json!(600)).0, 200);
+    nodes[0].send("PUT", "/v1/tenants/acme", &json!({}));
+    let kernel = nodes[0].upload(probe("workload"));
+    nodes[0].send("PUT", "/v1/tenants/acme/deployments/web", &deployment(&kernel, 6, "app=web"));
+    {
+        let refs: Vec<&Node> = nodes.iter().collect();
+        wait_running(&nodes[0], &refs, "acme", "web", 6, Some(2));
+    }
+    // The leader goes down, so leadership has to move too.
+    let leader = nodes[0].get_ok("/v1/cluster/status")["leader_id"].as_str().unwrap().to_string();
+    let v = nodes.iter().position(|n| n.id() == leader).unwrap();
+    let on_victim: Vec<String> = instances(&nodes[0], "acme", "web")
+        .iter()
+        .filter(|i| i["node"] == leader.as_str())
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(on_victim.len(), 2);
+    assert_eq!(nodes[v].vm_pids().len(), 2);
+
+    let asked = Instant::now();
+    // SAFETY: signalling the test's own child by pid.
+    unsafe { libc::kill(nodes[v].pid().unwrap() as i32, libc::SIGUSR1) };
+    let code = wait_for(Duration::from_secs(30), "the agent to hand over and exit by itself", || nodes[v].try_wait());
+    let took = asked.elapsed();
+    eprintln!("handed over and exited after {took:?}");
+    assert_eq!(code, Some(0), "{}", nodes[v].log());
+    assert!(nodes[v].vm_pids().is_empty(), "it stopped its microVMs: {:?}", nodes[v].vm_pids());
+    let survivors: Vec<&Node> = nodes.iter().enumerate().filter(|(i, _)| *i != v).map(|(_, n)| n).collect();
+    // It handed leadership over (and everything else) before it left.
+    let log = nodes[v].log();
+    assert!(log.contains("runs no microVM and does not lead"), "{log}");
+    assert!(!log.contains("before everything was handed over"), "{log}");
+    wait_for(Duration::from_secs(5), "the others to know the new leader", || {
+        let s = survivors[0].status()?;
+        (s["leader_id"].is_string() && s["leader_id"] != leader.as_str()).then_some(())
+    });
+    // Its instances run elsewhere (long before the 600 s grace), and nothing is placed on it.
+    let list = wait_for(Duration::from_secs(30), "its instances to run elsewhere", || {
+        let list = instances(survivors[0], "acme", "web");
+        let running_elsewhere = list.iter().filter(|i| i["state"] == "running" && i["node"] != leader.as_str()).count();
+        (running_elsewhere == 6).then_some(list)
+    });
+    assert!(list.iter().all(|i| i["node"] != leader.as_str() || i["state"] == "lost"), "{list:#?}");
+    for id in &on_victim {
+        if let Some(i) = list.iter().find(|i| i["id"] == id.as_str()) {
+            assert!(i["reason"].as_str().unwrap().contains("shutting down"), "{i}");
+        }
+    }
+    assert_eq!(total_vms(&survivors), 6);
+    // The leader (itself, before it handed over, or the next) said why it moved them.
+    let all: Vec<&Node> = nodes.iter().collect();
+    let said =
+        logs(&all).lines().any(|l| l.contains("declared a node's instances lost") && l.contains("is shutting down"));
+    assert!(said, "{}", logs(&all));
 }
 
 #[test]

@@ -98,7 +98,8 @@ pub fn nodes(list: &Value, now: SystemTime) -> String {
         t.add_row(vec![
             text(&n["id"]),
             text(&n["api_addr"]),
-            text(&n["alive"]),
+            // A node shutting down in order is alive but going.
+            if n["stopping"] == true { "stopping".to_string() } else { text(&n["alive"]) },
             cordoned,
             used("vcpus"),
             used("mem_mib"),

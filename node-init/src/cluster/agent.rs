@@ -68,6 +68,9 @@ pub struct Agent {
     pub inbox: InboxSender,
     pub peers: RwLock<Vec<(PeerInfo, bool)>>,
     pub tls: Arc<Tls>,
+    /// The node is shutting down: gossip says so, it hands its leadership over at once and the
+    /// leader moves its instances elsewhere.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -84,6 +87,10 @@ impl Agent {
     /// Gossip's view: every node it has heard of, with whether it is live now.
     pub fn peers(&self) -> Vec<(PeerInfo, bool)> {
         self.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -199,7 +206,15 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<(Arc<Agent>, ChitchatH
         tokio::spawn(super::discovery::run(key, id, config.listen, port, move |addr| seeds.add(addr)));
     }
 
-    let agent = Arc::new(Agent { id, config, shared, inbox: inbox_tx, peers: RwLock::new(Vec::new()), tls });
+    let agent = Arc::new(Agent {
+        id,
+        config,
+        shared,
+        inbox: inbox_tx,
+        peers: RwLock::new(Vec::new()),
+        tls,
+        stopping: Default::default(),
+    });
     info!(node = %format!("{id:016x}"), listen = %agent.config.listen, raft = %agent.config.raft_addr(), "agent started");
     tokio::spawn(control_loop(agent.clone(), chitchat.chitchat(), addrs));
     Ok((agent, chitchat))
@@ -304,6 +319,9 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
             me.set(gossip::KEY_FREE, serde_json::to_string(&free).unwrap_or_default());
             me.set(gossip::KEY_CLUSTER, &cluster_id);
             me.set(gossip::KEY_CANDIDATE, candidate.map(|c| format!("{c:016x}")).unwrap_or_default());
+            if agent.is_stopping() {
+                me.set(gossip::KEY_STOPPING, "1");
+            }
         }
 
         // A node without a certificate asks a member of the cluster gossip shows for one.
@@ -396,6 +414,7 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
                 zone: p.and_then(|p| p.labels.get("zone").cloned()),
                 free_vcpus: p.map(|p| p.free.vcpus).unwrap_or(0),
                 free_mem_mib: p.map(|p| p.free.mem_mib).unwrap_or(0),
+                stopping: if id == agent.id { agent.is_stopping() } else { p.is_some_and(|p| p.stopping) },
             });
         }
         // A node the operator revoked loses its seat first.
@@ -423,7 +442,7 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
         };
         if let Some(change) = change {
             let _ = agent.inbox.try_send(Input::Membership(change));
-        } else if leading_since.is_some_and(|t| now - t >= LEADER_SETTLE) {
+        } else if agent.is_stopping() || leading_since.is_some_and(|t| now - t >= LEADER_SETTLE) {
             if let Some(to) = policy::preferred_leader(&members, agent.id) {
                 let _ = agent.inbox.try_send(Input::TransferLeader(to));
                 leading_since = None;

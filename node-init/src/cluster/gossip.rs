@@ -35,6 +35,9 @@ pub const KEY_VERSION: &str = "version";
 pub const KEY_STATUS: &str = "status";
 pub const KEY_CLUSTER: &str = "cluster";
 pub const KEY_CANDIDATE: &str = "candidate";
+/// Set (to "1") by a node that is shutting down: the leader moves its instances at once and
+/// places nothing new there; it does not lead.
+pub const KEY_STOPPING: &str = "stopping";
 /// The newest log entry format the node's binary knows (absent: the first release, format 1).
 pub const KEY_FORMAT: &str = "format";
 
@@ -56,6 +59,9 @@ pub struct PeerInfo {
     pub cluster: Option<String>,
     #[serde(skip)]
     pub candidate: Option<u64>,
+    /// It is shutting down (its microVMs are being moved elsewhere).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 impl PeerInfo {
@@ -77,6 +83,7 @@ impl PeerInfo {
             status: st.get(KEY_STATUS).unwrap_or_default().to_string(),
             cluster: st.get(KEY_CLUSTER).filter(|c| !c.is_empty()).map(str::to_string),
             candidate: st.get(KEY_CANDIDATE).and_then(|c| u64::from_str_radix(c, 16).ok()),
+            stopping: st.get(KEY_STOPPING) == Some("1"),
         })
     }
 }

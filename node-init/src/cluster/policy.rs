@@ -61,6 +61,8 @@ pub struct MemberView {
     pub zone: Option<String>,
     pub free_vcpus: u64,
     pub free_mem_mib: u64,
+    /// It is shutting down: it should not lead.
+    pub stopping: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,13 +120,19 @@ pub fn plan_voters(members: &[MemberView], leader: u64, dead_timeout: Duration) 
 
 /// The voter the leader should hand leadership to, if any: a live, caught-up voter with clearly
 /// more free memory (a quarter more and 256 MiB more), so leadership settles on the node with the
-/// most room without flapping between similar ones.
+/// most room without flapping between similar ones. Nodes shutting down never get it, and a
+/// leader that is shutting down gives it to any voter that can take it.
 pub fn preferred_leader(members: &[MemberView], leader: u64) -> Option<u64> {
-    let own = members.iter().find(|m| m.id == leader)?.free_mem_mib;
+    let me = members.iter().find(|m| m.id == leader)?;
+    let own = me.free_mem_mib;
+    // A leader that is shutting down hands over to any voter that can lead, room or not.
+    let roomier = |m: &&MemberView| {
+        me.stopping || (m.free_mem_mib > own.saturating_add(own / 4) && m.free_mem_mib > own.saturating_add(256))
+    };
     members
         .iter()
-        .filter(|m| m.voter && m.live && m.caught_up && m.id != leader)
-        .filter(|m| m.free_mem_mib > own.saturating_add(own / 4) && m.free_mem_mib > own.saturating_add(256))
+        .filter(|m| m.voter && m.live && m.caught_up && m.id != leader && !m.stopping)
+        .filter(roomier)
         .max_by_key(|m| (m.free_mem_mib, m.free_vcpus, std::cmp::Reverse(m.id)))
         .map(|m| m.id)
 }
@@ -176,6 +184,7 @@ mod tests {
             learner: !voter,
             caught_up: true,
             zone: None,
+            stopping: false,
             free_vcpus: 4,
             free_mem_mib: 1024,
         }
@@ -253,6 +262,22 @@ mod tests {
         assert_eq!(preferred_leader(&m, 1), Some(3), "learners cannot lead");
         m[2].live = false;
         assert_eq!(preferred_leader(&m, 1), None);
+    }
+
+    #[test]
+    fn a_leader_shutting_down_hands_over_to_a_voter_that_is_not() {
+        let mut m = vec![member(1, true, true), member(2, true, true), member(3, true, true)];
+        m[0].stopping = true;
+        m[1].stopping = true;
+        m[1].free_mem_mib = 99_999;
+        assert_eq!(preferred_leader(&m, 1), Some(3), "to the one voter not shutting down, with no more room");
+        m[2].caught_up = false;
+        assert_eq!(preferred_leader(&m, 1), None, "a lagging voter would stall commits");
+        m[0].stopping = false;
+        m[2].caught_up = true;
+        m[2].free_mem_mib = 99_999;
+        m[1].free_mem_mib = 199_999;
+        assert_eq!(preferred_leader(&m, 1), Some(3), "a roomier node shutting down is passed over");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! netstack (DHCP or `ip=`), then runs the agent (`shoal-node agent`, a child it restarts if it
 //! dies) and reaps every orphan. It never exits: SIGTERM and SIGINT (Ctrl+Alt+Del) reboot after
 //! an ordered shutdown, SIGUSR2 and SIGPWR power off, and a fatal error is logged, synced and
-//! followed by a reboot after a countdown.
+//! followed by a reboot after a countdown. The ordered shutdown first has the agent hand over
+//! (SIGUSR1: its instances are replaced on other nodes, another node leads, its microVMs are
+//! stopped), then ends what is left, syncs and unmounts.
 //!
 //! Boot runs as named phases; each is printed on the console (`shoal: phase NAME: ...`) and
 //! written to `/run/shoal/phase`.
@@ -34,6 +36,9 @@ const MKE2FS: &str = "/sbin/mke2fs";
 const BOOT_GOOD_AFTER: Duration = Duration::from_secs(15);
 /// How long the agent has to stop when asked before it is killed.
 const AGENT_STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long an agent has to hand over and stop when the node shuts down (it gives up on
+/// the hand-over after 25 s).
+const NODE_STOP_WAIT: Duration = Duration::from_secs(30);
 /// Seconds between a fatal error and the reboot.
 const FATAL_COUNTDOWN: u64 = 10;
 
@@ -597,7 +602,7 @@ impl Agent {
 /// Stops everything in order and reboots (or powers off).
 fn shutdown(agent: &mut Agent, cmd: libc::c_int) -> ! {
     let what = if cmd == libc::RB_POWER_OFF { "powering off" } else { "rebooting" };
-    phase("stopping", &format!("{what}: stopping the agent"));
+    phase("stopping", &format!("{what}: moving this node's microVMs and leadership to other nodes"));
     let wait_children = |limit: Duration, agent_pid: Option<i32>| {
         let deadline = Instant::now() + limit;
         let mut agent_alive = agent_pid.is_some();
@@ -617,11 +622,13 @@ fn shutdown(agent: &mut Agent, cmd: libc::c_int) -> ! {
         }
     };
     if let Some(pid) = agent.pid {
+        // SIGUSR1: the node goes down; the agent hands its microVMs and leadership over to
+        // other nodes and stops its microVMs before it exits (SIGTERM would stop it alone).
         // SAFETY: a signal to our own child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        wait_children(AGENT_STOP_WAIT, Some(pid));
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+        wait_children(NODE_STOP_WAIT, Some(pid));
     }
-    phase("stopping", "stopping the microVMs");
+    phase("stopping", "stopping what is left");
     // SAFETY: kill(-1) signals every process but this one.
     unsafe { libc::kill(-1, libc::SIGTERM) };
     wait_children(Duration::from_secs(5), None);

@@ -157,10 +157,7 @@ pub async fn run(node: Arc<LocalNode>, cfg: SupervisorConfig) {
             refresh_record(&ctx).await;
             record_at = tokio::time::Instant::now();
         }
-        let running = local
-            .keys()
-            .filter(|uid| InstanceDir::new(&ctx.node.instances_dir, uid).vmm().is_some_and(|p| p.is_alive()))
-            .count();
+        let running = running_vms(&ctx.node.instances_dir);
         ctx.node.metrics.instances_running.store(running as u64, std::sync::atomic::Ordering::Relaxed);
         if gc_at.elapsed() > Duration::from_secs(30) {
             gc_images(&ctx);
@@ -174,6 +171,45 @@ pub async fn run(node: Arc<LocalNode>, cfg: SupervisorConfig) {
                 }
             }
         }
+    }
+}
+
+/// How many microVMs run on this node (live VMM processes of its instance directories).
+pub fn running_vms(dir: &Path) -> usize {
+    scan(dir).keys().filter(|uid| InstanceDir::new(dir, uid).vmm().is_some_and(|p| p.is_alive())).count()
+}
+
+/// The node is shutting down (PID 1 asks with SIGUSR1; Kubernetes' graceful node shutdown):
+/// gossip says so, so the leader declares this node's instances lost at once and starts their
+/// replacements on other nodes, and places nothing new here; a leader hands leadership to
+/// another voter; the supervisor stops the microVMs (Ctrl+Alt+Del, then kill after their
+/// timeout) as their instances stop being this node's. Returns once nothing runs here and
+/// another node leads (or there is no other voter), or after `limit`, saying what was left.
+pub async fn hand_over(node: &LocalNode, limit: Duration) {
+    node.agent.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    let me = node.id();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = node.agent.shared.status();
+        let assigned = node
+            .agent
+            .shared
+            .state()
+            .instances_on(me)
+            .filter(|i| i.state != InstanceState::Lost && i.is_active() && i.desired == Desired::Running)
+            .count();
+        let running = running_vms(&node.instances_dir);
+        let others = status.voters.iter().any(|v| *v != me);
+        let leading = status.role == "leader" && others;
+        if assigned == 0 && running == 0 && !leading {
+            info!("shutting down: this node runs no microVM and does not lead");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(assigned, running, leading, "shutting down before everything was handed over");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
