@@ -161,7 +161,7 @@ fn the_pxe_files_boot_through_ipxe_to_an_answering_api() {
     server.type_line("no");
     server.wait_console("cancelled", 1);
     assert_eq!(
-        server.count("Reboot this node (its microVMs stop)? Type yes to confirm: no"),
+        server.count("Reboot this node (its microVMs move to other nodes)? Type yes to confirm: no"),
         1,
         "{}",
         server.console()

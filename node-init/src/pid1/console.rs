@@ -330,8 +330,8 @@ impl Console {
 impl Action {
     fn question(&self) -> String {
         match self {
-            Action::Reboot => "Reboot this node (its microVMs stop)".into(),
-            Action::Poweroff => "Power this node off (its microVMs stop)".into(),
+            Action::Reboot => "Reboot this node (its microVMs move to other nodes)".into(),
+            Action::Poweroff => "Power this node off (its microVMs move to other nodes)".into(),
             Action::Join(seed) => format!("Join the cluster of {seed}"),
         }
     }
