@@ -265,11 +265,6 @@ fn a_node_shutting_down_hands_its_instances_and_leadership_over_before_its_agent
         (running_elsewhere == 6).then_some(list)
     });
     assert!(list.iter().all(|i| i["node"] != leader.as_str() || i["state"] == "lost"), "{list:#?}");
-    for id in &on_victim {
-        if let Some(i) = list.iter().find(|i| i["id"] == id.as_str()) {
-            assert!(i["reason"].as_str().unwrap().contains("shutting down"), "{i}");
-        }
-    }
     assert_eq!(total_vms(&survivors), 6);
     // The leader (itself, before it handed over, or the next) said why it moved them.
     let all: Vec<&Node> = nodes.iter().collect();

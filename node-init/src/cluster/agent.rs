@@ -426,6 +426,8 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
             Some(id) if id != agent.id => Some(VoterChange::Remove(id)),
             _ => policy::plan_voters(&members, agent.id, agent.config.dead_voter_timeout),
         };
+        // A leader going down changes no membership: it hands over first.
+        let planned = planned.filter(|_| !agent.is_stopping());
         let change = match planned {
             Some(VoterChange::AddLearner(id)) => info.get(&id).map(|p| {
                 MembershipChange::AddLearner(NodeRecord {

@@ -101,7 +101,7 @@ pub fn plan_voters(members: &[MemberView], leader: u64, dead_timeout: Duration) 
     if healthy_voters < target {
         let voter_zones: BTreeSet<&str> =
             voters.iter().filter(|v| !gone(v)).filter_map(|v| v.zone.as_deref()).collect();
-        let best = members.iter().filter(|m| m.learner && m.live && m.caught_up).max_by_key(|m| {
+        let best = members.iter().filter(|m| m.learner && m.live && m.caught_up && !m.stopping).max_by_key(|m| {
             let new_zone = m.zone.as_deref().is_some_and(|z| !voter_zones.contains(z));
             (new_zone, m.free_mem_mib, m.free_vcpus, std::cmp::Reverse(m.id))
         });
@@ -222,6 +222,9 @@ mod tests {
         m.push(member(4, false, true));
         m.push(member(5, false, true));
         m[4].free_mem_mib = 8192;
+        m[4].stopping = true;
+        assert_eq!(plan_voters(&m, 1, T), Some(VoterChange::Promote(4)), "not a node that is shutting down");
+        m[4].stopping = false;
         assert_eq!(plan_voters(&m, 1, T), Some(VoterChange::Promote(5)));
         m[4].voter = true;
         m[4].learner = false;

@@ -199,14 +199,16 @@ pub async fn hand_over(node: &LocalNode, limit: Duration) {
             .filter(|i| i.state != InstanceState::Lost && i.is_active() && i.desired == Desired::Running)
             .count();
         let running = running_vms(&node.instances_dir);
+        // A directory goes once its microVM is stopped; one still starting has no VMM yet.
+        let left = scan(&node.instances_dir).len();
         let others = status.voters.iter().any(|v| *v != me);
         let leading = status.role == "leader" && others;
-        if assigned == 0 && running == 0 && !leading {
+        if assigned == 0 && running == 0 && left == 0 && !leading {
             info!("shutting down: this node runs no microVM and does not lead");
             return;
         }
         if tokio::time::Instant::now() >= deadline {
-            warn!(assigned, running, leading, "shutting down before everything was handed over");
+            warn!(assigned, running, left, leading, "shutting down before everything was handed over");
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
