@@ -88,6 +88,13 @@ impl Server {
         self.lines.lock().map(|l| l.iter().filter(|x| x.contains(part)).count()).unwrap_or(0)
     }
 
+    /// Lines where PID 1 said `part` (after its `shoal: ` prefix), not counting the status
+    /// screen, which repeats the current boot phase whenever it is redrawn.
+    pub fn said(&self, part: &str) -> usize {
+        let said = |l: &String| l.find("shoal: ").is_some_and(|i| l[i..].contains(part));
+        self.lines.lock().map(|l| l.iter().filter(|x| said(x)).count()).unwrap_or(0)
+    }
+
     /// Waits until the console has shown `part` `times` times.
     pub fn wait_console(&self, part: &str, times: usize) {
         let deadline = Instant::now() + LIMIT;

@@ -74,8 +74,8 @@ fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_
     let (server, port, dir) = boot_disk("uefi", None, true);
     let first = wait_leader(&server, port);
     println!("image_uefi_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
-    assert_eq!(server.count("is blank: formatting it (first boot)"), 1, "{}", server.console());
-    assert_eq!(server.count("/dev/vda2 mounted on /var/lib/shoal"), 1);
+    assert_eq!(server.said("is blank: formatting it (first boot)"), 1, "{}", server.console());
+    assert_eq!(server.said("/dev/vda2 mounted on /var/lib/shoal"), 1);
     // The management console: its status screen shows this node leading, and its commands
     // answer from the node's API.
     let me = first["node_id"].as_str().expect("node id").to_string();
@@ -111,7 +111,7 @@ fn the_disk_image_boots_under_uefi_formats_its_data_disk_and_keeps_its_identity_
     let second = wait_leader(&server, port);
     assert_eq!(second["node_id"], first["node_id"], "the node's identity changed over a reboot");
     assert_eq!(second["cluster_id"], first["cluster_id"]);
-    assert_eq!(server.count("formatting it"), 1, "the data disk was formatted again:\n{}", server.console());
+    assert_eq!(server.said("formatting it"), 1, "the data disk was formatted again:\n{}", server.console());
     let kept = api(port, "GET", "/v1/kv/image-test", None);
     assert!(
         kept.as_ref().is_some_and(|v| v.to_string().contains("kept over a reboot")),
@@ -147,7 +147,7 @@ fn the_pxe_files_boot_through_ipxe_to_an_answering_api() {
     assert!(server.count("shoal.ipxe") >= 1, "iPXE did not fetch the script:\n{}", server.console());
     assert_eq!(status["voters"].as_array().map(Vec::len), Some(1));
     // No disk: the node says it runs from RAM.
-    assert_eq!(server.count("running from RAM"), 1, "{}", server.console());
+    assert_eq!(server.said("running from RAM"), 1, "{}", server.console());
     // The API shows the boot's phases.
     let phases: Vec<&str> =
         status["boot_phases"].as_array().into_iter().flatten().filter_map(|p| p["phase"].as_str()).collect();
@@ -233,10 +233,10 @@ fn the_disk_image_boots_on_a_sata_disk_and_an_intel_nic_as_real_servers_have() {
     let (server, port, dir) = boot_disk_on("sata", None, true, true);
     wait_leader(&server, port);
     println!("image_sata_e1000e_power_on_to_api_s={:.1}", server.started.elapsed().as_secs_f64());
-    assert_eq!(server.count("/dev/sda2 is blank: formatting it (first boot)"), 1, "{}", server.console());
-    assert_eq!(server.count("/dev/sda2 mounted on /var/lib/shoal"), 1);
-    assert_eq!(server.count(" loaded, 0 failed"), 1, "a module did not load:\n{}", server.console());
-    assert_eq!(server.count("phase failed"), 0, "{}", server.console());
+    assert_eq!(server.said("/dev/sda2 is blank: formatting it (first boot)"), 1, "{}", server.console());
+    assert_eq!(server.said("/dev/sda2 mounted on /var/lib/shoal"), 1);
+    assert_eq!(server.said(" loaded, 0 failed"), 1, "a module did not load:\n{}", server.console());
+    assert_eq!(server.said("phase failed"), 0, "{}", server.console());
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -245,9 +245,9 @@ fn the_disk_image_boots_on_a_sata_disk_and_an_intel_nic_as_real_servers_have() {
 fn a_data_partition_holding_something_else_is_left_alone_and_the_node_runs_from_ram() {
     let (server, port, dir) = boot_disk("foreign", Some(0xa5), true);
     wait_leader(&server, port);
-    assert_eq!(server.count("formatting it"), 0, "a foreign partition was formatted:\n{}", server.console());
-    assert_eq!(server.count("holds something that is not ext4"), 1, "{}", server.console());
-    assert_eq!(server.count("running from RAM"), 1);
+    assert_eq!(server.said("formatting it"), 0, "a foreign partition was formatted:\n{}", server.console());
+    assert_eq!(server.said("holds something that is not ext4"), 1, "{}", server.console());
+    assert_eq!(server.said("running from RAM"), 1);
     drop(server);
     // The partition still holds what it held.
     let mut f = std::fs::File::open(dir.join("disk.raw")).unwrap();
@@ -408,7 +408,7 @@ fn a_server_booted_with_no_secret_waits_in_maintenance_mode_until_shoalctl_confi
     server.wait_console("/dev/vda2 mounted on /var/lib/shoal", 2);
     let again = wait_leader(&server, port);
     assert_eq!(again["node_id"], first["node_id"]);
-    assert_eq!(server.count("maintenance token "), 1, "{}", server.console());
+    assert_eq!(server.said("maintenance token "), 1, "{}", server.console());
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
