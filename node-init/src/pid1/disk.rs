@@ -76,7 +76,9 @@ pub fn all_by_label(sys: &Path, label: &str) -> Vec<PathBuf> {
 
 /// Formats `dev` as ext4 with `mke2fs` (shipped in the image).
 pub fn format(mke2fs: &Path, dev: &Path) -> Result<(), String> {
-    let out = std::process::Command::new(mke2fs)
+    let mut cmd = std::process::Command::new(mke2fs);
+    super::unblocked_signals(&mut cmd);
+    let out = cmd
         .args(["-q", "-F", "-t", "ext4", "-L", DATA_LABEL])
         .arg(dev)
         .output()

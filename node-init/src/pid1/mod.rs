@@ -159,6 +159,24 @@ pub fn fatal(msg: &str) -> ! {
 }
 
 /// The signals PID 1 waits for (blocked everywhere, taken with sigtimedwait).
+/// Starts `cmd`'s process with no signal blocked. PID 1 blocks the signals it waits for with
+/// sigtimedwait, a blocked mask is inherited across fork and exec, and std's `Command` keeps
+/// it: an agent started without this never sees SIGTERM or SIGUSR1 (it is killed at the end of
+/// its wait instead), and nor do the VMMs it starts.
+pub(crate) fn unblocked_signals(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the child between fork and exec and only calls sigemptyset and
+    // pthread_sigmask on a local set, which are async-signal-safe and allocate nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
+
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise it.
     unsafe {
@@ -553,7 +571,9 @@ impl Agent {
         let Some(plan) = &self.plan else { return };
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/init"));
         // The console is the management console's: the agent's output goes to its log.
-        let spawned = std::process::Command::new(exe)
+        let mut cmd = std::process::Command::new(exe);
+        unblocked_signals(&mut cmd);
+        let spawned = cmd
             .args(plan.args())
             .env("SHOAL_VMM", "/bin/shoal-vmm")
             .env("SHOAL_BOOT_PHASES", PHASES_FILE)
@@ -607,14 +627,18 @@ fn shutdown(agent: &mut Agent, cmd: libc::c_int) -> ! {
         let deadline = Instant::now() + limit;
         let mut agent_alive = agent_pid.is_some();
         while Instant::now() < deadline {
-            for (pid, _) in reap() {
+            // Reaps what has exited; stops at 0 (children left, none exited) or -1 (ECHILD:
+            // no children at all).
+            let none = loop {
+                // SAFETY: waitpid with WNOHANG writes nothing we read.
+                let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+                if pid <= 0 {
+                    break pid < 0;
+                }
                 if Some(pid) == agent_pid {
                     agent_alive = false;
                 }
-            }
-            // ECHILD: no children at all.
-            // SAFETY: waitpid with WNOHANG on any child writes nothing we read.
-            let none = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } < 0;
+            };
             if none || (agent_pid.is_some() && !agent_alive) {
                 return;
             }
@@ -733,5 +757,30 @@ pub fn main() -> ! {
                 Err(e) => say(&format!("cannot bless this boot's entry: {e}")),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn children_start_with_no_signal_blocked_although_pid_1_blocks_them() {
+        let status = |unblock: bool| {
+            // A thread of its own: the mask is per thread and the child takes the spawner's.
+            std::thread::spawn(move || {
+                let set = super::signal_set();
+                // SAFETY: blocking signals for this thread only, with a valid set.
+                unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+                let mut cmd = std::process::Command::new("grep");
+                cmd.args(["SigBlk", "/proc/self/status"]);
+                if unblock {
+                    super::unblocked_signals(&mut cmd);
+                }
+                String::from_utf8_lossy(&cmd.output().expect("grep runs").stdout).trim().to_string()
+            })
+            .join()
+            .expect("the thread")
+        };
+        assert_ne!(status(false), "SigBlk:\t0000000000000000", "the blocked mask is inherited without the hook");
+        assert_eq!(status(true), "SigBlk:\t0000000000000000");
     }
 }
