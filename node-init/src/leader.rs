@@ -153,12 +153,7 @@ pub async fn run(node: Arc<LocalNode>) {
             last_seen.insert(*id, now);
         }
         // Nodes shutting down are alive but take nothing new.
-        let stopping: BTreeSet<u64> = peers
-            .iter()
-            .filter(|(p, live)| *live && p.stopping)
-            .map(|(p, _)| p.id)
-            .chain(node.agent.is_stopping().then(|| node.id()))
-            .collect();
+        let stopping = node.agent.stopping_nodes();
         let placeable: BTreeSet<u64> = alive.difference(&stopping).copied().collect();
         if status.role != "leader" {
             continue;

@@ -209,4 +209,18 @@ mod tests {
         assert!(lines[1].split_whitespace().nth(4) == Some("10.200.0.2"), "the address column: {out}");
         assert!(lines[2].contains("pending") && lines[2].contains("no node has 64 MiB free"), "{out}");
     }
+
+    #[test]
+    fn a_node_shutting_down_reads_stopping_in_the_alive_column() {
+        let node = |id: &str, stopping: bool| {
+            json!({"id": id, "api_addr": "10.0.0.1:7400", "alive": true, "stopping": stopping, "cordoned": false,
+                   "capacity": {"vcpus": 4, "mem_mib": 1024}, "allocated": {"vcpus": 0, "mem_mib": 0},
+                   "instances": 0, "labels": {}, "taints": []})
+        };
+        let out = nodes(&json!({"nodes": [node("aa", false), node("bb", true)]}), SystemTime::now());
+        let alive = |line: &str| line.split_whitespace().nth(2).map(str::to_string);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(alive(lines[1]).as_deref(), Some("true"), "{out}");
+        assert_eq!(alive(lines[2]).as_deref(), Some("stopping"), "{out}");
+    }
 }

@@ -84,8 +84,7 @@ fn node_view(node: &LocalNode, s: &ClusterState, n: &NodeObject) -> Value {
     let instances = s.instances_on(n.id).filter(|i| i.is_active()).count();
     v["allocated"] = serde_json::to_value(s.allocated(n.id)).unwrap_or_default();
     v["alive"] = json!(alive);
-    v["stopping"] =
-        json!(if n.id == node.id() { node.agent.is_stopping() } else { peer.is_some_and(|(p, _)| p.stopping) });
+    v["stopping"] = json!(node.agent.stopping_nodes().contains(&n.id));
     v["instances"] = json!(instances);
     // `labels` is what placement sees: the node's own, with the operator's over them.
     v["agent_labels"] = json!(n.labels);

@@ -92,6 +92,17 @@ impl Agent {
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The nodes shutting down in order: this one if it is, and the live peers gossip says are.
+    pub fn stopping_nodes(&self) -> std::collections::BTreeSet<u64> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        peers
+            .iter()
+            .filter(|(p, live)| *live && p.stopping)
+            .map(|(p, _)| p.id)
+            .chain(self.is_stopping().then_some(self.id))
+            .collect()
+    }
 }
 
 /// The file in the data directory that names the cluster the node was part of.
@@ -386,6 +397,7 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
         leading_since.get_or_insert(now);
         let info: HashMap<u64, &PeerInfo> = peers.iter().map(|(p, _)| (p.id, p)).collect();
         let is_live = |id: u64| id == agent.id || peers.iter().any(|(p, l)| p.id == id && *l);
+        let stopping = agent.stopping_nodes();
         let mut members: Vec<MemberView> = Vec::new();
         let mut ids: Vec<u64> = status.voters.iter().chain(status.learners.iter()).copied().collect();
         {
@@ -414,7 +426,7 @@ async fn control_loop(agent: Arc<Agent>, chitchat: Arc<tokio::sync::Mutex<chitch
                 zone: p.and_then(|p| p.labels.get("zone").cloned()),
                 free_vcpus: p.map(|p| p.free.vcpus).unwrap_or(0),
                 free_mem_mib: p.map(|p| p.free.mem_mib).unwrap_or(0),
-                stopping: if id == agent.id { agent.is_stopping() } else { p.is_some_and(|p| p.stopping) },
+                stopping: stopping.contains(&id),
             });
         }
         // A node the operator revoked loses its seat first.

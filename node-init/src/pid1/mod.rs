@@ -158,7 +158,6 @@ pub fn fatal(msg: &str) -> ! {
     }
 }
 
-/// The signals PID 1 waits for (blocked everywhere, taken with sigtimedwait).
 /// Starts `cmd`'s process with no signal blocked. PID 1 blocks the signals it waits for with
 /// sigtimedwait, a blocked mask is inherited across fork and exec, and std's `Command` keeps
 /// it: an agent started without this never sees SIGTERM or SIGUSR1 (it is killed at the end of
@@ -177,6 +176,7 @@ pub(crate) fn unblocked_signals(cmd: &mut std::process::Command) {
     }
 }
 
+/// The signals PID 1 waits for (blocked everywhere, taken with sigtimedwait).
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise it.
     unsafe {
